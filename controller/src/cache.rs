@@ -1,0 +1,228 @@
+//! The controller's view of networks and peers, fed by list + watch on the store, from which
+//! Sync streams are served. One task follows the store; each network has a `watch` channel that
+//! wakes the Sync streams of that network's agents when its membership changes, so a change
+//! touches only the affected network.
+//!
+//! After a compaction the follower re-lists at one revision and watches from revision + 1.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use canopy_proto::v1::{NetworkRecord, PeerRecord};
+use prost::Message as _;
+use tokio::sync::watch;
+
+use crate::keys;
+use crate::netmap::{NetState, Update};
+use crate::store::{EventKind, Revision, Store, StoreError};
+
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: RwLock<State>,
+    /// The store revision the cache reflects.
+    applied: watch::Sender<Revision>,
+}
+
+#[derive(Default)]
+struct State {
+    networks: HashMap<String, NetState>,
+    notify: HashMap<String, watch::Sender<Revision>>,
+}
+
+impl State {
+    fn notifier(&mut self, network: &str) -> watch::Sender<Revision> {
+        self.notify
+            .entry(network.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+}
+
+fn network_id_of(key: &[u8]) -> Option<&str> {
+    let rest = std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(keys::ROOT)?
+        .strip_prefix("networks/")?;
+    rest.split_once('/').map(|(_, id)| id)
+}
+
+impl Cache {
+    /// Lists the store and starts following it. Returns once the initial list is loaded.
+    pub async fn start(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let cache = Cache {
+            inner: Arc::new(Inner {
+                state: RwLock::new(State::default()),
+                applied: watch::channel(0).0,
+            }),
+        };
+        let rev = cache.relist(store.as_ref()).await?;
+        let follower = cache.clone();
+        tokio::spawn(async move { follower.follow(store, rev).await });
+        Ok(cache)
+    }
+
+    /// Loads everything at one revision; returns that revision.
+    async fn relist(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let nets = store.range(keys::ROOT.as_bytes()).await?;
+        let rev = nets.revision;
+        let mut fresh: HashMap<String, NetState> = HashMap::new();
+        for kv in &nets.kvs {
+            if network_id_of(&kv.key).is_some()
+                && let Ok(n) = NetworkRecord::decode(kv.value.as_slice())
+            {
+                fresh.insert(n.id.clone(), NetState::new(n, rev));
+            }
+        }
+        for kv in &nets.kvs {
+            if let Some((net, _)) = keys::parse_peer(&kv.key)
+                && let Ok(p) = PeerRecord::decode(kv.value.as_slice())
+                && let Some(s) = fresh.get_mut(net)
+            {
+                s.put_peer(p, kv.mod_revision);
+            }
+        }
+        let mut st = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
+        // Every network, old or new, may have changed: wake all its streams.
+        let ids: Vec<String> = st.networks.keys().chain(fresh.keys()).cloned().collect();
+        st.networks = fresh;
+        for id in ids {
+            st.notifier(&id).send_replace(rev);
+        }
+        // Set under the lock, so a reader never sees state newer than `applied`.
+        self.inner.applied.send_replace(rev);
+        drop(st);
+        Ok(rev)
+    }
+
+    async fn follow(&self, store: Arc<dyn Store>, mut rev: Revision) {
+        loop {
+            let mut w = match store.watch(keys::ROOT.as_bytes(), rev + 1).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache watch failed; re-listing");
+                    rev = self.relist_until_ok(store.as_ref()).await;
+                    continue;
+                }
+            };
+            while let Some(batch) = w.recv().await {
+                match batch {
+                    Ok(b) => {
+                        self.apply(&b);
+                        rev = b.revision;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cache watch broke; re-listing");
+                        rev = self.relist_until_ok(store.as_ref()).await;
+                        break;
+                    }
+                }
+            }
+            if Arc::strong_count(&self.inner) == 1 {
+                return; // nobody uses this cache any more
+            }
+        }
+    }
+
+    async fn relist_until_ok(&self, store: &dyn Store) -> Revision {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.relist(store).await {
+                Ok(rev) => return rev,
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-list failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn apply(&self, batch: &crate::store::WatchBatch) {
+        let rev = batch.revision;
+        let mut st = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut touched: Vec<String> = Vec::new();
+        for e in &batch.events {
+            if let Some(id) = network_id_of(&e.kv.key) {
+                match e.kind {
+                    EventKind::Put => {
+                        if let Ok(n) = NetworkRecord::decode(e.kv.value.as_slice()) {
+                            st.networks
+                                .entry(id.to_string())
+                                .and_modify(|s| s.network = n.clone())
+                                .or_insert_with(|| NetState::new(n, rev));
+                        }
+                    }
+                    EventKind::Delete => {
+                        st.networks.remove(id);
+                    }
+                }
+                touched.push(id.to_string());
+            } else if let Some((net, peer)) = keys::parse_peer(&e.kv.key) {
+                if let Some(s) = st.networks.get_mut(net) {
+                    match e.kind {
+                        EventKind::Put => {
+                            if let Ok(p) = PeerRecord::decode(e.kv.value.as_slice()) {
+                                s.put_peer(p, rev);
+                            }
+                        }
+                        EventKind::Delete => s.delete_peer(peer, rev),
+                    }
+                }
+                touched.push(net.to_string());
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for id in &touched {
+            st.notifier(id).send_replace(rev);
+        }
+        // Drop notifiers of deleted networks once their streams are gone.
+        st.notify
+            .retain(|id, tx| tx.receiver_count() > 0 || touched.contains(id));
+        self.inner.applied.send_replace(rev);
+        drop(st);
+    }
+
+    /// The store revision the cache reflects.
+    pub fn applied(&self) -> Revision {
+        *self.inner.applied.borrow()
+    }
+
+    /// Waits (up to `timeout`) until the cache reflects `rev`; returns whether it does.
+    pub async fn wait_for(&self, rev: Revision, timeout: Duration) -> bool {
+        let mut rx = self.inner.applied.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= rev))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Subscribes to changes of one network.
+    pub fn subscribe(&self, network: &str) -> watch::Receiver<Revision> {
+        let mut st = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
+        st.notifier(network).subscribe()
+    }
+
+    /// What the agent of `peer` at `base` needs next (stamped with the applied revision).
+    /// `None` when the peer or its network is gone.
+    pub fn update_for(&self, network: &str, peer: &str, base: Revision) -> Option<Update> {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        let at = self.applied();
+        st.networks.get(network)?.update_since(peer, base, at)
+    }
+
+    /// The network's last membership change.
+    pub fn network_revision(&self, network: &str) -> Option<Revision> {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network).map(|s| s.revision)
+    }
+
+    pub fn peer(&self, network: &str, peer: &str) -> Option<PeerRecord> {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network)?.peer(peer).cloned()
+    }
+}

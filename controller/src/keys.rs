@@ -1,0 +1,70 @@
+//! The store's key layout, all under `/canopy/v1/`. Values are the protobuf records of
+//! `proto/canopy/v1/store.proto`.
+//!
+//! ```text
+//! networks/<tenant>/<network>        NetworkRecord
+//! netnames/<tenant>/<name>           IndexRecord(network id): names are unique per tenant
+//! netsver/<tenant>                   bumped by every network create/delete (guards CIDR overlap)
+//! peers/<network>/<peer>             PeerRecord
+//! ipam/<network>/<address>           IndexRecord(peer id): an address is claimed create-if-absent
+//! pubkeys/<network>/<key hex>        IndexRecord(peer id): a key joins a network once
+//! credentials/<sha256 hex>           IndexRecord("<network>/<peer>"): agent Sync credential
+//! tokens/<tenant>/<token>            JoinTokenRecord
+//! tokenhash/<sha256 hex>             IndexRecord("<tenant>/<token>")
+//! apitokens/<sha256 hex>             ApiTokenRecord
+//! ```
+
+pub const ROOT: &str = "/canopy/v1/";
+
+pub fn networks(tenant: &str) -> String {
+    format!("{ROOT}networks/{tenant}/")
+}
+pub fn network(tenant: &str, id: &str) -> String {
+    format!("{ROOT}networks/{tenant}/{id}")
+}
+pub fn netname(tenant: &str, name: &str) -> String {
+    format!("{ROOT}netnames/{tenant}/{name}")
+}
+pub fn netsver(tenant: &str) -> String {
+    format!("{ROOT}netsver/{tenant}")
+}
+pub const ALL_PEERS: &str = "/canopy/v1/peers/";
+pub fn peers(network: &str) -> String {
+    format!("{ROOT}peers/{network}/")
+}
+pub fn peer(network: &str, id: &str) -> String {
+    format!("{ROOT}peers/{network}/{id}")
+}
+pub fn ipams(network: &str) -> String {
+    format!("{ROOT}ipam/{network}/")
+}
+pub fn ipam(network: &str, addr: &std::net::IpAddr) -> String {
+    format!("{ROOT}ipam/{network}/{addr}")
+}
+pub fn pubkeys(network: &str) -> String {
+    format!("{ROOT}pubkeys/{network}/")
+}
+pub fn pubkey(network: &str, key: &[u8]) -> String {
+    format!("{ROOT}pubkeys/{network}/{}", hex::encode(key))
+}
+pub fn credential(hash: &[u8; 32]) -> String {
+    format!("{ROOT}credentials/{}", hex::encode(hash))
+}
+pub fn tokens(tenant: &str) -> String {
+    format!("{ROOT}tokens/{tenant}/")
+}
+pub fn token(tenant: &str, id: &str) -> String {
+    format!("{ROOT}tokens/{tenant}/{id}")
+}
+pub fn tokenhash(hash: &[u8; 32]) -> String {
+    format!("{ROOT}tokenhash/{}", hex::encode(hash))
+}
+pub fn apitoken(hash: &[u8; 32]) -> String {
+    format!("{ROOT}apitokens/{}", hex::encode(hash))
+}
+
+/// Splits `/canopy/v1/peers/<network>/<peer>` into its ids.
+pub fn parse_peer(key: &[u8]) -> Option<(&str, &str)> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(ALL_PEERS)?;
+    rest.split_once('/')
+}

@@ -1,0 +1,25 @@
+//! Canopy controller: `canopy serve` (the gRPC control plane) and the `canopy` console client.
+//!
+//! # Layout
+//! - [`model`], [`ipam`], [`netmap`]: pure domain rules: validation, address picking, per-peer
+//!   maps and deltas. No I/O; unit- and property-tested.
+//! - [`store`]: the etcd-shaped KV trait, its embedded (redb) backend and conformance suite.
+//! - [`cache`]: list+watch follower of the store that Sync streams are served from.
+//! - [`service`]: the operations (networks, tokens, peers, enrollment) over store + cache.
+//! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
+//! - [`console`]: the CLI client. [`tls`], [`secret`], [`keys`], [`files`]: supporting pieces.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod cache;
+pub mod console;
+pub mod error;
+pub mod files;
+pub mod ipam;
+pub mod keys;
+pub mod model;
+pub mod netmap;
+pub mod secret;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,114 @@
+//! `ConsoleService`: every call is authenticated by an API token and scoped to its tenant.
+
+use canopy_proto::v1::console_service_server::ConsoleService;
+use canopy_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::service::{Caller, Controller};
+
+pub struct ConsoleApi {
+    ctl: Controller,
+}
+
+impl ConsoleApi {
+    pub fn new(ctl: Controller) -> Self {
+        Self { ctl }
+    }
+
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let token = super::bearer(req)?;
+        Ok(self.ctl.authenticate_console(&token).await?)
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl ConsoleService for ConsoleApi {
+    async fn create_network(&self, req: Request<CreateNetworkRequest>) -> R<Network> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.ctl.create_network(&c, &r.name, &r.cidrs).await?,
+        ))
+    }
+
+    async fn list_networks(&self, req: Request<ListNetworksRequest>) -> R<ListNetworksResponse> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(ListNetworksResponse {
+            networks: self.ctl.list_networks(&c).await?,
+        }))
+    }
+
+    async fn get_network(&self, req: Request<GetNetworkRequest>) -> R<Network> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(
+            self.ctl.get_network(&c, &req.into_inner().network).await?,
+        ))
+    }
+
+    async fn delete_network(&self, req: Request<DeleteNetworkRequest>) -> R<DeleteNetworkResponse> {
+        let c = self.caller(&req).await?;
+        let peers_removed = self
+            .ctl
+            .delete_network(&c, &req.into_inner().network)
+            .await?;
+        Ok(Response::new(DeleteNetworkResponse { peers_removed }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> R<CreateJoinTokenResponse> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let (token, join_string) = self
+            .ctl
+            .create_join_token(&c, &r.network, r.max_uses, r.ttl_seconds, &r.tags)
+            .await?;
+        Ok(Response::new(CreateJoinTokenResponse {
+            token: Some(token),
+            join_string,
+        }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<ListJoinTokensRequest>,
+    ) -> R<ListJoinTokensResponse> {
+        let c = self.caller(&req).await?;
+        let tokens = self
+            .ctl
+            .list_join_tokens(&c, &req.into_inner().network)
+            .await?;
+        Ok(Response::new(ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token(&self, req: Request<RevokeJoinTokenRequest>) -> R<JoinToken> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(
+            self.ctl
+                .revoke_join_token(&c, &req.into_inner().token_id)
+                .await?,
+        ))
+    }
+
+    async fn list_peers(&self, req: Request<ListPeersRequest>) -> R<ListPeersResponse> {
+        let c = self.caller(&req).await?;
+        let peers = self.ctl.list_peers(&c, &req.into_inner().network).await?;
+        Ok(Response::new(ListPeersResponse { peers }))
+    }
+
+    async fn get_peer(&self, req: Request<GetPeerRequest>) -> R<Peer> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(
+            self.ctl.get_peer(&c, &req.into_inner().peer_id).await?,
+        ))
+    }
+
+    async fn remove_peer(&self, req: Request<RemovePeerRequest>) -> R<RemovePeerResponse> {
+        let c = self.caller(&req).await?;
+        self.ctl.remove_peer(&c, &req.into_inner().peer_id).await?;
+        Ok(Response::new(RemovePeerResponse {}))
+    }
+}

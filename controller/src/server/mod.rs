@@ -1,0 +1,236 @@
+//! The gRPC edge: tonic services over TLS, plus health and reflection. Handlers authenticate,
+//! call [`Controller`](crate::service::Controller) operations and map errors to statuses.
+
+mod agent;
+mod console;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use canopy_proto::v1::agent_service_server::AgentServiceServer;
+use canopy_proto::v1::console_service_server::ConsoleServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::cache::Cache;
+use crate::files::write_private;
+use crate::service::{Controller, DEFAULT_TENANT};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, StoreError};
+use crate::tls::{self, TlsError, TlsMaterial};
+
+/// Largest message the controller accepts; bigger ones get ResourceExhausted.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Where the controller keeps its state.
+#[derive(Clone, Debug)]
+pub enum StoreSpec {
+    /// A redb file (the single-machine default).
+    Embedded(PathBuf),
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("embedded:") {
+            if path.is_empty() {
+                return Err("embedded store needs a path: embedded:PATH".into());
+            }
+            Ok(StoreSpec::Embedded(path.into()))
+        } else if s.starts_with("etcd://") {
+            Err("the etcd store is not available in this build yet; use embedded:PATH".into())
+        } else {
+            Err(format!("unknown store {s:?}: expected embedded:PATH"))
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Defaults to `embedded:<data_dir>/store.redb`.
+    pub store: Option<StoreSpec>,
+    /// The URL agents and consoles use to reach this controller (`https://HOST:PORT`).
+    /// Defaults to the listen address (127.0.0.1 when listening on all addresses).
+    pub advertise: Option<String>,
+    /// Extra names/addresses for the server certificate.
+    pub tls_sans: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("--advertise {0:?} must be https://HOST:PORT")]
+    Advertise(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A controller ready to serve: store opened, TLS material and admin token in place, socket bound.
+pub struct Prepared {
+    pub controller: Controller,
+    pub tls: TlsMaterial,
+    pub listener: TcpListener,
+    pub local_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Set on first start only: the new admin API token (also written to `DATA/admin-token`).
+    pub new_admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+/// Opens everything `canopy serve` needs and binds the listener.
+pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
+    let dd = |source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(dd)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let public_url = match &config.advertise {
+        Some(u) => {
+            canopy_proto::transport::ControllerUrl::parse(u)
+                .map_err(|_| ServeError::Advertise(u.clone()))?;
+            u.trim_end_matches('/').to_string()
+        }
+        None => {
+            let ip = if local_addr.ip().is_unspecified() {
+                "127.0.0.1"
+                    .parse()
+                    .map_err(|_| ServeError::Setup("ip".into()))?
+            } else {
+                local_addr.ip()
+            };
+            format!("https://{}", SocketAddr::new(ip, local_addr.port()))
+        }
+    };
+    let url_host = canopy_proto::transport::ControllerUrl::parse(&public_url)
+        .map_err(|_| ServeError::Advertise(public_url.clone()))?
+        .host;
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !local_addr.ip().is_unspecified() {
+        names.push(local_addr.ip().to_string());
+    }
+    names.push(url_host);
+    names.extend(config.tls_sans.iter().cloned());
+    names.sort();
+    names.dedup();
+    let tls = tls::load_or_create(&config.data_dir, &names)?;
+
+    let store: Arc<dyn Store> = match config
+        .store
+        .clone()
+        .unwrap_or_else(|| StoreSpec::Embedded(config.data_dir.join("store.redb")))
+    {
+        StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(&path)?),
+    };
+    let cache = Cache::start(store.clone()).await?;
+    let controller = Controller::new(store, cache, public_url, tls.ca_sha256);
+
+    let token_path = config.data_dir.join("admin-token");
+    let new_admin_token = if token_path.exists() {
+        None
+    } else {
+        let secret = controller
+            .create_api_token(DEFAULT_TENANT, "admin")
+            .await
+            .map_err(|e| ServeError::Setup(format!("creating the admin token: {e}")))?;
+        write_private(&token_path, format!("{}\n", secret.expose()).as_bytes()).map_err(dd)?;
+        Some(secret.expose().to_string())
+    };
+    Ok(Prepared {
+        controller,
+        tls,
+        listener,
+        local_addr,
+        data_dir: config.data_dir.clone(),
+        new_admin_token,
+    })
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight calls and returns.
+pub async fn serve(
+    p: Prepared,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ConsoleServiceServer<console::ConsoleApi>>()
+        .await;
+    health
+        .set_serving::<AgentServiceServer<agent::AgentApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(canopy_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Setup(format!("reflection: {e}")))?;
+    let console = ConsoleServiceServer::new(console::ConsoleApi::new(p.controller.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let agent = AgentServiceServer::new(agent::AgentApi::new(p.controller.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let identity = Identity::from_pem(&p.tls.server_chain_pem, &p.tls.server_key_pem);
+    tracing::info!(addr = %p.local_addr, url = %p.controller.public_url, "controller serving");
+    Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))?
+        .timeout(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(1024))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(console)
+        .add_service(agent)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), shutdown)
+        .await?;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// The bearer secret from a request's `authorization` metadata.
+fn bearer<T>(req: &tonic::Request<T>) -> Result<String, tonic::Status> {
+    let v = req.metadata().get("authorization").ok_or_else(|| {
+        tonic::Status::unauthenticated("missing authorization: send 'Bearer <token>'")
+    })?;
+    let s = v
+        .to_str()
+        .map_err(|_| tonic::Status::unauthenticated("authorization is not text"))?;
+    s.strip_prefix("Bearer ")
+        .map(|t| t.trim().to_string())
+        .ok_or_else(|| tonic::Status::unauthenticated("authorization must be 'Bearer <token>'"))
+}

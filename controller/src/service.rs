@@ -1,0 +1,826 @@
+//! The controller's operations: what the console and agents can do, with every rule enforced.
+//! Handlers in `server/` only authenticate, call these, and map [`Error`] to a gRPC status.
+//!
+//! Writes are store transactions guarded by the revisions they read, retried on conflict:
+//! addresses are claimed create-if-absent and join-token uses are counted compare-and-swap, so
+//! concurrent enrollments never share an address or overuse a token.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use canopy_proto::join::JoinString;
+use canopy_proto::v1::{
+    ApiTokenRecord, EnrollResponse, IndexRecord, JoinToken, JoinTokenRecord, Network,
+    NetworkRecord, Peer, PeerRecord,
+};
+use ipnetwork::IpNetwork;
+use prost::Message;
+use rand::seq::IndexedRandom as _;
+
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::model;
+use crate::netmap::Update;
+use crate::secret::{self, Secret};
+use crate::store::{Compare, KeyValue, Op, Revision, Store, Txn};
+use crate::{ipam, keys};
+
+/// The tenant of a single-organisation (non-hosted) controller.
+pub const DEFAULT_TENANT: &str = "default";
+/// Attempts at a conflicting transaction before giving up with `Unavailable`.
+const TXN_ATTEMPTS: usize = 200;
+/// Endpoints an agent may report.
+const MAX_ENDPOINTS: usize = 16;
+
+/// Who is calling the console API.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub tenant: String,
+    pub token_id: String,
+}
+
+/// An authenticated agent.
+#[derive(Clone, Debug)]
+pub struct AgentIdentity {
+    pub network_id: String,
+    pub peer_id: String,
+}
+
+/// Live Sync sessions on this replica: peer id → (session number, last acknowledged revision).
+/// An agent that reconnects before its old stream is noticed gone has two sessions for a moment;
+/// the session number makes the old one's close leave the new one alone.
+#[derive(Clone, Default)]
+pub struct Sessions(Arc<Mutex<(u64, HashMap<String, (u64, Revision)>)>>);
+
+impl Sessions {
+    pub fn open(&self, peer: &str) -> u64 {
+        let mut g = self.lock();
+        g.0 += 1;
+        let n = g.0;
+        g.1.insert(peer.to_string(), (n, 0));
+        n
+    }
+    pub fn ack(&self, peer: &str, rev: Revision) {
+        if let Some((_, r)) = self.lock().1.get_mut(peer) {
+            *r = (*r).max(rev);
+        }
+    }
+    pub fn close(&self, peer: &str, session: u64) {
+        let mut g = self.lock();
+        if g.1.get(peer).is_some_and(|(n, _)| *n == session) {
+            g.1.remove(peer);
+        }
+    }
+    /// The revision the peer's live session acknowledged, if it has one.
+    pub fn get(&self, peer: &str) -> Option<Revision> {
+        self.lock().1.get(peer).map(|(_, r)| *r)
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<String, (u64, Revision)>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct Controller {
+    pub store: Arc<dyn Store>,
+    pub cache: Cache,
+    pub sessions: Sessions,
+    /// The URL agents use to reach this controller (goes into join strings).
+    pub public_url: String,
+    pub ca_sha256: [u8; 32],
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
+    Ok(M::decode(kv.value.as_slice())?)
+}
+
+fn conflict() -> Error {
+    Error::Unavailable("too many concurrent changes; try again".into())
+}
+
+impl Controller {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Cache,
+        public_url: String,
+        ca_sha256: [u8; 32],
+    ) -> Self {
+        Self {
+            store,
+            cache,
+            sessions: Sessions::default(),
+            public_url,
+            ca_sha256,
+        }
+    }
+
+    // ----- API tokens -----
+
+    /// Creates an API token for a tenant; returns its secret (shown once).
+    pub async fn create_api_token(&self, tenant: &str, name: &str) -> Result<Secret> {
+        let secret = Secret::generate(secret::API_TOKEN);
+        let rec = ApiTokenRecord {
+            id: secret::new_id("api_"),
+            tenant_id: tenant.to_string(),
+            secret_hash: secret.hash().to_vec(),
+            name: name.to_string(),
+            created_at_unix: now_unix(),
+        };
+        let key = keys::apitoken(&secret.hash());
+        let r = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::absent(key.clone()))
+                    .then(Op::put(key, rec.encode_to_vec())),
+            )
+            .await?;
+        if !r.succeeded {
+            return Err(Error::Internal("API token collision".into()));
+        }
+        Ok(secret)
+    }
+
+    pub async fn authenticate_console(&self, bearer: &str) -> Result<Caller> {
+        let unknown = || Error::Unauthenticated("API token is not valid".into());
+        if !bearer.starts_with(secret::API_TOKEN) {
+            return Err(Error::Unauthenticated(
+                "that is not an API token (API tokens start with 'cat_')".into(),
+            ));
+        }
+        let hash = Secret::from_string(bearer.to_string()).hash();
+        let kv = self
+            .store
+            .get(keys::apitoken(&hash).as_bytes())
+            .await?
+            .ok_or_else(unknown)?;
+        let rec: ApiTokenRecord = decode(&kv)?;
+        Ok(Caller {
+            tenant: rec.tenant_id,
+            token_id: rec.id,
+        })
+    }
+
+    // ----- networks -----
+
+    pub async fn create_network(
+        &self,
+        c: &Caller,
+        name: &str,
+        cidrs: &[String],
+    ) -> Result<Network> {
+        model::validate_network_name(name)?;
+        let nets = model::parse_cidrs(cidrs)?;
+        for _ in 0..TXN_ATTEMPTS {
+            let ver = self.store.get(keys::netsver(&c.tenant).as_bytes()).await?;
+            let ver_rev = ver.as_ref().map_or(0, |kv| kv.mod_revision);
+            for existing in self.network_records(&c.tenant).await? {
+                if existing.name == name {
+                    return Err(Error::AlreadyExists(format!(
+                        "network {name:?} already exists"
+                    )));
+                }
+                for theirs in existing
+                    .cidrs
+                    .iter()
+                    .filter_map(|s| model::parse_cidr(s).ok())
+                {
+                    if let Some(mine) = nets.iter().find(|n| model::overlaps(n, &theirs)) {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{mine} overlaps {theirs} of network {:?}",
+                            existing.name
+                        )));
+                    }
+                }
+            }
+            let rec = NetworkRecord {
+                id: secret::new_id("net_"),
+                tenant_id: c.tenant.clone(),
+                name: name.to_string(),
+                cidrs: nets.iter().map(|n| n.to_string()).collect(),
+                created_at_unix: now_unix(),
+            };
+            let name_key = keys::netname(&c.tenant, name);
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::unchanged(keys::netsver(&c.tenant), ver_rev))
+                        .when(Compare::absent(name_key.clone()))
+                        .then(Op::put(
+                            keys::network(&c.tenant, &rec.id),
+                            rec.encode_to_vec(),
+                        ))
+                        .then(Op::put(
+                            name_key,
+                            IndexRecord { id: rec.id.clone() }.encode_to_vec(),
+                        ))
+                        .then(Op::put(keys::netsver(&c.tenant), rec.id.clone())),
+                )
+                .await?;
+            if r.succeeded {
+                tracing::info!(network = %rec.id, name, tenant = %c.tenant, "network created");
+                return Ok(network_view(&rec, r.revision));
+            }
+        }
+        Err(conflict())
+    }
+
+    async fn network_records(&self, tenant: &str) -> Result<Vec<NetworkRecord>> {
+        let r = self.store.range(keys::networks(tenant).as_bytes()).await?;
+        r.kvs.iter().map(decode).collect()
+    }
+
+    pub async fn list_networks(&self, c: &Caller) -> Result<Vec<Network>> {
+        let mut out: Vec<Network> = self
+            .network_records(&c.tenant)
+            .await?
+            .iter()
+            .map(|n| network_view(n, self.cache.network_revision(&n.id).unwrap_or(0)))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Finds a tenant's network by id or name. Another tenant's network is NotFound, exactly
+    /// like a missing one.
+    pub async fn resolve_network(
+        &self,
+        c: &Caller,
+        reference: &str,
+    ) -> Result<(NetworkRecord, Revision)> {
+        if reference.is_empty() {
+            return Err(Error::InvalidArgument(
+                "network id or name is required".into(),
+            ));
+        }
+        let not_found = || Error::NotFound(format!("network {reference:?} not found"));
+        let id = if reference.starts_with("net_") {
+            reference.to_string()
+        } else {
+            let kv = self
+                .store
+                .get(keys::netname(&c.tenant, reference).as_bytes())
+                .await?
+                .ok_or_else(not_found)?;
+            decode::<IndexRecord>(&kv)?.id
+        };
+        let kv = self
+            .store
+            .get(keys::network(&c.tenant, &id).as_bytes())
+            .await?
+            .ok_or_else(not_found)?;
+        Ok((decode(&kv)?, kv.mod_revision))
+    }
+
+    pub async fn get_network(&self, c: &Caller, reference: &str) -> Result<Network> {
+        let (n, _) = self.resolve_network(c, reference).await?;
+        Ok(network_view(
+            &n,
+            self.cache.network_revision(&n.id).unwrap_or(0),
+        ))
+    }
+
+    /// Deletes a network with its peers, addresses and join tokens, in one transaction.
+    pub async fn delete_network(&self, c: &Caller, reference: &str) -> Result<u32> {
+        for _ in 0..TXN_ATTEMPTS {
+            let (net, net_rev) = self.resolve_network(c, reference).await?;
+            let peers = self.store.range(keys::peers(&net.id).as_bytes()).await?;
+            let tokens = self.token_records(&c.tenant).await?;
+            let mut txn = Txn::new()
+                .when(Compare::unchanged(
+                    keys::network(&c.tenant, &net.id),
+                    net_rev,
+                ))
+                .then(Op::delete(keys::network(&c.tenant, &net.id)))
+                .then(Op::delete(keys::netname(&c.tenant, &net.name)))
+                .then(Op::put(keys::netsver(&c.tenant), net.id.clone()))
+                .then(Op::delete_prefix(keys::peers(&net.id)))
+                .then(Op::delete_prefix(keys::ipams(&net.id)))
+                .then(Op::delete_prefix(keys::pubkeys(&net.id)));
+            for kv in &peers.kvs {
+                let p: PeerRecord = decode(kv)?;
+                if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
+                    txn = txn.then(Op::delete(keys::credential(&h)));
+                }
+            }
+            for (t, _) in tokens.iter().filter(|(t, _)| t.network_id == net.id) {
+                txn = txn.then(Op::delete(keys::token(&c.tenant, &t.id)));
+                if let Ok(h) = <[u8; 32]>::try_from(t.secret_hash.as_slice()) {
+                    txn = txn.then(Op::delete(keys::tokenhash(&h)));
+                }
+            }
+            if self.store.txn(txn).await?.succeeded {
+                tracing::info!(network = %net.id, peers = peers.kvs.len(), "network deleted");
+                return Ok(peers.kvs.len() as u32);
+            }
+        }
+        Err(conflict())
+    }
+
+    // ----- join tokens -----
+
+    pub async fn create_join_token(
+        &self,
+        c: &Caller,
+        network: &str,
+        max_uses: u32,
+        ttl_seconds: u64,
+        tags: &[String],
+    ) -> Result<(JoinToken, String)> {
+        model::validate_tags(tags)?;
+        if ttl_seconds > 10 * 365 * 24 * 3600 {
+            return Err(Error::InvalidArgument(
+                "ttl is longer than ten years".into(),
+            ));
+        }
+        let (net, _) = self.resolve_network(c, network).await?;
+        let secret = Secret::generate(secret::JOIN_TOKEN);
+        let now = now_unix();
+        let rec = JoinTokenRecord {
+            id: secret::new_id("tok_"),
+            tenant_id: c.tenant.clone(),
+            network_id: net.id.clone(),
+            secret_hash: secret.hash().to_vec(),
+            max_uses,
+            uses: 0,
+            expires_at_unix: if ttl_seconds == 0 {
+                0
+            } else {
+                now + ttl_seconds as i64
+            },
+            revoked: false,
+            tags: tags.to_vec(),
+            created_at_unix: now,
+        };
+        let hash_key = keys::tokenhash(&secret.hash());
+        let r = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::absent(hash_key.clone()))
+                    .then(Op::put(
+                        keys::token(&c.tenant, &rec.id),
+                        rec.encode_to_vec(),
+                    ))
+                    .then(Op::put(
+                        hash_key,
+                        IndexRecord {
+                            id: format!("{}/{}", c.tenant, rec.id),
+                        }
+                        .encode_to_vec(),
+                    )),
+            )
+            .await?;
+        if !r.succeeded {
+            return Err(Error::Internal("join token collision".into()));
+        }
+        let join = JoinString {
+            controller_url: self.public_url.clone(),
+            token: secret.expose().to_string(),
+            ca_sha256: self.ca_sha256,
+        };
+        tracing::info!(token = %rec.id, network = %net.id, max_uses, "join token created");
+        Ok((token_view(&rec), join.encode()))
+    }
+
+    async fn token_records(&self, tenant: &str) -> Result<Vec<(JoinTokenRecord, Revision)>> {
+        let r = self.store.range(keys::tokens(tenant).as_bytes()).await?;
+        r.kvs
+            .iter()
+            .map(|kv| Ok((decode(kv)?, kv.mod_revision)))
+            .collect()
+    }
+
+    pub async fn list_join_tokens(&self, c: &Caller, network: &str) -> Result<Vec<JoinToken>> {
+        let filter = if network.is_empty() {
+            None
+        } else {
+            Some(self.resolve_network(c, network).await?.0.id)
+        };
+        let mut out: Vec<JoinToken> = self
+            .token_records(&c.tenant)
+            .await?
+            .iter()
+            .filter(|(t, _)| filter.as_ref().is_none_or(|n| &t.network_id == n))
+            .map(|(t, _)| token_view(t))
+            .collect();
+        out.sort_by_key(|t| t.created_at_unix);
+        Ok(out)
+    }
+
+    pub async fn revoke_join_token(&self, c: &Caller, token_id: &str) -> Result<JoinToken> {
+        if token_id.is_empty() {
+            return Err(Error::InvalidArgument("token id is required".into()));
+        }
+        let key = keys::token(&c.tenant, token_id);
+        for _ in 0..TXN_ATTEMPTS {
+            let kv = self
+                .store
+                .get(key.as_bytes())
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("join token {token_id:?} not found")))?;
+            let mut rec: JoinTokenRecord = decode(&kv)?;
+            rec.revoked = true;
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::unchanged(key.clone(), kv.mod_revision))
+                        .then(Op::put(key.clone(), rec.encode_to_vec())),
+                )
+                .await?;
+            if r.succeeded {
+                return Ok(token_view(&rec));
+            }
+        }
+        Err(conflict())
+    }
+
+    // ----- peers -----
+
+    pub async fn list_peers(&self, c: &Caller, network: &str) -> Result<Vec<Peer>> {
+        let (net, _) = self.resolve_network(c, network).await?;
+        let r = self.store.range(keys::peers(&net.id).as_bytes()).await?;
+        let mut out = Vec::with_capacity(r.kvs.len());
+        for kv in &r.kvs {
+            out.push(self.peer_view(&decode(kv)?));
+        }
+        out.sort_by(|a, b| ip_sort_key(&a.addresses).cmp(&ip_sort_key(&b.addresses)));
+        Ok(out)
+    }
+
+    async fn find_peer(&self, c: &Caller, peer_id: &str) -> Result<(PeerRecord, Revision)> {
+        if peer_id.is_empty() {
+            return Err(Error::InvalidArgument("peer id is required".into()));
+        }
+        for net in self.network_records(&c.tenant).await? {
+            if let Some(kv) = self
+                .store
+                .get(keys::peer(&net.id, peer_id).as_bytes())
+                .await?
+            {
+                return Ok((decode(&kv)?, kv.mod_revision));
+            }
+        }
+        Err(Error::NotFound(format!("peer {peer_id:?} not found")))
+    }
+
+    pub async fn get_peer(&self, c: &Caller, peer_id: &str) -> Result<Peer> {
+        Ok(self.peer_view(&self.find_peer(c, peer_id).await?.0))
+    }
+
+    /// Removes a peer: frees its addresses and invalidates its credential in one transaction.
+    /// Its Sync stream is closed by the cache update that follows.
+    pub async fn remove_peer(&self, c: &Caller, peer_id: &str) -> Result<()> {
+        for _ in 0..TXN_ATTEMPTS {
+            let (p, rev) = self.find_peer(c, peer_id).await?;
+            let mut txn = Txn::new()
+                .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
+                .then(Op::delete(keys::peer(&p.network_id, &p.id)))
+                .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)));
+            for a in &p.addresses {
+                if let Ok(net) = a.parse::<IpNetwork>() {
+                    txn = txn.then(Op::delete(keys::ipam(&p.network_id, &net.ip())));
+                }
+            }
+            if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
+                txn = txn.then(Op::delete(keys::credential(&h)));
+            }
+            if self.store.txn(txn).await?.succeeded {
+                tracing::info!(peer = %p.id, network = %p.network_id, "peer removed");
+                return Ok(());
+            }
+        }
+        Err(conflict())
+    }
+
+    fn peer_view(&self, p: &PeerRecord) -> Peer {
+        let acked = self.sessions.get(&p.id);
+        Peer {
+            id: p.id.clone(),
+            network_id: p.network_id.clone(),
+            public_key: p.public_key.clone(),
+            addresses: p.addresses.clone(),
+            hostname: p.hostname.clone(),
+            tags: p.tags.clone(),
+            endpoints: p.endpoints.clone(),
+            created_at_unix: p.created_at_unix,
+            online: acked.is_some(),
+            acked_revision: acked.unwrap_or(0),
+        }
+    }
+
+    // ----- agents -----
+
+    /// Enrolls a node: checks the join token, claims one address per network CIDR, counts the
+    /// token use and creates the peer, all in one transaction (retried on conflict).
+    pub async fn enroll(
+        &self,
+        token: &str,
+        public_key: &[u8],
+        hostname: &str,
+        listen_port: u32,
+    ) -> Result<EnrollResponse> {
+        let key = model::validate_public_key(public_key)?;
+        model::validate_hostname(hostname)?;
+        if listen_port > u32::from(u16::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "listen port {listen_port} is out of range"
+            )));
+        }
+        if !token.starts_with(secret::JOIN_TOKEN) {
+            return Err(Error::Unauthenticated(
+                "that is not a join token (join tokens start with 'cjt_')".into(),
+            ));
+        }
+        let token_hash = Secret::from_string(token.to_string()).hash();
+        let credential = Secret::generate(secret::CREDENTIAL);
+        for attempt in 0..TXN_ATTEMPTS {
+            let idx = self
+                .store
+                .get(keys::tokenhash(&token_hash).as_bytes())
+                .await?
+                .ok_or_else(|| Error::Unauthenticated("join token is not valid".into()))?;
+            let index = decode::<IndexRecord>(&idx)?.id;
+            let (tenant, token_id) = index
+                .split_once('/')
+                .ok_or_else(|| Error::Internal("malformed join token index".into()))?;
+            let tok_key = keys::token(tenant, token_id);
+            let tok_kv = self
+                .store
+                .get(tok_key.as_bytes())
+                .await?
+                .ok_or_else(|| Error::Unauthenticated("join token is not valid".into()))?;
+            let (tok, tok_rev): (JoinTokenRecord, Revision) =
+                (decode(&tok_kv)?, tok_kv.mod_revision);
+            check_token_usable(&tok, now_unix())?;
+            let net_key = keys::network(&tok.tenant_id, &tok.network_id);
+            let net_kv =
+                self.store.get(net_key.as_bytes()).await?.ok_or_else(|| {
+                    Error::NotFound("the token's network has been deleted".into())
+                })?;
+            let net: NetworkRecord = decode(&net_kv)?;
+            let pubkey_key = keys::pubkey(&net.id, &key);
+            if self.store.get(pubkey_key.as_bytes()).await?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "this public key is already a peer of network {:?}",
+                    net.name
+                )));
+            }
+            let used: HashSet<IpAddr> = self
+                .store
+                .range(keys::ipams(&net.id).as_bytes())
+                .await?
+                .kvs
+                .iter()
+                .filter_map(|kv| kv.key.rsplit(|b| *b == b'/').next())
+                .filter_map(|k| std::str::from_utf8(k).ok()?.parse().ok())
+                .collect();
+            let mut addresses = Vec::new();
+            let mut txn = Txn::new()
+                .when(Compare::unchanged(tok_key.clone(), tok_rev))
+                .when(Compare::unchanged(net_key.clone(), net_kv.mod_revision))
+                .when(Compare::absent(pubkey_key.clone()));
+            let peer_id = secret::new_id("peer_");
+            for cidr in net.cidrs.iter().filter_map(|c| model::parse_cidr(c).ok()) {
+                // First try the lowest free address; under contention spread over the first few.
+                let want = if attempt == 0 { 1 } else { 16 };
+                let free = ipam::free_hosts(&cidr, &used, want);
+                let ip = *free.choose(&mut rand::rng()).ok_or_else(|| {
+                    Error::ResourceExhausted(format!(
+                        "network {:?} has no free address left in {cidr}",
+                        net.name
+                    ))
+                })?;
+                let k = keys::ipam(&net.id, &ip);
+                txn = txn.when(Compare::absent(k.clone())).then(Op::put(
+                    k,
+                    IndexRecord {
+                        id: peer_id.clone(),
+                    }
+                    .encode_to_vec(),
+                ));
+                addresses.push(model::host_prefix(ip));
+            }
+            let mut tok2 = tok.clone();
+            tok2.uses += 1;
+            let peer = PeerRecord {
+                id: peer_id.clone(),
+                tenant_id: tok.tenant_id.clone(),
+                network_id: net.id.clone(),
+                public_key: key.to_vec(),
+                addresses,
+                hostname: hostname.to_string(),
+                tags: tok.tags.clone(),
+                endpoints: Vec::new(),
+                created_at_unix: now_unix(),
+                credential_hash: credential.hash().to_vec(),
+                join_token_id: tok.id.clone(),
+            };
+            txn = txn
+                .then(Op::put(tok_key, tok2.encode_to_vec()))
+                .then(Op::put(keys::peer(&net.id, &peer_id), peer.encode_to_vec()))
+                .then(Op::put(
+                    pubkey_key,
+                    IndexRecord {
+                        id: peer_id.clone(),
+                    }
+                    .encode_to_vec(),
+                ))
+                .then(Op::put(
+                    keys::credential(&credential.hash()),
+                    IndexRecord {
+                        id: format!("{}/{}", net.id, peer_id),
+                    }
+                    .encode_to_vec(),
+                ));
+            let r = self.store.txn(txn).await?;
+            if !r.succeeded {
+                continue;
+            }
+            tracing::info!(peer = %peer_id, network = %net.id, addresses = ?peer.addresses, "peer enrolled");
+            // The map as of the enrollment's revision, read from the store (the cache may lag).
+            let map = self.map_from_store(&net, &peer_id).await?;
+            return Ok(EnrollResponse {
+                peer_id,
+                network_id: net.id,
+                credential: credential.expose().to_string(),
+                map: Some(map),
+            });
+        }
+        Err(conflict())
+    }
+
+    async fn map_from_store(
+        &self,
+        net: &NetworkRecord,
+        peer_id: &str,
+    ) -> Result<canopy_proto::v1::NetworkMap> {
+        let r = self.store.range(keys::peers(&net.id).as_bytes()).await?;
+        let mut state = crate::netmap::NetState::new(net.clone(), r.revision);
+        for kv in &r.kvs {
+            state.put_peer(decode(kv)?, kv.mod_revision);
+        }
+        state
+            .full_map(peer_id, r.revision)
+            .ok_or_else(|| Error::NotFound("peer was removed".into()))
+    }
+
+    /// Checks an agent's Sync credential.
+    pub async fn authenticate_agent(&self, bearer: &str) -> Result<AgentIdentity> {
+        let invalid = || {
+            Error::Unauthenticated("peer credential is not valid (was the peer removed?)".into())
+        };
+        let hash = Secret::from_string(bearer.to_string()).hash();
+        let kv = self
+            .store
+            .get(keys::credential(&hash).as_bytes())
+            .await?
+            .ok_or_else(invalid)?;
+        let id = decode::<IndexRecord>(&kv)?.id;
+        let (network_id, peer_id) = id.split_once('/').ok_or_else(invalid)?;
+        let peer = self
+            .store
+            .get(keys::peer(network_id, peer_id).as_bytes())
+            .await?
+            .ok_or_else(invalid)?;
+        if decode::<PeerRecord>(&peer)?.credential_hash != hash {
+            return Err(invalid());
+        }
+        Ok(AgentIdentity {
+            network_id: network_id.to_string(),
+            peer_id: peer_id.to_string(),
+        })
+    }
+
+    /// Records the endpoints an agent reports, if they changed.
+    pub async fn report_endpoints(&self, id: &AgentIdentity, endpoints: &[String]) -> Result<()> {
+        if endpoints.len() > MAX_ENDPOINTS {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_ENDPOINTS} endpoints"
+            )));
+        }
+        for e in endpoints {
+            e.parse::<std::net::SocketAddr>()
+                .map_err(|_| Error::InvalidArgument(format!("endpoint {e:?} is not IP:PORT")))?;
+        }
+        let key = keys::peer(&id.network_id, &id.peer_id);
+        for _ in 0..TXN_ATTEMPTS {
+            let Some(kv) = self.store.get(key.as_bytes()).await? else {
+                return Err(Error::NotFound("peer was removed".into()));
+            };
+            let mut p: PeerRecord = decode(&kv)?;
+            if p.endpoints == endpoints {
+                return Ok(());
+            }
+            p.endpoints = endpoints.to_vec();
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::unchanged(key.clone(), kv.mod_revision))
+                        .then(Op::put(key.clone(), p.encode_to_vec())),
+                )
+                .await?;
+            if r.succeeded {
+                return Ok(());
+            }
+        }
+        Err(conflict())
+    }
+
+    /// The next update for an agent at `base`, or `None` if it has been removed.
+    pub fn update_for(&self, id: &AgentIdentity, base: Revision) -> Option<Update> {
+        self.cache.update_for(&id.network_id, &id.peer_id, base)
+    }
+}
+
+fn check_token_usable(t: &JoinTokenRecord, now: i64) -> Result<()> {
+    if t.revoked {
+        return Err(Error::PermissionDenied("join token was revoked".into()));
+    }
+    if t.expires_at_unix != 0 && now >= t.expires_at_unix {
+        return Err(Error::PermissionDenied("join token has expired".into()));
+    }
+    if t.max_uses != 0 && t.uses >= t.max_uses {
+        return Err(Error::PermissionDenied(format!(
+            "join token has been used up ({} of {} uses)",
+            t.uses, t.max_uses
+        )));
+    }
+    Ok(())
+}
+
+fn network_view(n: &NetworkRecord, revision: Revision) -> Network {
+    Network {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        cidrs: n.cidrs.clone(),
+        created_at_unix: n.created_at_unix,
+        revision,
+    }
+}
+
+fn token_view(t: &JoinTokenRecord) -> JoinToken {
+    JoinToken {
+        id: t.id.clone(),
+        network_id: t.network_id.clone(),
+        max_uses: t.max_uses,
+        uses: t.uses,
+        expires_at_unix: t.expires_at_unix,
+        revoked: t.revoked,
+        tags: t.tags.clone(),
+        created_at_unix: t.created_at_unix,
+    }
+}
+
+fn ip_sort_key(addrs: &[String]) -> Vec<IpAddr> {
+    addrs
+        .iter()
+        .filter_map(|a| a.parse::<IpNetwork>().ok().map(|n| n.ip()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(max_uses: u32, uses: u32, expires: i64, revoked: bool) -> JoinTokenRecord {
+        JoinTokenRecord {
+            max_uses,
+            uses,
+            expires_at_unix: expires,
+            revoked,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn token_usability_rules() {
+        assert!(check_token_usable(&token(0, 1000, 0, false), 10).is_ok());
+        assert!(check_token_usable(&token(1, 0, 11, false), 10).is_ok());
+        let msg = |r: Result<()>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(check_token_usable(&token(1, 1, 0, false), 10)),
+            "join token has been used up (1 of 1 uses)"
+        );
+        assert_eq!(
+            msg(check_token_usable(&token(0, 0, 10, false), 10)),
+            "join token has expired"
+        );
+        assert_eq!(
+            msg(check_token_usable(&token(0, 0, 0, true), 10)),
+            "join token was revoked"
+        );
+    }
+}
