@@ -1,1 +1,14 @@
-//! placeholder
+//! Canopy agent: keeps the node's WireGuard key on the node, enrolls with a controller and
+//! follows the network map it pushes.
+//!
+//! # Layout
+//! - [`keys`]: Curve25519 keys in `wg`'s base64 form.
+//! - [`state`]: the state directory (key 0600, enrollment, last applied map).
+//! - [`control`]: enrollment and the Sync session (resume, backoff, acks), as a library.
+//! - [`cli`]: the `canopy-agent` command line; the binary only calls [`cli::main`].
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod control;
+pub mod keys;
+pub mod state;

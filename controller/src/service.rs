@@ -593,8 +593,9 @@ impl Controller {
                 .when(Compare::absent(pubkey_key.clone()));
             let peer_id = secret::new_id("peer_");
             for cidr in net.cidrs.iter().filter_map(|c| model::parse_cidr(c).ok()) {
-                // First try the lowest free address; under contention spread over the first few.
-                let want = if attempt == 0 { 1 } else { 16 };
+                // The lowest free address: a lost race re-reads and takes the next one (a failed
+                // transaction costs no fsync). Only under heavy contention spread over a few.
+                let want = if attempt < 8 { 1 } else { 16 };
                 let free = ipam::free_hosts(&cidr, &used, want);
                 let ip = *free.choose(&mut rand::rng()).ok_or_else(|| {
                     Error::ResourceExhausted(format!(

@@ -1,1 +1,469 @@
-//! placeholder
+//! The `canopy` command line: `serve` runs the controller; every other command is a console
+//! client of `ConsoleService` over gRPC + TLS.
+//!
+//! Server, API token and trust come from flags, the environment (`CANOPY_SERVER`, `CANOPY_TOKEN`,
+//! `CANOPY_CA`) or the config file that `canopy login` writes (`~/.config/canopy/console.toml`,
+//! mode 0600, holding the CA's SHA-256 pin rather than trusting the network blindly).
+
+mod config;
+mod output;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use canopy_proto::transport::{self, Trust};
+use canopy_proto::v1::console_service_client::ConsoleServiceClient;
+use canopy_proto::v1::*;
+use clap::{Args, Parser, Subcommand};
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
+use crate::server::{self, ServeConfig, StoreSpec};
+pub use config::ConsoleConfig;
+
+#[derive(Parser, Debug)]
+#[command(name = "canopy", version, about = "Canopy controller and console")]
+pub struct Cli {
+    #[command(flatten)]
+    conn: ConnOpts,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnOpts {
+    /// Controller URL, https://HOST:PORT.
+    #[arg(long, global = true, env = "CANOPY_SERVER")]
+    server: Option<String>,
+    /// API token (cat_...).
+    #[arg(long, global = true, env = "CANOPY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The controller's CA certificate (PEM), e.g. DATA/ca.pem.
+    #[arg(long, global = true, env = "CANOPY_CA")]
+    ca: Option<PathBuf>,
+    /// Console config file.
+    #[arg(long, global = true, env = "CANOPY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller.
+    Serve(ServeArgs),
+    /// Check the server and token, then save them (and the CA pin) to the console config.
+    Login {
+        /// Read the API token from this file (e.g. DATA/admin-token).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Peers (enrolled nodes).
+    #[command(subcommand)]
+    Peer(PeerCmd),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443", env = "CANOPY_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Where the CA, certificates, admin token and embedded store live.
+    #[arg(long, default_value = "./canopy-data", env = "CANOPY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// State store: embedded:PATH (default: embedded:DATA/store.redb).
+    #[arg(long, env = "CANOPY_STORE")]
+    store: Option<StoreSpec>,
+    /// The URL agents use to reach this controller (default: https://<listen address>).
+    #[arg(long, env = "CANOPY_ADVERTISE")]
+    advertise: Option<String>,
+    /// Extra DNS names or IPs for the server certificate.
+    #[arg(long = "tls-san")]
+    tls_sans: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum NetworkCmd {
+    /// Create a network: --cidr takes one IPv4 and/or one IPv6 CIDR.
+    Create {
+        name: String,
+        #[arg(long = "cidr", required = true)]
+        cidrs: Vec<String>,
+    },
+    List,
+    /// Show one network (by id or name).
+    Get {
+        network: String,
+    },
+    /// Delete a network with all its peers and join tokens.
+    Delete {
+        network: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a join token and print its join string (shown once).
+    Create {
+        #[arg(long)]
+        network: String,
+        /// How many enrollments it allows (0: unlimited).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Time to live, e.g. 30m, 24h, 7d (0: never expires).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Tags given to peers that join with it.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        network: String,
+    },
+    Revoke {
+        token_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PeerCmd {
+    List {
+        #[arg(long)]
+        network: String,
+    },
+    Get {
+        peer_id: String,
+    },
+    /// Remove a peer: its address is freed and its credential stops working at once.
+    Remove {
+        peer_id: String,
+    },
+}
+
+/// Runs the CLI. The binary prints an error as one line and exits non-zero.
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Serve(a) => serve(a).await,
+        Command::Login { token_file } => login(cli.conn, token_file).await,
+        Command::Network(c) => network(&cli.conn, json, c).await,
+        Command::Token(c) => token(&cli.conn, json, c).await,
+        Command::Peer(c) => peer(&cli.conn, json, c).await,
+    }
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        store: a.store,
+        advertise: a.advertise,
+        tls_sans: a.tls_sans,
+    };
+    let prepared = server::prepare(&config).await?;
+    let dd = prepared.data_dir.display();
+    if prepared.new_admin_token.is_some() {
+        println!(
+            "canopy: first start: created a CA ({dd}/ca.pem) and an admin API token ({dd}/admin-token, mode 0600)"
+        );
+    }
+    println!(
+        "canopy: controller at {}; point the console at it with:\n  canopy login --server {} --ca {dd}/ca.pem --token-file {dd}/admin-token",
+        prepared.controller.public_url, prepared.controller.public_url
+    );
+    server::serve(prepared, crate::console::shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Client =
+    ConsoleServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+struct Resolved {
+    server: String,
+    token: String,
+    trust: Trust,
+}
+
+fn resolve(conn: &ConnOpts) -> anyhow::Result<Resolved> {
+    let path = conn.config.clone().or_else(config::default_path);
+    let file = match &path {
+        Some(p) => ConsoleConfig::load(p)?,
+        None => None,
+    }
+    .unwrap_or_default();
+    let server = conn.server.clone().or(file.server.clone()).ok_or_else(|| {
+        anyhow!("no server: pass --server, set CANOPY_SERVER, or run `canopy login`")
+    })?;
+    let token = conn.token.clone().or(file.token.clone()).ok_or_else(|| {
+        anyhow!("no API token: pass --token, set CANOPY_TOKEN, or run `canopy login`")
+    })?;
+    let trust = match (&conn.ca, &file.ca_sha256) {
+        (Some(ca), _) => Trust::CaPem(
+            std::fs::read(ca).with_context(|| format!("reading CA file {}", ca.display()))?,
+        ),
+        (None, Some(pin)) => Trust::Pin(config::parse_pin(pin)?),
+        (None, None) => {
+            bail!("no CA to trust: pass --ca DATA/ca.pem, set CANOPY_CA, or run `canopy login`")
+        }
+    };
+    Ok(Resolved {
+        server,
+        token,
+        trust,
+    })
+}
+
+async fn connect(r: &Resolved) -> anyhow::Result<Client> {
+    let channel = transport::connect(&r.server, &r.trust).await?;
+    let bearer = format!("Bearer {}", r.token.trim())
+        .parse()
+        .map_err(|_| anyhow!("API token contains characters that cannot be sent"))?;
+    Ok(ConsoleServiceClient::with_interceptor(
+        channel,
+        Bearer(bearer),
+    ))
+}
+
+/// One readable line for a failed call: the controller's message and the status name.
+fn call_error(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+async fn login(mut conn: ConnOpts, token_file: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(f) = token_file {
+        let t = std::fs::read_to_string(&f)
+            .with_context(|| format!("reading token file {}", f.display()))?;
+        conn.token = Some(t.trim().to_string());
+    }
+    let r = resolve(&conn)?;
+    let pin = match &r.trust {
+        Trust::Pin(p) => *p,
+        Trust::CaPem(pem) => config::pem_pin(pem)?,
+    };
+    let mut client = connect(&Resolved {
+        trust: Trust::Pin(pin),
+        ..r
+    })
+    .await?;
+    client
+        .list_networks(ListNetworksRequest {})
+        .await
+        .map_err(call_error)?;
+    let path = conn
+        .config
+        .clone()
+        .or_else(config::default_path)
+        .ok_or_else(|| anyhow!("no config path: set HOME or pass --config"))?;
+    let server = conn
+        .server
+        .clone()
+        .or_else(|| resolve(&conn).ok().map(|r| r.server))
+        .unwrap_or_default();
+    ConsoleConfig {
+        server: Some(server.clone()),
+        token: conn.token.clone(),
+        ca_sha256: Some(hex::encode(pin)),
+    }
+    .save(&path)?;
+    println!("logged in to {server}; saved to {}", path.display());
+    Ok(())
+}
+
+async fn client(conn: &ConnOpts) -> anyhow::Result<Client> {
+    connect(&resolve(conn)?).await
+}
+
+async fn network(conn: &ConnOpts, json: bool, c: NetworkCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        NetworkCmd::Create { name, cidrs } => {
+            let n = cl
+                .create_network(CreateNetworkRequest { name, cidrs })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::networks(json, &[n], true)
+        }
+        NetworkCmd::List => {
+            let r = cl
+                .list_networks(ListNetworksRequest {})
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::networks(json, &r.networks, false)
+        }
+        NetworkCmd::Get { network } => {
+            let n = cl
+                .get_network(GetNetworkRequest { network })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::networks(json, &[n], true)
+        }
+        NetworkCmd::Delete { network } => {
+            let r = cl
+                .delete_network(DeleteNetworkRequest {
+                    network: network.clone(),
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::done(
+                json,
+                &format!(
+                    "deleted network {network} ({} peers removed)",
+                    r.peers_removed
+                ),
+                serde_json::json!({"deleted": network, "peers_removed": r.peers_removed}),
+            )
+        }
+    }
+}
+
+async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        TokenCmd::Create {
+            network,
+            uses,
+            ttl,
+            tags,
+        } => {
+            let ttl_seconds = parse_duration(&ttl)?.as_secs();
+            let r = cl
+                .create_join_token(CreateJoinTokenRequest {
+                    network,
+                    max_uses: uses,
+                    ttl_seconds,
+                    tags,
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::join_string(json, r.token.as_ref(), &r.join_string)
+        }
+        TokenCmd::List { network } => {
+            let r = cl
+                .list_join_tokens(ListJoinTokensRequest { network })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::tokens(json, &r.tokens)
+        }
+        TokenCmd::Revoke { token_id } => {
+            let t = cl
+                .revoke_join_token(RevokeJoinTokenRequest { token_id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::tokens(json, &[t])
+        }
+    }
+}
+
+async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        PeerCmd::List { network } => {
+            let r = cl
+                .list_peers(ListPeersRequest { network })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::peers(json, &r.peers)
+        }
+        PeerCmd::Get { peer_id } => {
+            let p = cl
+                .get_peer(GetPeerRequest { peer_id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::peers(json, &[p])
+        }
+        PeerCmd::Remove { peer_id } => {
+            cl.remove_peer(RemovePeerRequest {
+                peer_id: peer_id.clone(),
+            })
+            .await
+            .map_err(call_error)?;
+            output::done(
+                json,
+                &format!("removed peer {peer_id}"),
+                serde_json::json!({"removed": peer_id}),
+            )
+        }
+    }
+}
+
+/// Parses `90`, `90s`, `30m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("duration {s:?} is not like 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("duration {s:?} has unknown unit {unit:?} (use s, m, h or d)"),
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| anyhow!("duration {s:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
+        assert_eq!(parse_duration("7d").unwrap().as_secs(), 604_800);
+        assert!(parse_duration("7w").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

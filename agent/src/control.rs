@@ -1,0 +1,337 @@
+//! The agent's controller session: enroll with a join token, then follow the Sync stream.
+//!
+//! [`ControlClient::run`] connects, says Hello with the revision it holds, applies each full map
+//! or delta through a [`MapSink`] (the data plane), persists it, and acknowledges the revision.
+//! When the controller is away it keeps the last map and retries with jittered exponential
+//! backoff; it resumes from its revision, so a reconnect usually costs one small delta.
+//! Everything here is a library, so a benchmark can run many agents in one process.
+
+use std::future::Future;
+use std::time::Duration;
+
+use canopy_proto::join::JoinString;
+use canopy_proto::netmap::apply_delta;
+use canopy_proto::transport::{self, Trust};
+use canopy_proto::v1::agent_service_client::AgentServiceClient;
+use canopy_proto::v1::{
+    Ack, EnrollRequest, Hello, NetworkDelta, NetworkMap, SyncRequest, sync_request, sync_response,
+};
+use rand::Rng as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::state::{Enrollment, StateDir, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error("controller refused: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error(
+        "this node was removed from its network by the controller; join again with a new token"
+    )]
+    Removed,
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("controller sent an unusable update: {0}")]
+    Protocol(String),
+}
+
+/// Where applied maps go: the data plane (or nothing, for a control-only agent).
+pub trait MapSink: Send {
+    /// Makes `new` take effect. `delta` is set when `new` came as a delta on top of `old`.
+    fn apply(
+        &mut self,
+        old: Option<&NetworkMap>,
+        new: &NetworkMap,
+        delta: Option<&NetworkDelta>,
+    ) -> Result<(), String>;
+}
+
+/// A sink that applies nothing (control plane only).
+#[derive(Debug, Default)]
+pub struct NoDataPlane;
+
+impl MapSink for NoDataPlane {
+    fn apply(
+        &mut self,
+        _: Option<&NetworkMap>,
+        _: &NetworkMap,
+        _: Option<&NetworkDelta>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Enrolls this node with the controller named in the join string, pinning its CA.
+pub async fn enroll(
+    join: &JoinString,
+    public_key: [u8; 32],
+    hostname: &str,
+) -> Result<(Enrollment, NetworkMap), ControlError> {
+    let channel = transport::connect(&join.controller_url, &Trust::Pin(join.ca_sha256)).await?;
+    let mut client = AgentServiceClient::new(channel);
+    let resp = client
+        .enroll(EnrollRequest {
+            join_token: join.token.clone(),
+            public_key: public_key.to_vec(),
+            hostname: hostname.to_string(),
+            listen_port: 0,
+        })
+        .await
+        .map_err(ControlError::Refused)?
+        .into_inner();
+    let map = resp
+        .map
+        .ok_or_else(|| ControlError::Protocol("enrollment carried no map".into()))?;
+    Ok((
+        Enrollment {
+            controller_url: join.controller_url.clone(),
+            ca_sha256: hex::encode(join.ca_sha256),
+            peer_id: resp.peer_id,
+            network_id: resp.network_id,
+            credential: resp.credential,
+        },
+        map,
+    ))
+}
+
+/// Reconnect pacing: exponential from `min` to `max`, each delay jittered to 50–100 %.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_millis(250),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `n` (0-based) of a run of failures.
+    pub fn delay(&self, n: u32) -> Duration {
+        let base = self.min.saturating_mul(1u32 << n.min(16)).min(self.max);
+        base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+pub struct ControlClient {
+    enrollment: Enrollment,
+    state: Option<StateDir>,
+    map: watch::Sender<Option<NetworkMap>>,
+    connected: watch::Sender<bool>,
+    pub backoff: Backoff,
+}
+
+impl std::fmt::Debug for ControlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlClient")
+            .field("enrollment", &self.enrollment)
+            .finish()
+    }
+}
+
+/// How one connected session ended.
+enum SessionEnd {
+    /// The stream dropped after working: reconnect promptly.
+    Lost(String),
+    Shutdown,
+}
+
+impl ControlClient {
+    /// `state`: where to persist maps (`None` keeps them in memory only, as a benchmark does).
+    pub fn new(
+        enrollment: Enrollment,
+        initial: Option<NetworkMap>,
+        state: Option<StateDir>,
+    ) -> Self {
+        Self {
+            enrollment,
+            state,
+            map: watch::channel(initial).0,
+            connected: watch::channel(false).0,
+            backoff: Backoff::default(),
+        }
+    }
+
+    pub fn enrollment(&self) -> &Enrollment {
+        &self.enrollment
+    }
+
+    /// The current applied map, updated after each revision is applied.
+    pub fn maps(&self) -> watch::Receiver<Option<NetworkMap>> {
+        self.map.subscribe()
+    }
+
+    /// Whether a Sync stream is up.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    /// Follows the controller until `shutdown` resolves. Returns `Err(Removed)` if the controller
+    /// says this peer no longer exists (its state is then cleared); other failures are retried.
+    pub async fn run(
+        &self,
+        sink: &mut dyn MapSink,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ControlError> {
+        tokio::pin!(shutdown);
+        let pin = self.enrollment.ca_pin().map_err(ControlError::Protocol)?;
+        let trust = Trust::Pin(pin);
+        let mut failures = 0u32;
+        loop {
+            let attempt = async {
+                let channel = transport::connect(&self.enrollment.controller_url, &trust).await?;
+                self.session(channel, sink).await
+            };
+            let outcome = tokio::select! {
+                r = attempt => r,
+                _ = &mut shutdown => Ok(SessionEnd::Shutdown),
+            };
+            self.connected.send_replace(false);
+            match outcome {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::Lost(why)) => {
+                    tracing::warn!(reason = %why, "controller stream lost; reconnecting");
+                    failures = 0;
+                }
+                Err(ControlError::Removed) => {
+                    if let Some(s) = &self.state {
+                        s.clear_enrollment()?;
+                    }
+                    self.map.send_replace(None);
+                    return Err(ControlError::Removed);
+                }
+                Err(ControlError::State(e)) => return Err(ControlError::State(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt = failures + 1, "controller unreachable; keeping the last map");
+                    failures = failures.saturating_add(1);
+                }
+            }
+            let delay = self.backoff.delay(failures);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        channel: tonic::transport::Channel,
+        sink: &mut dyn MapSink,
+    ) -> Result<SessionEnd, ControlError> {
+        let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let known = self.map.borrow().as_ref().map_or(0, |m| m.revision);
+        let (tx, rx) = mpsc::channel(8);
+        let hello = SyncRequest {
+            msg: Some(sync_request::Msg::Hello(Hello {
+                known_revision: known,
+                endpoints: vec![],
+            })),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| ControlError::Protocol("outbound closed".into()))?;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        let auth = format!("Bearer {}", self.enrollment.credential)
+            .parse()
+            .map_err(|_| ControlError::Protocol("credential is not valid metadata".into()))?;
+        req.metadata_mut().insert("authorization", auth);
+        let mut inbound = client.sync(req).await.map_err(classify)?.into_inner();
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(SessionEnd::Lost("controller closed the stream".into())),
+                Err(s) => {
+                    return match classify(s) {
+                        ControlError::Refused(s) => Ok(SessionEnd::Lost(s.message().to_string())),
+                        other => Err(other),
+                    };
+                }
+            };
+            let revision = self.apply(msg.msg, sink)?;
+            self.connected.send_replace(true);
+            let ack = SyncRequest {
+                msg: Some(sync_request::Msg::Ack(Ack { revision })),
+            };
+            if tx.send(ack).await.is_err() {
+                return Ok(SessionEnd::Lost("outbound stream closed".into()));
+            }
+        }
+    }
+
+    /// Applies one update; returns the revision now held.
+    fn apply(
+        &self,
+        msg: Option<sync_response::Msg>,
+        sink: &mut dyn MapSink,
+    ) -> Result<i64, ControlError> {
+        let old = self.map.borrow().clone();
+        let (new, delta) = match msg {
+            Some(sync_response::Msg::Full(m)) => (m, None),
+            Some(sync_response::Msg::Delta(d)) => {
+                let mut m = old
+                    .clone()
+                    .ok_or_else(|| ControlError::Protocol("delta before any map".into()))?;
+                apply_delta(&mut m, &d).map_err(|e| ControlError::Protocol(e.to_string()))?;
+                (m, Some(d))
+            }
+            None => return Err(ControlError::Protocol("empty Sync message".into())),
+        };
+        if old.as_ref() != Some(&new) {
+            sink.apply(old.as_ref(), &new, delta.as_ref())
+                .map_err(ControlError::Protocol)?;
+            if let Some(s) = &self.state {
+                s.save_map(&new)?;
+            }
+            tracing::info!(
+                revision = new.revision,
+                peers = new.peers.len(),
+                "network map applied"
+            );
+        }
+        let rev = new.revision;
+        self.map.send_replace(Some(new));
+        Ok(rev)
+    }
+}
+
+/// A status that means this peer no longer exists is `Removed`; the rest are retryable.
+fn classify(s: tonic::Status) -> ControlError {
+    match s.code() {
+        Code::PermissionDenied | Code::Unauthenticated => ControlError::Removed,
+        _ => ControlError::Refused(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let b = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for n in 0..40 {
+            let d = b.delay(n);
+            let base = Duration::from_millis(100)
+                .saturating_mul(1 << n.min(16))
+                .min(Duration::from_secs(2));
+            assert!(
+                d >= base / 2 && d <= base,
+                "attempt {n}: {d:?} not within [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+    }
+}

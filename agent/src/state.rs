@@ -1,0 +1,216 @@
+//! The agent's state directory:
+//!
+//! ```text
+//! private.key    the WireGuard private key, base64, mode 0600 (made here, never sent)
+//! enrollment     controller URL, CA pin, peer id, network id, Sync credential (mode 0600)
+//! map.pb         the last applied NetworkMap (protobuf), so the node keeps its network while
+//!                the controller is away and resumes from its revision
+//! ```
+//! Every write is atomic (temp file + rename) and secret files are created 0600.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use canopy_proto::v1::NetworkMap;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::PrivateKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// What the agent keeps from its enrollment.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enrollment {
+    pub controller_url: String,
+    /// SHA-256 of the controller's CA certificate, hex.
+    pub ca_sha256: String,
+    pub peer_id: String,
+    pub network_id: String,
+    pub credential: String,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("controller_url", &self.controller_url)
+            .field("peer_id", &self.peer_id)
+            .field("network_id", &self.network_id)
+            .field("credential", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Enrollment {
+    pub fn ca_pin(&self) -> Result<[u8; 32], String> {
+        let b = hex::decode(&self.ca_sha256).map_err(|_| "CA pin is not hex".to_string())?;
+        b.as_slice()
+            .try_into()
+            .map_err(|_| "CA pin is not 32 bytes".to_string())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Opens the directory, creating it (mode 0700) if needed.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StateError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The node's private key, generated on first use.
+    pub fn private_key(&self) -> Result<PrivateKey, StateError> {
+        let path = self.dir.join("private.key");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => PrivateKey::from_base64(&s).map_err(|e| StateError::Invalid {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = PrivateKey::generate();
+                write_atomic(&path, format!("{}\n", key.to_base64()).as_bytes(), 0o600)?;
+                tracing::info!(path = %path.display(), "generated a new WireGuard key");
+                Ok(key)
+            }
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn enrollment(&self) -> Result<Option<Enrollment>, StateError> {
+        let path = self.dir.join("enrollment");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StateError::Invalid {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn save_enrollment(&self, e: &Enrollment) -> Result<(), StateError> {
+        let path = self.dir.join("enrollment");
+        let data = serde_json::to_vec_pretty(e).map_err(|err| StateError::Invalid {
+            path: path.clone(),
+            reason: err.to_string(),
+        })?;
+        write_atomic(&path, &data, 0o600)
+    }
+
+    /// Forgets the enrollment and the map (the node was removed); keeps the key.
+    pub fn clear_enrollment(&self) -> Result<(), StateError> {
+        for name in ["enrollment", "map.pb"] {
+            let path = self.dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StateError::Io { path, source }),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn map(&self) -> Result<Option<NetworkMap>, StateError> {
+        let path = self.dir.join("map.pb");
+        match std::fs::read(&path) {
+            Ok(b) => NetworkMap::decode(b.as_slice())
+                .map(Some)
+                .map_err(|e| StateError::Invalid {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn save_map(&self, map: &NetworkMap) -> Result<(), StateError> {
+        write_atomic(&self.dir.join("map.pb"), &map.encode_to_vec(), 0o600)
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn private_key_is_made_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let k1 = s.private_key().unwrap();
+        let k2 = StateDir::open(dir.path()).unwrap().private_key().unwrap();
+        assert_eq!(
+            k1.public_key(),
+            k2.public_key(),
+            "the key survives a restart"
+        );
+        let mode = std::fs::metadata(dir.path().join("private.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_corrupt_key_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("private.key"), "garbage").unwrap();
+        let err = StateDir::open(dir.path())
+            .unwrap()
+            .private_key()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("private.key") && err.contains("base64"),
+            "{err}"
+        );
+    }
+}
