@@ -7,6 +7,7 @@
 //! Everything here is a library, so a benchmark can run many agents in one process.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use canopy_proto::join::JoinString;
@@ -122,8 +123,17 @@ impl Backoff {
     }
 }
 
+/// What a client has received, for status output and benchmarks.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    pub full_maps: AtomicU64,
+    pub deltas: AtomicU64,
+    pub connects: AtomicU64,
+}
+
 pub struct ControlClient {
     enrollment: Enrollment,
+    pub stats: SyncStats,
     state: Option<StateDir>,
     map: watch::Sender<Option<NetworkMap>>,
     connected: watch::Sender<bool>,
@@ -154,6 +164,7 @@ impl ControlClient {
     ) -> Self {
         Self {
             enrollment,
+            stats: SyncStats::default(),
             state,
             map: watch::channel(initial).0,
             connected: watch::channel(false).0,
@@ -246,6 +257,7 @@ impl ControlClient {
             .map_err(|_| ControlError::Protocol("credential is not valid metadata".into()))?;
         req.metadata_mut().insert("authorization", auth);
         let mut inbound = client.sync(req).await.map_err(classify)?.into_inner();
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
         loop {
             let msg = match inbound.message().await {
                 Ok(Some(m)) => m,
@@ -276,8 +288,12 @@ impl ControlClient {
     ) -> Result<i64, ControlError> {
         let old = self.map.borrow().clone();
         let (new, delta) = match msg {
-            Some(sync_response::Msg::Full(m)) => (m, None),
+            Some(sync_response::Msg::Full(m)) => {
+                self.stats.full_maps.fetch_add(1, Ordering::Relaxed);
+                (m, None)
+            }
             Some(sync_response::Msg::Delta(d)) => {
+                self.stats.deltas.fetch_add(1, Ordering::Relaxed);
                 let mut m = old
                     .clone()
                     .ok_or_else(|| ControlError::Protocol("delta before any map".into()))?;

@@ -24,6 +24,7 @@ pub struct Cache {
 
 struct Inner {
     state: RwLock<State>,
+    follower: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The store revision the cache reflects.
     applied: watch::Sender<Revision>,
 }
@@ -57,13 +58,33 @@ impl Cache {
         let cache = Cache {
             inner: Arc::new(Inner {
                 state: RwLock::new(State::default()),
+                follower: std::sync::Mutex::new(None),
                 applied: watch::channel(0).0,
             }),
         };
         let rev = cache.relist(store.as_ref()).await?;
         let follower = cache.clone();
-        tokio::spawn(async move { follower.follow(store, rev).await });
+        let task = tokio::spawn(async move { follower.follow(store, rev).await });
+        *cache
+            .inner
+            .follower
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(task);
         Ok(cache)
+    }
+
+    /// Stops following the store and waits until the follower has let go of it.
+    pub async fn stop(&self) {
+        let task = self
+            .inner
+            .follower
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// Loads everything at one revision; returns that revision.
@@ -121,9 +142,6 @@ impl Cache {
                         break;
                     }
                 }
-            }
-            if Arc::strong_count(&self.inner) == 1 {
-                return; // nobody uses this cache any more
             }
         }
     }

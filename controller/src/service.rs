@@ -90,6 +90,8 @@ pub struct Controller {
     /// The URL agents use to reach this controller (goes into join strings).
     pub public_url: String,
     pub ca_sha256: [u8; 32],
+    /// Set when the server begins shutting down: Sync sessions end so the drain can finish.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn now_unix() -> i64 {
@@ -114,13 +116,26 @@ impl Controller {
         public_url: String,
         ca_sha256: [u8; 32],
     ) -> Self {
+        let closing = Arc::new(tokio::sync::watch::channel(false).0);
         Self {
             store,
             cache,
             sessions: Sessions::default(),
             public_url,
             ca_sha256,
+            closing,
         }
+    }
+
+    /// Tells long-lived Sync sessions to end (the server is draining).
+    pub fn begin_shutdown(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`begin_shutdown`](Self::begin_shutdown) has been called.
+    pub async fn closing(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     // ----- API tokens -----

@@ -1,1 +1,174 @@
-//! Shared test harness.
+//! Test harness: a real controller on `127.0.0.1:0` (embedded store, TLS) and agents running
+//! the real control client in this process, all over real gRPC on loopback.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use canopy_agent::control::{self, ControlClient, ControlError, NoDataPlane};
+use canopy_agent::keys::PrivateKey;
+use canopy_controller::console::{self, Client};
+use canopy_controller::server::{self, Running, ServeConfig};
+use canopy_proto::join::JoinString;
+use canopy_proto::transport::Trust;
+use canopy_proto::v1::*;
+use tokio::sync::{oneshot, watch};
+
+pub struct TestController {
+    pub dir: tempfile::TempDir,
+    pub server: Running,
+}
+
+fn config(dir: &std::path::Path, port: u16) -> ServeConfig {
+    ServeConfig {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        store: None,
+        advertise: None,
+        tls_sans: vec![],
+    }
+}
+
+impl TestController {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server::spawn(&config(dir.path(), 0)).await.unwrap();
+        Self { dir, server }
+    }
+
+    /// Stops the controller and starts it again on the same data dir and port.
+    pub async fn restart(self) -> Self {
+        let port = self.server.local_addr.port();
+        self.server.stop().await.unwrap();
+        let server = server::spawn(&config(self.dir.path(), port)).await.unwrap();
+        Self {
+            dir: self.dir,
+            server,
+        }
+    }
+
+    /// A console client with the admin token.
+    pub async fn console(&self) -> Client {
+        self.console_with(&self.server.admin_token).await
+    }
+
+    pub async fn console_with(&self, token: &str) -> Client {
+        let trust = Trust::CaPem(self.server.ca_pem.clone().into_bytes());
+        console::connect(&self.server.url, &trust, token)
+            .await
+            .unwrap()
+    }
+
+    /// The store's current revision: unchanged means nothing was written.
+    pub async fn store_revision(&self) -> i64 {
+        self.server
+            .controller
+            .store
+            .range(b"/")
+            .await
+            .unwrap()
+            .revision
+    }
+
+    /// Creates a network and returns its id.
+    pub async fn network(&self, name: &str, cidrs: &[&str]) -> String {
+        let req = CreateNetworkRequest {
+            name: name.into(),
+            cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+        };
+        self.console()
+            .await
+            .create_network(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    /// Creates a join token and returns the join string.
+    pub async fn token(&self, network: &str, max_uses: u32) -> String {
+        let req = CreateJoinTokenRequest {
+            network: network.into(),
+            max_uses,
+            ttl_seconds: 3600,
+            tags: vec![],
+        };
+        self.console()
+            .await
+            .create_join_token(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .join_string
+    }
+}
+
+/// An in-process agent: enrolled, running the real control client.
+pub struct TestAgent {
+    pub key: PrivateKey,
+    pub peer_id: String,
+    pub client: Arc<ControlClient>,
+    pub maps: watch::Receiver<Option<NetworkMap>>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), ControlError>>,
+}
+
+impl TestAgent {
+    /// Enrolls with a fresh key and starts following the controller.
+    pub async fn join(join: &str, hostname: &str) -> Result<Self, ControlError> {
+        let key = PrivateKey::generate();
+        let join = JoinString::parse(join).unwrap();
+        let (enrollment, map) = control::enroll(&join, key.public_key(), hostname).await?;
+        let peer_id = enrollment.peer_id.clone();
+        let mut client = ControlClient::new(enrollment, Some(map), None);
+        client.backoff = control::Backoff {
+            min: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        };
+        let client = Arc::new(client);
+        let maps = client.maps();
+        let (stop, rx) = oneshot::channel::<()>();
+        let c = client.clone();
+        let task = tokio::spawn(async move {
+            c.run(&mut NoDataPlane, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Ok(Self {
+            key,
+            peer_id,
+            client,
+            maps,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    pub fn map(&self) -> NetworkMap {
+        self.maps.borrow().clone().unwrap_or_default()
+    }
+
+    /// Waits up to `within` for the applied map to satisfy `pred`.
+    pub async fn wait_map(&mut self, within: Duration, pred: impl Fn(&NetworkMap) -> bool) -> bool {
+        let r = tokio::time::timeout(
+            within,
+            self.maps.wait_for(|m| m.as_ref().is_some_and(&pred)),
+        )
+        .await;
+        matches!(r, Ok(Ok(_)))
+    }
+
+    pub fn peer_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.map().peers.into_iter().map(|p| p.peer_id).collect();
+        v.sort();
+        v
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = self.task.await;
+    }
+}

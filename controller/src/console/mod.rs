@@ -250,9 +250,10 @@ fn resolve(conn: &ConnOpts) -> anyhow::Result<Resolved> {
     })
 }
 
-async fn connect(r: &Resolved) -> anyhow::Result<Client> {
-    let channel = transport::connect(&r.server, &r.trust).await?;
-    let bearer = format!("Bearer {}", r.token.trim())
+/// A console client for `server`, trusting `trust`, sending `token` on every call.
+pub async fn connect(server: &str, trust: &Trust, token: &str) -> anyhow::Result<Client> {
+    let channel = transport::connect(server, trust).await?;
+    let bearer = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| anyhow!("API token contains characters that cannot be sent"))?;
     Ok(ConsoleServiceClient::with_interceptor(
@@ -273,15 +274,12 @@ async fn login(mut conn: ConnOpts, token_file: Option<PathBuf>) -> anyhow::Resul
         conn.token = Some(t.trim().to_string());
     }
     let r = resolve(&conn)?;
+    // Save the CA as a pin, and check that the pin is what lets us in.
     let pin = match &r.trust {
         Trust::Pin(p) => *p,
         Trust::CaPem(pem) => config::pem_pin(pem)?,
     };
-    let mut client = connect(&Resolved {
-        trust: Trust::Pin(pin),
-        ..r
-    })
-    .await?;
+    let mut client = connect(&r.server, &Trust::Pin(pin), &r.token).await?;
     client
         .list_networks(ListNetworksRequest {})
         .await
@@ -291,23 +289,19 @@ async fn login(mut conn: ConnOpts, token_file: Option<PathBuf>) -> anyhow::Resul
         .clone()
         .or_else(config::default_path)
         .ok_or_else(|| anyhow!("no config path: set HOME or pass --config"))?;
-    let server = conn
-        .server
-        .clone()
-        .or_else(|| resolve(&conn).ok().map(|r| r.server))
-        .unwrap_or_default();
     ConsoleConfig {
-        server: Some(server.clone()),
-        token: conn.token.clone(),
+        server: Some(r.server.clone()),
+        token: Some(r.token.clone()),
         ca_sha256: Some(hex::encode(pin)),
     }
     .save(&path)?;
-    println!("logged in to {server}; saved to {}", path.display());
+    println!("logged in to {}; saved to {}", r.server, path.display());
     Ok(())
 }
 
 async fn client(conn: &ConnOpts) -> anyhow::Result<Client> {
-    connect(&resolve(conn)?).await
+    let r = resolve(conn)?;
+    connect(&r.server, &r.trust, &r.token).await
 }
 
 async fn network(conn: &ConnOpts, json: bool, c: NetworkCmd) -> anyhow::Result<()> {

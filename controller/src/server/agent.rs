@@ -147,6 +147,7 @@ async fn session(
                     Ok(None) | Err(_) => return Ok(()),
                 },
                 _ = tx.closed() => return Ok(()),
+                _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
             }
         }
     }

@@ -206,20 +206,51 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let identity = Identity::from_pem(&p.tls.server_chain_pem, &p.tls.server_key_pem);
     tracing::info!(addr = %p.local_addr, url = %p.controller.public_url, "controller serving");
+    let ctl = p.controller.clone();
+    let shutdown = async move {
+        shutdown.await;
+        ctl.begin_shutdown();
+    };
     Server::builder()
         .tls_config(ServerTlsConfig::new().identity(identity))?
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(console)
         .add_service(agent)
         .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), shutdown)
         .await?;
+    p.controller.cache.stop().await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// tonic reports a request over the size limit as OutOfRange; gRPC's convention (and our
+/// contract) is ResourceExhausted, with a message that says what the limit is.
+fn oversize_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers();
+    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if oversize {
+        let msg = format!("request message is larger than the {MAX_MESSAGE_BYTES}-byte limit");
+        resp.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+        if let Ok(v) = http::HeaderValue::from_str(&msg.replace(' ', "%20")) {
+            resp.headers_mut().insert("grpc-message", v);
+        }
+    }
+    resp
 }
 
 /// The bearer secret from a request's `authorization` metadata.
@@ -233,4 +264,71 @@ fn bearer<T>(req: &tonic::Request<T>) -> Result<String, tonic::Status> {
     s.strip_prefix("Bearer ")
         .map(|t| t.trim().to_string())
         .ok_or_else(|| tonic::Status::unauthenticated("authorization must be 'Bearer <token>'"))
+}
+
+/// A controller serving in the background, for embedding and in-process tests.
+pub struct Running {
+    pub url: String,
+    pub local_addr: SocketAddr,
+    pub ca_pem: String,
+    pub ca_sha256: [u8; 32],
+    /// The admin API token (read from `DATA/admin-token`).
+    pub admin_token: String,
+    pub controller: Controller,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("url", &self.url).finish()
+    }
+}
+
+/// Prepares and serves `config` on a background task.
+pub async fn spawn(config: &ServeConfig) -> Result<Running, ServeError> {
+    let p = prepare(config).await?;
+    let admin_token = std::fs::read_to_string(p.data_dir.join("admin-token"))
+        .map_err(|source| ServeError::DataDir {
+            path: p.data_dir.clone(),
+            source,
+        })?
+        .trim()
+        .to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (url, local_addr, controller) = (
+        p.controller.public_url.clone(),
+        p.local_addr,
+        p.controller.clone(),
+    );
+    let (ca_pem, ca_sha256) = (p.tls.ca_pem.clone(), p.tls.ca_sha256);
+    let task = tokio::spawn(serve(p, async move {
+        let _ = rx.await;
+    }));
+    Ok(Running {
+        url,
+        local_addr,
+        ca_pem,
+        ca_sha256,
+        admin_token,
+        controller,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+impl Running {
+    /// Stops serving (open streams are cut) and waits for the server to finish.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match tokio::time::timeout(Duration::from_secs(10), &mut self.task).await {
+            Ok(r) => r.map_err(|e| ServeError::Setup(e.to_string()))?,
+            Err(_) => {
+                self.task.abort();
+                Ok(())
+            }
+        }
+    }
 }

@@ -202,7 +202,9 @@ impl EmbeddedStore {
         }
         w.commit().map_err(err)
     }
+}
 
+impl Inner {
     /// Reads the log for revisions `from..=to` (filtered by `prefix`), or `Compacted`.
     fn read_log(
         &self,
@@ -210,7 +212,7 @@ impl EmbeddedStore {
         from: Revision,
         to: Revision,
     ) -> Result<Vec<WatchBatch>, StoreError> {
-        let r = self.inner.db.begin_read().map_err(err)?;
+        let r = self.db.begin_read().map_err(err)?;
         let meta = r.open_table(META).map_err(err)?;
         let compacted = meta
             .get(COMPACTED)
@@ -411,14 +413,21 @@ impl Store for EmbeddedStore {
             };
             // Fail early (not on the stream) when the start is already compacted.
             if next <= current {
-                this.read_log(&prefix, next, next)?;
+                this.inner.read_log(&prefix, next, next)?;
             }
             let (tx, rx) = mpsc::channel(64);
+            // The watcher holds the store weakly: an open watch never keeps the file locked
+            // after every owner of the store is gone.
+            let weak = Arc::downgrade(&this.inner);
+            drop(this);
             tokio::spawn(async move {
                 loop {
                     let to = *head.borrow_and_update();
                     if next <= to {
-                        match this.read_log(&prefix, next, to) {
+                        let Some(inner) = weak.upgrade() else { return };
+                        let read = inner.read_log(&prefix, next, to);
+                        drop(inner);
+                        match read {
                             Ok(batches) => {
                                 for b in batches {
                                     if tx.send(Ok(b)).await.is_err() {
