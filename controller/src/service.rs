@@ -52,7 +52,10 @@ pub struct AgentIdentity {
 /// An agent that reconnects before its old stream is noticed gone has two sessions for a moment;
 /// the session number makes the old one's close leave the new one alone.
 #[derive(Clone, Default)]
-pub struct Sessions(Arc<Mutex<(u64, HashMap<String, (u64, Revision)>)>>);
+pub struct Sessions(Arc<Mutex<SessionTable>>);
+
+/// (last session number, peer id → (session number, acknowledged revision)).
+type SessionTable = (u64, HashMap<String, (u64, Revision)>);
 
 impl Sessions {
     pub fn open(&self, peer: &str) -> u64 {
@@ -77,7 +80,7 @@ impl Sessions {
     pub fn get(&self, peer: &str) -> Option<Revision> {
         self.lock().1.get(peer).map(|(_, r)| *r)
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<String, (u64, Revision)>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionTable> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -470,7 +473,7 @@ impl Controller {
         for kv in &r.kvs {
             out.push(self.peer_view(&decode(kv)?));
         }
-        out.sort_by(|a, b| ip_sort_key(&a.addresses).cmp(&ip_sort_key(&b.addresses)));
+        out.sort_by_key(|p| ip_sort_key(&p.addresses));
         Ok(out)
     }
 

@@ -1,0 +1,386 @@
+//! Bad input gets the right gRPC status, a message that says what was wrong, and leaves the
+//! store as it was (its revision does not move).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use canopy_proto::join::JoinString;
+use canopy_proto::transport::{self, Trust};
+use canopy_proto::v1::agent_service_client::AgentServiceClient;
+use canopy_proto::v1::*;
+use canopy_tests::TestController;
+use tonic::Code;
+
+fn check<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    says: &str,
+) {
+    let s = r.expect_err(what);
+    assert_eq!(s.code(), code, "{what}: {}", s.message());
+    assert!(
+        s.message().contains(says),
+        "{what}: message {:?} should mention {says:?}",
+        s.message()
+    );
+}
+
+fn net(name: &str, cidrs: &[&str]) -> CreateNetworkRequest {
+    CreateNetworkRequest {
+        name: name.into(),
+        cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_rejects_bad_networks_tokens_and_ids_without_writing() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/16"]).await;
+    let mut con = c.console().await;
+    let rev = c.store_revision().await;
+
+    check(
+        "bad cidr",
+        con.create_network(net("a", &["100.64.0.0/33"])).await,
+        Code::InvalidArgument,
+        "not a CIDR",
+    );
+    check(
+        "host bits",
+        con.create_network(net("a", &["10.0.0.1/24"])).await,
+        Code::InvalidArgument,
+        "did you mean 10.0.0.0/24",
+    );
+    check(
+        "no cidr",
+        con.create_network(net("a", &[])).await,
+        Code::InvalidArgument,
+        "one IPv4 CIDR",
+    );
+    check(
+        "two v4",
+        con.create_network(net("a", &["10.0.0.0/24", "10.1.0.0/24"]))
+            .await,
+        Code::InvalidArgument,
+        "at most one IPv4",
+    );
+    check(
+        "overlap",
+        con.create_network(net("a", &["100.64.5.0/24"])).await,
+        Code::FailedPrecondition,
+        "overlaps 100.64.0.0/16",
+    );
+    check(
+        "name",
+        con.create_network(net("Bad Name", &["10.0.0.0/24"])).await,
+        Code::InvalidArgument,
+        "network name",
+    );
+    check(
+        "duplicate",
+        con.create_network(net("prod", &["10.9.0.0/24"])).await,
+        Code::AlreadyExists,
+        "already exists",
+    );
+    check(
+        "unknown net",
+        con.get_network(GetNetworkRequest {
+            network: "nope".into(),
+        })
+        .await,
+        Code::NotFound,
+        "\"nope\" not found",
+    );
+    check(
+        "unknown id",
+        con.delete_network(DeleteNetworkRequest {
+            network: "net_0000".into(),
+        })
+        .await,
+        Code::NotFound,
+        "not found",
+    );
+    check(
+        "peers of unknown",
+        con.list_peers(ListPeersRequest {
+            network: "nope".into(),
+        })
+        .await,
+        Code::NotFound,
+        "not found",
+    );
+    let tok = |network: &str, tags: &[&str]| CreateJoinTokenRequest {
+        network: network.into(),
+        max_uses: 1,
+        ttl_seconds: 60,
+        tags: tags.iter().map(|s| s.to_string()).collect(),
+    };
+    check(
+        "token unknown net",
+        con.create_join_token(tok("nope", &[])).await,
+        Code::NotFound,
+        "not found",
+    );
+    check(
+        "token bad tag",
+        con.create_join_token(tok("prod", &["has space"])).await,
+        Code::InvalidArgument,
+        "tag",
+    );
+    check(
+        "revoke unknown",
+        con.revoke_join_token(RevokeJoinTokenRequest {
+            token_id: "tok_00".into(),
+        })
+        .await,
+        Code::NotFound,
+        "not found",
+    );
+    check(
+        "remove unknown",
+        con.remove_peer(RemovePeerRequest {
+            peer_id: "peer_00".into(),
+        })
+        .await,
+        Code::NotFound,
+        "not found",
+    );
+    check(
+        "empty peer id",
+        con.get_peer(GetPeerRequest {
+            peer_id: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "required",
+    );
+
+    assert_eq!(c.store_revision().await, rev, "no rejected call may write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_calls_need_a_valid_api_token() {
+    let c = TestController::start().await;
+    let mut wrong = c.console_with("cat_not-a-real-token").await;
+    check(
+        "wrong token",
+        wrong.list_networks(ListNetworksRequest {}).await,
+        Code::Unauthenticated,
+        "not valid",
+    );
+    let mut join_token = c.console_with("cjt_abc").await;
+    check(
+        "join token as api token",
+        join_token.list_networks(ListNetworksRequest {}).await,
+        Code::Unauthenticated,
+        "not an API token",
+    );
+    let trust = Trust::CaPem(c.server.ca_pem.clone().into_bytes());
+    let ch = transport::connect(&c.server.url, &trust).await.unwrap();
+    let mut bare = canopy_proto::v1::console_service_client::ConsoleServiceClient::new(ch);
+    check(
+        "no token",
+        bare.list_networks(ListNetworksRequest {}).await,
+        Code::Unauthenticated,
+        "missing authorization",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_refuses_bad_tokens_and_keys_without_writing() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let mut con = c.console().await;
+    let mk = |max_uses: u32, ttl_seconds: u64| CreateJoinTokenRequest {
+        network: "prod".into(),
+        max_uses,
+        ttl_seconds,
+        tags: vec![],
+    };
+    let good = con
+        .create_join_token(mk(1, 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    let expiring = con.create_join_token(mk(1, 1)).await.unwrap().into_inner();
+    let revoked = con
+        .create_join_token(mk(1, 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    con.revoke_join_token(RevokeJoinTokenRequest {
+        token_id: revoked.token.unwrap().id,
+    })
+    .await
+    .unwrap();
+    let secret = |j: &str| JoinString::parse(j).unwrap().token;
+
+    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
+        .await
+        .unwrap();
+    let mut agent = AgentServiceClient::new(ch);
+    let req = |token: String, key: Vec<u8>| EnrollRequest {
+        join_token: token,
+        public_key: key,
+        hostname: "h".into(),
+        listen_port: 0,
+    };
+    // Spend the good token once so it is used up.
+    agent
+        .enroll(req(secret(&good.join_string), vec![1; 32]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let the 1 s token expire
+    let rev = c.store_revision().await;
+
+    check(
+        "used up",
+        agent
+            .enroll(req(secret(&good.join_string), vec![2; 32]))
+            .await,
+        Code::PermissionDenied,
+        "used up (1 of 1 uses)",
+    );
+    check(
+        "expired",
+        agent
+            .enroll(req(secret(&expiring.join_string), vec![2; 32]))
+            .await,
+        Code::PermissionDenied,
+        "expired",
+    );
+    check(
+        "revoked",
+        agent
+            .enroll(req(secret(&revoked.join_string), vec![2; 32]))
+            .await,
+        Code::PermissionDenied,
+        "revoked",
+    );
+    check(
+        "unknown",
+        agent.enroll(req("cjt_unknown".into(), vec![2; 32])).await,
+        Code::Unauthenticated,
+        "not valid",
+    );
+    check(
+        "not a token",
+        agent.enroll(req("hello".into(), vec![2; 32])).await,
+        Code::Unauthenticated,
+        "not a join token",
+    );
+    let fresh = con
+        .create_join_token(mk(0, 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    let rev2 = c.store_revision().await;
+    check(
+        "short key",
+        agent
+            .enroll(req(secret(&fresh.join_string), vec![2; 31]))
+            .await,
+        Code::InvalidArgument,
+        "32 bytes, got 31",
+    );
+    check(
+        "same key again",
+        agent
+            .enroll(req(secret(&fresh.join_string), vec![1; 32]))
+            .await,
+        Code::AlreadyExists,
+        "already a peer",
+    );
+    let huge = EnrollRequest {
+        hostname: "x".repeat(2 << 20),
+        ..req(secret(&fresh.join_string), vec![3; 32])
+    };
+    check(
+        "oversized",
+        agent.enroll(huge).await,
+        Code::ResourceExhausted,
+        "limit",
+    );
+
+    assert_eq!(rev2 - rev, 1, "only the token creation wrote");
+    assert_eq!(
+        c.store_revision().await,
+        rev2,
+        "no rejected enrollment may write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_string_whose_ca_hash_does_not_match_is_refused_before_sending_the_token() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let mut join = JoinString::parse(&c.token("prod", 1).await).unwrap();
+    join.ca_sha256[0] ^= 0xff;
+    let rev = c.store_revision().await;
+    let err = canopy_agent::control::enroll(&join, [9; 32], "h")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not match the pinned CA hash"), "{err}");
+    assert_eq!(c.store_revision().await, rev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_needs_a_valid_credential_and_starts_with_hello() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let join = JoinString::parse(&c.token("prod", 1).await).unwrap();
+    let (enrollment, _) = canopy_agent::control::enroll(&join, [5; 32], "h")
+        .await
+        .unwrap();
+    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
+        .await
+        .unwrap();
+    let mut agent = AgentServiceClient::new(ch);
+
+    let sync = |cred: &str, first: SyncRequest| {
+        let mut r =
+            tonic::Request::new(futures::stream::iter([first]).chain(futures::stream::pending()));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+        r
+    };
+    use futures::StreamExt as _;
+    let hello = SyncRequest {
+        msg: Some(sync_request::Msg::Hello(Hello::default())),
+    };
+    check(
+        "bad credential",
+        agent.sync(sync("cpc_wrong", hello.clone())).await,
+        Code::Unauthenticated,
+        "credential is not valid",
+    );
+
+    let ack = SyncRequest {
+        msg: Some(sync_request::Msg::Ack(Ack { revision: 1 })),
+    };
+    let mut stream = agent
+        .sync(sync(&enrollment.credential, ack))
+        .await
+        .unwrap()
+        .into_inner();
+    let s = stream.message().await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("must be Hello"), "{}", s.message());
+
+    let bad_endpoint = SyncRequest {
+        msg: Some(sync_request::Msg::Hello(Hello {
+            known_revision: 0,
+            endpoints: vec!["not-an-endpoint".into()],
+        })),
+    };
+    let mut stream = agent
+        .sync(sync(&enrollment.credential, bad_endpoint))
+        .await
+        .unwrap()
+        .into_inner();
+    let s = stream.message().await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("is not IP:PORT"), "{}", s.message());
+}
