@@ -315,3 +315,48 @@ async fn health_and_reflection_are_served() {
         assert!(names.contains(s), "{s} missing from {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_network_disconnects_its_agents_and_voids_its_tokens_only() {
+    let c = TestController::start().await;
+    c.network("doomed", &["100.64.0.0/24"]).await;
+    c.network("other", &["100.65.0.0/24"]).await;
+    let doomed_join = c.token("doomed", 0).await;
+    let other_join = c.token("other", 0).await;
+    let mut a = TestAgent::join(&doomed_join, "a").await.unwrap();
+    let mut o = TestAgent::join(&other_join, "o").await.unwrap();
+    let mut o2 = TestAgent::join(&other_join, "o2").await.unwrap();
+    assert!(o.wait_map(SECOND, |m| m.peers.len() == 1).await);
+
+    let r = c
+        .console()
+        .await
+        .delete_network(DeleteNetworkRequest {
+            network: "doomed".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().peers_removed, 1);
+    let ended = tokio::time::timeout(5 * SECOND, &mut a.task)
+        .await
+        .expect("its agent's stream must close");
+    assert!(matches!(
+        ended.unwrap(),
+        Err(canopy_agent::control::ControlError::Removed)
+    ));
+    let Err(canopy_agent::control::ControlError::Refused(s)) =
+        TestAgent::join(&doomed_join, "late").await
+    else {
+        panic!("a deleted network's token must not enroll");
+    };
+    assert_eq!(s.code(), Code::Unauthenticated);
+
+    // The other network is untouched and still live.
+    assert_eq!(o.map().peers.len(), 1);
+    let p = TestAgent::join(&other_join, "p").await.unwrap();
+    assert!(o.wait_map(SECOND, |m| m.peers.len() == 2).await);
+    assert!(o2.wait_map(SECOND, |m| m.peers.len() == 2).await);
+    for x in [o, o2, p] {
+        x.stop().await;
+    }
+}
