@@ -42,13 +42,9 @@ pub enum ControlError {
 
 /// Where applied maps go: the data plane (or nothing, for a control-only agent).
 pub trait MapSink: Send {
-    /// Makes `new` take effect. `delta` is set when `new` came as a delta on top of `old`.
-    fn apply(
-        &mut self,
-        old: Option<&NetworkMap>,
-        new: &NetworkMap,
-        delta: Option<&NetworkDelta>,
-    ) -> Result<(), String>;
+    /// Makes `map` take effect. With `delta`, only the peers it names changed since the
+    /// previously applied map; without, `map` is a full map to reconcile against.
+    fn apply(&mut self, map: &NetworkMap, delta: Option<&NetworkDelta>) -> Result<(), String>;
 }
 
 /// A sink that applies nothing (control plane only).
@@ -56,12 +52,7 @@ pub trait MapSink: Send {
 pub struct NoDataPlane;
 
 impl MapSink for NoDataPlane {
-    fn apply(
-        &mut self,
-        _: Option<&NetworkMap>,
-        _: &NetworkMap,
-        _: Option<&NetworkDelta>,
-    ) -> Result<(), String> {
+    fn apply(&mut self, _: &NetworkMap, _: Option<&NetworkDelta>) -> Result<(), String> {
         Ok(())
     }
 }
@@ -129,6 +120,8 @@ pub struct SyncStats {
     pub full_maps: AtomicU64,
     pub deltas: AtomicU64,
     pub connects: AtomicU64,
+    /// Protobuf bytes of the maps and deltas received.
+    pub bytes: AtomicU64,
 }
 
 pub struct ControlClient {
@@ -269,6 +262,9 @@ impl ControlClient {
                     };
                 }
             };
+            self.stats
+                .bytes
+                .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
             let revision = self.apply(msg.msg, sink)?;
             self.connected.send_replace(true);
             let ack = SyncRequest {
@@ -280,43 +276,66 @@ impl ControlClient {
         }
     }
 
-    /// Applies one update; returns the revision now held.
+    /// Applies one update; returns the revision now held. A delta is applied to the held map
+    /// in place (no copy of the whole map per change).
     fn apply(
         &self,
         msg: Option<sync_response::Msg>,
         sink: &mut dyn MapSink,
     ) -> Result<i64, ControlError> {
-        let old = self.map.borrow().clone();
-        let (new, delta) = match msg {
-            Some(sync_response::Msg::Full(m)) => {
+        let delta = match msg {
+            Some(sync_response::Msg::Full(mut m)) => {
                 self.stats.full_maps.fetch_add(1, Ordering::Relaxed);
-                (m, None)
+                canopy_proto::netmap::canonicalize(&mut m);
+                sink.apply(&m, None).map_err(ControlError::Protocol)?;
+                if let Some(s) = &self.state {
+                    s.save_map(&m)?;
+                }
+                tracing::info!(
+                    revision = m.revision,
+                    peers = m.peers.len(),
+                    "network map applied"
+                );
+                let rev = m.revision;
+                self.map.send_replace(Some(m));
+                return Ok(rev);
             }
-            Some(sync_response::Msg::Delta(d)) => {
-                self.stats.deltas.fetch_add(1, Ordering::Relaxed);
-                let mut m = old
-                    .clone()
-                    .ok_or_else(|| ControlError::Protocol("delta before any map".into()))?;
-                apply_delta(&mut m, &d).map_err(|e| ControlError::Protocol(e.to_string()))?;
-                (m, Some(d))
-            }
+            Some(sync_response::Msg::Delta(d)) => d,
             None => return Err(ControlError::Protocol("empty Sync message".into())),
         };
-        if old.as_ref() != Some(&new) {
-            sink.apply(old.as_ref(), &new, delta.as_ref())
-                .map_err(ControlError::Protocol)?;
-            if let Some(s) = &self.state {
-                s.save_map(&new)?;
+        self.stats.deltas.fetch_add(1, Ordering::Relaxed);
+        let mut result = Ok(());
+        self.map.send_if_modified(|held| {
+            let Some(m) = held else {
+                result = Err(ControlError::Protocol("delta before any map".into()));
+                return false;
+            };
+            if let Err(e) = apply_delta(m, &delta) {
+                result = Err(ControlError::Protocol(e.to_string()));
+                return false;
             }
-            tracing::info!(
-                revision = new.revision,
-                peers = new.peers.len(),
-                "network map applied"
-            );
+            !(delta.upserted.is_empty() && delta.removed.is_empty())
+        });
+        result?;
+        if delta.upserted.is_empty() && delta.removed.is_empty() {
+            return Ok(delta.revision);
         }
-        let rev = new.revision;
-        self.map.send_replace(Some(new));
-        Ok(rev)
+        let map = self.map.borrow();
+        let Some(m) = map.as_ref() else {
+            return Err(ControlError::Protocol("map vanished".into()));
+        };
+        sink.apply(m, Some(&delta))
+            .map_err(ControlError::Protocol)?;
+        if let Some(s) = &self.state {
+            s.save_map(m)?;
+        }
+        tracing::info!(
+            revision = m.revision,
+            added_or_changed = delta.upserted.len(),
+            removed = delta.removed.len(),
+            "network delta applied"
+        );
+        Ok(m.revision)
     }
 }
 

@@ -2,7 +2,7 @@
 //! (`put_peer`, `delete_peer` with their revisions) and asks for a full map or the delta since a
 //! revision an agent holds.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use canopy_proto::v1::{NetworkDelta, NetworkMap, NetworkRecord, PeerRecord, RemotePeer};
 
@@ -15,6 +15,10 @@ const TOMBSTONES: usize = 1024;
 pub struct NetState {
     pub network: NetworkRecord,
     peers: BTreeMap<String, (PeerRecord, Revision)>,
+    /// Each live peer under the revision that last changed it: a delta since `base` reads only
+    /// the entries after `base`, not every peer.
+    by_revision: BTreeSet<(Revision, String)>,
+    /// Removed peers, in revision order.
     tombstones: VecDeque<(Revision, String)>,
     /// Deltas can be computed from any base revision >= this.
     delta_floor: Revision,
@@ -48,12 +52,17 @@ impl NetState {
     }
 
     pub fn put_peer(&mut self, peer: PeerRecord, rev: Revision) {
-        self.peers.insert(peer.id.clone(), (peer, rev));
+        let id = peer.id.clone();
+        if let Some((_, old)) = self.peers.insert(id.clone(), (peer, rev)) {
+            self.by_revision.remove(&(old, id.clone()));
+        }
+        self.by_revision.insert((rev, id));
         self.revision = self.revision.max(rev);
     }
 
     pub fn delete_peer(&mut self, id: &str, rev: Revision) {
-        if self.peers.remove(id).is_some() {
+        if let Some((_, old)) = self.peers.remove(id) {
+            self.by_revision.remove(&(old, id.to_string()));
             self.tombstones.push_back((rev, id.to_string()));
             if self.tombstones.len() > TOMBSTONES
                 && let Some((r, _)) = self.tombstones.pop_front()
@@ -93,15 +102,17 @@ impl NetState {
             return self.full_map(self_id, at).map(Update::Full);
         }
         let upserted = self
-            .peers
-            .values()
-            .filter(|(p, rev)| *rev > base && p.id != self_id)
+            .by_revision
+            .range((base + 1, String::new())..)
+            .filter(|(_, id)| id != self_id)
+            .filter_map(|(_, id)| self.peers.get(id))
             .map(|(p, _)| remote(p))
             .collect();
+        let first = self.tombstones.partition_point(|(rev, _)| *rev <= base);
         let removed = self
             .tombstones
-            .iter()
-            .filter(|(rev, id)| *rev > base && !self.peers.contains_key(id))
+            .range(first..)
+            .filter(|(_, id)| !self.peers.contains_key(id))
             .map(|(_, id)| id.clone())
             .collect();
         Some(Update::Delta(NetworkDelta {

@@ -10,7 +10,8 @@ pub struct RevisionMismatch {
     pub delta_base: i64,
 }
 
-/// Applies `delta` to `map` in place. Peers stay sorted by peer id.
+/// Applies `delta` to `map` in place. `map.peers` is kept sorted by peer id (as the controller
+/// sends it), so each change is a binary search, not a pass over every peer.
 pub fn apply_delta(map: &mut NetworkMap, delta: &NetworkDelta) -> Result<(), RevisionMismatch> {
     if delta.base_revision != map.revision {
         return Err(RevisionMismatch {
@@ -18,12 +19,22 @@ pub fn apply_delta(map: &mut NetworkMap, delta: &NetworkDelta) -> Result<(), Rev
             delta_base: delta.base_revision,
         });
     }
-    map.peers.retain(|p| {
-        !delta.removed.contains(&p.peer_id)
-            && !delta.upserted.iter().any(|u| u.peer_id == p.peer_id)
-    });
-    map.peers.extend(delta.upserted.iter().cloned());
-    map.peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    for id in &delta.removed {
+        if let Ok(i) = map.peers.binary_search_by(|p| p.peer_id.as_str().cmp(id)) {
+            map.peers.remove(i);
+        }
+    }
+    for u in &delta.upserted {
+        match map.peers.binary_search_by(|p| p.peer_id.cmp(&u.peer_id)) {
+            Ok(i) => map.peers[i] = u.clone(),
+            Err(i) => map.peers.insert(i, u.clone()),
+        }
+    }
     map.revision = delta.revision;
     Ok(())
+}
+
+/// Puts a full map's peers in the order [`apply_delta`] relies on.
+pub fn canonicalize(map: &mut NetworkMap) {
+    map.peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
 }
