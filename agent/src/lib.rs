@@ -1,7 +1,8 @@
-//! Canopy agent: keeps the node's WireGuard key on the node, enrolls with a controller and
-//! follows the network map it pushes.
+//! Canopy agent: keeps the node's WireGuard key on the node, runs the userspace WireGuard data
+//! plane, and follows the network map a controller pushes (or a wg-quick style file).
 //!
 //! # Layout
+//! - [`engine`]: sans-IO WireGuard core (peers, allowed-IPs routing, boringtun sessions).
 //! - [`keys`]: Curve25519 keys in `wg`'s base64 form.
 //! - [`state`]: the state directory (key 0600, enrollment, last applied map).
 //! - [`control`]: enrollment and the Sync session (resume, backoff, acks), as a library.
@@ -10,5 +11,6 @@
 
 pub mod cli;
 pub mod control;
+pub mod engine;
 pub mod keys;
 pub mod state;

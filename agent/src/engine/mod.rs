@@ -1,0 +1,440 @@
+//! Sans-IO WireGuard core: a peer table, allowed-IPs routing and one boringtun [`Tunn`] per peer.
+//!
+//! Packets go in (from the TUN device, from the network) in batches together with `now`;
+//! what to send and what to deliver comes out in an [`Outbox`] whose buffer is reused, so the
+//! steady state allocates nothing per packet. No sockets, no tokio: the I/O shell in
+//! `crate::dataplane` drives it.
+//!
+//! Rules it enforces:
+//! - a decrypted packet whose inner source is not routed to the peer it came from is dropped
+//!   (anti-spoofing);
+//! - a handshake from a static key that is not a configured peer gets no answer;
+//! - a peer's endpoint follows its latest authenticated packet (roaming);
+//! - one handshake rate limiter is shared by all peers and reset each second of `now`; it sees
+//!   the sender's address, so cookie replies work under load.
+//!
+//! boringtun's noise timers read the system clock themselves; `now` paces everything else.
+
+pub mod allowed_ips;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnetwork::IpNetwork;
+
+use allowed_ips::AllowedIps;
+
+/// Handshake initiations per second before cookies are demanded.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Room boringtun needs beyond a packet: header + tag, and handshake messages (148 bytes).
+const OVERHEAD: usize = 256;
+
+/// A peer as configured (wg-quick file, UAPI or the controller's map).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub public_key: [u8; 32],
+    pub preshared_key: Option<[u8; 32]>,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNetwork>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// What `wg show` reports for a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub config: PeerConfig,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// Counters of packets the engine refused, for tests and `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// Decrypted packets whose source was not in the sending peer's allowed IPs.
+    pub spoofed: u64,
+    /// TUN packets with no peer routed for their destination (or no endpoint yet).
+    pub no_route: u64,
+    /// Datagrams that failed to parse, authenticate or decrypt, or came from unknown keys.
+    pub invalid: u64,
+}
+
+/// Results of one batch: datagrams to send and packets to deliver, as ranges of one buffer.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub buf: Vec<u8>,
+    pub net: Vec<(SocketAddr, Range<usize>)>,
+    pub tun: Vec<Range<usize>>,
+}
+
+impl Outbox {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.net.clear();
+        self.tun.clear();
+    }
+    pub fn net_packets(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
+        self.net.iter().map(|(a, r)| (*a, &self.buf[r.clone()]))
+    }
+    pub fn tun_packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.tun.iter().map(|r| &self.buf[r.clone()])
+    }
+    /// Makes room for `n` bytes at the end and returns where it starts.
+    fn grow(&mut self, n: usize) -> usize {
+        let off = self.buf.len();
+        self.buf.resize(off + n, 0);
+        off
+    }
+}
+
+struct Peer {
+    tunn: Tunn,
+    config: PeerConfig,
+}
+
+pub struct Engine {
+    private: StaticSecret,
+    public: PublicKey,
+    peers: HashMap<u32, Peer>,
+    by_key: HashMap<[u8; 32], u32>,
+    routes: AllowedIps<u32>,
+    limiter: Arc<RateLimiter>,
+    next_index: u32,
+    last_reset: Option<Instant>,
+    pub drops: Drops,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("peers", &self.peers.len())
+            .finish()
+    }
+}
+
+enum Dest {
+    /// Reply to where the datagram came from (handshake response, cookie).
+    Sender,
+    /// The peer's current endpoint.
+    Peer,
+}
+
+impl Engine {
+    pub fn new(private: [u8; 32]) -> Self {
+        let private = StaticSecret::from(private);
+        let public = PublicKey::from(&private);
+        Self {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            routes: AllowedIps::new(),
+            next_index: 1,
+            last_reset: None,
+            drops: Drops::default(),
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    pub fn private_key(&self) -> [u8; 32] {
+        self.private.to_bytes()
+    }
+
+    /// Replaces the private key; every peer's session restarts (as `wg set private-key` does).
+    pub fn set_private_key(&mut self, private: [u8; 32]) {
+        let configs: Vec<PeerConfig> = self.peers.values().map(|p| p.config.clone()).collect();
+        *self = Self {
+            drops: self.drops,
+            ..Self::new(private)
+        };
+        for c in configs {
+            self.set_peer(c);
+        }
+    }
+
+    fn alloc_index(&mut self) -> u32 {
+        loop {
+            let i = self.next_index;
+            self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+            if self.next_index == 0 {
+                self.next_index = 1;
+            }
+            if !self.peers.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// Adds a peer or updates one in place. An update that changes only the endpoint or the
+    /// allowed IPs keeps the session; a new preshared key or keepalive starts a new one.
+    pub fn set_peer(&mut self, config: PeerConfig) {
+        let idx = match self.by_key.get(&config.public_key) {
+            Some(&idx) => {
+                let keep = self.peers.get(&idx).is_some_and(|p| {
+                    p.config.preshared_key == config.preshared_key
+                        && p.config.persistent_keepalive == config.persistent_keepalive
+                });
+                if !keep {
+                    self.remove_peer(&config.public_key);
+                    return self.set_peer(config);
+                }
+                idx
+            }
+            None => {
+                let idx = self.alloc_index();
+                let tunn = Tunn::new(
+                    self.private.clone(),
+                    PublicKey::from(config.public_key),
+                    config.preshared_key,
+                    config.persistent_keepalive,
+                    idx,
+                    Some(self.limiter.clone()),
+                );
+                self.by_key.insert(config.public_key, idx);
+                self.peers.insert(
+                    idx,
+                    Peer {
+                        tunn,
+                        config: config.clone(),
+                    },
+                );
+                idx
+            }
+        };
+        self.routes.remove_value(&idx);
+        for net in &config.allowed_ips {
+            // An allowed IP belongs to one peer: taking it moves it from its previous owner.
+            if let Some(prev) = self.routes.insert(net, idx)
+                && prev != idx
+                && let Some(p) = self.peers.get_mut(&prev)
+            {
+                p.config.allowed_ips.retain(|n| n != net);
+            }
+        }
+        if let Some(p) = self.peers.get_mut(&idx) {
+            let endpoint = config.endpoint.or(p.config.endpoint);
+            p.config = PeerConfig { endpoint, ..config };
+        }
+    }
+
+    pub fn remove_peer(&mut self, key: &[u8; 32]) -> bool {
+        let Some(idx) = self.by_key.remove(key) else {
+            return false;
+        };
+        self.peers.remove(&idx);
+        self.routes.remove_value(&idx);
+        true
+    }
+
+    pub fn peer_keys(&self) -> Vec<[u8; 32]> {
+        self.by_key.keys().copied().collect()
+    }
+
+    pub fn peer(&self, key: &[u8; 32]) -> Option<PeerStatus> {
+        let p = self.peers.get(self.by_key.get(key)?)?;
+        let (since, tx, rx, _, _) = p.tunn.stats();
+        Some(PeerStatus {
+            config: p.config.clone(),
+            last_handshake: since.and_then(|d| SystemTime::now().checked_sub(d)),
+            rx_bytes: rx as u64,
+            tx_bytes: tx as u64,
+        })
+    }
+
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let mut v: Vec<PeerStatus> = self.by_key.keys().filter_map(|k| self.peer(k)).collect();
+        v.sort_by_key(|p| p.config.public_key);
+        v
+    }
+
+    /// Encrypts packets read from the TUN device.
+    pub fn handle_tun<'p>(
+        &mut self,
+        packets: impl IntoIterator<Item = &'p [u8]>,
+        out: &mut Outbox,
+    ) {
+        for pkt in packets {
+            let Some(dst) = Tunn::dst_address(pkt) else {
+                self.drops.invalid += 1;
+                continue;
+            };
+            let Some(&idx) = self.routes.lookup(dst) else {
+                self.drops.no_route += 1;
+                continue;
+            };
+            let Some(peer) = self.peers.get_mut(&idx) else {
+                continue;
+            };
+            let Some(endpoint) = peer.config.endpoint else {
+                self.drops.no_route += 1;
+                continue;
+            };
+            let off = out.grow(pkt.len() + OVERHEAD);
+            match peer.tunn.encapsulate(pkt, &mut out.buf[off..]) {
+                TunnResult::WriteToNetwork(b) => {
+                    let n = b.len();
+                    out.buf.truncate(off + n);
+                    out.net.push((endpoint, off..off + n));
+                }
+                _ => out.buf.truncate(off),
+            }
+        }
+    }
+
+    /// Handles datagrams received from the network.
+    pub fn handle_network<'p>(
+        &mut self,
+        datagrams: impl IntoIterator<Item = (SocketAddr, &'p [u8])>,
+        out: &mut Outbox,
+    ) {
+        for (from, d) in datagrams {
+            self.handle_datagram(from, d, out);
+        }
+    }
+
+    fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut Outbox) {
+        let mut cookie = [0u8; 64];
+        let packet = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => {
+                let n = c.len();
+                let off = out.grow(n);
+                out.buf[off..off + n].copy_from_slice(&cookie[..n]);
+                out.net.push((from, off..off + n));
+                return;
+            }
+            Err(_) => {
+                self.drops.invalid += 1;
+                return;
+            }
+        };
+        let idx = match packet {
+            Packet::HandshakeInit(p) => parse_handshake_anon(&self.private, &self.public, &p)
+                .ok()
+                .and_then(|h| self.by_key.get(&h.peer_static_public).copied()),
+            Packet::HandshakeResponse(p) => Some(p.receiver_idx >> 8),
+            Packet::PacketCookieReply(p) => Some(p.receiver_idx >> 8),
+            Packet::PacketData(p) => Some(p.receiver_idx >> 8),
+        };
+        let Some(idx) = idx.filter(|i| self.peers.contains_key(i)) else {
+            self.drops.invalid += 1;
+            return;
+        };
+        self.decapsulate(idx, from, datagram, out);
+    }
+
+    fn decapsulate(&mut self, idx: u32, from: SocketAddr, datagram: &[u8], out: &mut Outbox) {
+        let Some(peer) = self.peers.get_mut(&idx) else {
+            return;
+        };
+        let off = out.grow(datagram.len() + OVERHEAD);
+        let mut dest = Dest::Sender;
+        let mut authenticated = false;
+        let mut input = datagram;
+        let mut off = off;
+        loop {
+            let res = peer
+                .tunn
+                .decapsulate(Some(from.ip()), input, &mut out.buf[off..]);
+            match res {
+                TunnResult::Done => {
+                    out.buf.truncate(off);
+                    authenticated |= !input.is_empty();
+                    break;
+                }
+                TunnResult::Err(_) => {
+                    out.buf.truncate(off);
+                    if !input.is_empty() {
+                        self.drops.invalid += 1;
+                    }
+                    break;
+                }
+                TunnResult::WriteToNetwork(b) => {
+                    let n = b.len();
+                    authenticated |= !input.is_empty();
+                    out.buf.truncate(off + n);
+                    let to = match dest {
+                        Dest::Sender => from,
+                        Dest::Peer => peer.config.endpoint.unwrap_or(from),
+                    };
+                    out.net.push((to, off..off + n));
+                    // Flush packets queued while the handshake was pending.
+                    input = &[];
+                    dest = Dest::Peer;
+                    off = out.grow(OVERHEAD + 65535);
+                }
+                TunnResult::WriteToTunnelV4(b, src) => {
+                    let n = b.len();
+                    authenticated = true;
+                    let ok = self.routes.lookup(IpAddr::V4(src)) == Some(&idx);
+                    Self::deliver(out, off, n, ok, &mut self.drops);
+                    break;
+                }
+                TunnResult::WriteToTunnelV6(b, src) => {
+                    let n = b.len();
+                    authenticated = true;
+                    let ok = self.routes.lookup(IpAddr::V6(src)) == Some(&idx);
+                    Self::deliver(out, off, n, ok, &mut self.drops);
+                    break;
+                }
+            }
+        }
+        if authenticated {
+            // Roaming: the endpoint follows the latest authenticated packet.
+            peer.config.endpoint = Some(from);
+        }
+    }
+
+    fn deliver(out: &mut Outbox, off: usize, n: usize, allowed: bool, drops: &mut Drops) {
+        if allowed {
+            out.buf.truncate(off + n);
+            out.tun.push(off..off + n);
+        } else {
+            out.buf.truncate(off);
+            drops.spoofed += 1;
+        }
+    }
+
+    /// Runs timers (handshake retries, keepalives, session expiry) and the rate-limiter reset.
+    /// Call every 100–250 ms.
+    pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
+        if self
+            .last_reset
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.limiter.reset_count();
+            self.last_reset = Some(now);
+        }
+        for peer in self.peers.values_mut() {
+            let off = out.grow(OVERHEAD);
+            match peer.tunn.update_timers(&mut out.buf[off..]) {
+                TunnResult::WriteToNetwork(b) => {
+                    let n = b.len();
+                    out.buf.truncate(off + n);
+                    match peer.config.endpoint {
+                        Some(ep) => out.net.push((ep, off..off + n)),
+                        None => out.buf.truncate(off),
+                    }
+                }
+                _ => out.buf.truncate(off),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
