@@ -7,7 +7,11 @@ use anyhow::{Context as _, bail};
 use canopy_proto::join::JoinString;
 use clap::{Parser, Subcommand};
 
-use crate::control::{self, ControlClient, ControlError, NoDataPlane};
+use std::sync::Arc;
+
+use crate::config;
+use crate::control::{self, ControlClient, ControlError, MapSink as _};
+use crate::dataplane::{self, ControllerSink, DEFAULT_MTU, Dataplane, InterfaceSpec};
 use crate::keys::{self, PrivateKey};
 use crate::state::StateDir;
 
@@ -25,9 +29,28 @@ struct StateOpts {
     state_dir: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct IfaceOpts {
+    /// Interface name.
+    #[arg(long, default_value = "canopy0", env = "CANOPY_INTERFACE")]
+    interface: String,
+    /// WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    #[arg(long, default_value_t = crate::dataplane::DEFAULT_MTU)]
+    mtu: u16,
+    /// Endpoints (IP:PORT) to report to the controller; default: this host's global addresses.
+    #[arg(long = "endpoint")]
+    endpoints: Vec<String>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Enroll with a controller (once) and follow its network map until stopped.
+    /// Bring up an interface from a wg-quick style file; it takes the file's name
+    /// (/etc/canopy/wg0.conf → wg0). Runs until stopped.
+    Up { config: PathBuf },
+    /// Enroll with a controller (once), bring up the interface and follow the controller's
+    /// network map until stopped. Running it again resumes with the same key and address.
     Join {
         /// The join string from `canopy token create` (canopy1:...).
         join_string: String,
@@ -36,6 +59,8 @@ enum Command {
         /// Name this node reports (defaults to the system hostname).
         #[arg(long)]
         hostname: Option<String>,
+        #[command(flatten)]
+        iface: IfaceOpts,
     },
     /// Show this node's enrollment, address and peers.
     Status {
@@ -68,11 +93,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { state, json } => status(&state.state_dir, json),
+        Command::Up { config } => up(&config).await,
         Command::Join {
             join_string,
             state,
             hostname,
-        } => join(&join_string, &state.state_dir, hostname).await,
+            iface,
+        } => join(&join_string, &state.state_dir, hostname, iface).await,
     }
 }
 
@@ -129,20 +156,53 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn up(path: &std::path::Path) -> anyhow::Result<()> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty() && s.len() <= 15)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the file name must be an interface name of 1-15 characters (wg0.conf)",
+                path.display()
+            )
+        })?
+        .to_string();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg = config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let spec = InterfaceSpec {
+        name,
+        private_key: cfg.interface.private_key,
+        addresses: cfg.interface.addresses,
+        listen_port: cfg.interface.listen_port.unwrap_or(0),
+        mtu: cfg.interface.mtu.unwrap_or(DEFAULT_MTU),
+    };
+    let dp = Dataplane::start(spec, cfg.peers).await?;
+    println!(
+        "{} is up, listening on UDP port {}",
+        dp.name(),
+        dp.listen_port()
+    );
+    shutdown_signal().await;
+    dp.stop().await;
+    Ok(())
+}
+
 async fn join(
     join_string: &str,
     dir: &std::path::Path,
     hostname: Option<String>,
+    iface: IfaceOpts,
 ) -> anyhow::Result<()> {
     let state = StateDir::open(dir)?;
     let key = state.private_key()?;
-    let (enrollment, map) = match state.enrollment()? {
-        Some(e) => {
-            tracing::info!(peer = %e.peer_id, "already enrolled; resuming from the saved state");
-            let map = state.map()?;
+    let (enrollment, map) = match (state.enrollment()?, state.map()?) {
+        (Some(e), Some(map)) => {
+            tracing::info!(peer = %e.peer_id, revision = map.revision, "already enrolled; resuming from the saved state");
             (e, map)
         }
-        None => {
+        _ => {
             let join = JoinString::parse(join_string)?;
             let hostname = hostname.unwrap_or_else(system_hostname);
             let (e, map) = control::enroll(&join, key.public_key(), &hostname).await?;
@@ -154,11 +214,33 @@ async fn join(
                 map.network_name,
                 map.addresses.join(", ")
             );
-            (e, Some(map))
+            (e, map)
         }
     };
-    let client = ControlClient::new(enrollment, map, Some(state));
-    match client.run(&mut NoDataPlane, shutdown_signal()).await {
+    let spec = InterfaceSpec {
+        name: iface.interface.clone(),
+        private_key: key.secret().to_bytes(),
+        addresses: dataplane::map_addresses(&map),
+        listen_port: iface.listen_port,
+        mtu: iface.mtu,
+    };
+    let dp = Arc::new(Dataplane::start(spec, vec![]).await?);
+    let mut sink = ControllerSink::new(dp.clone());
+    // The last map takes effect at once: the overlay works even while the controller is away.
+    sink.apply(&map, None)
+        .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
+    let mut client = ControlClient::new(enrollment, Some(map), Some(state));
+    client.endpoints = if iface.endpoints.is_empty() {
+        dataplane::local_endpoints(&iface.interface, dp.listen_port())
+    } else {
+        iface.endpoints
+    };
+    let result = client.run(&mut sink, shutdown_signal()).await;
+    drop(sink);
+    if let Ok(dp) = Arc::try_unwrap(dp) {
+        dp.stop().await;
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(ControlError::Removed) => bail!("{}", ControlError::Removed),
         Err(e) => Err(e.into()),

@@ -126,6 +126,8 @@ pub struct SyncStats {
 
 pub struct ControlClient {
     enrollment: Enrollment,
+    /// Underlay endpoints (`ip:port`) reported to the controller in Hello.
+    pub endpoints: Vec<String>,
     pub stats: SyncStats,
     state: Option<StateDir>,
     map: watch::Sender<Option<NetworkMap>>,
@@ -157,6 +159,7 @@ impl ControlClient {
     ) -> Self {
         Self {
             enrollment,
+            endpoints: Vec::new(),
             stats: SyncStats::default(),
             state,
             map: watch::channel(initial).0,
@@ -238,7 +241,7 @@ impl ControlClient {
         let hello = SyncRequest {
             msg: Some(sync_request::Msg::Hello(Hello {
                 known_revision: known,
-                endpoints: vec![],
+                endpoints: self.endpoints.clone(),
             })),
         };
         tx.send(hello)

@@ -10,7 +10,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod config;
 pub mod control;
+pub mod dataplane;
 pub mod engine;
 pub mod keys;
 pub mod state;
+pub mod uapi;
