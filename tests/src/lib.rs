@@ -2,6 +2,8 @@
 //! the real control client in this process, all over real gRPC on loopback.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod netns;
+
 use std::sync::Arc;
 use std::time::Duration;
 

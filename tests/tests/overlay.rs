@@ -1,0 +1,382 @@
+//! The overlay for real: agents on real TUN devices in network namespaces, the real binaries,
+//! `wg` against their UAPI sockets, and a `wireguard-go` peer for interop. Needs root.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use canopy_agent::keys::{self, PrivateKey};
+use canopy_tests::netns::{Lab, bin};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Node {
+    key: PrivateKey,
+    iface: String,
+}
+
+fn node(lab: &Lab, name: &str) -> Node {
+    Node {
+        key: PrivateKey::generate(),
+        iface: format!("{}{name}", lab.id),
+    }
+}
+
+fn pubkey(n: &Node) -> String {
+    keys::encode(&n.key.public_key())
+}
+
+/// Writes `<iface>.conf` for a wg-quick style `canopy-agent up`.
+fn conf(dir: &Path, n: &Node, addr: &str, peers: &[(&Node, &str, &str)]) -> std::path::PathBuf {
+    let mut s = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = {addr}\nListenPort = 51820\n",
+        n.key.to_base64()
+    );
+    for (p, endpoint, allowed) in peers {
+        s += &format!(
+            "\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\nAllowedIPs = {allowed}\n",
+            pubkey(p)
+        );
+    }
+    let path = dir.join(format!("{}.conf", n.iface));
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+fn agent() -> String {
+    bin("canopy-agent").to_string_lossy().into_owned()
+}
+
+#[test]
+fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24, fd00:9::1/64",
+        &[(&b, "192.0.2.2:51820", "10.9.0.2/32, fd00:9::2/128")],
+    );
+    let cb = conf(
+        dir.path(),
+        &b,
+        "10.9.0.2/24, fd00:9::2/64",
+        &[(&a, "192.0.2.1:51820", "10.9.0.1/32, fd00:9::1/128")],
+    );
+    lab.spawn(
+        &h1.ns,
+        &[&agent(), "up", ca.to_str().unwrap()],
+        &dir.path().join("a.log"),
+    );
+    lab.spawn(
+        &h2.ns,
+        &[&agent(), "up", cb.to_str().unwrap()],
+        &dir.path().join("b.log"),
+    );
+    assert!(
+        lab.ping(&h1.ns, "10.9.0.2", WAIT),
+        "IPv4 across the overlay"
+    );
+    assert!(
+        lab.ping(&h2.ns, "fd00:9::1", WAIT),
+        "IPv6 across the overlay"
+    );
+    let dump = lab.wg(&h1.ns, &a.iface, "dump");
+    assert!(
+        dump.contains(&pubkey(&b)) && dump.contains("192.0.2.2:51820"),
+        "{dump}"
+    );
+    let hs = lab.wg(&h1.ns, &a.iface, "latest-handshakes");
+    let t: u64 = hs.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(t > 0, "a handshake time is reported: {hs}");
+}
+
+#[test]
+fn a_wireguard_go_peer_interoperates_with_either_side_initiating() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, g) = (node(&lab, "a"), node(&lab, "g"));
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24",
+        &[(&g, "192.0.2.2:51820", "10.9.0.2/32")],
+    );
+    // wireguard-go, configured with wg, in the second namespace.
+    lab.spawn(
+        &h2.ns,
+        &["wireguard-go", "-f", &g.iface],
+        &dir.path().join("wggo.log"),
+    );
+    let keyfile = dir.path().join("g.key");
+    std::fs::write(&keyfile, g.key.to_base64()).unwrap();
+    let sock = format!("/var/run/wireguard/{}.sock", g.iface);
+    let t = std::time::Instant::now();
+    while !Path::new(&sock).exists() {
+        assert!(t.elapsed() < WAIT, "wireguard-go did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let set = lab.run(
+        &h2.ns,
+        &[
+            "wg",
+            "set",
+            &g.iface,
+            "private-key",
+            keyfile.to_str().unwrap(),
+            "listen-port",
+            "51820",
+            "peer",
+            &pubkey(&a),
+            "endpoint",
+            "192.0.2.1:51820",
+            "allowed-ips",
+            "10.9.0.1/32",
+        ],
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    lab.run(
+        &h2.ns,
+        &["ip", "addr", "add", "10.9.0.2/24", "dev", &g.iface],
+    );
+    lab.run(&h2.ns, &["ip", "link", "set", &g.iface, "up"]);
+
+    // wireguard-go initiates.
+    let pid = lab.spawn(
+        &h1.ns,
+        &[&agent(), "up", ca.to_str().unwrap()],
+        &dir.path().join("a1.log"),
+    );
+    assert!(lab.ping(&h2.ns, "10.9.0.1", WAIT), "wireguard-go → canopy");
+    // A fresh canopy agent (no session) initiates.
+    lab.stop(pid);
+    lab.spawn(
+        &h1.ns,
+        &[&agent(), "up", ca.to_str().unwrap()],
+        &dir.path().join("a2.log"),
+    );
+    assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "canopy → wireguard-go");
+    let seen = lab.wg(&h2.ns, &g.iface, "transfer");
+    assert!(
+        seen.split_whitespace().nth(1).is_some_and(|rx| rx != "0"),
+        "{seen}"
+    );
+}
+
+#[test]
+fn a_packet_with_a_source_outside_the_peers_allowed_ips_is_not_delivered() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    // A accepts only 10.9.0.2 from B; B sends all of 10.9.0.0/24 to A.
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24",
+        &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
+    );
+    let cb = conf(
+        dir.path(),
+        &b,
+        "10.9.0.2/24",
+        &[(&a, "192.0.2.1:51820", "10.9.0.0/24")],
+    );
+    lab.spawn(
+        &h1.ns,
+        &[&agent(), "up", ca.to_str().unwrap()],
+        &dir.path().join("a.log"),
+    );
+    lab.spawn(
+        &h2.ns,
+        &[&agent(), "up", cb.to_str().unwrap()],
+        &dir.path().join("b.log"),
+    );
+    assert!(
+        lab.ping_from(&h2.ns, Some("10.9.0.2"), "10.9.0.1", WAIT),
+        "the allowed source gets through"
+    );
+    // B claims another source address; the tunnel carries it, A must drop it.
+    lab.run(
+        &h2.ns,
+        &["ip", "addr", "add", "10.9.0.99/24", "dev", &b.iface],
+    );
+    let rx = |s: &str| {
+        s.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rx(&lab.wg(&h1.ns, &a.iface, "transfer"));
+    assert!(
+        !lab.ping_from(
+            &h2.ns,
+            Some("10.9.0.99"),
+            "10.9.0.1",
+            Duration::from_secs(3)
+        ),
+        "spoofed source was delivered"
+    );
+    let after = rx(&lab.wg(&h1.ns, &a.iface, "transfer"));
+    assert!(
+        after > before,
+        "the spoofed packets did reach A's tunnel (and were dropped there)"
+    );
+}
+
+#[test]
+fn traffic_resumes_when_a_peer_changes_its_underlay_address() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24",
+        &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
+    );
+    let cb = conf(
+        dir.path(),
+        &b,
+        "10.9.0.2/24",
+        &[(&a, "192.0.2.1:51820", "10.9.0.1/32")],
+    );
+    lab.spawn(
+        &h1.ns,
+        &[&agent(), "up", ca.to_str().unwrap()],
+        &dir.path().join("a.log"),
+    );
+    lab.spawn(
+        &h2.ns,
+        &[&agent(), "up", cb.to_str().unwrap()],
+        &dir.path().join("b.log"),
+    );
+    assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT));
+    // B moves to a new underlay address; nobody reconfigures anything.
+    lab.run(&h2.ns, &["ip", "addr", "flush", "dev", &h2.dev]);
+    lab.run(
+        &h2.ns,
+        &["ip", "addr", "add", "192.0.2.22/24", "dev", &h2.dev],
+    );
+    assert!(
+        lab.ping(&h2.ns, "10.9.0.1", WAIT),
+        "B reaches A from its new address"
+    );
+    assert!(
+        lab.ping(&h1.ns, "10.9.0.2", WAIT),
+        "A reaches B at its new address"
+    );
+    let eps = lab.wg(&h1.ns, &a.iface, "endpoints");
+    assert!(
+        eps.contains("192.0.2.22:51820"),
+        "A follows B's new endpoint: {eps}"
+    );
+}
+
+#[test]
+fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
+    use std::io::{Read as _, Write as _};
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = lab.host(1);
+    let a = node(&lab, "a");
+    let bad = dir.path().join(format!("{}.conf", a.iface));
+    std::fs::write(&bad, format!("[Interface]\nPrivateKey = {}\nAddress = 10.9.0.1/24\nListenPort = 51820\n\n[Peer]\nPublicKey = short\n", a.key.to_base64())).unwrap();
+    let out = lab.run(&h1.ns, &[&agent(), "up", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 7: PublicKey: key is not valid base64"),
+        "{err}"
+    );
+    assert!(
+        !lab.run(&h1.ns, &["ip", "link", "show", &a.iface])
+            .status
+            .success(),
+        "no interface left behind"
+    );
+
+    let b = node(&lab, "b");
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24",
+        &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
+    );
+    lab.spawn(
+        &h1.ns,
+        &[&agent(), "up", ca.to_str().unwrap()],
+        &dir.path().join("a.log"),
+    );
+    let sock = format!("/var/run/wireguard/{}.sock", a.iface);
+    let t = std::time::Instant::now();
+    while !Path::new(&sock).exists() {
+        assert!(t.elapsed() < WAIT, "agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = lab.wg(&h1.ns, &a.iface, "dump");
+    let raw = |req: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    let k = hex::encode([3u8; 32]);
+    for req in [
+        format!("set=1\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n"),
+        format!("set=1\npublic_key={k}\nendpoint=nowhere\n\n"),
+        "set=1\npublic_key=zz\n\n".to_string(),
+        "set=1\nlisten_port=1\n\n".to_string(),
+        format!("set=1\nreplace_peers=true\npublic_key={k}\nbogus=1\n\n"),
+        "frobnicate=1\n\n".to_string(),
+    ] {
+        assert_eq!(raw(&req), "errno=22\n\n", "{req:?}");
+    }
+    assert_eq!(
+        lab.wg(&h1.ns, &a.iface, "dump"),
+        before,
+        "refused requests changed nothing"
+    );
+
+    // A valid `wg set` takes effect live, with its route.
+    let c = node(&lab, "c");
+    let ok = lab.run(
+        &h1.ns,
+        &[
+            "wg",
+            "set",
+            &a.iface,
+            "peer",
+            &pubkey(&c),
+            "allowed-ips",
+            "10.77.0.0/16",
+            "endpoint",
+            "192.0.2.3:51820",
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        lab.wg(&h1.ns, &a.iface, "allowed-ips")
+            .contains("10.77.0.0/16")
+    );
+    let routes = String::from_utf8_lossy(
+        &lab.run(&h1.ns, &["ip", "route", "show", "dev", &a.iface])
+            .stdout,
+    )
+    .into_owned();
+    assert!(routes.contains("10.77.0.0/16"), "{routes}");
+}
