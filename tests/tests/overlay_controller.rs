@@ -1,6 +1,6 @@
 //! Controller end to end: `canopy serve` in the hub namespace, three `canopy-agent join`s in
 //! three host namespaces on real TUN devices. Needs root.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -203,9 +203,31 @@ fn joined_agents_ping_all_pairs_and_a_removed_peer_is_cut_off_without_disturbing
         before,
         "removing a peer did not reset other sessions"
     );
-    wait_until("the removed agent to exit", || {
+    wait_until("the removed agent to exit and clear its state", || {
         status(&lab, &hosts[2].ns, &states[2]).is_none()
     });
+    let log = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("agent2-"))
+        .unwrap();
+    let log = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        log.contains("canopy-agent: this node was removed from its network"),
+        "{log}"
+    );
+
+    // The private key stayed on the host, 0600; the controller holds only the public key.
+    use std::os::unix::fs::PermissionsExt as _;
+    let key_file = states[0].join("private.key");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    let listed = con.ok(&["peer", "list", "--network", "e2e", "--json"]);
+    assert!(!listed.contains(private.trim()));
+    assert!(listed.contains(st[0]["public_key"].as_str().unwrap()));
 
     // Restart agent 1: same key, same address, traffic flows again.
     lab.stop(pids[0]);
