@@ -65,7 +65,7 @@ fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
         "10.9.0.2/24, fd00:9::2/64",
         &[(&a, "192.0.2.1:51820", "10.9.0.1/32, fd00:9::1/128")],
     );
-    lab.spawn(
+    let pa = lab.spawn(
         &h1.ns,
         &[&agent(), "up", ca.to_str().unwrap()],
         &dir.path().join("a.log"),
@@ -91,6 +91,21 @@ fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
     let hs = lab.wg(&h1.ns, &a.iface, "latest-handshakes");
     let t: u64 = hs.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(t > 0, "a handshake time is reported: {hs}");
+
+    // SIGTERM: the interface, its routes and its UAPI socket are gone.
+    lab.stop(pa);
+    assert!(
+        !lab.run(&h1.ns, &["ip", "link", "show", &a.iface])
+            .status
+            .success(),
+        "interface removed"
+    );
+    assert!(
+        !Path::new(&format!("/var/run/wireguard/{}.sock", a.iface)).exists(),
+        "UAPI socket removed"
+    );
+    let routes = String::from_utf8_lossy(&lab.run(&h1.ns, &["ip", "route"]).stdout).into_owned();
+    assert!(!routes.contains("10.9.0."), "routes removed: {routes}");
 }
 
 #[test]
