@@ -42,6 +42,9 @@ struct IfaceOpts {
     /// Endpoints (IP:PORT) to report to the controller; default: this host's global addresses.
     #[arg(long = "endpoint")]
     endpoints: Vec<String>,
+    /// More controller replicas (https://HOST:PORT) to fail over to, after the join string's.
+    #[arg(long = "controller")]
+    controllers: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -230,6 +233,7 @@ async fn join(
     sink.apply(&map, None)
         .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
     let mut client = ControlClient::new(enrollment, Some(map), Some(state));
+    client.controllers.extend(iface.controllers.iter().cloned());
     client.endpoints = if iface.endpoints.is_empty() {
         dataplane::local_endpoints(&iface.interface, dp.listen_port())
     } else {

@@ -126,6 +126,9 @@ pub struct SyncStats {
 
 pub struct ControlClient {
     enrollment: Enrollment,
+    /// Controller replicas to use, in order; a failure moves on to the next. Defaults to the
+    /// URL from the join string.
+    pub controllers: Vec<String>,
     /// Underlay endpoints (`ip:port`) reported to the controller in Hello.
     pub endpoints: Vec<String>,
     pub stats: SyncStats,
@@ -158,6 +161,7 @@ impl ControlClient {
         state: Option<StateDir>,
     ) -> Self {
         Self {
+            controllers: vec![enrollment.controller_url.clone()],
             enrollment,
             endpoints: Vec::new(),
             stats: SyncStats::default(),
@@ -193,9 +197,15 @@ impl ControlClient {
         let pin = self.enrollment.ca_pin().map_err(ControlError::Protocol)?;
         let trust = Trust::Pin(pin);
         let mut failures = 0u32;
+        let mut next = 0usize;
         loop {
+            let url = self
+                .controllers
+                .get(next % self.controllers.len().max(1))
+                .cloned()
+                .unwrap_or_else(|| self.enrollment.controller_url.clone());
             let attempt = async {
-                let channel = transport::connect(&self.enrollment.controller_url, &trust).await?;
+                let channel = transport::connect(&url, &trust).await?;
                 self.session(channel, sink).await
             };
             let outcome = tokio::select! {
@@ -206,8 +216,9 @@ impl ControlClient {
             match outcome {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Lost(why)) => {
-                    tracing::warn!(reason = %why, "controller stream lost; reconnecting");
+                    tracing::warn!(%url, reason = %why, "controller stream lost; reconnecting");
                     failures = 0;
+                    next += 1;
                 }
                 Err(ControlError::Removed) => {
                     if let Some(s) = &self.state {
@@ -218,8 +229,9 @@ impl ControlClient {
                 }
                 Err(ControlError::State(e)) => return Err(ControlError::State(e)),
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt = failures + 1, "controller unreachable; keeping the last map");
+                    tracing::warn!(%url, error = %e, attempt = failures + 1, "controller unreachable; keeping the last map");
                     failures = failures.saturating_add(1);
+                    next += 1;
                 }
             }
             let delay = self.backoff.delay(failures);

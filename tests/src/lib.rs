@@ -2,6 +2,7 @@
 //! the real control client in this process, all over real gRPC on loopback.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod etcd;
 pub mod netns;
 
 use std::sync::Arc;
@@ -118,11 +119,21 @@ pub struct TestAgent {
 impl TestAgent {
     /// Enrolls with a fresh key and starts following the controller.
     pub async fn join(join: &str, hostname: &str) -> Result<Self, ControlError> {
+        Self::join_with(join, hostname, &[]).await
+    }
+
+    /// Like [`join`](Self::join), with more controller replicas to fail over to.
+    pub async fn join_with(
+        join: &str,
+        hostname: &str,
+        more_controllers: &[String],
+    ) -> Result<Self, ControlError> {
         let key = PrivateKey::generate();
         let join = JoinString::parse(join).unwrap();
         let (enrollment, map) = control::enroll(&join, key.public_key(), hostname).await?;
         let peer_id = enrollment.peer_id.clone();
         let mut client = ControlClient::new(enrollment, Some(map), None);
+        client.controllers.extend(more_controllers.iter().cloned());
         client.backoff = control::Backoff {
             min: Duration::from_millis(50),
             max: Duration::from_millis(500),

@@ -79,7 +79,8 @@ struct ServeArgs {
     /// Where the CA, certificates, admin token and embedded store live.
     #[arg(long, default_value = "./canopy-data", env = "CANOPY_DATA_DIR")]
     data_dir: PathBuf,
-    /// State store: embedded:PATH (default: embedded:DATA/store.redb).
+    /// State store: embedded:PATH (default: embedded:DATA/store.redb) or
+    /// etcd://HOST:PORT[,HOST:PORT...] for several replicas (share DATA's CA files among them).
     #[arg(long, env = "CANOPY_STORE")]
     store: Option<StoreSpec>,
     /// The URL agents use to reach this controller (default: https://<listen address>).

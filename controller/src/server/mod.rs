@@ -20,6 +20,7 @@ use crate::cache::Cache;
 use crate::files::write_private;
 use crate::service::{Controller, DEFAULT_TENANT};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError, TlsMaterial};
 
@@ -31,6 +32,8 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub enum StoreSpec {
     /// A redb file (the single-machine default).
     Embedded(PathBuf),
+    /// An etcd cluster: `etcd://HOST:PORT[,HOST:PORT...]`, for several replicas.
+    Etcd(Vec<String>),
 }
 
 impl std::str::FromStr for StoreSpec {
@@ -41,10 +44,28 @@ impl std::str::FromStr for StoreSpec {
                 return Err("embedded store needs a path: embedded:PATH".into());
             }
             Ok(StoreSpec::Embedded(path.into()))
-        } else if s.starts_with("etcd://") {
-            Err("the etcd store is not available in this build yet; use embedded:PATH".into())
+        } else if let Some(list) = s.strip_prefix("etcd://") {
+            let eps: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect();
+            if eps.is_empty()
+                || eps.iter().any(|e| {
+                    e.rsplit_once(':')
+                        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                })
+            {
+                return Err(format!(
+                    "etcd store {s:?}: expected etcd://HOST:PORT[,HOST:PORT...]"
+                ));
+            }
+            Ok(StoreSpec::Etcd(eps))
         } else {
-            Err(format!("unknown store {s:?}: expected embedded:PATH"))
+            Err(format!(
+                "unknown store {s:?}: expected embedded:PATH or etcd://HOST:PORT[,...]"
+            ))
         }
     }
 }
@@ -158,6 +179,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         .unwrap_or_else(|| StoreSpec::Embedded(config.data_dir.join("store.redb")))
     {
         StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(&path)?),
+        StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(&endpoints).await?),
     };
     let cache = Cache::start(store.clone()).await?;
     let controller = Controller::new(store, cache, public_url, tls.ca_sha256);

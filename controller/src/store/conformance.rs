@@ -196,7 +196,8 @@ pub async fn watch_from_compacted_revision_is_an_error(s: Arc<dyn Store>) {
 }
 
 /// Generates one `#[tokio::test]` per conformance check for a backend.
-/// `$make` is a closure from a fresh temp dir to an `Arc<dyn Store>`.
+/// `$make` is an async closure from a fresh temp dir to `(Arc<dyn Store>, guard)`; the guard
+/// (e.g. a store process) lives until the test ends.
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($make:expr) => {
@@ -223,7 +224,8 @@ macro_rules! store_conformance_tests {
                 async fn $name() {
                     let dir = tempfile::tempdir().unwrap();
                     let make = $make;
-                    let store: std::sync::Arc<dyn $crate::store::Store> = make(dir.path());
+                    let (store, _guard) = make(dir.path().to_path_buf()).await;
+                    let store: std::sync::Arc<dyn $crate::store::Store> = store;
                     $crate::store::conformance::$name(store).await;
                 }
             )*

@@ -468,8 +468,9 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
 
-    crate::store_conformance_tests!(|dir: &std::path::Path| {
-        std::sync::Arc::new(EmbeddedStore::open(&dir.join("store.redb")).unwrap())
+    crate::store_conformance_tests!(async |dir: std::path::PathBuf| {
+        let store = std::sync::Arc::new(EmbeddedStore::open(&dir.join("store.redb")).unwrap());
+        (store, ())
     });
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;

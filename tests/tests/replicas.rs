@@ -1,0 +1,287 @@
+//! Active-active controller replicas on one real etcd: every replica serves the API and agent
+//! streams from its own cache fed by list + watch, so a change made through one reaches agents
+//! connected to another; IPAM and single-use tokens stay race-free across replicas.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use canopy_controller::console::{self, Client};
+use canopy_controller::server::{self, Running, ServeConfig, StoreSpec};
+use canopy_proto::join::JoinString;
+use canopy_proto::transport::Trust;
+use canopy_proto::v1::*;
+use canopy_tests::TestAgent;
+use canopy_tests::etcd::Etcd;
+use tonic::Code;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A replica on `etcd`. Replicas share one data dir here, as they would share the CA files.
+async fn replica(data: &Path, etcd: &str) -> Running {
+    server::spawn(&ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.to_path_buf(),
+        store: Some(StoreSpec::Etcd(vec![etcd.to_string()])),
+        advertise: None,
+        tls_sans: vec![],
+    })
+    .await
+    .unwrap()
+}
+
+async fn console(r: &Running) -> Client {
+    console::connect(
+        &r.url,
+        &Trust::CaPem(r.ca_pem.clone().into_bytes()),
+        &r.admin_token,
+    )
+    .await
+    .unwrap()
+}
+
+/// The join string with its controller URL pointed at another replica.
+fn via(join: &str, r: &Running) -> String {
+    let mut j = JoinString::parse(join).unwrap();
+    j.controller_url = r.url.clone();
+    j.encode()
+}
+
+async fn token(c: &mut Client, network: &str, max_uses: u32) -> String {
+    let req = CreateJoinTokenRequest {
+        network: network.into(),
+        max_uses,
+        ttl_seconds: 600,
+        tags: vec![],
+    };
+    c.create_join_token(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .join_string
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_replica_reaches_agents_on_another_within_a_second() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        replica(dir.path(), &etcd.endpoint).await,
+        replica(dir.path(), &etcd.endpoint).await,
+    );
+    let mut ca = console(&a).await;
+    ca.create_network(CreateNetworkRequest {
+        name: "ha".into(),
+        cidrs: vec!["100.64.0.0/24".into()],
+    })
+    .await
+    .unwrap();
+    let join = token(&mut ca, "ha", 0).await;
+
+    // One agent follows replica B; another enrolls through replica A.
+    let mut on_b = TestAgent::join(&via(&join, &b), "on-b").await.unwrap();
+    let newcomer = TestAgent::join(&join, "on-a").await.unwrap();
+    assert!(
+        on_b.wait_map(SECOND, |m| m
+            .peers
+            .iter()
+            .any(|p| p.peer_id == newcomer.peer_id))
+            .await,
+        "enrollment via A reached B's agent"
+    );
+    ca.remove_peer(RemovePeerRequest {
+        peer_id: newcomer.peer_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        on_b.wait_map(SECOND, |m| m.peers.is_empty()).await,
+        "removal via A reached B's agent"
+    );
+    // B's console sees what A wrote.
+    let nets = console(&b)
+        .await
+        .list_networks(ListNetworksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .networks;
+    assert_eq!(nets.len(), 1);
+    on_b.stop().await;
+    newcomer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollments_racing_through_two_replicas_stay_unique_and_single_use_tokens_stay_single() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        replica(dir.path(), &etcd.endpoint).await,
+        replica(dir.path(), &etcd.endpoint).await,
+    );
+    let mut ca = console(&a).await;
+    ca.create_network(CreateNetworkRequest {
+        name: "race".into(),
+        cidrs: vec!["100.64.0.0/28".into()],
+    })
+    .await
+    .unwrap();
+
+    let once = token(&mut ca, "race", 1).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let j = if i % 2 == 0 {
+                once.clone()
+            } else {
+                via(&once, &b)
+            };
+            tokio::spawn(async move { TestAgent::join(&j, &format!("s{i}")).await })
+        })
+        .collect();
+    let mut ok = Vec::new();
+    for t in tasks {
+        if let Ok(agent) = t.await.unwrap() {
+            ok.push(agent);
+        }
+    }
+    assert_eq!(
+        ok.len(),
+        1,
+        "a single-use token raced through two replicas yields one peer"
+    );
+
+    // 13 more addresses are free in the /28 (14 hosts); 16 nodes race for them via both replicas.
+    let many = token(&mut ca, "race", 0).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let j = if i % 2 == 0 {
+                many.clone()
+            } else {
+                via(&many, &b)
+            };
+            tokio::spawn(async move { TestAgent::join(&j, &format!("m{i}")).await })
+        })
+        .collect();
+    let mut full = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(agent) => ok.push(agent),
+            Err(canopy_agent::control::ControlError::Refused(s))
+                if s.code() == Code::ResourceExhausted =>
+            {
+                full += 1
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!((ok.len(), full), (14, 3));
+    let addrs: HashSet<String> = ok.iter().flat_map(|a| a.map().addresses).collect();
+    assert_eq!(
+        addrs.len(),
+        14,
+        "no address handed out twice across replicas"
+    );
+    for a in ok {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_to_another_replica_when_its_replica_dies() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        replica(dir.path(), &etcd.endpoint).await,
+        replica(dir.path(), &etcd.endpoint).await,
+    );
+    let mut ca = console(&a).await;
+    ca.create_network(CreateNetworkRequest {
+        name: "fo".into(),
+        cidrs: vec!["100.64.0.0/24".into()],
+    })
+    .await
+    .unwrap();
+    let join = token(&mut ca, "fo", 0).await;
+    let mut agent = TestAgent::join_with(&join, "x", std::slice::from_ref(&b.url))
+        .await
+        .unwrap();
+    let mut up = agent.client.connected();
+    tokio::time::timeout(5 * SECOND, up.wait_for(|u| *u))
+        .await
+        .unwrap()
+        .unwrap();
+    let connects = agent.client.stats.connects.load(Relaxed);
+    let map_before = agent.map();
+
+    a.stop().await.unwrap();
+    // It moves to B on its own and keeps its map throughout.
+    tokio::time::timeout(10 * SECOND, async {
+        loop {
+            if agent.client.stats.connects.load(Relaxed) > connects && *up.borrow() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(agent.map().addresses, map_before.addresses);
+        }
+    })
+    .await
+    .expect("the agent reconnected to replica B");
+    let mut cb = console(&b).await;
+    let other = TestAgent::join(&via(&token(&mut cb, "fo", 1).await, &b), "y")
+        .await
+        .unwrap();
+    assert!(
+        agent
+            .wait_map(SECOND, |m| m
+                .peers
+                .iter()
+                .any(|p| p.peer_id == other.peer_id))
+            .await
+    );
+    agent.stop().await;
+    other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_gone_the_api_answers_unavailable_and_agents_keep_their_map() {
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), &etcd.endpoint).await;
+    let mut ca = console(&a).await;
+    ca.create_network(CreateNetworkRequest {
+        name: "down".into(),
+        cidrs: vec!["100.64.0.0/24".into()],
+    })
+    .await
+    .unwrap();
+    let join = token(&mut ca, "down", 0).await;
+    let mut x = TestAgent::join(&join, "x").await.unwrap();
+    let _y = TestAgent::join(&join, "y").await.unwrap();
+    assert!(x.wait_map(SECOND, |m| m.peers.len() == 1).await);
+    let before = x.map();
+
+    etcd.kill();
+    let err = ca.list_networks(ListNetworksRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("etcd"),
+        "a readable reason: {}",
+        err.message()
+    );
+    let err = ca
+        .create_network(CreateNetworkRequest {
+            name: "n2".into(),
+            cidrs: vec!["10.1.0.0/24".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(
+        x.map(),
+        before,
+        "the agent keeps its last map while the store is away"
+    );
+}
