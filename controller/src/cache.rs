@@ -244,3 +244,129 @@ impl Cache {
         st.networks.get(network)?.peer(peer).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use canopy_proto::v1::{NetworkRecord, PeerRecord};
+    use futures::FutureExt as _;
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{Op, RangeResult, Txn, TxnResult, WatchStream};
+
+    /// The real embedded store, except that its first watch reports `Compacted` once the test
+    /// says so: what a follower sees when it fell behind an etcd compaction.
+    struct CompactingOnce {
+        inner: EmbeddedStore,
+        break_now: Arc<AtomicBool>,
+        broken: AtomicBool,
+    }
+
+    impl Store for CompactingOnce {
+        fn get<'a>(
+            &'a self,
+            key: &'a [u8],
+        ) -> BoxFuture<'a, Result<Option<crate::store::KeyValue>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn range<'a>(&'a self, prefix: &'a [u8]) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
+            self.inner.range(prefix)
+        }
+        fn txn(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResult, StoreError>> {
+            self.inner.txn(txn)
+        }
+        fn compact(&self, revision: Revision) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.compact(revision)
+        }
+        fn watch<'a>(
+            &'a self,
+            prefix: &'a [u8],
+            start: Revision,
+        ) -> BoxFuture<'a, Result<WatchStream, StoreError>> {
+            async move {
+                if self.broken.swap(true, Ordering::SeqCst) {
+                    return self.inner.watch(prefix, start).await;
+                }
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let flag = self.break_now.clone();
+                tokio::spawn(async move {
+                    while !flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let _ = tx
+                        .send(Err(StoreError::Compacted {
+                            requested: start,
+                            compacted: start + 100,
+                        }))
+                        .await;
+                });
+                Ok(rx)
+            }
+            .boxed()
+        }
+    }
+
+    fn put(key: String, msg: impl prost::Message) -> Txn {
+        Txn::new().then(Op::put(key, msg.encode_to_vec()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_that_fell_behind_a_compaction_re_lists_and_misses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let break_now = Arc::new(AtomicBool::new(false));
+        let store = Arc::new(CompactingOnce {
+            inner: inner.clone(),
+            break_now: break_now.clone(),
+            broken: AtomicBool::new(false),
+        });
+        let net = NetworkRecord {
+            id: "net_1".into(),
+            name: "n".into(),
+            ..Default::default()
+        };
+        inner
+            .txn(put(crate::keys::network("t", "net_1"), net))
+            .await
+            .unwrap();
+        let cache = Cache::start(store).await.unwrap();
+        let mut changes = cache.subscribe("net_1");
+
+        // Changes made while the follower's watch is dead, which it never sees as events.
+        let peer = |id: &str| PeerRecord {
+            id: id.into(),
+            network_id: "net_1".into(),
+            ..Default::default()
+        };
+        inner
+            .txn(put(crate::keys::peer("net_1", "peer_a"), peer("peer_a")))
+            .await
+            .unwrap();
+        let r = inner
+            .txn(put(crate::keys::peer("net_1", "peer_b"), peer("peer_b")))
+            .await
+            .unwrap();
+        break_now.store(true, Ordering::SeqCst);
+
+        assert!(
+            cache.wait_for(r.revision, Duration::from_secs(5)).await,
+            "the cache caught up"
+        );
+        assert!(cache.peer("net_1", "peer_a").is_some() && cache.peer("net_1", "peer_b").is_some());
+        tokio::time::timeout(Duration::from_secs(1), changes.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        // And it follows live changes again from there.
+        let r = inner
+            .txn(Txn::new().then(Op::delete(crate::keys::peer("net_1", "peer_a"))))
+            .await
+            .unwrap();
+        assert!(cache.wait_for(r.revision, Duration::from_secs(5)).await);
+        assert!(cache.peer("net_1", "peer_a").is_none());
+        cache.stop().await;
+    }
+}

@@ -245,7 +245,7 @@ async fn an_agent_fails_over_to_another_replica_when_its_replica_dies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_etcd_gone_the_api_answers_unavailable_and_agents_keep_their_map() {
+async fn with_etcd_gone_the_api_answers_unavailable_and_when_it_returns_everything_resumes() {
     let mut etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let a = replica(dir.path(), &etcd.endpoint).await;
@@ -284,4 +284,75 @@ async fn with_etcd_gone_the_api_answers_unavailable_and_agents_keep_their_map() 
         before,
         "the agent keeps its last map while the store is away"
     );
+
+    // etcd returns: acknowledged writes are all there, new writes work, pushes resume.
+    etcd.restart();
+    let nets = tokio::time::timeout(10 * SECOND, async {
+        loop {
+            if let Ok(r) = ca.list_networks(ListNetworksRequest {}).await {
+                return r.into_inner().networks;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the API works again once etcd is back");
+    assert_eq!(
+        nets.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["down"]
+    );
+    let tokens = ca
+        .list_join_tokens(ListJoinTokensRequest {
+            network: "down".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(tokens[0].uses, 2, "acknowledged enrollments were not lost");
+    let z = TestAgent::join(&join, "z").await.unwrap();
+    assert!(
+        x.wait_map(10 * SECOND, |m| m
+            .peers
+            .iter()
+            .any(|p| p.peer_id == z.peer_id))
+            .await,
+        "pushes resume"
+    );
+    x.stop().await;
+    z.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_after_an_etcd_compaction_still_reach_agents() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), &etcd.endpoint).await;
+    let mut ca = console(&a).await;
+    ca.create_network(CreateNetworkRequest {
+        name: "c".into(),
+        cidrs: vec!["100.64.0.0/24".into()],
+    })
+    .await
+    .unwrap();
+    let join = token(&mut ca, "c", 0).await;
+    let mut x = TestAgent::join(&join, "x").await.unwrap();
+    // Compact everything up to now, then keep changing. (A watch that has fallen behind a
+    // compaction and must re-list is tested in the cache's own tests, by injecting the error.)
+    let store = a.controller.store.clone();
+    let rev = store.range(b"/").await.unwrap().revision;
+    store.compact(rev).await.unwrap();
+    for i in 0..3 {
+        let y = TestAgent::join(&join, &format!("y{i}")).await.unwrap();
+        assert!(
+            x.wait_map(5 * SECOND, |m| m
+                .peers
+                .iter()
+                .any(|p| p.peer_id == y.peer_id))
+                .await,
+            "change {i} after compaction"
+        );
+        y.stop().await;
+    }
+    x.stop().await;
 }
