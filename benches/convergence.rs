@@ -86,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         store: None,
         advertise: None,
         tls_sans: vec![],
+        session_starts_per_sec: canopy_controller::service::DEFAULT_SESSION_STARTS,
     };
     let srv = server::spawn(&cfg).await?;
     let port = srv.local_addr.port();

@@ -34,6 +34,8 @@ pub enum ControlError {
         "this node was removed from its network by the controller; join again with a new token"
     )]
     Removed,
+    #[error("controller is pacing reconnects; retrying in {0:?}")]
+    Paced(Duration),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("controller sent an unusable update: {0}")]
@@ -122,6 +124,8 @@ pub struct SyncStats {
     pub connects: AtomicU64,
     /// Protobuf bytes of the maps and deltas received.
     pub bytes: AtomicU64,
+    /// Times the controller asked this client to come back later.
+    pub paced: AtomicU64,
 }
 
 pub struct ControlClient {
@@ -228,6 +232,16 @@ impl ControlClient {
                     return Err(ControlError::Removed);
                 }
                 Err(ControlError::State(e)) => return Err(ControlError::State(e)),
+                Err(ControlError::Paced(wait)) => {
+                    // The controller said when: wait that long (it is jittered), same replica.
+                    self.stats.paced.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%url, ?wait, "controller is pacing reconnects");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = &mut shutdown => return Ok(()),
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(%url, error = %e, attempt = failures + 1, "controller unreachable; keeping the last map");
                     failures = failures.saturating_add(1);
@@ -356,6 +370,14 @@ impl ControlClient {
 
 /// A status that means this peer no longer exists is `Removed`; the rest are retryable.
 fn classify(s: tonic::Status) -> ControlError {
+    if s.code() == Code::Unavailable
+        && let Some(ms) = s
+            .metadata()
+            .get("retry-after-ms")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        return ControlError::Paced(Duration::from_millis(ms.min(60_000)));
+    }
     match s.code() {
         Code::PermissionDenied | Code::Unauthenticated => ControlError::Removed,
         _ => ControlError::Refused(s),

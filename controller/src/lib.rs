@@ -7,6 +7,7 @@
 //! - [`cache`]: list+watch follower of the store that Sync streams are served from.
 //! - [`service`]: the operations (networks, tokens, peers, enrollment) over store + cache.
 //! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
+//! - [`pacing`]: admission of new agent sessions (reconnect storms).
 //! - [`console`]: the CLI client. [`tls`], [`secret`], [`keys`], [`files`]: supporting pieces.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -18,6 +19,7 @@ pub mod ipam;
 pub mod keys;
 pub mod model;
 pub mod netmap;
+pub mod pacing;
 pub mod secret;
 pub mod server;
 pub mod service;

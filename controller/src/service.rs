@@ -31,6 +31,8 @@ use crate::{ipam, keys};
 pub const DEFAULT_TENANT: &str = "default";
 /// Attempts at a conflicting transaction before giving up with `Unavailable`.
 const TXN_ATTEMPTS: usize = 200;
+/// New Sync sessions per second (and burst) a replica accepts by default.
+pub const DEFAULT_SESSION_STARTS: u32 = 1000;
 /// Endpoints an agent may report.
 const MAX_ENDPOINTS: usize = 16;
 
@@ -95,6 +97,8 @@ pub struct Controller {
     pub ca_sha256: [u8; 32],
     /// Set when the server begins shutting down: Sync sessions end so the drain can finish.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Paces new Sync sessions.
+    admission: Arc<Mutex<crate::pacing::TokenBucket>>,
 }
 
 fn now_unix() -> i64 {
@@ -127,7 +131,26 @@ impl Controller {
             public_url,
             ca_sha256,
             closing,
+            admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
+                DEFAULT_SESSION_STARTS,
+                DEFAULT_SESSION_STARTS,
+            ))),
         }
+    }
+
+    /// Sets how many new Sync sessions per second (and at once) this replica accepts.
+    pub fn set_session_start_rate(&mut self, per_second: u32) {
+        self.admission = Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
+            per_second, per_second,
+        )));
+    }
+
+    /// Admits a new Sync session now, or says when to come back (jittered).
+    pub fn admit_session(&self) -> Result<(), std::time::Duration> {
+        use rand::Rng as _;
+        let mut b = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+        b.admit(std::time::Instant::now())
+            .map_err(|due| b.retry_after(due, rand::rng().random_range(0.0..1.0)))
     }
 
     /// Tells long-lived Sync sessions to end (the server is draining).

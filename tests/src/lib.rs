@@ -20,15 +20,25 @@ use tokio::sync::{oneshot, watch};
 pub struct TestController {
     pub dir: tempfile::TempDir,
     pub server: Running,
+    rate: u32,
 }
 
 fn config(dir: &std::path::Path, port: u16) -> ServeConfig {
+    config_with_rate(
+        dir,
+        port,
+        canopy_controller::service::DEFAULT_SESSION_STARTS,
+    )
+}
+
+fn config_with_rate(dir: &std::path::Path, port: u16, rate: u32) -> ServeConfig {
     ServeConfig {
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
         data_dir: dir.to_path_buf(),
         store: None,
         advertise: None,
         tls_sans: vec![],
+        session_starts_per_sec: rate,
     }
 }
 
@@ -36,17 +46,34 @@ impl TestController {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let server = server::spawn(&config(dir.path(), 0)).await.unwrap();
-        Self { dir, server }
+        Self {
+            dir,
+            server,
+            rate: canopy_controller::service::DEFAULT_SESSION_STARTS,
+        }
+    }
+
+    /// A controller that admits only `rate` new agent sessions per second.
+    pub async fn start_paced(rate: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server::spawn(&config_with_rate(dir.path(), 0, rate))
+            .await
+            .unwrap();
+        Self { dir, server, rate }
     }
 
     /// Stops the controller and starts it again on the same data dir and port.
     pub async fn restart(self) -> Self {
         let port = self.server.local_addr.port();
+        let rate = self.rate;
         self.server.stop().await.unwrap();
-        let server = server::spawn(&config(self.dir.path(), port)).await.unwrap();
+        let server = server::spawn(&config_with_rate(self.dir.path(), port, rate))
+            .await
+            .unwrap();
         Self {
             dir: self.dir,
             server,
+            rate,
         }
     }
 

@@ -360,3 +360,61 @@ async fn deleting_a_network_disconnects_its_agents_and_voids_its_tokens_only() {
         x.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_paced_and_every_agent_gets_back() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = TestController::start_paced(10).await;
+    c.network("storm", &["100.64.0.0/24"]).await;
+    let join = c.token("storm", 0).await;
+    let mut agents = Vec::new();
+    for i in 0..40 {
+        agents.push(TestAgent::join(&join, &format!("n{i}")).await.unwrap());
+    }
+    for a in &mut agents {
+        let mut up = a.client.connected();
+        tokio::time::timeout(15 * SECOND, up.wait_for(|u| *u))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let paced_before: u64 = agents
+        .iter()
+        .map(|a| a.client.stats.paced.load(Relaxed))
+        .sum();
+    let connects: Vec<u64> = agents
+        .iter()
+        .map(|a| a.client.stats.connects.load(Relaxed))
+        .collect();
+
+    // All 40 lose the controller at once and come back at once.
+    let c = c.restart().await;
+    let t = std::time::Instant::now();
+    for (a, before) in agents.iter().zip(&connects) {
+        tokio::time::timeout(20 * SECOND, async {
+            while a.client.stats.connects.load(Relaxed) <= *before
+                || !*a.client.connected().borrow()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every agent reconnects");
+    }
+    let paced: u64 = agents
+        .iter()
+        .map(|a| a.client.stats.paced.load(Relaxed))
+        .sum::<u64>()
+        - paced_before;
+    assert!(paced > 0, "40 reconnects at 10/s must have been paced");
+    // 40 sessions at 10 per second (burst 10) cannot all be back in much under 3 s.
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "admission was not paced: {:?}",
+        t.elapsed()
+    );
+    drop(c);
+    for a in agents {
+        a.stop().await;
+    }
+}

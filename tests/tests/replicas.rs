@@ -27,6 +27,7 @@ async fn replica(data: &Path, etcd: &str) -> Running {
         store: Some(StoreSpec::Etcd(vec![etcd.to_string()])),
         advertise: None,
         tls_sans: vec![],
+        session_starts_per_sec: canopy_controller::service::DEFAULT_SESSION_STARTS,
     })
     .await
     .unwrap()

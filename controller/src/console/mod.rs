@@ -89,6 +89,10 @@ struct ServeArgs {
     /// Extra DNS names or IPs for the server certificate.
     #[arg(long = "tls-san")]
     tls_sans: Vec<String>,
+    /// New agent sessions accepted per second (and at once); more are told to retry later,
+    /// with jitter, so a reconnect storm is spread out.
+    #[arg(long, default_value_t = crate::service::DEFAULT_SESSION_STARTS)]
+    max_session_starts: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,6 +173,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         store: a.store,
         advertise: a.advertise,
         tls_sans: a.tls_sans,
+        session_starts_per_sec: a.max_session_starts,
     };
     let prepared = server::prepare(&config).await?;
     let dd = prepared.data_dir.display();

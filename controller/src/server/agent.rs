@@ -54,6 +54,14 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<SyncRequest>>,
     ) -> Result<Response<SyncStream>, Status> {
+        // Shed a reconnect storm before doing any work for it.
+        if let Err(wait) = self.ctl.admit_session() {
+            let mut s = Status::unavailable("controller is pacing reconnects; retry later");
+            if let Ok(v) = wait.as_millis().to_string().parse() {
+                s.metadata_mut().insert("retry-after-ms", v);
+            }
+            return Err(s);
+        }
         let credential = super::bearer(&req)?;
         let id = self.ctl.authenticate_agent(&credential).await?;
         let inbound = req.into_inner();

@@ -81,6 +81,8 @@ pub struct ServeConfig {
     pub advertise: Option<String>,
     /// Extra names/addresses for the server certificate.
     pub tls_sans: Vec<String>,
+    /// New agent sessions accepted per second (and at once); more are paced.
+    pub session_starts_per_sec: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +184,8 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(&endpoints).await?),
     };
     let cache = Cache::start(store.clone()).await?;
-    let controller = Controller::new(store, cache, public_url, tls.ca_sha256);
+    let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
+    controller.set_session_start_rate(config.session_starts_per_sec);
 
     let token_path = config.data_dir.join("admin-token");
     let new_admin_token = if token_path.exists() {

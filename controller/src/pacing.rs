@@ -1,0 +1,84 @@
+//! Admission pacing for new Sync sessions: a token bucket. When many agents reconnect at once
+//! (a controller restart, a network blip), sessions beyond the rate are told to come back
+//! later (`retry-after-ms`, jittered), so the controller does the expensive part (TLS, auth,
+//! a full map) for a bounded number of agents at a time. Pure: time is passed in.
+
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    /// `rate` admissions per second on average, up to `burst` at once.
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: f64::from(rate.max(1)),
+            burst,
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    /// Admits one, or says how long until a token is due.
+    pub fn admit(&mut self, now: Instant) -> Result<(), Duration> {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    /// A retry-after for a refused session: spread over about the time the current burst
+    /// needs to drain, so a storm of retries does not arrive together again.
+    pub fn retry_after(&self, due: Duration, jitter: f64) -> Duration {
+        let drain = Duration::from_secs_f64(self.burst / self.rate);
+        due + drain.mul_f64(jitter.clamp(0.0, 1.0)) + Duration::from_millis(50)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 5);
+        for _ in 0..5 {
+            assert!(b.admit(t0).is_ok());
+        }
+        let due = b.admit(t0).unwrap_err();
+        assert!(due <= Duration::from_millis(100), "{due:?}");
+        assert!(
+            b.admit(t0 + Duration::from_millis(100)).is_ok(),
+            "one token per 100 ms"
+        );
+        assert!(b.admit(t0 + Duration::from_millis(100)).is_err());
+        // Tokens never exceed the burst, however long it was idle.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.admit(later).is_ok()).count(), 5);
+    }
+
+    #[test]
+    fn retry_after_spreads_over_the_drain_time() {
+        let b = TokenBucket::new(100, 200);
+        let lo = b.retry_after(Duration::ZERO, 0.0);
+        let hi = b.retry_after(Duration::ZERO, 1.0);
+        assert!(
+            lo < Duration::from_millis(100) && hi >= Duration::from_secs(2),
+            "{lo:?} {hi:?}"
+        );
+    }
+}
