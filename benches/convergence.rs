@@ -80,14 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let limit = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir()?;
-    let cfg = ServeConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        store: None,
-        advertise: None,
-        tls_sans: vec![],
-        session_starts_per_sec: canopy_controller::service::DEFAULT_SESSION_STARTS,
-    };
+    let cfg = ServeConfig::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
     let srv = server::spawn(&cfg).await?;
     let port = srv.local_addr.port();
     let ctl = srv.controller.clone();

@@ -7,6 +7,7 @@
 //! - [`cache`]: list+watch follower of the store that Sync streams are served from.
 //! - [`service`]: the operations (networks, tokens, peers, enrollment) over store + cache.
 //! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
+//! - [`leader`]: election of the replica that runs background jobs, with fenced writes.
 //! - [`pacing`]: admission of new agent sessions (reconnect storms).
 //! - [`console`]: the CLI client. [`tls`], [`secret`], [`keys`], [`files`]: supporting pieces.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -17,6 +18,7 @@ pub mod error;
 pub mod files;
 pub mod ipam;
 pub mod keys;
+pub mod leader;
 pub mod model;
 pub mod netmap;
 pub mod pacing;

@@ -99,6 +99,8 @@ pub struct Controller {
     closing: Arc<tokio::sync::watch::Sender<bool>>,
     /// Paces new Sync sessions.
     admission: Arc<Mutex<crate::pacing::TokenBucket>>,
+    /// Whether this replica currently holds the background-work lease.
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now_unix() -> i64 {
@@ -131,11 +133,17 @@ impl Controller {
             public_url,
             ca_sha256,
             closing,
+            leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,
             ))),
         }
+    }
+
+    /// Whether this replica runs background work now.
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Sets how many new Sync sessions per second (and at once) this replica accepts.

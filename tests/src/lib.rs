@@ -33,12 +33,11 @@ fn config(dir: &std::path::Path, port: u16) -> ServeConfig {
 
 fn config_with_rate(dir: &std::path::Path, port: u16, rate: u32) -> ServeConfig {
     ServeConfig {
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        data_dir: dir.to_path_buf(),
-        store: None,
-        advertise: None,
-        tls_sans: vec![],
         session_starts_per_sec: rate,
+        ..ServeConfig::new(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            dir.to_path_buf(),
+        )
     }
 }
 

@@ -22,12 +22,8 @@ const SECOND: Duration = Duration::from_secs(1);
 /// A replica on `etcd`. Replicas share one data dir here, as they would share the CA files.
 async fn replica(data: &Path, etcd: &str) -> Running {
     server::spawn(&ServeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data.to_path_buf(),
         store: Some(StoreSpec::Etcd(vec![etcd.to_string()])),
-        advertise: None,
-        tls_sans: vec![],
-        session_starts_per_sec: canopy_controller::service::DEFAULT_SESSION_STARTS,
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), data.to_path_buf())
     })
     .await
     .unwrap()
@@ -48,6 +44,14 @@ fn via(join: &str, r: &Running) -> String {
     let mut j = JoinString::parse(join).unwrap();
     j.controller_url = r.url.clone();
     j.encode()
+}
+
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < 5 * SECOND, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn token(c: &mut Client, network: &str, max_uses: u32) -> String {
@@ -356,4 +360,80 @@ async fn changes_after_an_etcd_compaction_still_reach_agents() {
         y.stop().await;
     }
     x.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_background_work_and_another_takes_over_when_it_stops() {
+    use canopy_controller::leader::BackgroundConfig;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bg = BackgroundConfig {
+        lease: SECOND,
+        tick: Duration::from_millis(100),
+        expired_token_retention: Duration::ZERO,
+    };
+    let cfg = ServeConfig {
+        store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),
+        background: bg,
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+    };
+    let a = server::spawn(&cfg).await.unwrap();
+    let b = server::spawn(&cfg).await.unwrap();
+    let leaders = || {
+        [a.controller.is_leader(), b.controller.is_leader()]
+            .iter()
+            .filter(|l| **l)
+            .count()
+    };
+    wait_for("a leader", || leaders() == 1).await;
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(leaders(), 1, "exactly one leader at a time");
+
+    // The leader's job deletes a join token that has expired (retention 0 here).
+    let mut ca = console(&a).await;
+    ca.create_network(CreateNetworkRequest {
+        name: "bg".into(),
+        cidrs: vec!["100.64.0.0/24".into()],
+    })
+    .await
+    .unwrap();
+    let req = CreateJoinTokenRequest {
+        network: "bg".into(),
+        max_uses: 1,
+        ttl_seconds: 1,
+        tags: vec![],
+    };
+    ca.create_join_token(req).await.unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let n = ca
+            .list_join_tokens(ListJoinTokensRequest {
+                network: "bg".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens
+            .len();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < 10 * SECOND,
+            "the expired token was not cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Stop the leader: the other takes over (at once: a graceful stop releases the lease).
+    let (leader, follower) = if a.controller.is_leader() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    leader.stop().await.unwrap();
+    wait_for("the follower to take over", || {
+        follower.controller.is_leader()
+    })
+    .await;
 }

@@ -174,6 +174,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         advertise: a.advertise,
         tls_sans: a.tls_sans,
         session_starts_per_sec: a.max_session_starts,
+        background: crate::leader::BackgroundConfig::default(),
     };
     let prepared = server::prepare(&config).await?;
     let dd = prepared.data_dir.display();

@@ -83,6 +83,23 @@ pub struct ServeConfig {
     pub tls_sans: Vec<String>,
     /// New agent sessions accepted per second (and at once); more are paced.
     pub session_starts_per_sec: u32,
+    /// Leader election and background jobs.
+    pub background: crate::leader::BackgroundConfig,
+}
+
+impl ServeConfig {
+    /// The defaults for everything but where to listen and where the data dir is.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            store: None,
+            advertise: None,
+            tls_sans: Vec::new(),
+            session_starts_per_sec: crate::service::DEFAULT_SESSION_STARTS,
+            background: crate::leader::BackgroundConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +135,7 @@ pub struct Prepared {
     pub data_dir: PathBuf,
     /// Set on first start only: the new admin API token (also written to `DATA/admin-token`).
     pub new_admin_token: Option<String>,
+    pub background: crate::leader::BackgroundConfig,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -205,6 +223,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         local_addr,
         data_dir: config.data_dir.clone(),
         new_admin_token,
+        background: config.background.clone(),
     })
 }
 
@@ -232,6 +251,17 @@ pub async fn serve(
     let identity = Identity::from_pem(&p.tls.server_chain_pem, &p.tls.server_key_pem);
     tracing::info!(addr = %p.local_addr, url = %p.controller.public_url, "controller serving");
     let ctl = p.controller.clone();
+    let (bg_stop, bg_stopped) = tokio::sync::oneshot::channel::<()>();
+    let replica = crate::secret::new_id("replica_");
+    let background = tokio::spawn(crate::leader::run(
+        ctl.store.clone(),
+        replica,
+        p.background.clone(),
+        ctl.leading.clone(),
+        async move {
+            let _ = bg_stopped.await;
+        },
+    ));
     let shutdown = async move {
         shutdown.await;
         ctl.begin_shutdown();
@@ -251,6 +281,8 @@ pub async fn serve(
         .add_service(agent)
         .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), shutdown)
         .await?;
+    let _ = bg_stop.send(());
+    let _ = background.await;
     p.controller.cache.stop().await;
     tracing::info!("controller stopped");
     Ok(())

@@ -1,0 +1,376 @@
+//! Background work on one elected replica, with fenced writes.
+//!
+//! Election is a lease record at [`LEADER_KEY`] (holder, expiry), taken and renewed by
+//! compare-and-swap, so it works the same on every store backend. The record's mod revision
+//! after this replica's last renewal is its *fence*: every background write is a transaction
+//! conditioned on the record being unchanged, so a replica that was deposed while it paused (its
+//! lease ran out and another took it) cannot write. Expiry uses wall-clock time: replicas' clocks
+//! must agree to well within the lease (NTP).
+//!
+//! Jobs: delete join tokens that expired longer ago than the retention, and clean up what removed
+//! peers can leave behind when a removal races an enrollment (credential index entries that
+//! point at no peer).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use canopy_proto::v1::{IndexRecord, JoinTokenRecord, LeaderRecord};
+use prost::Message as _;
+
+use crate::keys;
+use crate::store::{Compare, Op, Revision, Store, StoreError, Txn};
+
+pub const LEADER_KEY: &str = "/canopy/v1/leader";
+
+#[derive(Clone, Debug)]
+pub struct BackgroundConfig {
+    /// How long a leader's lease lasts without renewal.
+    pub lease: Duration,
+    /// How often to renew (or try to take) the lease and run the jobs.
+    pub tick: Duration,
+    /// How long an expired join token stays listed before it is deleted.
+    pub expired_token_retention: Duration,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(15),
+            tick: Duration::from_secs(5),
+            expired_token_retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What this replica should do about the lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Take the lease: the record is absent (0) or expired (at this revision).
+    Acquire(Revision),
+    /// Renew our own lease (at this revision).
+    Renew(Revision),
+    /// Someone else holds a live lease.
+    Follow,
+}
+
+pub fn plan(me: &str, current: Option<(&LeaderRecord, Revision)>, now_ms: i64) -> Plan {
+    match current {
+        None => Plan::Acquire(0),
+        Some((r, rev)) if r.holder == me => Plan::Renew(rev),
+        Some((r, rev)) if r.expires_at_unix_ms <= now_ms => Plan::Acquire(rev),
+        Some(_) => Plan::Follow,
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct Elector {
+    store: Arc<dyn Store>,
+    pub me: String,
+    lease: Duration,
+}
+
+impl Elector {
+    pub fn new(store: Arc<dyn Store>, me: String, lease: Duration) -> Self {
+        Self { store, me, lease }
+    }
+
+    /// One round of election at `now_ms`: `Some(fence)` while this replica leads.
+    pub async fn round(&self, now_ms: i64) -> Result<Option<Revision>, StoreError> {
+        let kv = self.store.get(LEADER_KEY.as_bytes()).await?;
+        let current = match &kv {
+            Some(kv) => Some((
+                LeaderRecord::decode(kv.value.as_slice()).unwrap_or_default(),
+                kv.mod_revision,
+            )),
+            None => None,
+        };
+        let expected = match plan(&self.me, current.as_ref().map(|(r, rev)| (r, *rev)), now_ms) {
+            Plan::Acquire(rev) | Plan::Renew(rev) => rev,
+            Plan::Follow => return Ok(None),
+        };
+        let rec = LeaderRecord {
+            holder: self.me.clone(),
+            expires_at_unix_ms: now_ms + self.lease.as_millis() as i64,
+        };
+        let r = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::unchanged(LEADER_KEY, expected))
+                    .then(Op::put(LEADER_KEY, rec.encode_to_vec())),
+            )
+            .await?;
+        Ok(r.succeeded.then_some(r.revision))
+    }
+
+    /// Gives the lease up (on shutdown), if it is still ours at `fence`.
+    pub async fn release(&self, fence: Revision) {
+        let _ = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::unchanged(LEADER_KEY, fence))
+                    .then(Op::delete(LEADER_KEY)),
+            )
+            .await;
+    }
+}
+
+/// What one run of the jobs did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobReport {
+    pub tokens_deleted: usize,
+    pub credentials_deleted: usize,
+}
+
+/// Runs the background jobs as the leader holding `fence`. Each write is fenced.
+pub async fn run_jobs(
+    store: &dyn Store,
+    fence: Revision,
+    now_ms: i64,
+    cfg: &BackgroundConfig,
+) -> Result<JobReport, StoreError> {
+    let mut report = JobReport::default();
+    let retention_s = cfg.expired_token_retention.as_secs() as i64;
+    let tokens = store
+        .range(format!("{}tokens/", keys::ROOT).as_bytes())
+        .await?;
+    for kv in &tokens.kvs {
+        let Ok(t) = JoinTokenRecord::decode(kv.value.as_slice()) else {
+            continue;
+        };
+        if t.expires_at_unix == 0 || t.expires_at_unix + retention_s > now_ms / 1000 {
+            continue;
+        }
+        let mut txn = Txn::new()
+            .when(Compare::unchanged(LEADER_KEY, fence))
+            .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
+            .then(Op::delete(kv.key.clone()));
+        if let Ok(h) = <[u8; 32]>::try_from(t.secret_hash.as_slice()) {
+            txn = txn.then(Op::delete(keys::tokenhash(&h)));
+        }
+        if !store.txn(txn).await?.succeeded {
+            return Ok(report); // deposed (or the token changed): stop here
+        }
+        report.tokens_deleted += 1;
+    }
+    let peers: HashSet<String> = store
+        .range(keys::ALL_PEERS.as_bytes())
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| keys::parse_peer(&kv.key).map(|(n, p)| format!("{n}/{p}")))
+        .collect();
+    let creds = store
+        .range(format!("{}credentials/", keys::ROOT).as_bytes())
+        .await?;
+    for kv in &creds.kvs {
+        let Ok(idx) = IndexRecord::decode(kv.value.as_slice()) else {
+            continue;
+        };
+        if peers.contains(&idx.id) {
+            continue;
+        }
+        let txn = Txn::new()
+            .when(Compare::unchanged(LEADER_KEY, fence))
+            .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
+            .then(Op::delete(kv.key.clone()));
+        if !store.txn(txn).await?.succeeded {
+            return Ok(report);
+        }
+        report.credentials_deleted += 1;
+    }
+    Ok(report)
+}
+
+/// Elects and runs the jobs every tick until `shutdown`; releases the lease on the way out.
+pub async fn run(
+    store: Arc<dyn Store>,
+    me: String,
+    cfg: BackgroundConfig,
+    leading: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let elector = Elector::new(store.clone(), me, cfg.lease);
+    let mut tick = tokio::time::interval(cfg.tick);
+    let mut fence = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut shutdown => break,
+        }
+        let now = now_ms();
+        match elector.round(now).await {
+            Ok(Some(f)) => {
+                if !leading.swap(true, Ordering::SeqCst) {
+                    tracing::info!(replica = %elector.me, "this replica now runs background work");
+                }
+                fence = Some(f);
+                match run_jobs(store.as_ref(), f, now, &cfg).await {
+                    Ok(r) if r != JobReport::default() => tracing::info!(
+                        tokens = r.tokens_deleted,
+                        credentials = r.credentials_deleted,
+                        "background cleanup"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "background jobs failed"),
+                }
+            }
+            Ok(None) => {
+                if leading.swap(false, Ordering::SeqCst) {
+                    tracing::info!(replica = %elector.me, "another replica runs background work now");
+                }
+                fence = None;
+            }
+            Err(e) => {
+                // Cannot confirm the lease: stop acting as leader until we can.
+                leading.store(false, Ordering::SeqCst);
+                fence = None;
+                tracing::warn!(error = %e, "leader election failed");
+            }
+        }
+    }
+    if let Some(f) = fence {
+        elector.release(f).await;
+    }
+    leading.store(false, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn rec(holder: &str, exp: i64) -> LeaderRecord {
+        LeaderRecord {
+            holder: holder.into(),
+            expires_at_unix_ms: exp,
+        }
+    }
+
+    #[test]
+    fn the_lease_is_taken_when_free_or_expired_and_renewed_by_its_holder() {
+        assert_eq!(plan("a", None, 100), Plan::Acquire(0));
+        assert_eq!(plan("a", Some((&rec("a", 50), 7)), 100), Plan::Renew(7));
+        assert_eq!(plan("a", Some((&rec("b", 200), 7)), 100), Plan::Follow);
+        assert_eq!(plan("a", Some((&rec("b", 100), 7)), 100), Plan::Acquire(7));
+    }
+
+    #[tokio::test]
+    async fn one_leader_at_a_time_and_a_deposed_leader_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let lease = Duration::from_secs(10);
+        let (a, b) = (
+            Elector::new(store.clone(), "a".into(), lease),
+            Elector::new(store.clone(), "b".into(), lease),
+        );
+        let t0 = 1_000_000;
+        let fa = a.round(t0).await.unwrap().expect("a takes the free lease");
+        assert_eq!(
+            b.round(t0 + 1000).await.unwrap(),
+            None,
+            "b follows a live lease"
+        );
+        // a pauses past its lease; b takes over.
+        let fb = b
+            .round(t0 + 10_001)
+            .await
+            .unwrap()
+            .expect("b takes the expired lease");
+        assert_ne!(fa, fb);
+        // A token that expired long ago: a's fenced cleanup must not touch it; b's does.
+        let tok = JoinTokenRecord {
+            id: "tok_1".into(),
+            expires_at_unix: 1,
+            secret_hash: vec![1; 32],
+            ..Default::default()
+        };
+        store
+            .txn(Txn::new().then(Op::put(keys::token("t", "tok_1"), tok.encode_to_vec())))
+            .await
+            .unwrap();
+        let cfg = BackgroundConfig {
+            expired_token_retention: Duration::ZERO,
+            ..Default::default()
+        };
+        let ra = run_jobs(store.as_ref(), fa, t0 + 20_000, &cfg)
+            .await
+            .unwrap();
+        assert_eq!(
+            ra.tokens_deleted, 0,
+            "the deposed leader's write was fenced off"
+        );
+        assert!(
+            store
+                .get(keys::token("t", "tok_1").as_bytes())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            a.round(t0 + 11_000).await.unwrap(),
+            None,
+            "a learns it lost the lease"
+        );
+        let fb = b.round(t0 + 11_000).await.unwrap().unwrap();
+        let rb = run_jobs(store.as_ref(), fb, t0 + 20_000, &cfg)
+            .await
+            .unwrap();
+        assert_eq!(rb.tokens_deleted, 1);
+        assert!(
+            store
+                .get(keys::token("t", "tok_1").as_bytes())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn credentials_pointing_at_no_peer_are_cleaned_up_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let idx = |id: &str| IndexRecord { id: id.into() }.encode_to_vec();
+        store
+            .txn(
+                Txn::new()
+                    .then(Op::put(keys::peer("net_1", "peer_live"), vec![]))
+                    .then(Op::put(keys::credential(&[1; 32]), idx("net_1/peer_live")))
+                    .then(Op::put(keys::credential(&[2; 32]), idx("net_1/peer_gone"))),
+            )
+            .await
+            .unwrap();
+        let e = Elector::new(store.clone(), "a".into(), Duration::from_secs(10));
+        let f = e.round(now_ms()).await.unwrap().unwrap();
+        let r = run_jobs(store.as_ref(), f, now_ms(), &BackgroundConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(r.credentials_deleted, 1);
+        assert!(
+            store
+                .get(keys::credential(&[1; 32]).as_bytes())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .get(keys::credential(&[2; 32]).as_bytes())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
