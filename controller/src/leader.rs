@@ -85,13 +85,12 @@ impl Elector {
     /// One round of election at `now_ms`: `Some(fence)` while this replica leads.
     pub async fn round(&self, now_ms: i64) -> Result<Option<Revision>, StoreError> {
         let kv = self.store.get(LEADER_KEY.as_bytes()).await?;
-        let current = match &kv {
-            Some(kv) => Some((
+        let current = kv.as_ref().map(|kv| {
+            (
                 LeaderRecord::decode(kv.value.as_slice()).unwrap_or_default(),
                 kv.mod_revision,
-            )),
-            None => None,
-        };
+            )
+        });
         let expected = match plan(&self.me, current.as_ref().map(|(r, rev)| (r, *rev)), now_ms) {
             Plan::Acquire(rev) | Plan::Renew(rev) => rev,
             Plan::Follow => return Ok(None),
