@@ -29,6 +29,21 @@ struct Args {
     /// Give up on any one wait after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// embedded, or etcd (starts /usr/bin/etcd on a free loopback port for the run).
+    #[arg(long, default_value = "embedded")]
+    store: String,
+}
+
+/// CPU seconds this process has used (user + system), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
 }
 
 struct Agent {
@@ -80,7 +95,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let limit = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir()?;
-    let cfg = ServeConfig::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
+    let etcd = (args.store == "etcd").then(canopy_tests::etcd::Etcd::start);
+    let mut cfg = ServeConfig::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
+    if let Some(e) = &etcd {
+        cfg.store = Some(canopy_controller::server::StoreSpec::Etcd(vec![
+            e.endpoint.clone(),
+        ]));
+    } else {
+        anyhow::ensure!(args.store == "embedded", "--store is embedded or etcd");
+    }
     let srv = server::spawn(&cfg).await?;
     let port = srv.local_addr.port();
     let ctl = srv.controller.clone();
@@ -133,6 +156,8 @@ async fn main() -> anyhow::Result<()> {
         .sum();
 
     // Timed changes: a new peer enrolls (every agent must see it), then it is removed.
+    let cpu0 = cpu_seconds();
+    let t_changes = Instant::now();
     let mut add_lat = Vec::new();
     let mut del_lat = Vec::new();
     for k in 0..args.changes {
@@ -156,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         );
     }
+    let change_cpu = (cpu_seconds() - cpu0) / t_changes.elapsed().as_secs_f64();
     let bytes_after: u64 = agents
         .iter()
         .map(|a| a.client.stats.bytes.load(Relaxed))
@@ -211,8 +237,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
         .unwrap_or_default();
     println!(
-        "convergence: {n} agents, {} changes, embedded store",
-        args.changes * 2
+        "convergence: {n} agents, {} changes, {} store",
+        args.changes * 2,
+        args.store
     );
     println!("  initial enroll + converge     {}", ms(initial));
     println!(
@@ -245,6 +272,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  process peak RSS              {} kB (controller + all agents)",
         rss
+    );
+    println!(
+        "  CPU during the changes        {:.0} % of one core (controller + all agents)",
+        change_cpu * 100.0
     );
     let _ = stop_tx.send(true);
     srv.stop().await?;

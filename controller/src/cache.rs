@@ -91,12 +91,26 @@ impl Cache {
     async fn relist(&self, store: &dyn Store) -> Result<Revision, StoreError> {
         let nets = store.range(keys::ROOT.as_bytes()).await?;
         let rev = nets.revision;
+        // A network's deltas are exact from its last peer deletion on: deletions before the
+        // re-list left no tombstones, but none happened after that revision.
+        let floors: HashMap<&str, Revision> = nets
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let k = std::str::from_utf8(&kv.key).ok()?;
+                Some((
+                    k.strip_prefix(keys::ROOT)?.strip_prefix("netdel/")?,
+                    kv.mod_revision,
+                ))
+            })
+            .collect();
         let mut fresh: HashMap<String, NetState> = HashMap::new();
         for kv in &nets.kvs {
             if network_id_of(&kv.key).is_some()
                 && let Ok(n) = NetworkRecord::decode(kv.value.as_slice())
             {
-                fresh.insert(n.id.clone(), NetState::new(n, rev));
+                let floor = floors.get(n.id.as_str()).copied().unwrap_or(0);
+                fresh.insert(n.id.clone(), NetState::new(n, floor));
             }
         }
         for kv in &nets.kvs {

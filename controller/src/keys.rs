@@ -6,6 +6,8 @@
 //! netnames/<tenant>/<name>           IndexRecord(network id): names are unique per tenant
 //! netsver/<tenant>                   bumped by every network create/delete (guards CIDR overlap)
 //! peers/<network>/<peer>             PeerRecord
+//! netdel/<network>                   bumped with every peer deletion: after a re-list, deltas
+//!                                    are exact from its revision on (no deletion is unknown)
 //! ipam/<network>/<address>           IndexRecord(peer id): an address is claimed create-if-absent
 //! pubkeys/<network>/<key hex>        IndexRecord(peer id): a key joins a network once
 //! credentials/<sha256 hex>           IndexRecord("<network>/<peer>"): agent Sync credential
@@ -34,6 +36,9 @@ pub fn peers(network: &str) -> String {
 }
 pub fn peer(network: &str, id: &str) -> String {
     format!("{ROOT}peers/{network}/{id}")
+}
+pub fn netdel(network: &str) -> String {
+    format!("{ROOT}netdel/{network}")
 }
 pub fn ipams(network: &str) -> String {
     format!("{ROOT}ipam/{network}/")

@@ -355,7 +355,8 @@ impl Controller {
                 .then(Op::put(keys::netsver(&c.tenant), net.id.clone()))
                 .then(Op::delete_prefix(keys::peers(&net.id)))
                 .then(Op::delete_prefix(keys::ipams(&net.id)))
-                .then(Op::delete_prefix(keys::pubkeys(&net.id)));
+                .then(Op::delete_prefix(keys::pubkeys(&net.id)))
+                .then(Op::delete(keys::netdel(&net.id)));
             for kv in &peers.kvs {
                 let p: PeerRecord = decode(kv)?;
                 if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
@@ -536,7 +537,8 @@ impl Controller {
             let mut txn = Txn::new()
                 .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
-                .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)));
+                .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
+                .then(Op::put(keys::netdel(&p.network_id), p.id.clone()));
             for a in &p.addresses {
                 if let Ok(net) = a.parse::<IpNetwork>() {
                     txn = txn.then(Op::delete(keys::ipam(&p.network_id, &net.ip())));
