@@ -245,9 +245,12 @@ async fn state_survives_a_restart_and_agents_resume_from_their_revision() {
         .await
         .unwrap()
         .into_inner()
-        .tokens[0]
-            .uses,
-        2
+        .tokens
+        .iter()
+        .map(|t| t.uses)
+        .sum::<u32>(),
+        2,
+        "both enrollments are still counted"
     );
     assert_eq!(
         con.list_peers(ListPeersRequest {

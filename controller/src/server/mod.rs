@@ -377,15 +377,35 @@ pub async fn spawn(config: &ServeConfig) -> Result<Running, ServeError> {
 impl Running {
     /// Stops serving (open streams are cut) and waits for the server to finish.
     pub async fn stop(mut self) -> Result<(), ServeError> {
+        let t = std::time::Instant::now();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        match tokio::time::timeout(Duration::from_secs(10), &mut self.task).await {
+        let result = match tokio::time::timeout(Duration::from_secs(10), &mut self.task).await {
             Ok(r) => r.map_err(|e| ServeError::Setup(e.to_string()))?,
             Err(_) => {
+                tracing::warn!("controller did not drain in 10 s; aborting it");
                 self.task.abort();
+                let _ = (&mut self.task).await;
                 Ok(())
             }
+        };
+        // Wait until ours is the last handle on the store and nothing is in flight, then close
+        // it here, so the same data dir can be reopened at once.
+        let store = self.controller.store.clone();
+        drop(self.controller);
+        while Arc::strong_count(&store) > 1 {
+            if t.elapsed() > Duration::from_secs(15) {
+                return Err(ServeError::Setup(format!(
+                    "the store is still in use {} s after stop",
+                    t.elapsed().as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        store.quiesce().await;
+        drop(store);
+        tracing::debug!(took = ?t.elapsed(), "controller stopped");
+        result
     }
 }

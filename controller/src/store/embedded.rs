@@ -453,6 +453,19 @@ impl Store for EmbeddedStore {
         .boxed()
     }
 
+    fn quiesce(&self) -> BoxFuture<'_, ()> {
+        async move {
+            // Work started before (a blocking commit, a watcher's read) holds the inner handle.
+            let t = std::time::Instant::now();
+            while Arc::strong_count(&self.inner) > 1
+                && t.elapsed() < std::time::Duration::from_secs(10)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        .boxed()
+    }
+
     fn compact(&self, revision: Revision) -> BoxFuture<'_, Result<(), StoreError>> {
         let this = self.clone();
         async move {

@@ -161,6 +161,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<WatchStream, StoreError>>;
     /// Discards history before `revision`; watches from earlier revisions get `Compacted`.
     fn compact(&self, revision: Revision) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Waits until no operation is in flight on this store (before it is closed and reopened).
+    fn quiesce(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The exclusive end of a prefix range (etcd's `range_end`), or `None` for "to the end".
