@@ -14,6 +14,10 @@
 //! tokens/<tenant>/<token>            JoinTokenRecord
 //! tokenhash/<sha256 hex>             IndexRecord("<tenant>/<token>")
 //! apitokens/<sha256 hex>             ApiTokenRecord
+//! apitokenlist/<tenant>/<token>      ApiTokenRecord (the same, for listing per tenant)
+//! tenants/<tenant>                   TenantRecord (hosted; a self-managed tenant has none)
+//! tokensver/<tenant>                 bumped by every join-token create (guards the quota)
+//! netpeers/<network>                 bumped by every enrollment (guards the peer quota)
 //! ```
 
 pub const ROOT: &str = "/canopy/v1/";
@@ -66,6 +70,23 @@ pub fn tokenhash(hash: &[u8; 32]) -> String {
 }
 pub fn apitoken(hash: &[u8; 32]) -> String {
     format!("{ROOT}apitokens/{}", hex::encode(hash))
+}
+
+pub fn apitokenlist(tenant: &str) -> String {
+    format!("{ROOT}apitokenlist/{tenant}/")
+}
+pub fn apitokenlist_entry(tenant: &str, id: &str) -> String {
+    format!("{ROOT}apitokenlist/{tenant}/{id}")
+}
+pub const ALL_TENANTS: &str = "/canopy/v1/tenants/";
+pub fn tenant(id: &str) -> String {
+    format!("{ROOT}tenants/{id}")
+}
+pub fn tokensver(tenant: &str) -> String {
+    format!("{ROOT}tokensver/{tenant}")
+}
+pub fn netpeers(network: &str) -> String {
+    format!("{ROOT}netpeers/{network}")
 }
 
 /// Splits `/canopy/v1/peers/<network>/<peer>` into its ids.

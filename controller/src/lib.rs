@@ -1,11 +1,12 @@
 //! Canopy controller: `canopy serve` (the gRPC control plane) and the `canopy` console client.
 //!
 //! # Layout
-//! - [`model`], [`ipam`], [`netmap`]: pure domain rules: validation, address picking, per-peer
-//!   maps and deltas. No I/O; unit- and property-tested.
+//! - [`model`], [`ipam`], [`netmap`], [`plans`]: pure domain rules: validation, address picking,
+//!   per-peer maps and deltas, plans and quotas. No I/O; unit- and property-tested.
 //! - [`store`]: the etcd-shaped KV trait, its embedded (redb) backend and conformance suite.
 //! - [`cache`]: list+watch follower of the store that Sync streams are served from.
-//! - [`service`]: the operations (networks, tokens, peers, enrollment) over store + cache.
+//! - [`service`]: the operations (networks, tokens, peers, enrollment) over store + cache;
+//!   [`tenancy`]: tenants, API tokens, plans and usage.
 //! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
 //! - [`leader`]: election of the replica that runs background jobs, with fenced writes.
 //! - [`pacing`]: admission of new agent sessions (reconnect storms).
@@ -22,8 +23,10 @@ pub mod leader;
 pub mod model;
 pub mod netmap;
 pub mod pacing;
+pub mod plans;
 pub mod secret;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tenancy;
 pub mod tls;

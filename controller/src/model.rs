@@ -26,6 +26,12 @@ pub enum ModelError {
     PublicKey(usize),
     #[error("hostname is longer than 253 characters")]
     Hostname,
+    #[error("unknown plan {0:?}: choose free, team or business")]
+    Plan(String),
+    #[error("unknown scope {0:?}: choose admin or read")]
+    Scope(String),
+    #[error("{0}")]
+    Field(String),
 }
 
 pub fn validate_network_name(name: &str) -> Result<(), ModelError> {

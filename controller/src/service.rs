@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use canopy_proto::join::JoinString;
 use canopy_proto::v1::{
     ApiTokenRecord, EnrollResponse, IndexRecord, JoinToken, JoinTokenRecord, Network,
-    NetworkRecord, Peer, PeerRecord,
+    NetworkRecord, Peer, PeerRecord, TenantRecord,
 };
 use ipnetwork::IpNetwork;
 use prost::Message;
@@ -23,6 +23,7 @@ use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::model;
 use crate::netmap::Update;
+use crate::plans::{Plan, Scope};
 use crate::secret::{self, Secret};
 use crate::store::{Compare, KeyValue, Op, Revision, Store, Txn};
 use crate::{ipam, keys};
@@ -41,6 +42,20 @@ const MAX_ENDPOINTS: usize = 16;
 pub struct Caller {
     pub tenant: String,
     pub token_id: String,
+    pub scope: Scope,
+    pub plan: Plan,
+}
+
+impl Caller {
+    /// Changes need an admin-scope token.
+    pub fn require_admin(&self) -> Result<()> {
+        match self.scope {
+            Scope::Admin => Ok(()),
+            Scope::Read => Err(Error::PermissionDenied(
+                "this API token is read-only".into(),
+            )),
+        }
+    }
 }
 
 /// An authenticated agent.
@@ -101,20 +116,22 @@ pub struct Controller {
     admission: Arc<Mutex<crate::pacing::TokenBucket>>,
     /// Whether this replica currently holds the background-work lease.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    /// A hosted (multi-tenant) controller: sign-up is open.
+    pub hosted: bool,
 }
 
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
 
-fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
+pub(crate) fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
     Ok(M::decode(kv.value.as_slice())?)
 }
 
-fn conflict() -> Error {
+pub(crate) fn conflict() -> Error {
     Error::Unavailable("too many concurrent changes; try again".into())
 }
 
@@ -134,6 +151,7 @@ impl Controller {
             ca_sha256,
             closing,
             leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            hosted: false,
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,
@@ -174,31 +192,6 @@ impl Controller {
 
     // ----- API tokens -----
 
-    /// Creates an API token for a tenant; returns its secret (shown once).
-    pub async fn create_api_token(&self, tenant: &str, name: &str) -> Result<Secret> {
-        let secret = Secret::generate(secret::API_TOKEN);
-        let rec = ApiTokenRecord {
-            id: secret::new_id("api_"),
-            tenant_id: tenant.to_string(),
-            secret_hash: secret.hash().to_vec(),
-            name: name.to_string(),
-            created_at_unix: now_unix(),
-        };
-        let key = keys::apitoken(&secret.hash());
-        let r = self
-            .store
-            .txn(
-                Txn::new()
-                    .when(Compare::absent(key.clone()))
-                    .then(Op::put(key, rec.encode_to_vec())),
-            )
-            .await?;
-        if !r.succeeded {
-            return Err(Error::Internal("API token collision".into()));
-        }
-        Ok(secret)
-    }
-
     pub async fn authenticate_console(&self, bearer: &str) -> Result<Caller> {
         let unknown = || Error::Unauthenticated("API token is not valid".into());
         if !bearer.starts_with(secret::API_TOKEN) {
@@ -213,9 +206,28 @@ impl Controller {
             .await?
             .ok_or_else(unknown)?;
         let rec: ApiTokenRecord = decode(&kv)?;
+        let plan = match self
+            .store
+            .get(keys::tenant(&rec.tenant_id).as_bytes())
+            .await?
+        {
+            Some(kv) => {
+                let t: TenantRecord = decode(&kv)?;
+                if t.suspended {
+                    return Err(Error::PermissionDenied(format!(
+                        "tenant {} is suspended; contact the operator",
+                        t.org
+                    )));
+                }
+                Plan::from_record(&t.plan)
+            }
+            None => Plan::SelfManaged,
+        };
         Ok(Caller {
             tenant: rec.tenant_id,
             token_id: rec.id,
+            scope: Scope::parse(&rec.scope).unwrap_or(Scope::Read),
+            plan,
         })
     }
 
@@ -227,12 +239,22 @@ impl Controller {
         name: &str,
         cidrs: &[String],
     ) -> Result<Network> {
+        c.require_admin()?;
         model::validate_network_name(name)?;
         let nets = model::parse_cidrs(cidrs)?;
         for _ in 0..TXN_ATTEMPTS {
             let ver = self.store.get(keys::netsver(&c.tenant).as_bytes()).await?;
             let ver_rev = ver.as_ref().map_or(0, |kv| kv.mod_revision);
-            for existing in self.network_records(&c.tenant).await? {
+            let existing_networks = self.network_records(&c.tenant).await?;
+            // Counted under the same version key the create is conditioned on: race-free.
+            let limit = c.plan.quotas().networks;
+            if existing_networks.len() as u64 >= u64::from(limit) {
+                return Err(Error::ResourceExhausted(format!(
+                    "the {} plan allows {limit} networks",
+                    c.plan.name()
+                )));
+            }
+            for existing in existing_networks {
                 if existing.name == name {
                     return Err(Error::AlreadyExists(format!(
                         "network {name:?} already exists"
@@ -284,7 +306,7 @@ impl Controller {
         Err(conflict())
     }
 
-    async fn network_records(&self, tenant: &str) -> Result<Vec<NetworkRecord>> {
+    pub(crate) async fn network_records(&self, tenant: &str) -> Result<Vec<NetworkRecord>> {
         let r = self.store.range(keys::networks(tenant).as_bytes()).await?;
         r.kvs.iter().map(decode).collect()
     }
@@ -341,6 +363,7 @@ impl Controller {
 
     /// Deletes a network with its peers, addresses and join tokens, in one transaction.
     pub async fn delete_network(&self, c: &Caller, reference: &str) -> Result<u32> {
+        c.require_admin()?;
         for _ in 0..TXN_ATTEMPTS {
             let (net, net_rev) = self.resolve_network(c, reference).await?;
             let peers = self.store.range(keys::peers(&net.id).as_bytes()).await?;
@@ -356,7 +379,8 @@ impl Controller {
                 .then(Op::delete_prefix(keys::peers(&net.id)))
                 .then(Op::delete_prefix(keys::ipams(&net.id)))
                 .then(Op::delete_prefix(keys::pubkeys(&net.id)))
-                .then(Op::delete(keys::netdel(&net.id)));
+                .then(Op::delete(keys::netdel(&net.id)))
+                .then(Op::delete(keys::netpeers(&net.id)));
             for kv in &peers.kvs {
                 let p: PeerRecord = decode(kv)?;
                 if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
@@ -387,6 +411,7 @@ impl Controller {
         ttl_seconds: u64,
         tags: &[String],
     ) -> Result<(JoinToken, String)> {
+        c.require_admin()?;
         model::validate_tags(tags)?;
         if ttl_seconds > 10 * 365 * 24 * 3600 {
             return Err(Error::InvalidArgument(
@@ -413,10 +438,32 @@ impl Controller {
             created_at_unix: now,
         };
         let hash_key = keys::tokenhash(&secret.hash());
+        // Active tokens are counted under a per-tenant version key the create is conditioned on.
+        let ver_key = keys::tokensver(&c.tenant);
+        let ver_rev = self
+            .store
+            .get(ver_key.as_bytes())
+            .await?
+            .map_or(0, |kv| kv.mod_revision);
+        let limit = c.plan.quotas().active_join_tokens;
+        let active = self
+            .token_records(&c.tenant)
+            .await?
+            .iter()
+            .filter(|(t, _)| check_token_usable(t, now).is_ok())
+            .count();
+        if active as u64 >= u64::from(limit) {
+            return Err(Error::ResourceExhausted(format!(
+                "the {} plan allows {limit} active join tokens",
+                c.plan.name()
+            )));
+        }
         let r = self
             .store
             .txn(
                 Txn::new()
+                    .when(Compare::unchanged(ver_key.clone(), ver_rev))
+                    .then(Op::put(ver_key, rec.id.clone()))
                     .when(Compare::absent(hash_key.clone()))
                     .then(Op::put(
                         keys::token(&c.tenant, &rec.id),
@@ -432,7 +479,9 @@ impl Controller {
             )
             .await?;
         if !r.succeeded {
-            return Err(Error::Internal("join token collision".into()));
+            return Err(Error::Unavailable(
+                "another join token was created at the same time; try again".into(),
+            ));
         }
         let join = JoinString {
             controller_url: self.public_url.clone(),
@@ -443,7 +492,10 @@ impl Controller {
         Ok((token_view(&rec), join.encode()))
     }
 
-    async fn token_records(&self, tenant: &str) -> Result<Vec<(JoinTokenRecord, Revision)>> {
+    pub(crate) async fn token_records(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<(JoinTokenRecord, Revision)>> {
         let r = self.store.range(keys::tokens(tenant).as_bytes()).await?;
         r.kvs
             .iter()
@@ -469,6 +521,7 @@ impl Controller {
     }
 
     pub async fn revoke_join_token(&self, c: &Caller, token_id: &str) -> Result<JoinToken> {
+        c.require_admin()?;
         if token_id.is_empty() {
             return Err(Error::InvalidArgument("token id is required".into()));
         }
@@ -532,6 +585,7 @@ impl Controller {
     /// Removes a peer: frees its addresses and invalidates its credential in one transaction.
     /// Its Sync stream is closed by the cache update that follows.
     pub async fn remove_peer(&self, c: &Caller, peer_id: &str) -> Result<()> {
+        c.require_admin()?;
         for _ in 0..TXN_ATTEMPTS {
             let (p, rev) = self.find_peer(c, peer_id).await?;
             let mut txn = Txn::new()
@@ -642,6 +696,33 @@ impl Controller {
                 .when(Compare::unchanged(tok_key.clone(), tok_rev))
                 .when(Compare::unchanged(net_key.clone(), net_kv.mod_revision))
                 .when(Compare::absent(pubkey_key.clone()));
+            // The plan's peer quota, counted under a per-network version key the enrollment is
+            // conditioned on (only when the plan has a quota: no extra contention otherwise).
+            let plan = self.tenant_plan(&tok.tenant_id).await?;
+            let limit = plan.quotas().peers_per_network;
+            if limit != u32::MAX {
+                let ver_key = keys::netpeers(&net.id);
+                let ver_rev = self
+                    .store
+                    .get(ver_key.as_bytes())
+                    .await?
+                    .map_or(0, |kv| kv.mod_revision);
+                let count = self
+                    .store
+                    .range(keys::peers(&net.id).as_bytes())
+                    .await?
+                    .kvs
+                    .len();
+                if count as u64 >= u64::from(limit) {
+                    return Err(Error::ResourceExhausted(format!(
+                        "the {} plan allows {limit} peers per network",
+                        plan.name()
+                    )));
+                }
+                txn = txn
+                    .when(Compare::unchanged(ver_key.clone(), ver_rev))
+                    .then(Op::put(ver_key, net.id.clone()));
+            }
             let peer_id = secret::new_id("peer_");
             for cidr in net.cidrs.iter().filter_map(|c| model::parse_cidr(c).ok()) {
                 // The lowest free address: a lost race re-reads and takes the next one (a failed
@@ -797,7 +878,7 @@ impl Controller {
     }
 }
 
-fn check_token_usable(t: &JoinTokenRecord, now: i64) -> Result<()> {
+pub(crate) fn check_token_usable(t: &JoinTokenRecord, now: i64) -> Result<()> {
     if t.revoked {
         return Err(Error::PermissionDenied("join token was revoked".into()));
     }

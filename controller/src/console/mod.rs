@@ -93,6 +93,9 @@ struct ServeArgs {
     /// with jitter, so a reconnect storm is spread out.
     #[arg(long, default_value_t = crate::service::DEFAULT_SESSION_STARTS)]
     max_session_starts: u32,
+    /// Run as a hosted, multi-tenant service: sign-up is open, tenants get plans and quotas.
+    #[arg(long, env = "CANOPY_HOSTED")]
+    hosted: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +178,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tls_sans: a.tls_sans,
         session_starts_per_sec: a.max_session_starts,
         background: crate::leader::BackgroundConfig::default(),
+        hosted: a.hosted,
     };
     let prepared = server::prepare(&config).await?;
     let dd = prepared.data_dir.display();

@@ -111,4 +111,36 @@ impl ConsoleService for ConsoleApi {
         self.ctl.remove_peer(&c, &req.into_inner().peer_id).await?;
         Ok(Response::new(RemovePeerResponse {}))
     }
+
+    async fn create_api_token(
+        &self,
+        req: Request<CreateApiTokenRequest>,
+    ) -> R<CreateApiTokenResponse> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let (token, secret) = self.ctl.create_api_token_for(&c, &r.name, &r.scope).await?;
+        Ok(Response::new(CreateApiTokenResponse {
+            token: Some(token),
+            secret: secret.expose().to_string(),
+        }))
+    }
+
+    async fn list_api_tokens(
+        &self,
+        req: Request<ListApiTokensRequest>,
+    ) -> R<ListApiTokensResponse> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(ListApiTokensResponse {
+            tokens: self.ctl.list_api_tokens(&c).await?,
+        }))
+    }
+
+    async fn revoke_api_token(&self, req: Request<RevokeApiTokenRequest>) -> R<ApiToken> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(
+            self.ctl
+                .revoke_api_token(&c, &req.into_inner().token_id)
+                .await?,
+        ))
+    }
 }

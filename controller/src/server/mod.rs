@@ -3,6 +3,7 @@
 
 mod agent;
 mod console;
+mod hosted;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use canopy_proto::v1::agent_service_server::AgentServiceServer;
 use canopy_proto::v1::console_service_server::ConsoleServiceServer;
+use canopy_proto::v1::hosted_service_server::HostedServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -85,6 +87,8 @@ pub struct ServeConfig {
     pub session_starts_per_sec: u32,
     /// Leader election and background jobs.
     pub background: crate::leader::BackgroundConfig,
+    /// Multi-tenant hosted mode: sign-up open, plans and quotas.
+    pub hosted: bool,
 }
 
 impl ServeConfig {
@@ -98,6 +102,7 @@ impl ServeConfig {
             tls_sans: Vec::new(),
             session_starts_per_sec: crate::service::DEFAULT_SESSION_STARTS,
             background: crate::leader::BackgroundConfig::default(),
+            hosted: false,
         }
     }
 }
@@ -204,15 +209,17 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     let cache = Cache::start(store.clone()).await?;
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
     controller.set_session_start_rate(config.session_starts_per_sec);
+    controller.hosted = config.hosted;
 
     let token_path = config.data_dir.join("admin-token");
     let new_admin_token = if token_path.exists() {
         None
     } else {
         let secret = controller
-            .create_api_token(DEFAULT_TENANT, "admin")
+            .create_api_token(DEFAULT_TENANT, "admin", crate::plans::Scope::Admin)
             .await
             .map_err(|e| ServeError::Setup(format!("creating the admin token: {e}")))?;
+        let (_, secret) = secret;
         write_private(&token_path, format!("{}\n", secret.expose()).as_bytes()).map_err(dd)?;
         Some(secret.expose().to_string())
     };
@@ -239,6 +246,9 @@ pub async fn serve(
     health
         .set_serving::<AgentServiceServer<agent::AgentApi>>()
         .await;
+    health
+        .set_serving::<HostedServiceServer<hosted::HostedApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(canopy_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -247,6 +257,8 @@ pub async fn serve(
     let console = ConsoleServiceServer::new(console::ConsoleApi::new(p.controller.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agent = AgentServiceServer::new(agent::AgentApi::new(p.controller.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let hosted = HostedServiceServer::new(hosted::HostedApi::new(p.controller.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let identity = Identity::from_pem(&p.tls.server_chain_pem, &p.tls.server_key_pem);
     tracing::info!(addr = %p.local_addr, url = %p.controller.public_url, "controller serving");
@@ -279,6 +291,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(console)
         .add_service(agent)
+        .add_service(hosted)
         .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), shutdown)
         .await?;
     let _ = bg_stop.send(());

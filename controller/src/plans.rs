@@ -1,0 +1,122 @@
+//! Subscription plans and their quotas, in one place. Pure.
+
+use crate::model::ModelError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Free,
+    Team,
+    Business,
+    /// The single tenant of a self-managed controller: no quotas.
+    SelfManaged,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    pub networks: u32,
+    pub peers_per_network: u32,
+    pub active_join_tokens: u32,
+}
+
+impl Plan {
+    /// The plans a customer can sign up for.
+    pub const OFFERED: [Plan; 3] = [Plan::Free, Plan::Team, Plan::Business];
+
+    pub fn parse(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "free" => Ok(Plan::Free),
+            "team" => Ok(Plan::Team),
+            "business" => Ok(Plan::Business),
+            other => Err(ModelError::Plan(other.to_string())),
+        }
+    }
+
+    /// A stored plan name; unknown or empty names are the self-managed plan.
+    pub fn from_record(s: &str) -> Self {
+        Self::parse(s).unwrap_or(Plan::SelfManaged)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Plan::Free => "free",
+            Plan::Team => "team",
+            Plan::Business => "business",
+            Plan::SelfManaged => "self-managed",
+        }
+    }
+
+    pub fn quotas(self) -> Quotas {
+        match self {
+            Plan::Free => Quotas {
+                networks: 3,
+                peers_per_network: 25,
+                active_join_tokens: 5,
+            },
+            Plan::Team => Quotas {
+                networks: 25,
+                peers_per_network: 250,
+                active_join_tokens: 50,
+            },
+            Plan::Business => Quotas {
+                networks: 250,
+                peers_per_network: 2500,
+                active_join_tokens: 500,
+            },
+            Plan::SelfManaged => Quotas {
+                networks: u32::MAX,
+                peers_per_network: u32::MAX,
+                active_join_tokens: u32::MAX,
+            },
+        }
+    }
+}
+
+/// What an API token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything in its tenant.
+    Admin,
+    /// List and get only.
+    Read,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "admin" | "" => Ok(Scope::Admin),
+            "read" => Ok(Scope::Read),
+            other => Err(ModelError::Scope(other.to_string())),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Read => "read",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_grow_and_parse_by_name() {
+        for p in Plan::OFFERED {
+            assert_eq!(Plan::parse(p.name()).unwrap(), p);
+        }
+        let (f, t, b) = (
+            Plan::Free.quotas(),
+            Plan::Team.quotas(),
+            Plan::Business.quotas(),
+        );
+        assert!(f.networks < t.networks && t.networks < b.networks);
+        assert!(
+            f.peers_per_network < t.peers_per_network && t.peers_per_network < b.peers_per_network
+        );
+        assert!(Plan::parse("gold").is_err());
+        assert_eq!(Plan::from_record(""), Plan::SelfManaged);
+        assert_eq!(Scope::parse("read").unwrap(), Scope::Read);
+        assert!(Scope::parse("root").is_err());
+    }
+}

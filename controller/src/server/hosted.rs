@@ -1,0 +1,55 @@
+//! `HostedService`: sign-up (no credential), then subscription, plan and usage for the tenant of
+//! the bearer API token.
+
+use canopy_proto::v1::hosted_service_server::HostedService;
+use canopy_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::service::{Caller, Controller};
+
+pub struct HostedApi {
+    ctl: Controller,
+}
+
+impl HostedApi {
+    pub fn new(ctl: Controller) -> Self {
+        Self { ctl }
+    }
+
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let token = super::bearer(req)?;
+        Ok(self.ctl.authenticate_console(&token).await?)
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl HostedService for HostedApi {
+    async fn sign_up(&self, req: Request<SignUpRequest>) -> R<SignUpResponse> {
+        let r = req.into_inner();
+        let (tenant_id, secret, sub) = self.ctl.sign_up(&r.org, &r.email, &r.plan).await?;
+        Ok(Response::new(SignUpResponse {
+            tenant_id,
+            api_token: secret.expose().to_string(),
+            subscription: Some(sub),
+        }))
+    }
+
+    async fn get_subscription(&self, req: Request<GetSubscriptionRequest>) -> R<Subscription> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(self.ctl.subscription(&c).await?))
+    }
+
+    async fn change_plan(&self, req: Request<ChangePlanRequest>) -> R<Subscription> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(
+            self.ctl.change_plan(&c, &req.into_inner().plan).await?,
+        ))
+    }
+
+    async fn get_usage(&self, req: Request<GetUsageRequest>) -> R<Usage> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(self.ctl.usage(&c).await?))
+    }
+}
