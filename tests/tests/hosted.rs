@@ -1,0 +1,693 @@
+//! Hosted mode: two tenants on two replicas over a real etcd. Isolation, quotas under races,
+//! token scopes, plans, a suspended tenant, and no private key anywhere in the store.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use canopy_controller::console::{self, Client};
+use canopy_controller::server::{self, Running, ServeConfig, StoreSpec};
+use canopy_proto::transport::{self, Trust};
+use canopy_proto::v1::hosted_service_client::HostedServiceClient;
+use canopy_proto::v1::*;
+use canopy_tests::TestAgent;
+use canopy_tests::etcd::Etcd;
+use tonic::Code;
+
+async fn replica(data: &Path, etcd: &str, hosted: bool) -> Running {
+    server::spawn(&ServeConfig {
+        store: Some(StoreSpec::Etcd(vec![etcd.to_string()])),
+        hosted,
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), data.to_path_buf())
+    })
+    .await
+    .unwrap()
+}
+
+async fn hosted_client(r: &Running) -> HostedServiceClient<tonic::transport::Channel> {
+    let ch = transport::connect(&r.url, &Trust::Pin(r.ca_sha256))
+        .await
+        .unwrap();
+    HostedServiceClient::new(ch)
+}
+
+async fn signup(r: &Running, org: &str, plan: &str) -> (String, String) {
+    let req = SignUpRequest {
+        org: org.into(),
+        email: format!("ops@{org}.example"),
+        plan: plan.into(),
+    };
+    let resp = hosted_client(r)
+        .await
+        .sign_up(req)
+        .await
+        .unwrap()
+        .into_inner();
+    (resp.tenant_id, resp.api_token)
+}
+
+async fn console_as(r: &Running, token: &str) -> Client {
+    console::connect(&r.url, &Trust::CaPem(r.ca_pem.clone().into_bytes()), token)
+        .await
+        .unwrap()
+}
+
+fn net(name: &str, cidr: &str) -> CreateNetworkRequest {
+    CreateNetworkRequest {
+        name: name.into(),
+        cidrs: vec![cidr.into()],
+    }
+}
+
+fn tok(network: &str) -> CreateJoinTokenRequest {
+    CreateJoinTokenRequest {
+        network: network.into(),
+        max_uses: 0,
+        ttl_seconds: 600,
+        tags: vec![],
+    }
+}
+
+/// The status a genuinely missing object gets, for comparison.
+fn missing<T: std::fmt::Debug>(what: &str, r: Result<tonic::Response<T>, tonic::Status>) -> String {
+    let s = r.expect_err(what);
+    assert_eq!(s.code(), Code::NotFound, "{what}: {}", s.message());
+    s.message().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (r1, r2) = (
+        replica(dir.path(), &etcd.endpoint, true).await,
+        replica(dir.path(), &etcd.endpoint, true).await,
+    );
+    let (_, tok_a) = signup(&r1, "alpha", "team").await;
+    let (_, tok_b) = signup(&r2, "beta", "team").await;
+    // B's objects, made through replica 2.
+    let mut b = console_as(&r2, &tok_b).await;
+    let nb = b
+        .create_network(net("shared-name", "100.64.0.0/24"))
+        .await
+        .unwrap()
+        .into_inner();
+    let jt = b.create_join_token(tok(&nb.id)).await.unwrap().into_inner();
+    let peer = TestAgent::join(&jt.join_string, "b1").await.unwrap();
+    let api_b = b
+        .create_api_token(CreateApiTokenRequest {
+            name: "ci".into(),
+            scope: "read".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tid, aid) = (jt.token.unwrap().id, api_b.token.unwrap().id);
+
+    // A, through replica 1, with B's ids: every call answers like a missing object would.
+    let mut a = console_as(&r1, &tok_a).await;
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "get network",
+            missing(
+                "get",
+                a.get_network(GetNetworkRequest {
+                    network: nb.id.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "get",
+                a.get_network(GetNetworkRequest {
+                    network: "net_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "get network by name",
+            missing(
+                "name",
+                a.get_network(GetNetworkRequest {
+                    network: "shared-name".into(),
+                })
+                .await,
+            ),
+            missing(
+                "name",
+                a.get_network(GetNetworkRequest {
+                    network: "no-such-name".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "delete network",
+            missing(
+                "delete",
+                a.delete_network(DeleteNetworkRequest {
+                    network: nb.id.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "delete",
+                a.delete_network(DeleteNetworkRequest {
+                    network: "net_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "create join token",
+            missing("token", a.create_join_token(tok(&nb.id)).await),
+            missing(
+                "token",
+                a.create_join_token(tok("net_0000000000000000")).await,
+            ),
+        ),
+        (
+            "list join tokens",
+            missing(
+                "tokens",
+                a.list_join_tokens(ListJoinTokensRequest {
+                    network: nb.id.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "tokens",
+                a.list_join_tokens(ListJoinTokensRequest {
+                    network: "net_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "revoke join token",
+            missing(
+                "revoke",
+                a.revoke_join_token(RevokeJoinTokenRequest {
+                    token_id: tid.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "revoke",
+                a.revoke_join_token(RevokeJoinTokenRequest {
+                    token_id: "tok_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "list peers",
+            missing(
+                "peers",
+                a.list_peers(ListPeersRequest {
+                    network: nb.id.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "peers",
+                a.list_peers(ListPeersRequest {
+                    network: "net_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "get peer",
+            missing(
+                "peer",
+                a.get_peer(GetPeerRequest {
+                    peer_id: peer.peer_id.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "peer",
+                a.get_peer(GetPeerRequest {
+                    peer_id: "peer_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "remove peer",
+            missing(
+                "remove",
+                a.remove_peer(RemovePeerRequest {
+                    peer_id: peer.peer_id.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "remove",
+                a.remove_peer(RemovePeerRequest {
+                    peer_id: "peer_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "revoke api token",
+            missing(
+                "api",
+                a.revoke_api_token(RevokeApiTokenRequest {
+                    token_id: aid.clone(),
+                })
+                .await,
+            ),
+            missing(
+                "api",
+                a.revoke_api_token(RevokeApiTokenRequest {
+                    token_id: "api_0000000000000000".into(),
+                })
+                .await,
+            ),
+        ),
+    ];
+    for (what, theirs, absent) in cases {
+        let shape = |m: &str| {
+            m.split('"')
+                .enumerate()
+                .filter(|(i, _)| i % 2 == 0)
+                .map(|(_, p)| p.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shape(&theirs),
+            shape(&absent),
+            "{what}: {theirs:?} vs {absent:?}"
+        );
+    }
+    // Lists show none of B's objects.
+    assert!(
+        a.list_networks(ListNetworksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .networks
+            .is_empty()
+    );
+    assert!(
+        a.list_join_tokens(ListJoinTokensRequest {
+            network: String::new()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .is_empty()
+    );
+    let a_tokens = a
+        .list_api_tokens(ListApiTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(a_tokens.iter().all(|t| t.id != aid));
+    // And nothing of B's was touched.
+    assert_eq!(
+        b.list_peers(ListPeersRequest {
+            network: nb.id.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .peers
+        .len(),
+        1
+    );
+    let b_tokens = b
+        .list_join_tokens(ListJoinTokensRequest {
+            network: nb.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(!b_tokens[0].revoked);
+    // Same network name in another tenant is fine.
+    a.create_network(net("shared-name", "100.64.0.0/24"))
+        .await
+        .unwrap();
+    peer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_hold_when_creates_race_through_two_replicas() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (r1, r2) = (
+        replica(dir.path(), &etcd.endpoint, true).await,
+        replica(dir.path(), &etcd.endpoint, true).await,
+    );
+    let (_, t) = signup(&r1, "small", "free").await;
+    let (c1, c2) = (console_as(&r1, &t).await, console_as(&r2, &t).await);
+
+    // Free: 3 networks. Eight race for them through both replicas.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = if i % 2 == 0 { c1.clone() } else { c2.clone() };
+            tokio::spawn(async move {
+                c.create_network(net(&format!("n{i}"), &format!("10.{i}.0.0/24")))
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut over) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(
+                    s.message().contains("free plan allows 3 networks"),
+                    "{}",
+                    s.message()
+                );
+                over += 1;
+            }
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!((ok, over), (3, 5));
+
+    // Free: 5 active join tokens.
+    let first = c1
+        .clone()
+        .list_networks(ListNetworksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .networks[0]
+        .id
+        .clone();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = if i % 2 == 0 { c1.clone() } else { c2.clone() };
+            let n = first.clone();
+            tokio::spawn(async move { c.create_join_token(tok(&n)).await })
+        })
+        .collect();
+    let mut joins = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => joins.push(r.into_inner().join_string),
+            Err(s) if s.code() == Code::ResourceExhausted => assert!(
+                s.message().contains("5 active join tokens"),
+                "{}",
+                s.message()
+            ),
+            Err(s) if s.code() == Code::Unavailable => {} // lost the race: "try again"
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert!(
+        joins.len() <= 5 && !joins.is_empty(),
+        "{} tokens",
+        joins.len()
+    );
+
+    // Free: 25 peers per network. Thirty race for them through both replicas.
+    let join = joins[0].clone();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let mut j = canopy_proto::join::JoinString::parse(&join).unwrap();
+            if i % 2 == 1 {
+                j.controller_url = r2.url.clone();
+            }
+            let j = j.encode();
+            tokio::spawn(async move { TestAgent::join(&j, &format!("p{i}")).await })
+        })
+        .collect();
+    let (mut agents, mut full) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => agents.push(a),
+            Err(canopy_agent::control::ControlError::Refused(s))
+                if s.code() == Code::ResourceExhausted =>
+            {
+                assert!(
+                    s.message().contains("allows 25 peers per network"),
+                    "{}",
+                    s.message()
+                );
+                full += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((agents.len(), full), (25, 5));
+    for a in agents {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_tokens_cannot_change_anything_and_revoked_tokens_stop_working() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let (_, admin) = signup(&r, "scoped", "team").await;
+    let mut a = console_as(&r, &admin).await;
+    a.create_network(net("n", "10.0.0.0/24")).await.unwrap();
+    let ro = a
+        .create_api_token(CreateApiTokenRequest {
+            name: "dash".into(),
+            scope: "read".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut reader = console_as(&r, &ro.secret).await;
+    assert_eq!(
+        reader
+            .list_networks(ListNetworksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .networks
+            .len(),
+        1
+    );
+    for s in [
+        reader
+            .create_network(net("m", "10.1.0.0/24"))
+            .await
+            .unwrap_err(),
+        reader
+            .delete_network(DeleteNetworkRequest {
+                network: "n".into(),
+            })
+            .await
+            .unwrap_err(),
+        reader.create_join_token(tok("n")).await.unwrap_err(),
+        reader
+            .create_api_token(CreateApiTokenRequest {
+                name: "x".into(),
+                scope: "admin".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("read-only"), "{}", s.message());
+    }
+    let bad = a
+        .create_api_token(CreateApiTokenRequest {
+            name: "x".into(),
+            scope: "root".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    a.revoke_api_token(RevokeApiTokenRequest {
+        token_id: ro.token.unwrap().id,
+    })
+    .await
+    .unwrap();
+    let s = reader
+        .list_networks(ListNetworksRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_up_plans_and_usage() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let mut h = hosted_client(&r).await;
+    let bad = |org: &str, email: &str, plan: &str| SignUpRequest {
+        org: org.into(),
+        email: email.into(),
+        plan: plan.into(),
+    };
+    for (req, says) in [
+        (bad("x", "not-an-email", "free"), "not an email"),
+        (bad("x", "a@b.c", "gold"), "unknown plan"),
+        (bad("", "a@b.c", "free"), "organisation name"),
+    ] {
+        let s = h.sign_up(req).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains(says), "{}", s.message());
+    }
+    let (_, t) = signup(&r, "grow", "team").await;
+    let mut c = console_as(&r, &t).await;
+    for i in 0..4 {
+        c.create_network(net(&format!("n{i}"), &format!("10.{i}.0.0/24")))
+            .await
+            .unwrap();
+    }
+    let mut h = {
+        let ch = transport::connect(&r.url, &Trust::Pin(r.ca_sha256))
+            .await
+            .unwrap();
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
+        HostedServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        })
+    };
+    let u = h.get_usage(GetUsageRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (u.plan.as_str(), u.networks, u.quotas.unwrap().networks),
+        ("team", 4, 25)
+    );
+    let s = h
+        .change_plan(ChangePlanRequest {
+            plan: "free".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(
+        s.message().contains("free plan allows 3 networks") && s.message().contains("you have 4"),
+        "{}",
+        s.message()
+    );
+    let sub = h
+        .change_plan(ChangePlanRequest {
+            plan: "business".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (sub.plan.as_str(), sub.quotas.unwrap().networks),
+        ("business", 250)
+    );
+
+    // A self-managed controller has no sign-up.
+    let dir2 = tempfile::tempdir().unwrap();
+    let plain = replica(dir2.path(), &Etcd::start().endpoint, false).await;
+    let s = hosted_client(&plain)
+        .await
+        .sign_up(bad("x", "a@b.c", "free"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    plain.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
+    use prost::Message as _;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let (tid, t) = signup(&r, "late-payer", "team").await;
+    let mut c = console_as(&r, &t).await;
+    c.create_network(net("n", "100.64.0.0/24")).await.unwrap();
+    let join = c
+        .create_join_token(tok("n"))
+        .await
+        .unwrap()
+        .into_inner()
+        .join_string;
+    let mut x = TestAgent::join(&join, "x").await.unwrap();
+    let _y = TestAgent::join(&join, "y").await.unwrap();
+    assert!(
+        x.wait_map(std::time::Duration::from_secs(1), |m| m.peers.len() == 1)
+            .await
+    );
+    // Suspend (what the operator service will do) by setting the flag on the tenant record.
+    let store = r.controller.store.clone();
+    let key = format!("/canopy/v1/tenants/{tid}");
+    let mut rec = TenantRecord::decode(
+        store
+            .get(key.as_bytes())
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    rec.suspended = true;
+    store
+        .txn(
+            canopy_controller::store::Txn::new()
+                .then(canopy_controller::store::Op::put(key, rec.encode_to_vec())),
+        )
+        .await
+        .unwrap();
+    let s = c.list_networks(ListNetworksRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().contains("suspended"), "{}", s.message());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(x.map().peers.len(), 1, "agents keep their last map");
+    x.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_private_key_is_anywhere_in_the_store_after_enrollments() {
+    use base64::Engine as _;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let (_, t) = signup(&r, "keys", "team").await;
+    let mut c = console_as(&r, &t).await;
+    c.create_network(net("n", "100.64.0.0/24")).await.unwrap();
+    let join = c
+        .create_join_token(tok("n"))
+        .await
+        .unwrap()
+        .into_inner()
+        .join_string;
+    let mut agents = Vec::new();
+    for i in 0..5 {
+        agents.push(TestAgent::join(&join, &format!("k{i}")).await.unwrap());
+    }
+    let all = r.controller.store.range(b"/").await.unwrap();
+    assert!(all.kvs.len() > 10);
+    let blob: Vec<u8> = all
+        .kvs
+        .iter()
+        .flat_map(|kv| kv.key.iter().chain(kv.value.iter()).copied())
+        .collect();
+    let contains = |needle: &[u8]| blob.windows(needle.len()).any(|w| w == needle);
+    for a in &agents {
+        let private = a.key.secret().to_bytes();
+        assert!(
+            !contains(&private),
+            "a private key's bytes are in the store"
+        );
+        assert!(!contains(
+            base64::engine::general_purpose::STANDARD
+                .encode(private)
+                .as_bytes()
+        ));
+        assert!(!contains(hex::encode(private).as_bytes()));
+        assert!(
+            contains(&a.key.public_key()),
+            "the public key is stored (the scan can find keys)"
+        );
+    }
+    for a in agents {
+        a.stop().await;
+    }
+}
