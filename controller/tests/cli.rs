@@ -22,9 +22,14 @@ impl Drop for Serve {
 }
 
 fn serve(data: &Path) -> Serve {
+    serve_with(data, &[])
+}
+
+fn serve_with(data: &Path, extra: &[&str]) -> Serve {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        .args(extra)
         .env("CANOPY_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -297,4 +302,89 @@ fn serve_stops_promptly_on_sigterm_and_keeps_its_state() {
     )))
     .unwrap();
     assert_eq!(v[0]["name"], "kept");
+}
+
+#[test]
+fn a_hosted_customer_signs_up_and_works_within_the_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, home) = (tmp.path().join("data"), tmp.path().join("home"));
+    let s = serve_with(&data, &["--hosted"]);
+    let ca = data.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let out = ok(&canopy(
+        &home,
+        &[
+            "--server",
+            &s.url,
+            "--ca",
+            ca,
+            "tenant",
+            "signup",
+            "--org",
+            "acme",
+            "--email",
+            "ops@acme.example",
+            "--plan",
+            "free",
+            "--json",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = v["api_token"].as_str().unwrap().to_string();
+    assert_eq!(v["subscription"]["quotas"]["networks"], 3);
+    let conn = ["--server", &s.url, "--ca", ca, "--token", &token];
+    let run = |args: &[&str]| canopy(&home, &[&conn[..], args].concat());
+    for i in 0..3 {
+        ok(&run(&[
+            "network",
+            "create",
+            &format!("n{i}"),
+            "--cidr",
+            &format!("10.{i}.0.0/24"),
+        ]));
+    }
+    fails(
+        &run(&["network", "create", "n3", "--cidr", "10.3.0.0/24"]),
+        "the free plan allows 3 networks (ResourceExhausted)",
+    );
+    let usage = ok(&run(&["usage"]));
+    assert!(usage.contains("plan free: 3 of 3 networks"), "{usage}");
+    ok(&run(&["plan", "set", "team"]));
+    assert!(ok(&run(&["plan"])).contains("plan:     team"));
+    ok(&run(&["network", "create", "n3", "--cidr", "10.3.0.0/24"]));
+    let ro = ok(&run(&[
+        "apitoken",
+        "create",
+        "dashboard",
+        "--scope",
+        "read",
+    ]))
+    .trim()
+    .to_string();
+    let listed = ok(&canopy(
+        &home,
+        &[
+            "--server", &s.url, "--ca", ca, "--token", &ro, "network", "list",
+        ],
+    ));
+    assert!(listed.contains("n3"));
+    fails(
+        &canopy(
+            &home,
+            &[
+                "--server", &s.url, "--ca", ca, "--token", &ro, "network", "delete", "n3",
+            ],
+        ),
+        "read-only",
+    );
+    fails(
+        &canopy(
+            &home,
+            &[
+                "--server", &s.url, "--ca", ca, "tenant", "signup", "--org", "x", "--email",
+                "nope", "--plan", "free",
+            ],
+        ),
+        "not an email address",
+    );
 }

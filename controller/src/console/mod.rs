@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::console_service_client::ConsoleServiceClient;
+use canopy_proto::v1::hosted_service_client::HostedServiceClient;
 use canopy_proto::v1::*;
 use clap::{Args, Parser, Subcommand};
 use tonic::service::Interceptor;
@@ -69,6 +70,54 @@ enum Command {
     /// Peers (enrolled nodes).
     #[command(subcommand)]
     Peer(PeerCmd),
+    /// API tokens of your tenant (admin or read scope).
+    #[command(subcommand)]
+    Apitoken(ApiTokenCmd),
+    /// Hosted: sign up for an account (a tenant) on a plan.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Hosted: show your plan and its quotas, or change it (`canopy plan set team`).
+    Plan {
+        #[command(subcommand)]
+        set: Option<PlanCmd>,
+    },
+    /// Hosted: networks, peers, agents online and join tokens against your plan's quotas.
+    Usage,
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiTokenCmd {
+    /// Create an API token (shown once).
+    Create {
+        name: String,
+        /// admin (everything) or read (list and get only).
+        #[arg(long, default_value = "admin")]
+        scope: String,
+    },
+    List,
+    Revoke {
+        token_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantCmd {
+    /// Create a tenant; prints its first API token (shown once).
+    Signup {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        email: String,
+        /// free, team or business.
+        #[arg(long, default_value = "free")]
+        plan: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCmd {
+    /// Change to another plan (refused if what you have does not fit it).
+    Set { plan: String },
 }
 
 #[derive(Args, Debug)]
@@ -166,6 +215,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Network(c) => network(&cli.conn, json, c).await,
         Command::Token(c) => token(&cli.conn, json, c).await,
         Command::Peer(c) => peer(&cli.conn, json, c).await,
+        Command::Apitoken(c) => apitoken(&cli.conn, json, c).await,
+        Command::Tenant(c) => tenant(&cli.conn, json, c).await,
+        Command::Plan { set } => plan(&cli.conn, json, set).await,
+        Command::Usage => usage(&cli.conn, json).await,
     }
 }
 
@@ -232,20 +285,21 @@ struct Resolved {
     trust: Trust,
 }
 
-fn resolve(conn: &ConnOpts) -> anyhow::Result<Resolved> {
-    let path = conn.config.clone().or_else(config::default_path);
-    let file = match &path {
-        Some(p) => ConsoleConfig::load(p)?,
-        None => None,
-    }
-    .unwrap_or_default();
-    let server = conn.server.clone().or(file.server.clone()).ok_or_else(|| {
+fn config_file(conn: &ConnOpts) -> anyhow::Result<ConsoleConfig> {
+    Ok(match conn.config.clone().or_else(config::default_path) {
+        Some(p) => ConsoleConfig::load(&p)?.unwrap_or_default(),
+        None => ConsoleConfig::default(),
+    })
+}
+
+fn server_of(conn: &ConnOpts, file: &ConsoleConfig) -> anyhow::Result<String> {
+    conn.server.clone().or(file.server.clone()).ok_or_else(|| {
         anyhow!("no server: pass --server, set CANOPY_SERVER, or run `canopy login`")
-    })?;
-    let token = conn.token.clone().or(file.token.clone()).ok_or_else(|| {
-        anyhow!("no API token: pass --token, set CANOPY_TOKEN, or run `canopy login`")
-    })?;
-    let trust = match (&conn.ca, &file.ca_sha256) {
+    })
+}
+
+fn trust_of(conn: &ConnOpts, file: &ConsoleConfig) -> anyhow::Result<Trust> {
+    Ok(match (&conn.ca, &file.ca_sha256) {
         (Some(ca), _) => Trust::CaPem(
             std::fs::read(ca).with_context(|| format!("reading CA file {}", ca.display()))?,
         ),
@@ -253,12 +307,99 @@ fn resolve(conn: &ConnOpts) -> anyhow::Result<Resolved> {
         (None, None) => {
             bail!("no CA to trust: pass --ca DATA/ca.pem, set CANOPY_CA, or run `canopy login`")
         }
-    };
+    })
+}
+
+fn resolve(conn: &ConnOpts) -> anyhow::Result<Resolved> {
+    let file = config_file(conn)?;
+    let server = server_of(conn, &file)?;
+    let token = conn.token.clone().or(file.token.clone()).ok_or_else(|| {
+        anyhow!("no API token: pass --token, set CANOPY_TOKEN, or run `canopy login`")
+    })?;
+    let trust = trust_of(conn, &file)?;
     Ok(Resolved {
         server,
         token,
         trust,
     })
+}
+
+type Hosted = HostedServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn hosted(conn: &ConnOpts) -> anyhow::Result<Hosted> {
+    let r = resolve(conn)?;
+    let channel = transport::connect(&r.server, &r.trust).await?;
+    let bearer = format!("Bearer {}", r.token.trim())
+        .parse()
+        .map_err(|_| anyhow!("API token contains characters that cannot be sent"))?;
+    Ok(HostedServiceClient::with_interceptor(
+        channel,
+        Bearer(bearer),
+    ))
+}
+
+async fn tenant(conn: &ConnOpts, json: bool, c: TenantCmd) -> anyhow::Result<()> {
+    let TenantCmd::Signup { org, email, plan } = c;
+    let file = config_file(conn)?;
+    let server = server_of(conn, &file)?;
+    let channel = transport::connect(&server, &trust_of(conn, &file)?).await?;
+    let r = HostedServiceClient::new(channel)
+        .sign_up(SignUpRequest { org, email, plan })
+        .await
+        .map_err(call_error)?
+        .into_inner();
+    output::signed_up(json, &server, &r)
+}
+
+async fn plan(conn: &ConnOpts, json: bool, set: Option<PlanCmd>) -> anyhow::Result<()> {
+    let mut h = hosted(conn).await?;
+    let sub = match set {
+        Some(PlanCmd::Set { plan }) => h.change_plan(ChangePlanRequest { plan }).await,
+        None => h.get_subscription(GetSubscriptionRequest {}).await,
+    }
+    .map_err(call_error)?
+    .into_inner();
+    output::subscription(json, &sub)
+}
+
+async fn usage(conn: &ConnOpts, json: bool) -> anyhow::Result<()> {
+    let u = hosted(conn)
+        .await?
+        .get_usage(GetUsageRequest {})
+        .await
+        .map_err(call_error)?
+        .into_inner();
+    output::usage(json, &u)
+}
+
+async fn apitoken(conn: &ConnOpts, json: bool, c: ApiTokenCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        ApiTokenCmd::Create { name, scope } => {
+            let r = cl
+                .create_api_token(CreateApiTokenRequest { name, scope })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::api_token_created(json, r.token.as_ref(), &r.secret)
+        }
+        ApiTokenCmd::List => {
+            let r = cl
+                .list_api_tokens(ListApiTokensRequest {})
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::api_tokens(json, &r.tokens)
+        }
+        ApiTokenCmd::Revoke { token_id } => {
+            let t = cl
+                .revoke_api_token(RevokeApiTokenRequest { token_id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::api_tokens(json, &[t])
+        }
+    }
 }
 
 /// A console client for `server`, trusting `trust`, sending `token` on every call.

@@ -1,7 +1,7 @@
 //! Console output: aligned tables for people, `--json` for scripts.
 #![allow(clippy::print_stdout)]
 
-use canopy_proto::v1::{JoinToken, Network, Peer};
+use canopy_proto::v1::{ApiToken, JoinToken, Network, Peer, SignUpResponse, Subscription, Usage};
 use serde_json::{Value, json};
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
@@ -186,4 +186,117 @@ pub fn done(json: bool, text: &str, v: Value) -> anyhow::Result<()> {
         println!("{text}");
         Ok(())
     }
+}
+
+fn api_token_json(t: &ApiToken) -> Value {
+    json!({"id": t.id, "name": t.name, "scope": t.scope, "created_at": t.created_at_unix})
+}
+
+pub fn api_tokens(json: bool, tokens: &[ApiToken]) -> anyhow::Result<()> {
+    if json {
+        return print_json(Value::Array(tokens.iter().map(api_token_json).collect()));
+    }
+    table(
+        &["ID", "NAME", "SCOPE", "CREATED"],
+        tokens
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    t.name.clone(),
+                    t.scope.clone(),
+                    time(t.created_at_unix),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn api_token_created(json: bool, t: Option<&ApiToken>, secret: &str) -> anyhow::Result<()> {
+    if json {
+        return print_json(json!({"token": t.map(api_token_json), "secret": secret}));
+    }
+    println!("{secret}");
+    Ok(())
+}
+
+fn subscription_json(s: &Subscription) -> Value {
+    let q = s.quotas.clone().unwrap_or_default();
+    json!({"tenant_id": s.tenant_id, "org": s.org, "plan": s.plan, "suspended": s.suspended,
+           "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens}})
+}
+
+pub fn signed_up(json: bool, server: &str, r: &SignUpResponse) -> anyhow::Result<()> {
+    if json {
+        return print_json(
+            json!({"tenant_id": r.tenant_id, "api_token": r.api_token, "subscription": r.subscription.as_ref().map(subscription_json)}),
+        );
+    }
+    let plan = r.subscription.as_ref().map_or("", |s| s.plan.as_str());
+    println!("tenant {} created on the {plan} plan", r.tenant_id);
+    println!("API token (shown once, keep it safe): {}", r.api_token);
+    println!("log in with: canopy login --server {server} --token <that token> [--ca CA.pem]");
+    Ok(())
+}
+
+fn limit(n: u32) -> String {
+    if n == u32::MAX {
+        "unlimited".into()
+    } else {
+        n.to_string()
+    }
+}
+
+pub fn subscription(json: bool, s: &Subscription) -> anyhow::Result<()> {
+    if json {
+        return print_json(subscription_json(s));
+    }
+    let q = s.quotas.clone().unwrap_or_default();
+    println!("tenant:   {} {}", s.tenant_id, s.org);
+    println!(
+        "plan:     {}{}",
+        s.plan,
+        if s.suspended { " (suspended)" } else { "" }
+    );
+    println!(
+        "networks: {}, peers per network: {}, active join tokens: {}",
+        limit(q.networks),
+        limit(q.peers_per_network),
+        limit(q.active_join_tokens)
+    );
+    Ok(())
+}
+
+pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
+    let q = u.quotas.clone().unwrap_or_default();
+    if json {
+        return print_json(
+            json!({"plan": u.plan, "networks": u.networks, "active_join_tokens": u.active_join_tokens,
+            "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens},
+            "per_network": u.per_network.iter().map(|n| json!({"network_id": n.network_id, "name": n.name, "peers": n.peers, "agents_online": n.agents_online})).collect::<Vec<_>>()}),
+        );
+    }
+    println!(
+        "plan {}: {} of {} networks, {} of {} active join tokens",
+        u.plan,
+        u.networks,
+        limit(q.networks),
+        u.active_join_tokens,
+        limit(q.active_join_tokens)
+    );
+    table(
+        &["NETWORK", "PEERS", "ONLINE"],
+        u.per_network
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    format!("{} of {}", n.peers, limit(q.peers_per_network)),
+                    n.agents_online.to_string(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
 }
