@@ -222,7 +222,7 @@ pub fn api_token_created(json: bool, t: Option<&ApiToken>, secret: &str) -> anyh
 }
 
 fn subscription_json(s: &Subscription) -> Value {
-    let q = s.quotas.clone().unwrap_or_default();
+    let q = s.quotas.unwrap_or_default();
     json!({"tenant_id": s.tenant_id, "org": s.org, "plan": s.plan, "suspended": s.suspended,
            "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens}})
 }
@@ -252,7 +252,7 @@ pub fn subscription(json: bool, s: &Subscription) -> anyhow::Result<()> {
     if json {
         return print_json(subscription_json(s));
     }
-    let q = s.quotas.clone().unwrap_or_default();
+    let q = s.quotas.unwrap_or_default();
     println!("tenant:   {} {}", s.tenant_id, s.org);
     println!(
         "plan:     {}{}",
@@ -269,7 +269,7 @@ pub fn subscription(json: bool, s: &Subscription) -> anyhow::Result<()> {
 }
 
 pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
-    let q = u.quotas.clone().unwrap_or_default();
+    let q = u.quotas.unwrap_or_default();
     if json {
         return print_json(
             json!({"plan": u.plan, "networks": u.networks, "active_join_tokens": u.active_join_tokens,
