@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/canopy/v1/console.proto",
         "proto/canopy/v1/agent.proto",
         "proto/canopy/v1/hosted.proto",
+        "proto/canopy/v1/operator.proto",
         "proto/canopy/v1/store.proto",
     ];
     tonic_prost_build::configure()

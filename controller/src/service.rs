@@ -118,6 +118,8 @@ pub struct Controller {
     pub leading: Arc<std::sync::atomic::AtomicBool>,
     /// A hosted (multi-tenant) controller: sign-up is open.
     pub hosted: bool,
+    /// SHA-256 of the operator credential, if one is configured.
+    pub operator_token_hash: Option<[u8; 32]>,
 }
 
 pub(crate) fn now_unix() -> i64 {
@@ -152,6 +154,7 @@ impl Controller {
             closing,
             leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             hosted: false,
+            operator_token_hash: None,
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,

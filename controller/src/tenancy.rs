@@ -288,3 +288,126 @@ impl Controller {
         })
     }
 }
+
+/// Operator actions on tenants (hosted). Callers are authenticated with the operator credential.
+impl Controller {
+    pub fn authenticate_operator(&self, bearer: &str) -> Result<()> {
+        let Some(want) = &self.operator_token_hash else {
+            return Err(Error::PermissionDenied(
+                "this controller has no operator credential configured (CANOPY_OPERATOR_TOKEN)"
+                    .into(),
+            ));
+        };
+        // Compare hashes: constant-time enough, and the secret itself is never kept.
+        if &Secret::from_string(bearer.to_string()).hash() == want {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated(
+                "operator credential is not valid".into(),
+            ))
+        }
+    }
+
+    async fn tenant_record(&self, id: &str) -> Result<(TenantRecord, crate::store::Revision)> {
+        let kv = self
+            .store
+            .get(keys::tenant(id).as_bytes())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("tenant {id:?} not found")))?;
+        Ok((decode(&kv)?, kv.mod_revision))
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<canopy_proto::v1::TenantSummary>> {
+        let r = self.store.range(keys::ALL_TENANTS.as_bytes()).await?;
+        let mut out = Vec::new();
+        for kv in &r.kvs {
+            let t: TenantRecord = decode(kv)?;
+            let nets = self.network_records(&t.id).await?;
+            let mut peers = 0;
+            for n in &nets {
+                peers += self
+                    .store
+                    .range(keys::peers(&n.id).as_bytes())
+                    .await?
+                    .kvs
+                    .len() as u32;
+            }
+            out.push(canopy_proto::v1::TenantSummary {
+                subscription: Some(self.subscription_of(&t.id).await?),
+                email: t.email.clone(),
+                networks: nets.len() as u32,
+                peers,
+                created_at_unix: t.created_at_unix,
+            });
+        }
+        out.sort_by_key(|t| t.created_at_unix);
+        Ok(out)
+    }
+
+    /// Suspends or resumes a tenant. A suspended tenant's console calls are refused; its agents
+    /// keep their last map (their streams are not touched).
+    pub async fn set_suspended(&self, id: &str, suspended: bool) -> Result<Subscription> {
+        for _ in 0..TXN_ATTEMPTS {
+            let (mut t, rev) = self.tenant_record(id).await?;
+            t.suspended = suspended;
+            let key = keys::tenant(id);
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::unchanged(key.clone(), rev))
+                        .then(Op::put(key, t.encode_to_vec())),
+                )
+                .await?;
+            if r.succeeded {
+                tracing::info!(tenant = %id, suspended, "tenant suspension changed");
+                return self.subscription_of(id).await;
+            }
+        }
+        Err(conflict())
+    }
+
+    /// Deletes a tenant and everything it owns: networks (with their peers and addresses), join
+    /// tokens, API tokens, and the tenant record last.
+    pub async fn delete_tenant(&self, id: &str) -> Result<(u32, u32)> {
+        self.tenant_record(id).await?;
+        let caller = Caller {
+            tenant: id.to_string(),
+            token_id: "operator".into(),
+            scope: Scope::Admin,
+            plan: Plan::SelfManaged,
+        };
+        let (mut nets, mut peers) = (0, 0);
+        for n in self.network_records(id).await? {
+            peers += self.delete_network(&caller, &n.id).await?;
+            nets += 1;
+        }
+        let mut txn = Txn::new();
+        for (t, _) in self.token_records(id).await? {
+            txn = txn.then(Op::delete(keys::token(id, &t.id)));
+            if let Ok(h) = <[u8; 32]>::try_from(t.secret_hash.as_slice()) {
+                txn = txn.then(Op::delete(keys::tokenhash(&h)));
+            }
+        }
+        for kv in self
+            .store
+            .range(keys::apitokenlist(id).as_bytes())
+            .await?
+            .kvs
+        {
+            let rec: ApiTokenRecord = decode(&kv)?;
+            if let Ok(h) = <[u8; 32]>::try_from(rec.secret_hash.as_slice()) {
+                txn = txn.then(Op::delete(keys::apitoken(&h)));
+            }
+        }
+        txn = txn
+            .then(Op::delete_prefix(keys::apitokenlist(id)))
+            .then(Op::delete(keys::netsver(id)))
+            .then(Op::delete(keys::tokensver(id)))
+            .then(Op::delete_prefix(format!("{}audit/{id}/", keys::ROOT)))
+            .then(Op::delete(keys::tenant(id)));
+        self.store.txn(txn).await?;
+        tracing::info!(tenant = %id, networks = nets, peers, "tenant deleted");
+        Ok((nets, peers))
+    }
+}

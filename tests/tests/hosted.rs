@@ -13,10 +13,13 @@ use canopy_tests::TestAgent;
 use canopy_tests::etcd::Etcd;
 use tonic::Code;
 
+const OPERATOR: &str = "op-secret-for-tests";
+
 async fn replica(data: &Path, etcd: &str, hosted: bool) -> Running {
     server::spawn(&ServeConfig {
         store: Some(StoreSpec::Etcd(vec![etcd.to_string()])),
         hosted,
+        operator_token: Some(OPERATOR.into()),
         ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), data.to_path_buf())
     })
     .await
@@ -595,7 +598,6 @@ async fn sign_up_plans_and_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
-    use prost::Message as _;
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let r = replica(dir.path(), &etcd.endpoint, true).await;
@@ -614,33 +616,141 @@ async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
         x.wait_map(std::time::Duration::from_secs(1), |m| m.peers.len() == 1)
             .await
     );
-    // Suspend (what the operator service will do) by setting the flag on the tenant record.
-    let store = r.controller.store.clone();
-    let key = format!("/canopy/v1/tenants/{tid}");
-    let mut rec = TenantRecord::decode(
-        store
-            .get(key.as_bytes())
-            .await
-            .unwrap()
-            .unwrap()
-            .value
-            .as_slice(),
-    )
-    .unwrap();
-    rec.suspended = true;
-    store
-        .txn(
-            canopy_controller::store::Txn::new()
-                .then(canopy_controller::store::Op::put(key, rec.encode_to_vec())),
-        )
+    let mut op = operator(&r, OPERATOR).await;
+    let sub = op
+        .suspend_tenant(TenantRef {
+            tenant_id: tid.clone(),
+        })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert!(sub.suspended);
     let s = c.list_networks(ListNetworksRequest {}).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("suspended"), "{}", s.message());
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(x.map().peers.len(), 1, "agents keep their last map");
+    op.resume_tenant(TenantRef { tenant_id: tid })
+        .await
+        .unwrap();
+    assert_eq!(
+        c.list_networks(ListNetworksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .networks
+            .len(),
+        1
+    );
     x.stop().await;
+}
+
+type Operator = canopy_proto::v1::operator_service_client::OperatorServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, console::Bearer>,
+>;
+
+async fn operator(r: &Running, token: &str) -> Operator {
+    let ch = transport::connect(&r.url, &Trust::Pin(r.ca_sha256))
+        .await
+        .unwrap();
+    canopy_proto::v1::operator_service_client::OperatorServiceClient::with_interceptor(
+        ch,
+        console::Bearer(format!("Bearer {token}").parse().unwrap()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operator_credential() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let (gone, tg) = signup(&r, "gone", "team").await;
+    let (kept, tk) = signup(&r, "kept", "free").await;
+    for (t, cidr) in [(&tg, "100.64.0.0/24"), (&tk, "100.65.0.0/24")] {
+        let mut c = console_as(&r, t).await;
+        c.create_network(net("n", cidr)).await.unwrap();
+        let join = c
+            .create_join_token(tok("n"))
+            .await
+            .unwrap()
+            .into_inner()
+            .join_string;
+        TestAgent::join(&join, "a").await.unwrap().stop().await;
+    }
+    let s = operator(&r, &tk)
+        .await
+        .list_tenants(ListTenantsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::Unauthenticated,
+        "a tenant's API token is not the operator credential"
+    );
+    let mut op = operator(&r, OPERATOR).await;
+    let list = op
+        .list_tenants(ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|t| t.networks == 1 && t.peers == 1));
+
+    let d = op
+        .delete_tenant(TenantRef {
+            tenant_id: gone.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((d.networks_deleted, d.peers_deleted), (1, 1));
+    let all = r.controller.store.range(b"/").await.unwrap();
+    let leftovers: Vec<String> = all
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .filter(|k| k.contains(&gone))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "nothing of the deleted tenant remains: {leftovers:?}"
+    );
+    let s = console_as(&r, &tg)
+        .await
+        .list_networks(ListNetworksRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert_eq!(
+        console_as(&r, &tk)
+            .await
+            .list_networks(ListNetworksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .networks
+            .len(),
+        1,
+        "the other tenant is untouched"
+    );
+    let list = op
+        .list_tenants(ListTenantsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert_eq!(
+        list.iter()
+            .map(|t| t.subscription.clone().unwrap().tenant_id)
+            .collect::<Vec<_>>(),
+        [kept]
+    );
+    let s = op
+        .delete_tenant(TenantRef { tenant_id: gone })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

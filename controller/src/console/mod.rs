@@ -15,6 +15,7 @@ use anyhow::{Context as _, anyhow, bail};
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::console_service_client::ConsoleServiceClient;
 use canopy_proto::v1::hosted_service_client::HostedServiceClient;
+use canopy_proto::v1::operator_service_client::OperatorServiceClient;
 use canopy_proto::v1::*;
 use clap::{Args, Parser, Subcommand};
 use tonic::service::Interceptor;
@@ -83,6 +84,26 @@ enum Command {
     },
     /// Hosted: networks, peers, agents online and join tokens against your plan's quotas.
     Usage,
+    /// Hosted, for the provider: tenants (needs the operator credential).
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorCmd {
+    /// Every tenant with its plan and usage.
+    Tenants,
+    /// Refuse a tenant's console calls (its agents keep their last map).
+    Suspend {
+        tenant_id: String,
+    },
+    Resume {
+        tenant_id: String,
+    },
+    /// Delete a tenant and everything it owns.
+    Delete {
+        tenant_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +166,9 @@ struct ServeArgs {
     /// Run as a hosted, multi-tenant service: sign-up is open, tenants get plans and quotas.
     #[arg(long, env = "CANOPY_HOSTED")]
     hosted: bool,
+    /// File holding the operator credential (for `canopy operator`); or set CANOPY_OPERATOR_TOKEN.
+    #[arg(long)]
+    operator_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +243,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant(c) => tenant(&cli.conn, json, c).await,
         Command::Plan { set } => plan(&cli.conn, json, set).await,
         Command::Usage => usage(&cli.conn, json).await,
+        Command::Operator(c) => operator(&cli.conn, json, c).await,
     }
 }
 
@@ -232,6 +257,13 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         session_starts_per_sec: a.max_session_starts,
         background: crate::leader::BackgroundConfig::default(),
         hosted: a.hosted,
+        operator_token: match &a.operator_token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading operator token file {}", f.display()))?,
+            ),
+            None => std::env::var("CANOPY_OPERATOR_TOKEN").ok(),
+        },
     };
     let prepared = server::prepare(&config).await?;
     let dd = prepared.data_dir.display();
@@ -267,7 +299,7 @@ pub async fn shutdown_signal() {
 
 /// Adds the bearer token to every call.
 #[derive(Clone)]
-pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct Bearer(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -370,6 +402,62 @@ async fn usage(conn: &ConnOpts, json: bool) -> anyhow::Result<()> {
         .map_err(call_error)?
         .into_inner();
     output::usage(json, &u)
+}
+
+async fn operator(conn: &ConnOpts, json: bool, c: OperatorCmd) -> anyhow::Result<()> {
+    let file = config_file(conn)?;
+    let server = server_of(conn, &file)?;
+    let trust = trust_of(conn, &file)?;
+    let token = std::env::var("CANOPY_OPERATOR_TOKEN")
+        .map_err(|_| anyhow!("set CANOPY_OPERATOR_TOKEN to the operator credential"))?;
+    let channel = transport::connect(&server, &trust).await?;
+    let bearer = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| anyhow!("operator credential contains characters that cannot be sent"))?;
+    let mut op = OperatorServiceClient::with_interceptor(channel, Bearer(bearer));
+    match c {
+        OperatorCmd::Tenants => {
+            let r = op
+                .list_tenants(ListTenantsRequest {})
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::tenants(json, &r.tenants)
+        }
+        OperatorCmd::Suspend { tenant_id } => {
+            let s = op
+                .suspend_tenant(TenantRef { tenant_id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::subscription(json, &s)
+        }
+        OperatorCmd::Resume { tenant_id } => {
+            let s = op
+                .resume_tenant(TenantRef { tenant_id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::subscription(json, &s)
+        }
+        OperatorCmd::Delete { tenant_id } => {
+            let r = op
+                .delete_tenant(TenantRef {
+                    tenant_id: tenant_id.clone(),
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::done(
+                json,
+                &format!(
+                    "deleted tenant {tenant_id} ({} networks, {} peers)",
+                    r.networks_deleted, r.peers_deleted
+                ),
+                serde_json::json!({"deleted": tenant_id, "networks": r.networks_deleted, "peers": r.peers_deleted}),
+            )
+        }
+    }
 }
 
 async fn apitoken(conn: &ConnOpts, json: bool, c: ApiTokenCmd) -> anyhow::Result<()> {

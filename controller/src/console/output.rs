@@ -1,7 +1,9 @@
 //! Console output: aligned tables for people, `--json` for scripts.
 #![allow(clippy::print_stdout)]
 
-use canopy_proto::v1::{ApiToken, JoinToken, Network, Peer, SignUpResponse, Subscription, Usage};
+use canopy_proto::v1::{
+    ApiToken, JoinToken, Network, Peer, SignUpResponse, Subscription, TenantSummary, Usage,
+};
 use serde_json::{Value, json};
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
@@ -294,6 +296,42 @@ pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
                     n.name.clone(),
                     format!("{} of {}", n.peers, limit(q.peers_per_network)),
                     n.agents_online.to_string(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn tenants(json: bool, tenants: &[TenantSummary]) -> anyhow::Result<()> {
+    if json {
+        return print_json(Value::Array(
+            tenants
+                .iter()
+                .map(|t| json!({"subscription": t.subscription.as_ref().map(subscription_json), "email": t.email, "networks": t.networks, "peers": t.peers, "created_at": t.created_at_unix}))
+                .collect(),
+        ));
+    }
+    table(
+        &[
+            "TENANT", "ORG", "PLAN", "STATE", "NETWORKS", "PEERS", "CREATED",
+        ],
+        tenants
+            .iter()
+            .map(|t| {
+                let s = t.subscription.clone().unwrap_or_default();
+                vec![
+                    s.tenant_id,
+                    s.org,
+                    s.plan,
+                    if s.suspended {
+                        "suspended".into()
+                    } else {
+                        "active".into()
+                    },
+                    t.networks.to_string(),
+                    t.peers.to_string(),
+                    time(t.created_at_unix),
                 ]
             })
             .collect(),

@@ -4,6 +4,7 @@
 mod agent;
 mod console;
 mod hosted;
+mod operator;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use canopy_proto::v1::agent_service_server::AgentServiceServer;
 use canopy_proto::v1::console_service_server::ConsoleServiceServer;
 use canopy_proto::v1::hosted_service_server::HostedServiceServer;
+use canopy_proto::v1::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -89,6 +91,8 @@ pub struct ServeConfig {
     pub background: crate::leader::BackgroundConfig,
     /// Multi-tenant hosted mode: sign-up open, plans and quotas.
     pub hosted: bool,
+    /// The operator credential (for OperatorService); none disables it.
+    pub operator_token: Option<String>,
 }
 
 impl ServeConfig {
@@ -103,6 +107,7 @@ impl ServeConfig {
             session_starts_per_sec: crate::service::DEFAULT_SESSION_STARTS,
             background: crate::leader::BackgroundConfig::default(),
             hosted: false,
+            operator_token: None,
         }
     }
 }
@@ -210,6 +215,11 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
     controller.set_session_start_rate(config.session_starts_per_sec);
     controller.hosted = config.hosted;
+    controller.operator_token_hash = config
+        .operator_token
+        .as_ref()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| crate::secret::Secret::from_string(t.trim().to_string()).hash());
 
     let token_path = config.data_dir.join("admin-token");
     let new_admin_token = if token_path.exists() {
@@ -260,6 +270,8 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let hosted = HostedServiceServer::new(hosted::HostedApi::new(p.controller.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let operator = OperatorServiceServer::new(operator::OperatorApi::new(p.controller.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let identity = Identity::from_pem(&p.tls.server_chain_pem, &p.tls.server_key_pem);
     tracing::info!(addr = %p.local_addr, url = %p.controller.public_url, "controller serving");
     let ctl = p.controller.clone();
@@ -292,6 +304,7 @@ pub async fn serve(
         .add_service(console)
         .add_service(agent)
         .add_service(hosted)
+        .add_service(operator)
         .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), shutdown)
         .await?;
     let _ = bg_stop.send(());
