@@ -40,6 +40,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled completely by `now` (nothing to remember).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.last.is_none_or(|l| {
+            self.tokens + now.saturating_duration_since(l).as_secs_f64() * self.rate >= self.burst
+        })
+    }
+
     /// A retry-after for a refused session: spread over about the time the current burst
     /// needs to drain, so a storm of retries does not arrive together again.
     pub fn retry_after(&self, due: Duration, jitter: f64) -> Duration {

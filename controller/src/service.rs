@@ -32,6 +32,8 @@ use crate::{ipam, keys};
 pub const DEFAULT_TENANT: &str = "default";
 /// Attempts at a conflicting transaction before giving up with `Unavailable`.
 const TXN_ATTEMPTS: usize = 200;
+/// Console requests per second per API token, by default.
+pub const DEFAULT_API_RATE: u32 = 50;
 /// New Sync sessions per second (and burst) a replica accepts by default.
 pub const DEFAULT_SESSION_STARTS: u32 = 1000;
 /// Endpoints an agent may report.
@@ -120,6 +122,8 @@ pub struct Controller {
     pub hosted: bool,
     /// SHA-256 of the operator credential, if one is configured.
     pub operator_token_hash: Option<[u8; 32]>,
+    /// Per-API-token request rate limits on this replica: (requests per second, buckets).
+    api_rate: Arc<Mutex<(u32, HashMap<String, crate::pacing::TokenBucket>)>>,
 }
 
 pub(crate) fn now_unix() -> i64 {
@@ -155,11 +159,36 @@ impl Controller {
             leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             hosted: false,
             operator_token_hash: None,
+            api_rate: Arc::new(Mutex::new((DEFAULT_API_RATE, HashMap::new()))),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,
             ))),
         }
+    }
+
+    /// Sets the per-API-token request rate (per second; bursts of twice that).
+    pub fn set_api_rate(&mut self, per_second: u32) {
+        self.api_rate = Arc::new(Mutex::new((per_second.max(1), HashMap::new())));
+    }
+
+    /// Counts one request of the caller's token against its rate limit.
+    pub fn check_rate(&self, c: &Caller) -> Result<()> {
+        let mut g = self.api_rate.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = g.0;
+        let now = std::time::Instant::now();
+        if g.1.len() > 10_000 {
+            // Bounded memory: forget buckets that have been idle long enough to be full again.
+            g.1.retain(|_, b| !b.is_full(now));
+        }
+        let bucket =
+            g.1.entry(c.token_id.clone())
+                .or_insert_with(|| crate::pacing::TokenBucket::new(rate, rate * 2));
+        bucket.admit(now).map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "rate limit: {rate} requests per second per API token; retry shortly"
+            ))
+        })
     }
 
     /// Whether this replica runs background work now.
@@ -785,6 +814,14 @@ impl Controller {
                 continue;
             }
             tracing::info!(peer = %peer_id, network = %net.id, addresses = ?peer.addresses, "peer enrolled");
+            self.audit(
+                &tok.tenant_id,
+                &tok.id,
+                "peer.enroll",
+                &peer_id,
+                &format!("{} {}", hostname, peer.addresses.join(",")),
+            )
+            .await;
             // The map as of the enrollment's revision, read from the store (the cache may lag).
             let map = self.map_from_store(&net, &peer_id).await?;
             return Ok(EnrollResponse {

@@ -34,6 +34,12 @@ fn config(dir: &std::path::Path, port: u16) -> ServeConfig {
 fn config_with_rate(dir: &std::path::Path, port: u16, rate: u32) -> ServeConfig {
     ServeConfig {
         session_starts_per_sec: rate,
+        // Tests compare store revisions: no lease renewals in the middle of them.
+        background: canopy_controller::leader::BackgroundConfig {
+            lease: std::time::Duration::from_secs(7200),
+            tick: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
         ..ServeConfig::new(
             format!("127.0.0.1:{port}").parse().unwrap(),
             dir.to_path_buf(),

@@ -303,7 +303,11 @@ async fn enrollment_refuses_bad_tokens_and_keys_without_writing() {
         "limit",
     );
 
-    assert_eq!(rev2 - rev, 1, "only the token creation wrote");
+    assert_eq!(
+        rev2 - rev,
+        2,
+        "only the token creation (and its audit entry) wrote"
+    );
     assert_eq!(
         c.store_revision().await,
         rev2,

@@ -801,3 +801,146 @@ async fn no_private_key_is_anywhere_in_the_store_after_enrollments() {
         a.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let (_, t) = signup(&r, "audited", "team").await;
+    let (_, other) = signup(&r, "other", "team").await;
+    let mut c = console_as(&r, &t).await;
+    let admin_id = c
+        .list_api_tokens(ListApiTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens[0]
+        .id
+        .clone();
+    let n = c
+        .create_network(net("n", "100.64.0.0/24"))
+        .await
+        .unwrap()
+        .into_inner();
+    let jt = c.create_join_token(tok("n")).await.unwrap().into_inner();
+    let a = TestAgent::join(&jt.join_string, "a").await.unwrap();
+    c.remove_peer(RemovePeerRequest {
+        peer_id: a.peer_id.clone(),
+    })
+    .await
+    .unwrap();
+    let _ = c
+        .create_network(net("bad", "10.0.0.1/24"))
+        .await
+        .unwrap_err(); // refused: not audited
+
+    let all = c
+        .list_audit(ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "peer.remove",
+            "peer.enroll",
+            "token.create",
+            "network.create"
+        ]
+    );
+    assert_eq!(
+        (all[0].actor.as_str(), all[0].object.as_str()),
+        (admin_id.as_str(), a.peer_id.as_str())
+    );
+    assert_eq!(
+        all[1].actor,
+        jt.token.unwrap().id,
+        "an enrollment's actor is the join token"
+    );
+    assert_eq!(all[3].object, n.id);
+    assert!(all.windows(2).all(|w| w[0].at_unix_ms >= w[1].at_unix_ms));
+    let peers = c
+        .list_audit(ListAuditRequest {
+            action: "peer.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(peers.len(), 2);
+    let about = c
+        .list_audit(ListAuditRequest {
+            object: n.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(about.len(), 1);
+    assert_eq!(
+        c.list_audit(ListAuditRequest {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .len(),
+        1
+    );
+    // Another tenant's log is its own.
+    let theirs = console_as(&r, &other)
+        .await
+        .list_audit(ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(theirs.is_empty());
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_tokens() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = server::spawn(&ServeConfig {
+        store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),
+        hosted: true,
+        api_requests_per_sec: 5,
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+    })
+    .await
+    .unwrap();
+    let (_, t1) = signup(&r, "busy", "team").await;
+    let (_, t2) = signup(&r, "calm", "team").await;
+    let mut busy = console_as(&r, &t1).await;
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..40 {
+        match busy.list_networks(ListNetworksRequest {}).await {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted);
+                assert!(
+                    s.message()
+                        .contains("rate limit: 5 requests per second per API token"),
+                    "{}",
+                    s.message()
+                );
+                limited += 1;
+            }
+        }
+    }
+    assert!(ok >= 10 && limited > 0, "ok {ok}, limited {limited}");
+    console_as(&r, &t2)
+        .await
+        .list_networks(ListNetworksRequest {})
+        .await
+        .expect("another token has its own budget");
+}

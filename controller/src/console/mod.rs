@@ -84,6 +84,17 @@ enum Command {
     },
     /// Hosted: networks, peers, agents online and join tokens against your plan's quotas.
     Usage,
+    /// Your tenant's audit log: who (token id) did what to which object, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only actions starting with this, e.g. peer. or network.create
+        #[arg(long, default_value = "")]
+        action: String,
+        /// Only entries about this object id.
+        #[arg(long, default_value = "")]
+        object: String,
+    },
     /// Hosted, for the provider: tenants (needs the operator credential).
     #[command(subcommand)]
     Operator(OperatorCmd),
@@ -169,6 +180,9 @@ struct ServeArgs {
     /// File holding the operator credential (for `canopy operator`); or set CANOPY_OPERATOR_TOKEN.
     #[arg(long)]
     operator_token_file: Option<PathBuf>,
+    /// Console requests per second per API token (bursts of twice that).
+    #[arg(long, default_value_t = crate::service::DEFAULT_API_RATE)]
+    api_rate: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -244,6 +258,23 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Plan { set } => plan(&cli.conn, json, set).await,
         Command::Usage => usage(&cli.conn, json).await,
         Command::Operator(c) => operator(&cli.conn, json, c).await,
+        Command::Audit {
+            limit,
+            action,
+            object,
+        } => {
+            let r = client(&cli.conn)
+                .await?
+                .list_audit(ListAuditRequest {
+                    limit,
+                    action,
+                    object,
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            output::audit(json, &r.entries)
+        }
     }
 }
 
@@ -257,6 +288,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         session_starts_per_sec: a.max_session_starts,
         background: crate::leader::BackgroundConfig::default(),
         hosted: a.hosted,
+        api_requests_per_sec: a.api_rate,
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

@@ -2,7 +2,8 @@
 #![allow(clippy::print_stdout)]
 
 use canopy_proto::v1::{
-    ApiToken, JoinToken, Network, Peer, SignUpResponse, Subscription, TenantSummary, Usage,
+    ApiToken, AuditEntry, JoinToken, Network, Peer, SignUpResponse, Subscription, TenantSummary,
+    Usage,
 };
 use serde_json::{Value, json};
 
@@ -332,6 +333,30 @@ pub fn tenants(json: bool, tenants: &[TenantSummary]) -> anyhow::Result<()> {
                     t.networks.to_string(),
                     t.peers.to_string(),
                     time(t.created_at_unix),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn audit(json: bool, entries: &[AuditEntry]) -> anyhow::Result<()> {
+    if json {
+        return print_json(Value::Array(
+            entries.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "actor": e.actor, "action": e.action, "object": e.object, "detail": e.detail})).collect(),
+        ));
+    }
+    table(
+        &["WHEN", "ACTOR", "ACTION", "OBJECT", "DETAIL"],
+        entries
+            .iter()
+            .map(|e| {
+                vec![
+                    time(e.at_unix_ms / 1000),
+                    e.actor.clone(),
+                    e.action.clone(),
+                    e.object.clone(),
+                    e.detail.clone(),
                 ]
             })
             .collect(),

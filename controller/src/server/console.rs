@@ -1,4 +1,5 @@
-//! `ConsoleService`: every call is authenticated by an API token and scoped to its tenant.
+//! `ConsoleService`: every call is authenticated by an API token and scoped to its tenant;
+//! every change is written to the tenant's audit log.
 
 use canopy_proto::v1::console_service_server::ConsoleService;
 use canopy_proto::v1::*;
@@ -17,7 +18,15 @@ impl ConsoleApi {
 
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let token = super::bearer(req)?;
-        Ok(self.ctl.authenticate_console(&token).await?)
+        let c = self.ctl.authenticate_console(&token).await?;
+        self.ctl.check_rate(&c)?;
+        Ok(c)
+    }
+
+    async fn audit(&self, c: &Caller, action: &str, object: &str, detail: &str) {
+        self.ctl
+            .audit(&c.tenant, &c.token_id, action, object, detail)
+            .await;
     }
 }
 
@@ -28,9 +37,15 @@ impl ConsoleService for ConsoleApi {
     async fn create_network(&self, req: Request<CreateNetworkRequest>) -> R<Network> {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
-        Ok(Response::new(
-            self.ctl.create_network(&c, &r.name, &r.cidrs).await?,
-        ))
+        let n = self.ctl.create_network(&c, &r.name, &r.cidrs).await?;
+        self.audit(
+            &c,
+            "network.create",
+            &n.id,
+            &format!("{} {}", n.name, n.cidrs.join(",")),
+        )
+        .await;
+        Ok(Response::new(n))
     }
 
     async fn list_networks(&self, req: Request<ListNetworksRequest>) -> R<ListNetworksResponse> {
@@ -49,10 +64,16 @@ impl ConsoleService for ConsoleApi {
 
     async fn delete_network(&self, req: Request<DeleteNetworkRequest>) -> R<DeleteNetworkResponse> {
         let c = self.caller(&req).await?;
-        let peers_removed = self
-            .ctl
-            .delete_network(&c, &req.into_inner().network)
-            .await?;
+        let reference = req.into_inner().network;
+        let id = self.ctl.resolve_network(&c, &reference).await?.0.id;
+        let peers_removed = self.ctl.delete_network(&c, &id).await?;
+        self.audit(
+            &c,
+            "network.delete",
+            &id,
+            &format!("{peers_removed} peers removed"),
+        )
+        .await;
         Ok(Response::new(DeleteNetworkResponse { peers_removed }))
     }
 
@@ -66,6 +87,13 @@ impl ConsoleService for ConsoleApi {
             .ctl
             .create_join_token(&c, &r.network, r.max_uses, r.ttl_seconds, &r.tags)
             .await?;
+        self.audit(
+            &c,
+            "token.create",
+            &token.id,
+            &format!("network {} max uses {}", token.network_id, token.max_uses),
+        )
+        .await;
         Ok(Response::new(CreateJoinTokenResponse {
             token: Some(token),
             join_string,
@@ -86,11 +114,12 @@ impl ConsoleService for ConsoleApi {
 
     async fn revoke_join_token(&self, req: Request<RevokeJoinTokenRequest>) -> R<JoinToken> {
         let c = self.caller(&req).await?;
-        Ok(Response::new(
-            self.ctl
-                .revoke_join_token(&c, &req.into_inner().token_id)
-                .await?,
-        ))
+        let t = self
+            .ctl
+            .revoke_join_token(&c, &req.into_inner().token_id)
+            .await?;
+        self.audit(&c, "token.revoke", &t.id, "").await;
+        Ok(Response::new(t))
     }
 
     async fn list_peers(&self, req: Request<ListPeersRequest>) -> R<ListPeersResponse> {
@@ -108,7 +137,9 @@ impl ConsoleService for ConsoleApi {
 
     async fn remove_peer(&self, req: Request<RemovePeerRequest>) -> R<RemovePeerResponse> {
         let c = self.caller(&req).await?;
-        self.ctl.remove_peer(&c, &req.into_inner().peer_id).await?;
+        let id = req.into_inner().peer_id;
+        self.ctl.remove_peer(&c, &id).await?;
+        self.audit(&c, "peer.remove", &id, "").await;
         Ok(Response::new(RemovePeerResponse {}))
     }
 
@@ -119,6 +150,13 @@ impl ConsoleService for ConsoleApi {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
         let (token, secret) = self.ctl.create_api_token_for(&c, &r.name, &r.scope).await?;
+        self.audit(
+            &c,
+            "apitoken.create",
+            &token.id,
+            &format!("{} scope {}", token.name, token.scope),
+        )
+        .await;
         Ok(Response::new(CreateApiTokenResponse {
             token: Some(token),
             secret: secret.expose().to_string(),
@@ -137,10 +175,22 @@ impl ConsoleService for ConsoleApi {
 
     async fn revoke_api_token(&self, req: Request<RevokeApiTokenRequest>) -> R<ApiToken> {
         let c = self.caller(&req).await?;
-        Ok(Response::new(
-            self.ctl
-                .revoke_api_token(&c, &req.into_inner().token_id)
+        let t = self
+            .ctl
+            .revoke_api_token(&c, &req.into_inner().token_id)
+            .await?;
+        self.audit(&c, "apitoken.revoke", &t.id, &t.name).await;
+        Ok(Response::new(t))
+    }
+
+    async fn list_audit(&self, req: Request<ListAuditRequest>) -> R<ListAuditResponse> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        Ok(Response::new(ListAuditResponse {
+            entries: self
+                .ctl
+                .list_audit(&c, r.limit, &r.action, &r.object)
                 .await?,
-        ))
+        }))
     }
 }

@@ -18,7 +18,9 @@ impl HostedApi {
 
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let token = super::bearer(req)?;
-        Ok(self.ctl.authenticate_console(&token).await?)
+        let c = self.ctl.authenticate_console(&token).await?;
+        self.ctl.check_rate(&c)?;
+        Ok(c)
     }
 }
 
@@ -43,9 +45,11 @@ impl HostedService for HostedApi {
 
     async fn change_plan(&self, req: Request<ChangePlanRequest>) -> R<Subscription> {
         let c = self.caller(&req).await?;
-        Ok(Response::new(
-            self.ctl.change_plan(&c, &req.into_inner().plan).await?,
-        ))
+        let sub = self.ctl.change_plan(&c, &req.into_inner().plan).await?;
+        self.ctl
+            .audit(&c.tenant, &c.token_id, "plan.change", &c.tenant, &sub.plan)
+            .await;
+        Ok(Response::new(sub))
     }
 
     async fn get_usage(&self, req: Request<GetUsageRequest>) -> R<Usage> {

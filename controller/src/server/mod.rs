@@ -93,6 +93,8 @@ pub struct ServeConfig {
     pub hosted: bool,
     /// The operator credential (for OperatorService); none disables it.
     pub operator_token: Option<String>,
+    /// Console requests per second per API token (bursts of twice that).
+    pub api_requests_per_sec: u32,
 }
 
 impl ServeConfig {
@@ -108,6 +110,7 @@ impl ServeConfig {
             background: crate::leader::BackgroundConfig::default(),
             hosted: false,
             operator_token: None,
+            api_requests_per_sec: crate::service::DEFAULT_API_RATE,
         }
     }
 }
@@ -215,6 +218,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
     controller.set_session_start_rate(config.session_starts_per_sec);
     controller.hosted = config.hosted;
+    controller.set_api_rate(config.api_requests_per_sec);
     controller.operator_token_hash = config
         .operator_token
         .as_ref()
