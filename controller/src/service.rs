@@ -730,7 +730,7 @@ impl Controller {
                 .when(Compare::absent(pubkey_key.clone()));
             // The plan's peer quota, counted under a per-network version key the enrollment is
             // conditioned on (only when the plan has a quota: no extra contention otherwise).
-            let plan = self.tenant_plan(&tok.tenant_id).await?;
+            let plan = self.active_tenant_plan(&tok.tenant_id).await?;
             let limit = plan.quotas().peers_per_network;
             if limit != u32::MAX {
                 let ver_key = keys::netpeers(&net.id);

@@ -138,6 +138,22 @@ impl Controller {
         )
     }
 
+    /// The plan of a tenant that may act now: a suspended tenant enrolls no new agents.
+    pub async fn active_tenant_plan(&self, tenant: &str) -> Result<Plan> {
+        match self.store.get(keys::tenant(tenant).as_bytes()).await? {
+            Some(kv) => {
+                let t: TenantRecord = decode(&kv)?;
+                if t.suspended {
+                    return Err(Error::PermissionDenied(
+                        "this network's tenant is suspended; no new agents can join".into(),
+                    ));
+                }
+                Ok(Plan::from_record(&t.plan))
+            }
+            None => Ok(Plan::SelfManaged),
+        }
+    }
+
     /// Hosted sign-up: a new tenant on a plan, and its first (admin) API token.
     pub async fn sign_up(
         &self,

@@ -630,6 +630,16 @@ async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
     assert!(s.message().contains("suspended"), "{}", s.message());
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(x.map().peers.len(), 1, "agents keep their last map");
+    match TestAgent::join(&join, "z").await {
+        Err(canopy_agent::control::ControlError::Refused(s)) => {
+            assert_eq!(s.code(), Code::PermissionDenied);
+            assert!(s.message().contains("suspended"), "{}", s.message());
+        }
+        other => panic!(
+            "a suspended tenant enrolled an agent: {:?}",
+            other.map(|a| a.peer_id)
+        ),
+    }
     op.resume_tenant(TenantRef { tenant_id: tid })
         .await
         .unwrap();
