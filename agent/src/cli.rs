@@ -180,6 +180,7 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
         addresses: cfg.interface.addresses,
         listen_port: cfg.interface.listen_port.unwrap_or(0),
         mtu: cfg.interface.mtu.unwrap_or(DEFAULT_MTU),
+        offload: dataplane::offload_from_env(),
     };
     let dp = Dataplane::start(spec, cfg.peers).await?;
     println!(
@@ -226,6 +227,7 @@ async fn join(
         addresses: dataplane::map_addresses(&map),
         listen_port: iface.listen_port,
         mtu: iface.mtu,
+        offload: dataplane::offload_from_env(),
     };
     let dp = Arc::new(Dataplane::start(spec, vec![]).await?);
     let mut sink = ControllerSink::new(dp.clone());

@@ -66,31 +66,93 @@ pub struct Drops {
     pub invalid: u64,
 }
 
-/// Results of one batch: datagrams to send and packets to deliver, as ranges of one buffer.
+/// Bytes left free in front of each decrypted packet, so the I/O layer can put a per-packet
+/// header there without copying (the TUN device's 10-byte virtio-net header when offloads are
+/// on). 16 keeps the packets 8-byte aligned.
+pub const TUN_HEADROOM: usize = 16;
+
+/// Results of one batch: datagrams to send, as ranges of one buffer (consecutive datagrams to
+/// the same endpoint lie back to back, so they can go out as one segmented send), and packets
+/// to deliver, each in its own buffer behind [`TUN_HEADROOM`] free bytes (so they can be
+/// coalesced and written in a batch). Buffers are kept between batches: the steady state
+/// allocates nothing.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    pub buf: Vec<u8>,
+    buf: Vec<u8>,
+    /// Bytes of `buf` in use; `buf` itself only grows.
+    used: usize,
     pub net: Vec<(SocketAddr, Range<usize>)>,
-    pub tun: Vec<Range<usize>>,
+    tun: Vec<Vec<u8>>,
+    tun_count: usize,
 }
 
 impl Outbox {
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.used = 0;
         self.net.clear();
-        self.tun.clear();
+        self.tun_count = 0;
     }
+    /// Forgets the packets to deliver (after they were written), keeping the datagrams.
+    pub fn clear_tun(&mut self) {
+        self.tun_count = 0;
+    }
+    /// Datagrams to send, in order.
     pub fn net_packets(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
         self.net.iter().map(|(a, r)| (*a, &self.buf[r.clone()]))
     }
-    pub fn tun_packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.tun.iter().map(|r| &self.buf[r.clone()])
+    /// Bytes of the datagram buffer that the ranges in [`Self::net`] index.
+    pub fn net_bytes(&self, range: Range<usize>) -> &[u8] {
+        &self.buf[range]
     }
-    /// Makes room for `n` bytes at the end and returns where it starts.
+    /// Packets to deliver, in order.
+    pub fn tun_packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.tun[..self.tun_count]
+            .iter()
+            .map(|b| &b[TUN_HEADROOM..])
+    }
+    pub fn tun_is_empty(&self) -> bool {
+        self.tun_count == 0
+    }
+    /// The buffers of the packets to deliver, each holding [`TUN_HEADROOM`] free bytes and then
+    /// the packet; a batched writer may fill in the headroom, coalesce and grow them.
+    pub fn tun_buffers(&mut self) -> &mut [Vec<u8>] {
+        &mut self.tun[..self.tun_count]
+    }
+    /// Makes room for `n` bytes of a datagram at the end of the buffer and returns its start.
     fn grow(&mut self, n: usize) -> usize {
-        let off = self.buf.len();
-        self.buf.resize(off + n, 0);
+        let off = self.used;
+        if self.buf.len() < off + n {
+            self.buf.resize(off + n, 0);
+        }
+        self.used = off + n;
         off
+    }
+    /// Keeps `n` bytes written at `off` (undoing the rest of what [`Self::grow`] reserved).
+    fn keep(&mut self, off: usize, n: usize) {
+        self.used = off + n;
+    }
+    fn push_net(&mut self, to: SocketAddr, off: usize, n: usize) {
+        self.keep(off, n);
+        self.net.push((to, off..off + n));
+    }
+    /// A buffer for a packet to deliver, with room for `n` bytes after the headroom.
+    fn next_tun(&mut self, n: usize) -> &mut Vec<u8> {
+        if self.tun_count == self.tun.len() {
+            self.tun.push(Vec::new());
+        }
+        let b = &mut self.tun[self.tun_count];
+        // Grow only: resizing down keeps the memory and writes nothing.
+        if b.len() < TUN_HEADROOM + n {
+            b.resize(TUN_HEADROOM + n, 0);
+        } else {
+            b.truncate(TUN_HEADROOM + n);
+        }
+        b
+    }
+    /// Keeps the packet of `n` bytes written into the buffer [`Self::next_tun`] gave.
+    fn push_tun(&mut self, n: usize) {
+        self.tun[self.tun_count].truncate(TUN_HEADROOM + n);
+        self.tun_count += 1;
     }
 }
 
@@ -117,13 +179,6 @@ impl std::fmt::Debug for Engine {
             .field("peers", &self.peers.len())
             .finish()
     }
-}
-
-enum Dest {
-    /// Reply to where the datagram came from (handshake response, cookie).
-    Sender,
-    /// The peer's current endpoint.
-    Peer,
 }
 
 impl Engine {
@@ -284,10 +339,9 @@ impl Engine {
             match peer.tunn.encapsulate(pkt, &mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
-                    out.buf.truncate(off + n);
-                    out.net.push((endpoint, off..off + n));
+                    out.push_net(endpoint, off, n);
                 }
-                _ => out.buf.truncate(off),
+                _ => out.keep(off, 0),
             }
         }
     }
@@ -314,7 +368,7 @@ impl Engine {
                 let n = c.len();
                 let off = out.grow(n);
                 out.buf[off..off + n].copy_from_slice(&cookie[..n]);
-                out.net.push((from, off..off + n));
+                out.push_net(from, off, n);
                 return;
             }
             Err(_) => {
@@ -341,71 +395,105 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&idx) else {
             return;
         };
-        let off = out.grow(datagram.len() + OVERHEAD);
-        let mut dest = Dest::Sender;
-        let mut authenticated = false;
-        let mut input = datagram;
-        let mut off = off;
-        loop {
-            let res = peer
+        // A data packet decrypts into a TUN buffer; a handshake answer (and the packets queued
+        // behind a handshake) into the datagram buffer.
+        if datagram.len() >= 4 && datagram[0] == 4 {
+            let tun = out.next_tun(datagram.len());
+            match peer
                 .tunn
-                .decapsulate(Some(from.ip()), input, &mut out.buf[off..]);
-            match res {
-                TunnResult::Done => {
-                    out.buf.truncate(off);
-                    authenticated |= !input.is_empty();
-                    break;
-                }
-                TunnResult::Err(_) => {
-                    out.buf.truncate(off);
-                    if !input.is_empty() {
-                        self.drops.invalid += 1;
-                    }
-                    break;
-                }
-                TunnResult::WriteToNetwork(b) => {
-                    let n = b.len();
-                    authenticated |= !input.is_empty();
-                    out.buf.truncate(off + n);
-                    let to = match dest {
-                        Dest::Sender => from,
-                        Dest::Peer => peer.config.endpoint.unwrap_or(from),
-                    };
-                    out.net.push((to, off..off + n));
-                    // Flush packets queued while the handshake was pending.
-                    input = &[];
-                    dest = Dest::Peer;
-                    off = out.grow(OVERHEAD + 65535);
-                }
+                .decapsulate(Some(from.ip()), datagram, &mut tun[TUN_HEADROOM..])
+            {
                 TunnResult::WriteToTunnelV4(b, src) => {
                     let n = b.len();
-                    authenticated = true;
-                    let ok = self.routes.lookup(IpAddr::V4(src)) == Some(&idx);
-                    Self::deliver(out, off, n, ok, &mut self.drops);
-                    break;
+                    peer.config.endpoint = Some(from);
+                    if self.routes.lookup(IpAddr::V4(src)) == Some(&idx) {
+                        out.push_tun(n);
+                    } else {
+                        self.drops.spoofed += 1;
+                    }
+                    return;
                 }
                 TunnResult::WriteToTunnelV6(b, src) => {
                     let n = b.len();
-                    authenticated = true;
-                    let ok = self.routes.lookup(IpAddr::V6(src)) == Some(&idx);
-                    Self::deliver(out, off, n, ok, &mut self.drops);
-                    break;
+                    peer.config.endpoint = Some(from);
+                    if self.routes.lookup(IpAddr::V6(src)) == Some(&idx) {
+                        out.push_tun(n);
+                    } else {
+                        self.drops.spoofed += 1;
+                    }
+                    return;
                 }
+                // A keepalive: authenticated, nothing to deliver.
+                TunnResult::Done => {
+                    peer.config.endpoint = Some(from);
+                    return;
+                }
+                TunnResult::Err(_) => {
+                    self.drops.invalid += 1;
+                    return;
+                }
+                // Decrypting a data packet can complete a handshake and release queued packets:
+                // send what it produced, then flush the queue below.
+                TunnResult::WriteToNetwork(b) => {
+                    let answer = b.to_vec(); // not seen in practice: not worth a buffer
+                    let off = out.grow(answer.len());
+                    out.buf[off..off + answer.len()].copy_from_slice(&answer);
+                    out.push_net(peer.config.endpoint.unwrap_or(from), off, answer.len());
+                    peer.config.endpoint = Some(from);
+                    Self::flush_queued(peer, from, out);
+                    return;
+                }
+            }
+        }
+        let off = out.grow(datagram.len() + OVERHEAD);
+        let mut authenticated = false;
+        match peer
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut out.buf[off..])
+        {
+            TunnResult::Done => {
+                out.keep(off, 0);
+                authenticated = true;
+            }
+            TunnResult::Err(_) => {
+                out.keep(off, 0);
+                self.drops.invalid += 1;
+            }
+            TunnResult::WriteToNetwork(b) => {
+                let n = b.len();
+                authenticated = true;
+                // A handshake response or cookie goes back to where the message came from.
+                out.push_net(from, off, n);
+            }
+            // Handshake messages never decrypt to a packet.
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                out.keep(off, 0);
             }
         }
         if authenticated {
             // Roaming: the endpoint follows the latest authenticated packet.
             peer.config.endpoint = Some(from);
+            Self::flush_queued(peer, from, out);
         }
     }
 
-    fn deliver(out: &mut Outbox, off: usize, n: usize, allowed: bool, drops: &mut Drops) {
-        if allowed {
-            out.buf.truncate(off + n);
-            out.tun.push(off..off + n);
-        } else {
-            out.buf.truncate(off);
-            drops.spoofed += 1;
+    /// Sends the packets boringtun queued while a handshake was pending.
+    fn flush_queued(peer: &mut Peer, from: SocketAddr, out: &mut Outbox) {
+        loop {
+            let off = out.grow(OVERHEAD + 65535);
+            match peer
+                .tunn
+                .decapsulate(Some(from.ip()), &[], &mut out.buf[off..])
+            {
+                TunnResult::WriteToNetwork(b) => {
+                    let n = b.len();
+                    out.push_net(peer.config.endpoint.unwrap_or(from), off, n);
+                }
+                _ => {
+                    out.keep(off, 0);
+                    return;
+                }
+            }
         }
     }
 
@@ -424,13 +512,12 @@ impl Engine {
             match peer.tunn.update_timers(&mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
-                    out.buf.truncate(off + n);
                     match peer.config.endpoint {
-                        Some(ep) => out.net.push((ep, off..off + n)),
-                        None => out.buf.truncate(off),
+                        Some(ep) => out.push_net(ep, off, n),
+                        None => out.keep(off, 0),
                     }
                 }
-                _ => out.buf.truncate(off),
+                _ => out.keep(off, 0),
             }
         }
     }

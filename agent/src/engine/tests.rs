@@ -163,7 +163,7 @@ fn a_handshake_from_an_unknown_key_gets_no_answer() {
         [("192.0.2.9:1".parse().unwrap(), init[0].as_slice())],
         &mut out,
     );
-    assert!(out.net.is_empty() && out.tun.is_empty());
+    assert!(out.net.is_empty() && out.tun_is_empty());
     assert_eq!(a.drops.invalid, 1);
 }
 

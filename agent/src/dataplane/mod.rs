@@ -1,31 +1,33 @@
 //! The I/O shell around the [`Engine`]: a TUN device and a UDP socket on tokio, a timer tick,
 //! the UAPI socket, and the interface's addresses and routes.
 //!
-//! Each direction runs as its own task: read a batch (one blocking read, then whatever else is
-//! ready), take the engine lock once for the batch, then write what came out. Addresses and
-//! routes are set with `ip` (iproute2), as wg-quick does; the interface and its routes vanish
-//! when the agent stops, because the TUN device is not persistent.
+//! The TUN device runs with offloads (virtio-net headers: TSO/GRO, USO where the kernel has
+//! it) unless the kernel refuses or `CANOPY_TUN_OFFLOAD=0`; the socket batches and segments
+//! (`net`). The forwarding loops (`pump`) run on a runtime of their own. Addresses and routes
+//! are set with `ip` (iproute2), as wg-quick does; the interface and its routes vanish when
+//! the agent stops, because the TUN device is not persistent.
+
+mod net;
+mod pump;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use canopy_proto::v1::{NetworkDelta, NetworkMap, RemotePeer};
 use ipnetwork::IpNetwork;
-use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 use crate::control::MapSink;
-use crate::engine::{Engine, Outbox, PeerConfig};
+use crate::engine::{Engine, PeerConfig};
 use crate::uapi;
+use net::NetSocket;
 
-/// Packets taken per batch from the TUN device or the socket.
-const BATCH: usize = 64;
 pub const DEFAULT_MTU: u16 = 1420;
 /// Keepalive for controller-managed peers, so NAT mappings and roaming keep working.
 const MANAGED_KEEPALIVE: u16 = 25;
@@ -55,6 +57,16 @@ pub struct InterfaceSpec {
     /// 0: let the system choose.
     pub listen_port: u16,
     pub mtu: u16,
+    /// Use TUN offloads (segmentation and coalescing) when the kernel has them.
+    pub offload: bool,
+}
+
+/// Whether TUN offloads are wanted: yes unless `CANOPY_TUN_OFFLOAD` is `0`, `off` or `false`.
+pub fn offload_from_env() -> bool {
+    !matches!(
+        std::env::var("CANOPY_TUN_OFFLOAD").as_deref(),
+        Ok("0" | "off" | "false")
+    )
 }
 
 impl std::fmt::Debug for InterfaceSpec {
@@ -62,6 +74,7 @@ impl std::fmt::Debug for InterfaceSpec {
         f.debug_struct("InterfaceSpec")
             .field("name", &self.name)
             .field("addresses", &self.addresses)
+            .field("offload", &self.offload)
             .finish()
     }
 }
@@ -156,7 +169,9 @@ fn ip_batch(cmds: &[String]) -> Result<(), DataplaneError> {
 /// A running interface.
 pub struct Dataplane {
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The forwarding loops' runtime; `None` once stopped.
+    runtime: Option<tokio::runtime::Runtime>,
+    uapi: JoinHandle<()>,
     uapi_path: PathBuf,
 }
 
@@ -168,33 +183,56 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
-fn v6_mapped(to: SocketAddr, v6_socket: bool) -> SocketAddr {
-    match to {
-        SocketAddr::V4(a) if v6_socket => {
-            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
-        }
-        other => other,
-    }
-}
-
-fn canonical(from: SocketAddr) -> SocketAddr {
-    SocketAddr::new(from.ip().to_canonical(), from.port())
+/// Creates the TUN device, with offloads if wanted and the kernel has them.
+fn build_tun(spec: &InterfaceSpec) -> Result<AsyncDevice, DataplaneError> {
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(&spec.name)
+            .mtu(spec.mtu)
+            .offload(offload)
+            .build_async()
+    };
+    let tun = if spec.offload {
+        build(true).or_else(|e| {
+            tracing::warn!(iface = %spec.name, error = %e, "TUN offloads unavailable; reading one packet at a time");
+            build(false)
+        })
+    } else {
+        build(false)
+    };
+    tun.map_err(|source| DataplaneError::Tun {
+        name: spec.name.clone(),
+        source,
+    })
 }
 
 impl Dataplane {
     /// Creates the interface, assigns its addresses, binds the socket and starts forwarding.
+    /// Call from within a tokio runtime (the UAPI socket is served there).
     pub async fn start(
         spec: InterfaceSpec,
         peers: Vec<PeerConfig>,
     ) -> Result<Self, DataplaneError> {
-        let tun = DeviceBuilder::new()
-            .name(&spec.name)
-            .mtu(spec.mtu)
-            .build_async()
+        // Two workers: one per direction, each on its own core when the machine has them.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("canopy-dataplane")
+            .enable_all()
+            .build()
             .map_err(|source| DataplaneError::Tun {
                 name: spec.name.clone(),
                 source,
             })?;
+        let (tun, sock) = {
+            // The device and the socket register with the runtime that drives them.
+            let _inside = runtime.enter();
+            let tun = build_tun(&spec)?;
+            let sock = NetSocket::bind(spec.listen_port).map_err(|source| DataplaneError::Udp {
+                port: spec.listen_port,
+                source,
+            })?;
+            (tun, sock)
+        };
         let mut cmds: Vec<String> = spec
             .addresses
             .iter()
@@ -206,26 +244,7 @@ impl Dataplane {
         cmds.push(format!("link set {} up", spec.name));
         ip_batch(&cmds)?;
 
-        // One dual-stack socket where IPv6 exists, else IPv4 only.
-        let (udp, v6) = match UdpSocket::bind(("::", spec.listen_port)).await {
-            Ok(s) => (s, true),
-            Err(_) => (
-                UdpSocket::bind(("0.0.0.0", spec.listen_port))
-                    .await
-                    .map_err(|source| DataplaneError::Udp {
-                        port: spec.listen_port,
-                        source,
-                    })?,
-                false,
-            ),
-        };
-        let listen_port = udp
-            .local_addr()
-            .map_err(|source| DataplaneError::Udp {
-                port: spec.listen_port,
-                source,
-            })?
-            .port();
+        let listen_port = sock.port();
         let mut engine = Engine::new(spec.private_key);
         for p in peers {
             engine.set_peer(p);
@@ -240,34 +259,28 @@ impl Dataplane {
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
 
+        let offloaded = tun.tcp_gso();
         let tun = Arc::new(tun);
-        let udp = Arc::new(udp);
-        let buf_len = usize::from(spec.mtu) + 128;
-        let tasks = vec![
-            tokio::spawn(tun_to_net(
-                shared.clone(),
-                tun.clone(),
-                udp.clone(),
-                v6,
-                buf_len,
-            )),
-            tokio::spawn(net_to_tun(
-                shared.clone(),
-                tun.clone(),
-                udp.clone(),
-                v6,
-                buf_len,
-            )),
-            tokio::spawn(timers(shared.clone(), udp.clone(), v6)),
-            tokio::spawn(uapi::serve(
-                listener,
-                shared.clone() as Arc<dyn uapi::Device>,
-            )),
-        ];
-        tracing::info!(iface = %spec.name, port = listen_port, addresses = ?spec.addresses, "interface up");
+        let sock = Arc::new(sock);
+        // Room for one packet of the interface's MTU (or of a later, larger one up to 1500).
+        let packet_len = usize::from(spec.mtu).max(1500) + 128;
+        runtime.spawn(pump::tun_to_net(
+            shared.clone(),
+            tun.clone(),
+            sock.clone(),
+            packet_len,
+        ));
+        runtime.spawn(pump::net_to_tun(shared.clone(), tun, sock.clone()));
+        runtime.spawn(pump::timers(shared.clone(), sock.clone()));
+        let uapi = tokio::spawn(uapi::serve(
+            listener,
+            shared.clone() as Arc<dyn uapi::Device>,
+        ));
+        tracing::info!(iface = %spec.name, port = listen_port, addresses = ?spec.addresses, offload = offloaded, socket = ?sock, "interface up");
         Ok(Self {
             shared,
-            tasks,
+            runtime: Some(runtime),
+            uapi,
             uapi_path,
         })
     }
@@ -304,116 +317,25 @@ impl Dataplane {
     }
 
     /// Stops forwarding; the interface disappears with the TUN device.
-    pub async fn stop(self) {
-        for t in &self.tasks {
-            t.abort();
+    pub async fn stop(mut self) {
+        self.uapi.abort();
+        if let Some(rt) = self.runtime.take() {
+            // Waits for the loops to drop the device and the socket.
+            let _ =
+                tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(2)))
+                    .await;
         }
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        let _ = std::fs::remove_file(&self.uapi_path);
         tracing::info!(iface = %self.shared.name, "interface down");
     }
 }
 
-async fn send_all(udp: &UdpSocket, out: &Outbox, v6: bool) {
-    for (to, d) in out.net_packets() {
-        if let Err(e) = udp.send_to(d, v6_mapped(to, v6)).await {
-            tracing::debug!(%to, error = %e, "send failed");
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.uapi.abort();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
-    }
-}
-
-async fn tun_to_net(
-    shared: Arc<Shared>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpSocket>,
-    v6: bool,
-    buf_len: usize,
-) {
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; buf_len]).collect();
-    let mut lens = [0usize; BATCH];
-    let mut out = Outbox::default();
-    loop {
-        let n = match tun.recv(&mut bufs[0]).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "TUN read failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        lens[0] = n;
-        let mut count = 1;
-        while count < BATCH {
-            match tun.try_recv(&mut bufs[count]) {
-                Ok(n) => {
-                    lens[count] = n;
-                    count += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        out.clear();
-        shared
-            .engine()
-            .handle_tun((0..count).map(|i| &bufs[i][..lens[i]]), &mut out);
-        send_all(&udp, &out, v6).await;
-    }
-}
-
-async fn net_to_tun(
-    shared: Arc<Shared>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpSocket>,
-    v6: bool,
-    buf_len: usize,
-) {
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; buf_len.max(2048)]).collect();
-    let mut meta = [(0usize, SocketAddr::from(([0, 0, 0, 0], 0))); BATCH];
-    let mut out = Outbox::default();
-    loop {
-        let (n, from) = match udp.recv_from(&mut bufs[0]).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %e, "UDP receive failed");
-                continue;
-            }
-        };
-        meta[0] = (n, canonical(from));
-        let mut count = 1;
-        while count < BATCH {
-            match udp.try_recv_from(&mut bufs[count]) {
-                Ok((n, from)) => {
-                    meta[count] = (n, canonical(from));
-                    count += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        out.clear();
-        shared.engine().handle_network(
-            (0..count).map(|i| (meta[i].1, &bufs[i][..meta[i].0])),
-            &mut out,
-        );
-        for p in out.tun_packets() {
-            if let Err(e) = tun.send(p).await {
-                tracing::debug!(error = %e, "TUN write failed");
-            }
-        }
-        send_all(&udp, &out, v6).await;
-    }
-}
-
-async fn timers(shared: Arc<Shared>, udp: Arc<UdpSocket>, v6: bool) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut out = Outbox::default();
-    loop {
-        tick.tick().await;
-        out.clear();
-        shared.engine().tick(Instant::now(), &mut out);
-        send_all(&udp, &out, v6).await;
+        let _ = std::fs::remove_file(&self.uapi_path);
     }
 }
 
