@@ -3,7 +3,7 @@
 //!
 //! The TUN device runs with offloads (virtio-net headers: TSO/GRO, USO where the kernel has
 //! it) unless the kernel refuses or `CANOPY_TUN_OFFLOAD=0`; the socket batches and segments
-//! (`net`). The forwarding loops (`pump`) run on a runtime of their own. Addresses and routes
+//! (`net`). The forwarding loops (`pump`) run on threads of their own. Addresses and routes
 //! are set with `ip` (iproute2), as wg-quick does; the interface and its routes vanish when
 //! the agent stops, because the TUN device is not persistent.
 
@@ -16,12 +16,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use canopy_proto::v1::{NetworkDelta, NetworkMap, RemotePeer};
 use ipnetwork::IpNetwork;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::task::JoinHandle;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::control::MapSink;
 use crate::engine::{Engine, PeerConfig};
@@ -86,6 +86,8 @@ struct Shared {
     addresses: Vec<IpNetwork>,
     /// Routes this agent added through the interface.
     routes: Mutex<BTreeSet<IpNetwork>>,
+    /// Set to end the forwarding threads.
+    stop: AtomicBool,
 }
 
 impl Shared {
@@ -169,8 +171,8 @@ fn ip_batch(cmds: &[String]) -> Result<(), DataplaneError> {
 /// A running interface.
 pub struct Dataplane {
     shared: Arc<Shared>,
-    /// The forwarding loops' runtime; `None` once stopped.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The forwarding threads.
+    threads: Vec<std::thread::JoinHandle<()>>,
     uapi: JoinHandle<()>,
     uapi_path: PathBuf,
 }
@@ -184,13 +186,15 @@ impl std::fmt::Debug for Dataplane {
 }
 
 /// Creates the TUN device, with offloads if wanted and the kernel has them.
-fn build_tun(spec: &InterfaceSpec) -> Result<AsyncDevice, DataplaneError> {
+fn build_tun(spec: &InterfaceSpec) -> Result<SyncDevice, DataplaneError> {
     let build = |offload: bool| {
-        DeviceBuilder::new()
+        let tun = DeviceBuilder::new()
             .name(&spec.name)
             .mtu(spec.mtu)
             .offload(offload)
-            .build_async()
+            .build_sync()?;
+        tun.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(tun)
     };
     let tun = if spec.offload {
         build(true).or_else(|e| {
@@ -213,26 +217,11 @@ impl Dataplane {
         spec: InterfaceSpec,
         peers: Vec<PeerConfig>,
     ) -> Result<Self, DataplaneError> {
-        // Two workers: one per direction, each on its own core when the machine has them.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("canopy-dataplane")
-            .enable_all()
-            .build()
-            .map_err(|source| DataplaneError::Tun {
-                name: spec.name.clone(),
-                source,
-            })?;
-        let (tun, sock) = {
-            // The device and the socket register with the runtime that drives them.
-            let _inside = runtime.enter();
-            let tun = build_tun(&spec)?;
-            let sock = NetSocket::bind(spec.listen_port).map_err(|source| DataplaneError::Udp {
-                port: spec.listen_port,
-                source,
-            })?;
-            (tun, sock)
-        };
+        let tun = build_tun(&spec)?;
+        let sock = NetSocket::bind(spec.listen_port).map_err(|source| DataplaneError::Udp {
+            port: spec.listen_port,
+            source,
+        })?;
         let mut cmds: Vec<String> = spec
             .addresses
             .iter()
@@ -255,6 +244,7 @@ impl Dataplane {
             listen_port,
             addresses: spec.addresses.clone(),
             routes: Mutex::new(BTreeSet::new()),
+            stop: AtomicBool::new(false),
         });
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
@@ -264,14 +254,29 @@ impl Dataplane {
         let sock = Arc::new(sock);
         // Room for one packet of the interface's MTU (or of a later, larger one up to 1500).
         let packet_len = usize::from(spec.mtu).max(1500) + 128;
-        runtime.spawn(pump::tun_to_net(
-            shared.clone(),
-            tun.clone(),
-            sock.clone(),
-            packet_len,
-        ));
-        runtime.spawn(pump::net_to_tun(shared.clone(), tun, sock.clone()));
-        runtime.spawn(pump::timers(shared.clone(), sock.clone()));
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(format!("canopy-{name}"))
+                .spawn(f)
+                .map_err(|source| DataplaneError::Tun {
+                    name: spec.name.clone(),
+                    source,
+                })
+        };
+        let threads = vec![
+            spawn("tun2net", {
+                let (shared, tun, sock) = (shared.clone(), tun.clone(), sock.clone());
+                Box::new(move || pump::tun_to_net(shared, tun, sock, packet_len))
+            })?,
+            spawn("net2tun", {
+                let (shared, sock) = (shared.clone(), sock.clone());
+                Box::new(move || pump::net_to_tun(shared, tun, sock))
+            })?,
+            spawn("timers", {
+                let (shared, sock) = (shared.clone(), sock.clone());
+                Box::new(move || pump::timers(shared, sock))
+            })?,
+        ];
         let uapi = tokio::spawn(uapi::serve(
             listener,
             shared.clone() as Arc<dyn uapi::Device>,
@@ -279,7 +284,7 @@ impl Dataplane {
         tracing::info!(iface = %spec.name, port = listen_port, addresses = ?spec.addresses, offload = offloaded, socket = ?sock, "interface up");
         Ok(Self {
             shared,
-            runtime: Some(runtime),
+            threads,
             uapi,
             uapi_path,
         })
@@ -319,12 +324,15 @@ impl Dataplane {
     /// Stops forwarding; the interface disappears with the TUN device.
     pub async fn stop(mut self) {
         self.uapi.abort();
-        if let Some(rt) = self.runtime.take() {
-            // Waits for the loops to drop the device and the socket.
-            let _ =
-                tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(2)))
-                    .await;
-        }
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut self.threads);
+        // The threads see the flag within their poll interval and drop the device and socket.
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         tracing::info!(iface = %self.shared.name, "interface down");
     }
 }
@@ -332,9 +340,7 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.uapi.abort();
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.shared.stop.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_file(&self.uapi_path);
     }
 }

@@ -2,14 +2,45 @@
 //! datagrams, and segmented sends (GSO, `UDP_SEGMENT`), so one call sends a run of equal-size
 //! datagrams to one endpoint. quinn-udp does the system calls and falls back to one datagram
 //! per call where the kernel or device cannot segment.
+//!
+//! The socket is non-blocking and shared by the forwarding threads: a call that would block
+//! waits in `poll` ([`wait`]) and gives up when the data plane stops.
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV6};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::poll::{PollFd, PollFlags, poll};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use tokio::io::Interest;
 
 use crate::engine::Outbox;
+
+/// How often a waiting thread looks at the stop flag.
+const STOP_CHECK_MS: u16 = 200;
+
+/// Waits until `fd` is ready for `events`. `false`: the data plane is stopping.
+pub fn wait(fd: impl AsFd, events: PollFlags, stop: &AtomicBool) -> bool {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut fds = [PollFd::new(fd.as_fd(), events)];
+        match poll(&mut fds, STOP_CHECK_MS) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, "poll failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                return true;
+            }
+        }
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "data plane stopped")
+}
 
 /// Kernel socket buffers, as wireguard-go sets them: a burst of a whole TCP window must not be
 /// dropped between two reads.
@@ -20,7 +51,7 @@ const MAX_SEGMENTED_BYTES: usize = 65_000;
 pub const RECV_SLOT: usize = 65_536;
 
 pub struct NetSocket {
-    io: tokio::net::UdpSocket,
+    io: std::net::UdpSocket,
     state: UdpSocketState,
     /// Dual-stack IPv6 socket: IPv4 destinations are written as IPv4-mapped addresses.
     v6: bool,
@@ -39,17 +70,16 @@ impl std::fmt::Debug for NetSocket {
 }
 
 impl NetSocket {
-    /// Binds `port` (0: any) on a dual-stack socket where IPv6 exists, else IPv4 only. Must be
-    /// called inside the tokio runtime that will drive the socket.
+    /// Binds `port` (0: any) on a dual-stack socket where IPv6 exists, else IPv4 only.
     pub fn bind(port: u16) -> io::Result<Self> {
-        let (std, v6) = match std::net::UdpSocket::bind(("::", port)) {
+        let (io, v6) = match std::net::UdpSocket::bind(("::", port)) {
             Ok(s) => (s, true),
             Err(_) => (std::net::UdpSocket::bind(("0.0.0.0", port))?, false),
         };
-        let state = UdpSocketState::new((&std).into())?;
-        set_buffers(&std);
-        let port = std.local_addr()?.port();
-        let io = tokio::net::UdpSocket::from_std(std)?;
+        // quinn-udp makes it non-blocking.
+        let state = UdpSocketState::new((&io).into())?;
+        set_buffers(&io);
+        let port = io.local_addr()?.port();
         Ok(Self {
             io,
             state,
@@ -65,21 +95,27 @@ impl NetSocket {
     /// Waits for datagrams and reads a batch into `bufs`; returns how many slots were filled.
     /// Slot `i` holds `meta[i].len` bytes: datagrams of `meta[i].stride` bytes (the last may be
     /// shorter), all from `meta[i].addr`.
-    pub async fn recv(
+    pub fn recv(
         &self,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
+        stop: &AtomicBool,
     ) -> io::Result<usize> {
-        self.io
-            .async_io(Interest::READABLE, || {
-                self.state.recv((&self.io).into(), bufs, meta)
-            })
-            .await
+        loop {
+            match self.state.recv((&self.io).into(), bufs, meta) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait(&self.io, PollFlags::POLLIN, stop) {
+                        return Err(stopped());
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Sends the outbox's datagrams in order: consecutive ones to the same endpoint, of one
     /// size (the last of a run may be shorter), go out as one segmented send.
-    pub async fn send(&self, out: &Outbox) {
+    pub fn send(&self, out: &Outbox, stop: &AtomicBool) {
         let net = &out.net;
         let max = self.state.max_gso_segments().max(1);
         let mut i = 0;
@@ -105,13 +141,13 @@ impl NetSocket {
             }
             let bytes = out.net_bytes(first.start..end);
             let segment = (j - i > 1).then_some(size);
-            if let Err(e) = self.transmit(to, bytes, segment).await {
+            if let Err(e) = self.transmit(to, bytes, segment, stop) {
                 if segment.is_some() && self.state.max_gso_segments() == 1 {
                     // The device refused segmentation (quinn-udp has now turned it off):
                     // this run goes out one datagram at a time, later ones are built that way.
                     tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
                     for d in bytes.chunks(size) {
-                        if let Err(e) = self.transmit(to, d, None).await {
+                        if let Err(e) = self.transmit(to, d, None, stop) {
                             tracing::debug!(%to, error = %e, "send failed");
                         }
                     }
@@ -123,11 +159,12 @@ impl NetSocket {
         }
     }
 
-    async fn transmit(
+    fn transmit(
         &self,
         to: SocketAddr,
         bytes: &[u8],
         segment: Option<usize>,
+        stop: &AtomicBool,
     ) -> io::Result<()> {
         let t = Transmit {
             destination: v6_mapped(to, self.v6),
@@ -136,11 +173,16 @@ impl NetSocket {
             segment_size: segment,
             src_ip: None,
         };
-        self.io
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.io).into(), &t)
-            })
-            .await
+        loop {
+            match self.state.try_send((&self.io).into(), &t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait(&self.io, PollFlags::POLLOUT, stop) {
+                        return Err(stopped());
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 }
 

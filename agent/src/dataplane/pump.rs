@@ -1,26 +1,31 @@
-//! The forwarding loops, one task per direction on the data plane's own runtime, so they run
-//! on two cores at once and never hold up the control connection.
+//! The forwarding loops: one thread per direction, plus one for timers. They block in the
+//! kernel (a read, or `poll` when the non-blocking descriptor has nothing), never in a
+//! scheduler, so a busy tunnel costs one system call per batch and cannot hold up the control
+//! connection, which runs on the agent's tokio runtime.
 //!
 //! - TUN → network: one read from the TUN device returns a whole TCP segment of up to 64 KiB
-//!   when offloads are on (split here into packets with their checksums); a few more reads are
+//!   when offloads are on (split here into packets with their checksums); more reads are
 //!   taken while packets are waiting; the batch is encrypted under one engine lock and leaves
 //!   as segmented UDP sends.
 //! - network → TUN: one receive returns up to 32 slots of GRO-coalesced datagrams; each slot is
 //!   decrypted under one engine lock (so the other direction gets the lock between slots);
-//!   decrypted TCP packets of one flow are coalesced back into large segments and written with
+//!   decrypted TCP packets of one flow are coalesced back into large segments, written with
 //!   one write each.
 //!
-//! Buffers are allocated once per loop; the steady state allocates nothing per packet.
+//! Buffers are allocated once per thread; the steady state allocates nothing per packet.
+//! Every loop ends within [`super::net`]'s stop-check interval once `Shared::stop` is set.
 
-use std::io::IoSliceMut;
+use std::io::{self, IoSliceMut};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use nix::poll::PollFlags;
 use quinn_udp::RecvMeta;
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::Shared;
-use super::net::{NetSocket, RECV_SLOT, canonical};
+use super::net::{NetSocket, RECV_SLOT, canonical, wait};
 use crate::engine::{Outbox, TUN_HEADROOM};
 
 const _: () = assert!(TUN_HEADROOM >= VIRTIO_NET_HDR_LEN);
@@ -32,53 +37,61 @@ const TUN_READ_ROOM: usize = 128;
 /// Receive slots per UDP read (quinn-udp's recvmmsg batch).
 const UDP_SLOTS: usize = 32;
 
-pub(super) async fn tun_to_net(
+pub(super) fn tun_to_net(
     shared: Arc<Shared>,
-    tun: Arc<AsyncDevice>,
+    tun: Arc<SyncDevice>,
     sock: Arc<NetSocket>,
     packet_len: usize,
 ) {
+    let stop = &shared.stop;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
     let mut bufs: Vec<Vec<u8>> = (0..TUN_BUFS).map(|_| vec![0u8; packet_len]).collect();
     let mut sizes = vec![0usize; TUN_BUFS];
     let mut out = Outbox::default();
     loop {
-        let mut count = match tun
-            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!(error = %e, "TUN read failed");
-                if e.raw_os_error().is_some() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                continue;
-            }
-        };
+        let mut count = 0;
         while TUN_BUFS - count >= TUN_READ_ROOM {
-            match tun.try_recv_multiple(&mut original, &mut bufs[count..], &mut sizes[count..], 0) {
+            match tun.recv_multiple(&mut original, &mut bufs[count..], &mut sizes[count..], 0) {
                 Ok(n) => count += n,
-                Err(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if count > 0 {
+                        break;
+                    }
+                    if !wait(&*tun, PollFlags::POLLIN, stop) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "TUN read failed");
+                    if e.raw_os_error().is_some() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
             }
         }
         out.clear();
         shared
             .engine()
             .handle_tun((0..count).map(|i| &bufs[i][..sizes[i]]), &mut out);
-        sock.send(&out).await;
+        sock.send(&out, stop);
     }
 }
 
-pub(super) async fn net_to_tun(shared: Arc<Shared>, tun: Arc<AsyncDevice>, sock: Arc<NetSocket>) {
+pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>, sock: Arc<NetSocket>) {
+    let stop = &shared.stop;
     let mut space = vec![0u8; UDP_SLOTS * RECV_SLOT];
     let mut slots: Vec<IoSliceMut<'_>> = space.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
     let mut meta = vec![RecvMeta::default(); UDP_SLOTS];
     let mut gro = GROTable::new();
-    let mut out = Outbox::default();
+    // Room to coalesce a whole 64 KiB segment into any packet's buffer.
+    let mut out = Outbox::with_tun_capacity(2 * TUN_HEADROOM + 65_535);
     loop {
-        let n = match sock.recv(&mut slots, &mut meta).await {
+        let n = match sock.recv(&mut slots, &mut meta, stop) {
             Ok(n) => n,
+            Err(_) if stop.load(Ordering::Relaxed) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
                 continue;
@@ -97,38 +110,33 @@ pub(super) async fn net_to_tun(shared: Arc<Shared>, tun: Arc<AsyncDevice>, sock:
                 .engine()
                 .handle_network(data.chunks(stride).map(|d| (from, d)), &mut out);
             if out.tun_buffers().len() >= IDEAL_BATCH_SIZE {
-                write_tun(&tun, &mut gro, &mut out).await;
+                write_tun(&tun, &mut gro, &mut out);
             }
         }
-        write_tun(&tun, &mut gro, &mut out).await;
+        write_tun(&tun, &mut gro, &mut out);
         // Handshake answers, and packets released by a completed handshake.
-        sock.send(&out).await;
+        sock.send(&out, stop);
     }
 }
 
 /// Writes the decrypted packets (coalescing TCP segments where the device takes them) and
 /// empties the outbox's packet list.
-async fn write_tun(tun: &AsyncDevice, gro: &mut GROTable, out: &mut Outbox) {
+fn write_tun(tun: &SyncDevice, gro: &mut GROTable, out: &mut Outbox) {
     if out.tun_is_empty() {
         return;
     }
-    if let Err(e) = tun
-        .send_multiple(gro, out.tun_buffers(), TUN_HEADROOM)
-        .await
-    {
+    if let Err(e) = tun.send_multiple(gro, out.tun_buffers(), TUN_HEADROOM) {
         tracing::debug!(error = %e, "TUN write failed");
     }
     out.clear_tun();
 }
 
-pub(super) async fn timers(shared: Arc<Shared>, sock: Arc<NetSocket>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub(super) fn timers(shared: Arc<Shared>, sock: Arc<NetSocket>) {
     let mut out = Outbox::default();
-    loop {
-        tick.tick().await;
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
         out.clear();
         shared.engine().tick(Instant::now(), &mut out);
-        sock.send(&out).await;
+        sock.send(&out, &shared.stop);
     }
 }

@@ -84,9 +84,20 @@ pub struct Outbox {
     pub net: Vec<(SocketAddr, Range<usize>)>,
     tun: Vec<Vec<u8>>,
     tun_count: usize,
+    /// Capacity of each new packet buffer.
+    tun_capacity: usize,
 }
 
 impl Outbox {
+    /// An outbox whose packet buffers each have room for `capacity` bytes, so that a batched
+    /// writer can coalesce following packets into one (64 KiB + headroom for TCP segments).
+    pub fn with_tun_capacity(capacity: usize) -> Self {
+        Self {
+            tun_capacity: capacity,
+            ..Self::default()
+        }
+    }
+
     pub fn clear(&mut self) {
         self.used = 0;
         self.net.clear();
@@ -138,7 +149,7 @@ impl Outbox {
     /// A buffer for a packet to deliver, with room for `n` bytes after the headroom.
     fn next_tun(&mut self, n: usize) -> &mut Vec<u8> {
         if self.tun_count == self.tun.len() {
-            self.tun.push(Vec::new());
+            self.tun.push(Vec::with_capacity(self.tun_capacity));
         }
         let b = &mut self.tun[self.tun_count];
         // Grow only: resizing down keeps the memory and writes nothing.
