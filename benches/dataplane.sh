@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Data-plane throughput, side by side in one run: iperf3 TCP between two network namespaces over
-# a raw veth pair, over Canopy, over wireguard-go (Debian) and over boringtun-cli (crates.io).
-# Prints Mbit/s (median of RUNS runs) and ratios. Needs root.
-#   RUNS=3 SECONDS_PER_RUN=5 STREAMS=1 bash benches/dataplane.sh
+# Data-plane performance, side by side in one run, between two network namespaces over a veth
+# pair: raw veth, Canopy, wireguard-go (Debian) and boringtun-cli (crates.io).
+#   - iperf3 TCP, 1 and 4 streams, both directions (A→B and B→A with -R), RUNS runs each, median;
+#   - UDP packets per second at 1400-byte datagrams with under 0.1 % loss (rate search);
+#   - ping round trip at idle and under a TCP load, and what the tunnel adds to raw veth's.
+# Prints a table and the ratios. Needs root.
+#   RUNS=5 SECONDS_PER_RUN=5 ONLY="raw canopy" bash benches/dataplane.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "dataplane bench: needs root" >&2; exit 1; }
-RUNS=${RUNS:-3}; SECS=${SECONDS_PER_RUN:-5}; STREAMS=${STREAMS:-1}
+RUNS=${RUNS:-5}; SECS=${SECONDS_PER_RUN:-5}; ONLY=${ONLY:-raw canopy wggo bt}
+UDP_PROBES=${UDP_PROBES:-8}; UDP_SECS=${UDP_SECONDS:-3}
 bash deploy/install-deps.sh
 cargo build --quiet --release -p canopy-agent
 tools=$PWD/target/bench-tools
@@ -32,18 +36,57 @@ ip -n $A link set ${p}va up; ip -n $B link set ${p}vb up
 KA=$($agent genkey); KB=$($agent genkey); PA=$(echo "$KA" | $agent pubkey); PB=$(echo "$KB" | $agent pubkey)
 echo "$KA" > "$work/ka"; echo "$KB" > "$work/kb"; chmod 600 "$work/ka" "$work/kb"
 
-# One iperf3 run: prints Mbit/s received.
-iperf() {
-  ip netns exec $B iperf3 -s -1 -D -p 5201 > /dev/null 2>&1; sleep 0.3
-  ip netns exec $A iperf3 -c "$1" -p 5201 -t "$SECS" -P "$STREAMS" -J 2>/dev/null \
-    | python3 -c "import json,sys; print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e6))"
-}
+py() { python3 -c "$@"; }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-measure() {
-  local r=()
-  for _ in $(seq "$RUNS"); do r+=("$(iperf "$1")"); done
-  median "${r[@]}"
+server() { ip netns exec $B iperf3 -s -1 -D -p 5201 > /dev/null 2>&1; sleep 0.3; }
+
+# One TCP run: Mbit/s received. Args: target, extra iperf3 flags.
+tcp_once() {
+  local to=$1; shift; server
+  ip netns exec $A iperf3 -c "$to" -p 5201 -t "$SECS" "$@" -J 2>/dev/null \
+    | py "import json,sys; print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e6))"
 }
+tcp() { local r=(); for _ in $(seq "$RUNS"); do r+=("$(tcp_once "$@")"); done; median "${r[@]}"; }
+
+# One UDP run at $2 Mbit/s of 1400-byte datagrams: prints "loss_percent packets_per_second".
+udp_once() {
+  server
+  ip netns exec $A iperf3 -c "$1" -p 5201 -u -l 1400 -b "${2}M" -t "$UDP_SECS" -J 2>/dev/null \
+    | py "import json,sys; s=json.load(sys.stdin)['end']['sum']; print(s['lost_percent'], round((s['packets']-s['lost_packets'])/s['seconds']))"
+}
+# The highest rate (bisection over Mbit/s) with under 0.1 % loss: prints packets per second.
+udp_pps() {
+  local lo=0 hi=${UDP_MAX_MBIT:-4000} best=0 mid out
+  for _ in $(seq "$UDP_PROBES"); do
+    mid=$(( (lo + hi) / 2 )); out=$(udp_once "$1" "$mid")
+    if py "import sys; sys.exit(0 if float('${out% *}') < 0.1 else 1)"; then lo=$mid; best=${out#* }; else hi=$mid; fi
+  done
+  echo "$best"
+}
+# Median ping round trip in ms (50 pings, 20 ms apart).
+ping_ms() {
+  ip netns exec $A ping -c 50 -i 0.02 -W 1 "$1" \
+    | py "import sys,re,statistics; t=[float(m) for m in re.findall(r'time=([0-9.]+)', sys.stdin.read())]; print(f'{statistics.median(t):.3f}' if t else 'nan')"
+}
+# The same while one TCP stream runs A→B.
+ping_loaded_ms() {
+  server; ip netns exec $A iperf3 -c "$1" -p 5201 -t 4 > /dev/null 2>&1 & local ip=$!
+  sleep 1; ping_ms "$1"; wait $ip || true
+}
+
+declare -A res
+# Runs every measurement against $2 (an address in B) and stores it under $1.
+measure() {
+  local k=$1 to=$2
+  echo "  $k: TCP" >&2
+  res[$k.t1]=$(tcp "$to" -P 1); res[$k.t1r]=$(tcp "$to" -P 1 -R)
+  res[$k.t4]=$(tcp "$to" -P 4); res[$k.t4r]=$(tcp "$to" -P 4 -R)
+  echo "  $k: UDP rate search" >&2
+  res[$k.pps]=$(udp_pps "$to")
+  echo "  $k: ping" >&2
+  res[$k.ping]=$(ping_ms "$to"); res[$k.pingl]=$(ping_loaded_ms "$to")
+}
+
 wait_sock() { for _ in $(seq 100); do [ -S "/var/run/wireguard/$1.sock" ] && return 0; sleep 0.05; done; echo "no UAPI socket for $1" >&2; return 1; }
 addr_up() { ip -n "$1" addr add "$2" dev "$3"; ip -n "$1" link set "$3" mtu 1420 up; }
 wg_conf() {  # ns iface keyfile port peerkey endpoint allowed
@@ -55,39 +98,9 @@ stop_all() {
   # Make sure the tunnel addresses are gone before the next implementation claims them.
   for _ in $(seq 50); do ip -n $A -o addr show | grep -q 10.9.0.1 || break; sleep 0.1; done
 }
-
-declare -A mbit
-echo "measuring raw veth..."
-mbit[raw]=$(measure 192.0.2.2)
-
-echo "measuring canopy..."
-cat > "$work/${p}ca.conf" <<C
-[Interface]
-PrivateKey = $KA
-Address = 10.9.0.1/24
-ListenPort = 51820
-[Peer]
-PublicKey = $PB
-Endpoint = 192.0.2.2:51820
-AllowedIPs = 10.9.0.2/32
-C
-cat > "$work/${p}cb.conf" <<C
-[Interface]
-PrivateKey = $KB
-Address = 10.9.0.2/24
-ListenPort = 51820
-[Peer]
-PublicKey = $PA
-Endpoint = 192.0.2.1:51820
-AllowedIPs = 10.9.0.1/32
-C
-ip netns exec $A env CANOPY_LOG=warn "$agent" up "$work/${p}ca.conf" > "$work/ca.log" 2>&1 & pids+=($!)
-ip netns exec $B env CANOPY_LOG=warn "$agent" up "$work/${p}cb.conf" > "$work/cb.log" 2>&1 & pids+=($!)
-wait_sock ${p}ca; wait_sock ${p}cb
-ip netns exec $A ping -c 1 -W 2 10.9.0.2 > /dev/null
-mbit[canopy]=$(measure 10.9.0.2)
-stop_all
-
+canopy_conf() {  # key address peerkey endpoint allowed
+  printf '[Interface]\nPrivateKey = %s\nAddress = %s\nListenPort = 51820\n[Peer]\nPublicKey = %s\nEndpoint = %s\nAllowedIPs = %s\n' "$@"
+}
 run_userspace() {  # tag port command... (each implementation gets its own names and port)
   local tag=$1 port=$2; shift 2
   local ia=${p}${tag}a ib=${p}${tag}b
@@ -98,20 +111,49 @@ run_userspace() {  # tag port command... (each implementation gets its own names
   wg_conf $B $ib "$work/kb" "$port" "$PA" "192.0.2.1:$port" 10.9.0.1/32
   addr_up $A 10.9.0.1/24 $ia; addr_up $B 10.9.0.2/24 $ib
   ip netns exec $A ping -c 1 -W 2 10.9.0.2 > /dev/null
-  measure 10.9.0.2
 }
-echo "measuring wireguard-go..."
-mbit[wggo]=$(run_userspace g 51821 wireguard-go -f)
-stop_all
-echo "measuring boringtun-cli..."
-mbit[bt]=$(WG_SUDO=1 run_userspace t 51822 "$tools/bin/boringtun-cli" --foreground --disable-drop-privileges)
-stop_all
 
-ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
-echo
-echo "iperf3 TCP, $STREAMS stream(s), ${SECS}s x $RUNS runs (median), $(nproc) cores, kernel $(uname -r)"
-printf '%-16s %10s %12s %12s\n' "path" "Mbit/s" "vs wg-go" "vs raw veth"
-for k in raw canopy wggo bt; do
-  case $k in raw) n="raw veth";; canopy) n="canopy";; wggo) n="wireguard-go";; bt) n="boringtun-cli";; esac
-  printf '%-16s %10s %12s %12s\n' "$n" "${mbit[$k]}" "$(ratio ${mbit[$k]} ${mbit[wggo]})" "$(ratio ${mbit[$k]} ${mbit[raw]})"
+for k in $ONLY; do
+  echo "measuring $k..." >&2
+  case $k in
+    raw) measure raw 192.0.2.2 ;;
+    canopy)
+      canopy_conf "$KA" 10.9.0.1/24 "$PB" 192.0.2.2:51820 10.9.0.2/32 > "$work/${p}ca.conf"
+      canopy_conf "$KB" 10.9.0.2/24 "$PA" 192.0.2.1:51820 10.9.0.1/32 > "$work/${p}cb.conf"
+      ip netns exec $A env CANOPY_LOG=warn "$agent" up "$work/${p}ca.conf" > "$work/ca.log" 2>&1 & pids+=($!)
+      ip netns exec $B env CANOPY_LOG=warn "$agent" up "$work/${p}cb.conf" > "$work/cb.log" 2>&1 & pids+=($!)
+      wait_sock ${p}ca; wait_sock ${p}cb
+      ip netns exec $A ping -c 1 -W 2 10.9.0.2 > /dev/null
+      measure canopy 10.9.0.2; stop_all ;;
+    wggo) run_userspace g 51821 wireguard-go -f; measure wggo 10.9.0.2; stop_all ;;
+    bt) WG_SUDO=1 run_userspace t 51822 "$tools/bin/boringtun-cli" --foreground --disable-drop-privileges
+        measure bt 10.9.0.2; stop_all ;;
+  esac
 done
+
+name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; esac; }
+ratio() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)/float(b):.2f}' if a and b and float(b) else '-')"; }
+added() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)-float(b):+.3f}' if a and b else '-')"; }
+echo
+echo "$(nproc) cores, kernel $(uname -r); TCP: iperf3 ${SECS}s x $RUNS runs, median (Mbit/s); UDP: 1400-byte datagrams, highest rate with < 0.1% loss"
+printf '%-14s %8s %8s %8s %8s %10s %9s %9s\n' "path" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps" "ping ms" "loaded ms"
+for k in $ONLY; do
+  printf '%-14s %8s %8s %8s %8s %10s %9s %9s\n' "$(name $k)" "${res[$k.t1]}" "${res[$k.t1r]}" "${res[$k.t4]}" "${res[$k.t4r]}" "${res[$k.pps]}" "${res[$k.ping]}" "${res[$k.pingl]}"
+done
+if [[ " $ONLY " == *" canopy "* ]]; then
+  echo
+  echo "canopy ratios"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "vs" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps"
+  for k in $ONLY; do
+    [ "$k" = canopy ] && continue
+    printf '%-16s %8s %8s %8s %8s %10s\n' "$(name $k)" "$(ratio canopy.t1 $k.t1)" "$(ratio canopy.t1r $k.t1r)" "$(ratio canopy.t4 $k.t4)" "$(ratio canopy.t4r $k.t4r)" "$(ratio canopy.pps $k.pps)"
+  done
+  if [[ " $ONLY " == *" raw "* ]]; then
+    echo
+    echo "ping added to raw veth (ms, idle / under load):"
+    for k in $ONLY; do
+      [ "$k" = raw ] && continue
+      printf '  %-14s %8s %8s\n' "$(name $k)" "$(added $k.ping raw.ping)" "$(added $k.pingl raw.pingl)"
+    done
+  fi
+fi

@@ -5,8 +5,9 @@
 #   wireguard-tools    wg, to inspect and configure interfaces (UAPI)
 #   wireguard-go       the reference userspace WireGuard, for interop tests and benchmarks
 #   iproute2, iputils-ping, iperf3: network namespaces, pings and throughput across the overlay
+#   python3            TCP transfers in the data-plane tests, result parsing in the benchmarks
 set -euo pipefail
-pkgs=(protobuf-compiler etcd-server wireguard-tools wireguard-go iproute2 iputils-ping iperf3)
+pkgs=(protobuf-compiler etcd-server wireguard-tools wireguard-go iproute2 iputils-ping iperf3 python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -190,12 +190,112 @@ impl Lab {
         }
     }
 
+    /// Sends `megabytes` of pseudo-random data over one TCP connection from `from_ns` to
+    /// `to_addr` (a listener started in `to_ns`), and reports what arrived and how the sending
+    /// socket saw the path.
+    pub fn tcp_transfer(
+        &self,
+        from_ns: &str,
+        to_ns: &str,
+        to_addr: &str,
+        megabytes: usize,
+    ) -> Transfer {
+        static PORT: AtomicUsize = AtomicUsize::new(0);
+        let port = (5301 + PORT.fetch_add(1, Ordering::Relaxed) % 500).to_string();
+        let server = Command::new("ip")
+            .args(["netns", "exec", to_ns, "python3", "-c", TCP_SINK, &port])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 (TCP sink)");
+        let client = self.run(
+            from_ns,
+            &[
+                "python3",
+                "-c",
+                TCP_SOURCE,
+                to_addr,
+                &port,
+                &megabytes.to_string(),
+            ],
+        );
+        let server = server.wait_with_output().expect("TCP sink");
+        let text = |o: &Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let (c, s) = (text(&client), text(&server));
+        let field = |t: &str, i: usize| t.split_whitespace().nth(i).unwrap_or("?").to_string();
+        Transfer {
+            sent: field(&c, 0),
+            received: field(&s, 0),
+            received_bytes: field(&s, 1).parse().unwrap_or(0),
+            retransmits: field(&c, 1).parse().unwrap_or(u32::MAX),
+            reordering: field(&c, 2).parse().unwrap_or(u32::MAX),
+            log: format!("source: {c}\nsink: {s}"),
+        }
+    }
+
     /// `wg show <iface> <what>` inside a namespace.
     pub fn wg(&self, ns: &str, iface: &str, what: &str) -> String {
         let out = self.run(ns, &["wg", "show", iface, what]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
+
+/// What [`Lab::tcp_transfer`] saw.
+#[derive(Debug)]
+pub struct Transfer {
+    /// SHA-256 of what was sent and of what arrived.
+    pub sent: String,
+    pub received: String,
+    pub received_bytes: usize,
+    /// The sender's `tcpi_total_retrans` and `tcpi_reordering` (the kernel raises the latter
+    /// above `net.ipv4.tcp_reordering`, 3, when it sees segments arrive out of order).
+    pub retransmits: u32,
+    pub reordering: u32,
+    pub log: String,
+}
+
+/// Accepts one connection on the port in argv[1] (IPv4 and IPv6), reads to the end and
+/// prints the SHA-256 and the length of what arrived.
+const TCP_SINK: &str = r#"
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1]))); s.listen(1); s.settimeout(30)
+c, _ = s.accept(); c.settimeout(30)
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print(h.hexdigest(), n)
+"#;
+
+/// Connects to argv[1]:argv[2] (retrying while the sink starts), sends argv[3] MiB of
+/// seeded pseudo-random bytes, and prints their SHA-256, tcpi_total_retrans, tcpi_reordering.
+const TCP_SOURCE: &str = r#"
+import hashlib, random, socket, struct, sys, time
+data = random.Random(7).randbytes(int(sys.argv[3]) << 20)
+deadline = time.time() + 10
+while True:
+    try:
+        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30); break
+    except OSError:
+        if time.time() > deadline: raise
+        time.sleep(0.1)
+c.sendall(data)
+c.shutdown(socket.SHUT_WR)
+c.recv(1)
+info = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+u32 = struct.unpack("=8x24I", info)
+print(hashlib.sha256(data).hexdigest(), u32[23], u32[20])
+"#;
 
 impl Default for Lab {
     fn default() -> Self {
