@@ -281,7 +281,8 @@ print(h.hexdigest(), n)
 /// seeded pseudo-random bytes, and prints their SHA-256, tcpi_total_retrans, tcpi_reordering.
 const TCP_SOURCE: &str = r#"
 import hashlib, random, socket, struct, sys, time
-data = random.Random(7).randbytes(int(sys.argv[3]) << 20)
+r = random.Random(7)
+data = b"".join(r.randbytes(1 << 20) for _ in range(int(sys.argv[3])))
 deadline = time.time() + 10
 while True:
     try:

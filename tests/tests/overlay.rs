@@ -376,6 +376,74 @@ fn traffic_resumes_when_a_peer_changes_its_underlay_address() {
     );
 }
 
+/// Bytes A has received from the peer with public key `from` (`wg show transfer`).
+fn rx_from(lab: &Lab, ns: &str, iface: &str, from: &str) -> u64 {
+    lab.wg(ns, iface, "transfer")
+        .lines()
+        .find(|l| l.starts_with(from))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_new_peer_handshakes_and_wg_show_answers_while_another_peer_saturates_the_tunnel() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2, h3) = (lab.host(1), lab.host(2), lab.host(3));
+    let (a, b, c) = (node(&lab, "a"), node(&lab, "b"), node(&lab, "c"));
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24",
+        &[
+            (&b, "192.0.2.2:51820", "10.9.0.2/32"),
+            (&c, "192.0.2.3:51820", "10.9.0.3/32"),
+        ],
+    );
+    let peer_a = [(&a, "192.0.2.1:51820", "10.9.0.1/32")];
+    let cb = conf(dir.path(), &b, "10.9.0.2/24", &peer_a);
+    let cc = conf(dir.path(), &c, "10.9.0.3/24", &peer_a);
+    let up = |ns: &str, conf: &Path, log: &str| {
+        lab.spawn(
+            ns,
+            &[&agent(), "up", conf.to_str().unwrap()],
+            &dir.path().join(log),
+        )
+    };
+    up(&h1.ns, &ca, "a.log");
+    up(&h2.ns, &cb, "b.log");
+    assert!(lab.ping(&h2.ns, "10.9.0.1", WAIT), "B reaches A");
+    std::thread::scope(|s| {
+        let flood = s.spawn(|| lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 256));
+        // Wait until the flood is under way.
+        let t = std::time::Instant::now();
+        while rx_from(&lab, &h1.ns, &a.iface, &pubkey(&b)) < 16 << 20 {
+            assert!(
+                t.elapsed() < WAIT * 3,
+                "the flood never started: {}",
+                lab.wg(&h1.ns, &a.iface, "transfer")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        up(&h3.ns, &cc, "c.log");
+        assert!(
+            lab.ping(&h3.ns, "10.9.0.1", WAIT),
+            "C's first handshake with A went through during the flood"
+        );
+        let handshakes = lab.wg(&h1.ns, &a.iface, "latest-handshakes");
+        let flooding = !flood.is_finished();
+        assert!(
+            handshakes.contains(&pubkey(&c)),
+            "wg show answers during the flood: {handshakes}"
+        );
+        assert_intact(&flood.join().unwrap(), "B → A");
+        assert!(
+            flooding,
+            "the flood must outlast C's handshake for this test to mean anything"
+        );
+    });
+}
+
 #[test]
 fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
     use std::io::{Read as _, Write as _};

@@ -94,13 +94,18 @@ impl NetSocket {
 
     /// Waits for datagrams and reads a batch into `bufs`; returns how many slots were filled.
     /// Slot `i` holds `meta[i].len` bytes: datagrams of `meta[i].stride` bytes (the last may be
-    /// shorter), all from `meta[i].addr`.
+    /// shorter), all from `meta[i].addr`. `drained`: the last call found the queue empty, so
+    /// wait before reading rather than spend a system call to learn it again.
     pub fn recv(
         &self,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
+        drained: bool,
         stop: &AtomicBool,
     ) -> io::Result<usize> {
+        if drained && !wait(&self.io, PollFlags::POLLIN, stop) {
+            return Err(stopped());
+        }
         loop {
             match self.state.recv((&self.io).into(), bufs, meta) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -48,17 +48,24 @@ pub(super) fn tun_to_net(
     let mut bufs: Vec<Vec<u8>> = (0..TUN_BUFS).map(|_| vec![0u8; packet_len]).collect();
     let mut sizes = vec![0usize; TUN_BUFS];
     let mut out = Outbox::default();
+    // Whether the last read found the device empty: then the next one waits first, instead of
+    // spending a system call to learn it again.
+    let mut drained = false;
     loop {
         let mut count = 0;
         while TUN_BUFS - count >= TUN_READ_ROOM {
+            if drained && count == 0 && !wait(&*tun, PollFlags::POLLIN, stop) {
+                return;
+            }
             match tun.recv_multiple(&mut original, &mut bufs[count..], &mut sizes[count..], 0) {
-                Ok(n) => count += n,
+                Ok(n) => {
+                    count += n;
+                    drained = false;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
                     if count > 0 {
                         break;
-                    }
-                    if !wait(&*tun, PollFlags::POLLIN, stop) {
-                        return;
                     }
                 }
                 Err(e) => {
@@ -88,8 +95,9 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>, sock: Arc<Ne
     let mut gro = GROTable::new();
     // Room to coalesce a whole 64 KiB segment into any packet's buffer.
     let mut out = Outbox::with_tun_capacity(2 * TUN_HEADROOM + 65_535);
+    let mut drained = false;
     loop {
-        let n = match sock.recv(&mut slots, &mut meta, stop) {
+        let n = match sock.recv(&mut slots, &mut meta, drained, stop) {
             Ok(n) => n,
             Err(_) if stop.load(Ordering::Relaxed) => return,
             Err(e) => {
@@ -97,6 +105,8 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>, sock: Arc<Ne
                 continue;
             }
         };
+        // Fewer slots than asked for: the queue is empty now.
+        drained = n < slots.len();
         out.clear();
         for (slot, m) in slots.iter().zip(&meta[..n]) {
             let from = canonical(m.addr);
