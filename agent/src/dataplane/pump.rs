@@ -20,12 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nix::poll::PollFlags;
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::Shared;
-use super::net::{NetSocket, RECV_SLOT, canonical, wait};
+use super::net::{NetSocket, RECV_SLOT, Waiter, canonical};
 use crate::engine::{Outbox, TUN_HEADROOM};
 
 const _: () = assert!(TUN_HEADROOM >= VIRTIO_NET_HDR_LEN);
@@ -51,10 +50,11 @@ pub(super) fn tun_to_net(
     // Whether the last read found the device empty: then the next one waits first, instead of
     // spending a system call to learn it again.
     let mut drained = false;
+    let mut waiter = Waiter::default();
     loop {
         let mut count = 0;
         while TUN_BUFS - count >= TUN_READ_ROOM {
-            if drained && count == 0 && !wait(&*tun, PollFlags::POLLIN, stop) {
+            if drained && count == 0 && !waiter.wait(&*tun, stop) {
                 return;
             }
             match tun.recv_multiple(&mut original, &mut bufs[count..], &mut sizes[count..], 0) {
@@ -96,8 +96,9 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>, sock: Arc<Ne
     // Room to coalesce a whole 64 KiB segment into any packet's buffer.
     let mut out = Outbox::with_tun_capacity(2 * TUN_HEADROOM + 65_535);
     let mut drained = false;
+    let mut waiter = Waiter::default();
     loop {
-        let n = match sock.recv(&mut slots, &mut meta, drained, stop) {
+        let n = match sock.recv(&mut slots, &mut meta, drained, &mut waiter, stop) {
             Ok(n) => n,
             Err(_) if stop.load(Ordering::Relaxed) => return,
             Err(e) => {
