@@ -248,6 +248,13 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
         &lab.tcp_transfer(&h2.ns, &h1.ns, "fd00:9::1", 32),
         "IPv6, offloads on",
     );
+    // Both directions at once, each side encrypting and decrypting concurrently.
+    std::thread::scope(|s| {
+        let there = s.spawn(|| lab.tcp_transfer(&h1.ns, &h2.ns, "10.9.0.2", 32));
+        let back = lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 32);
+        assert_intact(&there.join().unwrap(), "both ways at once, A → B");
+        assert_intact(&back, "both ways at once, B → A");
+    });
 
     // A without offloads: plain packets into a coalescing peer, and segments into a plain one.
     lab.stop(pa);
