@@ -2,7 +2,7 @@
 //! `wg` against their UAPI sockets, and a `wireguard-go` peer for interop. Needs root.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use canopy_agent::keys::{self, PrivateKey};
@@ -27,7 +27,7 @@ fn pubkey(n: &Node) -> String {
 }
 
 /// Writes `<iface>.conf` for a wg-quick style `canopy-agent up`.
-fn conf(dir: &Path, n: &Node, addr: &str, peers: &[(&Node, &str, &str)]) -> std::path::PathBuf {
+fn conf(dir: &Path, n: &Node, addr: &str, peers: &[(&Node, &str, &str)]) -> PathBuf {
     let mut s = format!(
         "[Interface]\nPrivateKey = {}\nAddress = {addr}\nListenPort = 51820\n",
         n.key.to_base64()
@@ -43,6 +43,24 @@ fn conf(dir: &Path, n: &Node, addr: &str, peers: &[(&Node, &str, &str)]) -> std:
     path
 }
 
+/// Configurations for A (host 1: 10.9.0.1, fd00:9::1) and B (host 2: .2, ::2), each the
+/// other's only peer.
+fn dual_stack_pair(dir: &Path, a: &Node, b: &Node) -> (PathBuf, PathBuf) {
+    let ca = conf(
+        dir,
+        a,
+        "10.9.0.1/24, fd00:9::1/64",
+        &[(b, "192.0.2.2:51820", "10.9.0.2/32, fd00:9::2/128")],
+    );
+    let cb = conf(
+        dir,
+        b,
+        "10.9.0.2/24, fd00:9::2/64",
+        &[(a, "192.0.2.1:51820", "10.9.0.1/32, fd00:9::1/128")],
+    );
+    (ca, cb)
+}
+
 fn agent() -> String {
     bin("canopy-agent").to_string_lossy().into_owned()
 }
@@ -53,18 +71,7 @@ fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
     let dir = tempfile::tempdir().unwrap();
     let (h1, h2) = (lab.host(1), lab.host(2));
     let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let ca = conf(
-        dir.path(),
-        &a,
-        "10.9.0.1/24, fd00:9::1/64",
-        &[(&b, "192.0.2.2:51820", "10.9.0.2/32, fd00:9::2/128")],
-    );
-    let cb = conf(
-        dir.path(),
-        &b,
-        "10.9.0.2/24, fd00:9::2/64",
-        &[(&a, "192.0.2.1:51820", "10.9.0.1/32, fd00:9::1/128")],
-    );
+    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
     let pa = lab.spawn(
         &h1.ns,
         &[&agent(), "up", ca.to_str().unwrap()],
@@ -214,18 +221,7 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
     let dir = tempfile::tempdir().unwrap();
     let (h1, h2) = (lab.host(1), lab.host(2));
     let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let ca = conf(
-        dir.path(),
-        &a,
-        "10.9.0.1/24, fd00:9::1/64",
-        &[(&b, "192.0.2.2:51820", "10.9.0.2/32, fd00:9::2/128")],
-    );
-    let cb = conf(
-        dir.path(),
-        &b,
-        "10.9.0.2/24, fd00:9::2/64",
-        &[(&a, "192.0.2.1:51820", "10.9.0.1/32, fd00:9::1/128")],
-    );
+    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
     let up = |ns: &str, conf: &Path, offload: bool, log: &str| {
         let env = format!("CANOPY_TUN_OFFLOAD={}", u8::from(offload));
         lab.spawn(

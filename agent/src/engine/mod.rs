@@ -414,24 +414,17 @@ impl Engine {
                 .tunn
                 .decapsulate(Some(from.ip()), datagram, &mut tun[TUN_HEADROOM..])
             {
+                // Authenticated: deliver if its source is routed to this peer.
                 TunnResult::WriteToTunnelV4(b, src) => {
                     let n = b.len();
                     peer.config.endpoint = Some(from);
-                    if self.routes.lookup(IpAddr::V4(src)) == Some(&idx) {
-                        out.push_tun(n);
-                    } else {
-                        self.drops.spoofed += 1;
-                    }
+                    self.deliver(idx, IpAddr::V4(src), n, out);
                     return;
                 }
                 TunnResult::WriteToTunnelV6(b, src) => {
                     let n = b.len();
                     peer.config.endpoint = Some(from);
-                    if self.routes.lookup(IpAddr::V6(src)) == Some(&idx) {
-                        out.push_tun(n);
-                    } else {
-                        self.drops.spoofed += 1;
-                    }
+                    self.deliver(idx, IpAddr::V6(src), n, out);
                     return;
                 }
                 // A keepalive: authenticated, nothing to deliver.
@@ -485,6 +478,16 @@ impl Engine {
             // Roaming: the endpoint follows the latest authenticated packet.
             peer.config.endpoint = Some(from);
             Self::flush_queued(peer, from, out);
+        }
+    }
+
+    /// Keeps the packet just decrypted from peer `idx` if its source is routed to that peer
+    /// (anti-spoofing), else drops it.
+    fn deliver(&mut self, idx: u32, src: IpAddr, n: usize, out: &mut Outbox) {
+        if self.routes.lookup(src) == Some(&idx) {
+            out.push_tun(n);
+        } else {
+            self.drops.spoofed += 1;
         }
     }
 
