@@ -379,6 +379,52 @@ fn traffic_resumes_when_a_peer_changes_its_underlay_address() {
     );
 }
 
+#[test]
+fn bulk_tcp_arrives_intact_over_an_ipv6_underlay() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    for (h, ip) in [(&h1, "fd00:192::1/64"), (&h2, "fd00:192::2/64")] {
+        let out = lab.run(&h.ns, &["ip", "addr", "add", ip, "dev", &h.dev, "nodad"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    let ca = conf(
+        dir.path(),
+        &a,
+        "10.9.0.1/24",
+        &[(&b, "[fd00:192::2]:51820", "10.9.0.2/32")],
+    );
+    let cb = conf(
+        dir.path(),
+        &b,
+        "10.9.0.2/24",
+        &[(&a, "[fd00:192::1]:51820", "10.9.0.1/32")],
+    );
+    for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
+        lab.spawn(
+            &h.ns,
+            &[&agent(), "up", c.to_str().unwrap()],
+            &dir.path().join(log),
+        );
+    }
+    assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up over IPv6");
+    let eps = lab.wg(&h1.ns, &a.iface, "endpoints");
+    assert!(eps.contains("[fd00:192::2]:51820"), "{eps}");
+    assert_intact(
+        &lab.tcp_transfer(&h1.ns, &h2.ns, "10.9.0.2", 32),
+        "A → B over IPv6",
+    );
+    assert_intact(
+        &lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 32),
+        "B → A over IPv6",
+    );
+}
+
 /// Bytes A has received from the peer with public key `from` (`wg show transfer`).
 fn rx_from(lab: &Lab, ns: &str, iface: &str, from: &str) -> u64 {
     lab.wg(ns, iface, "transfer")
