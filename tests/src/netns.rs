@@ -239,6 +239,56 @@ impl Lab {
         }
     }
 
+    /// Sends `count` UDP datagrams of varied sizes (up to `max_len` bytes) from `from_ns` to
+    /// `to_addr`, a receiver in `to_ns`; returns (intact, damaged) as the receiver counted
+    /// them: every datagram carries its sequence number and content derived from it.
+    pub fn udp_datagrams(
+        &self,
+        from_ns: &str,
+        to_ns: &str,
+        to_addr: &str,
+        count: usize,
+        max_len: usize,
+    ) -> (usize, usize, String) {
+        static PORT: AtomicUsize = AtomicUsize::new(0);
+        let port = (5901 + PORT.fetch_add(1, Ordering::Relaxed) % 90).to_string();
+        let (count, max_len) = (count.to_string(), max_len.to_string());
+        let sink = Command::new("ip")
+            .args(["netns", "exec", to_ns, "python3", "-c"])
+            .arg(format!("{UDP_GEN}{UDP_SINK}"))
+            .args([&port, &max_len])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 (UDP sink)");
+        std::thread::sleep(Duration::from_millis(300));
+        let source = self.run(
+            from_ns,
+            &[
+                "python3",
+                "-c",
+                &format!("{UDP_GEN}{UDP_SOURCE}"),
+                to_addr,
+                &port,
+                &count,
+                &max_len,
+            ],
+        );
+        let sink = sink.wait_with_output().expect("UDP sink");
+        let out = String::from_utf8_lossy(&sink.stdout).into_owned();
+        let mut f = out
+            .split_whitespace()
+            .map(|n| n.parse().unwrap_or(usize::MAX));
+        let (ok, bad) = (f.next().unwrap_or(0), f.next().unwrap_or(usize::MAX));
+        let log = format!(
+            "source: {}{}\nsink: {out}{}",
+            String::from_utf8_lossy(&source.stdout),
+            String::from_utf8_lossy(&source.stderr),
+            String::from_utf8_lossy(&sink.stderr)
+        );
+        (ok, bad, log)
+    }
+
     /// `wg show <iface> <what>` inside a namespace.
     pub fn wg(&self, ns: &str, iface: &str, what: &str) -> String {
         let out = self.run(ns, &["wg", "show", iface, what]);
@@ -296,6 +346,53 @@ c.recv(1)
 info = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
 u32 = struct.unpack("=8x24I", info)
 print(hashlib.sha256(data).hexdigest(), u32[23], u32[20])
+"#;
+
+/// The content of datagram `i` of [`Lab::udp_datagrams`]: its number, then bytes derived from
+/// it, of a length that cycles through small, medium and full-size datagrams.
+const UDP_GEN: &str = r#"
+import hashlib, struct
+def gen(i, max_len):
+    n = [1, 64, 700, max_len][i % 4]
+    body = hashlib.sha256(struct.pack("!I", i)).digest() * (max_len // 32 + 1)
+    return (struct.pack("!I", i) + body)[:max(n, 4)]
+"#;
+
+/// Receives on the port in argv[1] (datagrams of up to argv[2] bytes) until 2 s pass without
+/// one; prints how many are exactly what was sent and how many are not.
+const UDP_SINK: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.bind(("::", int(sys.argv[1])))
+max_len = int(sys.argv[2])
+s.settimeout(10)
+ok = bad = 0
+while True:
+    try:
+        d = s.recv(65536)
+    except socket.timeout:
+        break
+    s.settimeout(2)
+    if len(d) >= 4 and d == gen(struct.unpack("!I", d[:4])[0], max_len):
+        ok += 1
+    else:
+        bad += 1
+print(ok, bad)
+"#;
+
+/// Sends argv[3] datagrams of up to argv[4] bytes to argv[1]:argv[2], pausing briefly every
+/// 64 so a receiver that is not the tunnel's bottleneck keeps up.
+const UDP_SOURCE: &str = r#"
+import socket, sys, time
+c = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+max_len = int(sys.argv[4])
+for i in range(int(sys.argv[3])):
+    c.sendto(gen(i, max_len), (sys.argv[1], int(sys.argv[2])))
+    if i % 64 == 63:
+        time.sleep(0.002)
+print("sent", sys.argv[3])
 "#;
 
 impl Default for Lab {

@@ -425,6 +425,33 @@ fn bulk_tcp_arrives_intact_over_an_ipv6_underlay() {
     );
 }
 
+#[test]
+fn udp_datagrams_keep_their_boundaries_and_content_through_the_offloaded_tunnel() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
+        lab.spawn(
+            &h.ns,
+            &[&agent(), "up", c.to_str().unwrap()],
+            &dir.path().join(log),
+        );
+    }
+    assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up");
+    // Full-size datagrams: 1420 (MTU) minus the IPv4 + UDP or IPv6 + UDP headers.
+    for (to, max_len, what) in [("10.9.0.2", 1392, "IPv4"), ("fd00:9::2", 1372, "IPv6")] {
+        let sent = 4000;
+        let (ok, bad, log) = lab.udp_datagrams(&h1.ns, &h2.ns, to, sent, max_len);
+        assert_eq!(bad, 0, "{what}: damaged or merged datagrams\n{log}");
+        assert!(
+            ok * 10 >= sent * 9,
+            "{what}: only {ok} of {sent} arrived\n{log}"
+        );
+    }
+}
+
 /// Bytes A has received from the peer with public key `from` (`wg show transfer`).
 fn rx_from(lab: &Lab, ns: &str, iface: &str, from: &str) -> u64 {
     lab.wg(ns, iface, "transfer")

@@ -249,7 +249,7 @@ impl Dataplane {
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
 
-        let offloaded = tun.tcp_gso();
+        let (offloaded, udp_offloaded) = (tun.tcp_gso(), tun.udp_gso());
         let tun = Arc::new(tun);
         let sock = Arc::new(sock);
         // Room for one packet of the interface's MTU (or of a later, larger one up to 1500).
@@ -281,7 +281,7 @@ impl Dataplane {
             listener,
             shared.clone() as Arc<dyn uapi::Device>,
         ));
-        tracing::info!(iface = %spec.name, port = listen_port, addresses = ?spec.addresses, offload = offloaded, socket = ?sock, "interface up");
+        tracing::info!(iface = %spec.name, port = listen_port, addresses = ?spec.addresses, offload = offloaded, udp_offload = udp_offloaded, socket = ?sock, "interface up");
         Ok(Self {
             shared,
             threads,
