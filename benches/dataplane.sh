@@ -23,6 +23,8 @@ cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
+  # wireguard-go and boringtun-cli leave their UAPI sockets behind when killed.
+  rm -f /var/run/wireguard/${p}*.sock
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
