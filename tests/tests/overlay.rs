@@ -61,6 +61,20 @@ fn dual_stack_pair(dir: &Path, a: &Node, b: &Node) -> (PathBuf, PathBuf) {
     (ca, cb)
 }
 
+/// Starts `canopy-agent up CONF` in `ns` (killed with the lab); returns its pid.
+fn up(lab: &Lab, ns: &str, conf: &Path, log: &Path) -> u32 {
+    up_with(lab, ns, conf, log, &[])
+}
+
+/// [`up`] with environment settings (`NAME=value`) for the agent.
+fn up_with(lab: &Lab, ns: &str, conf: &Path, log: &Path, env: &[&str]) -> u32 {
+    let agent = agent();
+    let mut cmd = vec!["env"];
+    cmd.extend(env);
+    cmd.extend([agent.as_str(), "up", conf.to_str().unwrap()]);
+    lab.spawn(ns, &cmd, log)
+}
+
 fn agent() -> String {
     bin("canopy-agent").to_string_lossy().into_owned()
 }
@@ -72,16 +86,8 @@ fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
     let (h1, h2) = (lab.host(1), lab.host(2));
     let (a, b) = (node(&lab, "a"), node(&lab, "b"));
     let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
-    let pa = lab.spawn(
-        &h1.ns,
-        &[&agent(), "up", ca.to_str().unwrap()],
-        &dir.path().join("a.log"),
-    );
-    lab.spawn(
-        &h2.ns,
-        &[&agent(), "up", cb.to_str().unwrap()],
-        &dir.path().join("b.log"),
-    );
+    let pa = up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
+    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
     assert!(
         lab.ping(&h1.ns, "10.9.0.2", WAIT),
         "IPv4 across the overlay"
@@ -171,19 +177,11 @@ fn a_wireguard_go_peer_interoperates_with_either_side_initiating() {
     lab.run(&h2.ns, &["ip", "link", "set", &g.iface, "up"]);
 
     // wireguard-go initiates.
-    let pid = lab.spawn(
-        &h1.ns,
-        &[&agent(), "up", ca.to_str().unwrap()],
-        &dir.path().join("a1.log"),
-    );
+    let pid = up(&lab, &h1.ns, &ca, &dir.path().join("a1.log"));
     assert!(lab.ping(&h2.ns, "10.9.0.1", WAIT), "wireguard-go → canopy");
     // A fresh canopy agent (no session) initiates.
     lab.stop(pid);
-    lab.spawn(
-        &h1.ns,
-        &[&agent(), "up", ca.to_str().unwrap()],
-        &dir.path().join("a2.log"),
-    );
+    up(&lab, &h1.ns, &ca, &dir.path().join("a2.log"));
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "canopy → wireguard-go");
     let seen = lab.wg(&h2.ns, &g.iface, "transfer");
     assert!(
@@ -222,17 +220,11 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
     let (h1, h2) = (lab.host(1), lab.host(2));
     let (a, b) = (node(&lab, "a"), node(&lab, "b"));
     let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
-    let up = |ns: &str, conf: &Path, offload: bool, log: &str| {
-        let env = format!("CANOPY_TUN_OFFLOAD={}", u8::from(offload));
-        lab.spawn(
-            ns,
-            &["env", &env, &agent(), "up", conf.to_str().unwrap()],
-            &dir.path().join(log),
-        )
-    };
+    let path = |name: &str| dir.path().join(name);
+    let (on, off) = (["CANOPY_TUN_OFFLOAD=1"], ["CANOPY_TUN_OFFLOAD=0"]);
     // Both with offloads: segmentation on one side, coalescing on the other, v4 and v6.
-    let pa = up(&h1.ns, &ca, true, "a-on.log");
-    up(&h2.ns, &cb, true, "b-on.log");
+    let pa = up_with(&lab, &h1.ns, &ca, &path("a-on.log"), &on);
+    up_with(&lab, &h2.ns, &cb, &path("b-on.log"), &on);
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up");
     let log = std::fs::read_to_string(dir.path().join("a-on.log")).unwrap();
     assert!(log.contains("offload=true"), "offloads are on: {log}");
@@ -254,7 +246,7 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
 
     // A without offloads: plain packets into a coalescing peer, and segments into a plain one.
     lab.stop(pa);
-    up(&h1.ns, &ca, false, "a-off.log");
+    up_with(&lab, &h1.ns, &ca, &path("a-off.log"), &off);
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up again");
     let log = std::fs::read_to_string(dir.path().join("a-off.log")).unwrap();
     assert!(log.contains("offload=false"), "offloads are off: {log}");
@@ -287,16 +279,8 @@ fn a_packet_with_a_source_outside_the_peers_allowed_ips_is_not_delivered() {
         "10.9.0.2/24",
         &[(&a, "192.0.2.1:51820", "10.9.0.0/24")],
     );
-    lab.spawn(
-        &h1.ns,
-        &[&agent(), "up", ca.to_str().unwrap()],
-        &dir.path().join("a.log"),
-    );
-    lab.spawn(
-        &h2.ns,
-        &[&agent(), "up", cb.to_str().unwrap()],
-        &dir.path().join("b.log"),
-    );
+    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
+    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
     assert!(
         lab.ping_from(&h2.ns, Some("10.9.0.2"), "10.9.0.1", WAIT),
         "the allowed source gets through"
@@ -306,13 +290,7 @@ fn a_packet_with_a_source_outside_the_peers_allowed_ips_is_not_delivered() {
         &h2.ns,
         &["ip", "addr", "add", "10.9.0.99/24", "dev", &b.iface],
     );
-    let rx = |s: &str| {
-        s.split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = rx(&lab.wg(&h1.ns, &a.iface, "transfer"));
+    let before = rx_from(&lab, &h1.ns, &a.iface, &pubkey(&b));
     assert!(
         !lab.ping_from(
             &h2.ns,
@@ -322,7 +300,7 @@ fn a_packet_with_a_source_outside_the_peers_allowed_ips_is_not_delivered() {
         ),
         "spoofed source was delivered"
     );
-    let after = rx(&lab.wg(&h1.ns, &a.iface, "transfer"));
+    let after = rx_from(&lab, &h1.ns, &a.iface, &pubkey(&b));
     assert!(
         after > before,
         "the spoofed packets did reach A's tunnel (and were dropped there)"
@@ -347,16 +325,8 @@ fn traffic_resumes_when_a_peer_changes_its_underlay_address() {
         "10.9.0.2/24",
         &[(&a, "192.0.2.1:51820", "10.9.0.1/32")],
     );
-    lab.spawn(
-        &h1.ns,
-        &[&agent(), "up", ca.to_str().unwrap()],
-        &dir.path().join("a.log"),
-    );
-    lab.spawn(
-        &h2.ns,
-        &[&agent(), "up", cb.to_str().unwrap()],
-        &dir.path().join("b.log"),
-    );
+    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
+    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT));
     // B moves to a new underlay address; nobody reconfigures anything.
     lab.run(&h2.ns, &["ip", "addr", "flush", "dev", &h2.dev]);
@@ -406,11 +376,7 @@ fn bulk_tcp_arrives_intact_over_an_ipv6_underlay() {
         &[(&a, "[fd00:192::1]:51820", "10.9.0.1/32")],
     );
     for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
-        lab.spawn(
-            &h.ns,
-            &[&agent(), "up", c.to_str().unwrap()],
-            &dir.path().join(log),
-        );
+        up(&lab, &h.ns, c, &dir.path().join(log));
     }
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up over IPv6");
     let eps = lab.wg(&h1.ns, &a.iface, "endpoints");
@@ -433,11 +399,7 @@ fn udp_datagrams_keep_their_boundaries_and_content_through_the_offloaded_tunnel(
     let (a, b) = (node(&lab, "a"), node(&lab, "b"));
     let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
     for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
-        lab.spawn(
-            &h.ns,
-            &[&agent(), "up", c.to_str().unwrap()],
-            &dir.path().join(log),
-        );
+        up(&lab, &h.ns, c, &dir.path().join(log));
     }
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up");
     // Full-size datagrams: 1420 (MTU) minus the IPv4 + UDP or IPv6 + UDP headers.
@@ -452,7 +414,7 @@ fn udp_datagrams_keep_their_boundaries_and_content_through_the_offloaded_tunnel(
     }
 }
 
-/// Bytes A has received from the peer with public key `from` (`wg show transfer`).
+/// Bytes the interface has received from the peer with public key `from` (`wg show transfer`).
 fn rx_from(lab: &Lab, ns: &str, iface: &str, from: &str) -> u64 {
     lab.wg(ns, iface, "transfer")
         .lines()
@@ -479,15 +441,9 @@ fn a_new_peer_handshakes_and_wg_show_answers_while_another_peer_saturates_the_tu
     let peer_a = [(&a, "192.0.2.1:51820", "10.9.0.1/32")];
     let cb = conf(dir.path(), &b, "10.9.0.2/24", &peer_a);
     let cc = conf(dir.path(), &c, "10.9.0.3/24", &peer_a);
-    let up = |ns: &str, conf: &Path, log: &str| {
-        lab.spawn(
-            ns,
-            &[&agent(), "up", conf.to_str().unwrap()],
-            &dir.path().join(log),
-        )
-    };
-    up(&h1.ns, &ca, "a.log");
-    up(&h2.ns, &cb, "b.log");
+    let log = |name: &str| dir.path().join(name);
+    up(&lab, &h1.ns, &ca, &log("a.log"));
+    up(&lab, &h2.ns, &cb, &log("b.log"));
     assert!(lab.ping(&h2.ns, "10.9.0.1", WAIT), "B reaches A");
     std::thread::scope(|s| {
         let flood = s.spawn(|| lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 256));
@@ -501,7 +457,7 @@ fn a_new_peer_handshakes_and_wg_show_answers_while_another_peer_saturates_the_tu
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        up(&h3.ns, &cc, "c.log");
+        up(&lab, &h3.ns, &cc, &log("c.log"));
         assert!(
             lab.ping(&h3.ns, "10.9.0.1", WAIT),
             "C's first handshake with A went through during the flood"
@@ -550,11 +506,7 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
         "10.9.0.1/24",
         &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
     );
-    lab.spawn(
-        &h1.ns,
-        &[&agent(), "up", ca.to_str().unwrap()],
-        &dir.path().join("a.log"),
-    );
+    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
     let sock = format!("/var/run/wireguard/{}.sock", a.iface);
     let t = std::time::Instant::now();
     while !Path::new(&sock).exists() {
