@@ -104,14 +104,21 @@ impl StateDir {
     }
 
     pub fn enrollment(&self) -> Result<Option<Enrollment>, StateError> {
-        let path = self.dir.join("enrollment");
+        self.read_optional("enrollment", |b| serde_json::from_slice(b))
+    }
+
+    /// Reads and decodes the file `name`; `None` if it does not exist.
+    fn read_optional<T, E: std::fmt::Display>(
+        &self,
+        name: &str,
+        decode: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Option<T>, StateError> {
+        let path = self.dir.join(name);
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| StateError::Invalid {
-                    path,
-                    reason: e.to_string(),
-                }),
+            Ok(b) => decode(&b).map(Some).map_err(|e| StateError::Invalid {
+                path,
+                reason: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Io { path, source }),
         }
@@ -140,17 +147,7 @@ impl StateDir {
     }
 
     pub fn map(&self) -> Result<Option<NetworkMap>, StateError> {
-        let path = self.dir.join("map.pb");
-        match std::fs::read(&path) {
-            Ok(b) => NetworkMap::decode(b.as_slice())
-                .map(Some)
-                .map_err(|e| StateError::Invalid {
-                    path,
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
+        self.read_optional("map.pb", |b| NetworkMap::decode(b))
     }
 
     pub fn save_map(&self, map: &NetworkMap) -> Result<(), StateError> {

@@ -263,16 +263,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             action,
             object,
         } => {
-            let r = client(&cli.conn)
-                .await?
-                .list_audit(ListAuditRequest {
+            let mut cl = client(&cli.conn).await?;
+            let r = reply(
+                cl.list_audit(ListAuditRequest {
                     limit,
                     action,
                     object,
                 })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+                .await,
+            )?;
             output::audit(json, &r.entries)
         }
     }
@@ -407,32 +406,25 @@ async fn tenant(conn: &ConnOpts, json: bool, c: TenantCmd) -> anyhow::Result<()>
     let file = config_file(conn)?;
     let server = server_of(conn, &file)?;
     let channel = transport::connect(&server, &trust_of(conn, &file)?).await?;
-    let r = HostedServiceClient::new(channel)
-        .sign_up(SignUpRequest { org, email, plan })
-        .await
-        .map_err(call_error)?
-        .into_inner();
+    let r = reply(
+        HostedServiceClient::new(channel)
+            .sign_up(SignUpRequest { org, email, plan })
+            .await,
+    )?;
     output::signed_up(json, &server, &r)
 }
 
 async fn plan(conn: &ConnOpts, json: bool, set: Option<PlanCmd>) -> anyhow::Result<()> {
     let mut h = hosted(conn).await?;
-    let sub = match set {
+    let sub = reply(match set {
         Some(PlanCmd::Set { plan }) => h.change_plan(ChangePlanRequest { plan }).await,
         None => h.get_subscription(GetSubscriptionRequest {}).await,
-    }
-    .map_err(call_error)?
-    .into_inner();
+    })?;
     output::subscription(json, &sub)
 }
 
 async fn usage(conn: &ConnOpts, json: bool) -> anyhow::Result<()> {
-    let u = hosted(conn)
-        .await?
-        .get_usage(GetUsageRequest {})
-        .await
-        .map_err(call_error)?
-        .into_inner();
+    let u = reply(hosted(conn).await?.get_usage(GetUsageRequest {}).await)?;
     output::usage(json, &u)
 }
 
@@ -449,37 +441,24 @@ async fn operator(conn: &ConnOpts, json: bool, c: OperatorCmd) -> anyhow::Result
     let mut op = OperatorServiceClient::with_interceptor(channel, Bearer(bearer));
     match c {
         OperatorCmd::Tenants => {
-            let r = op
-                .list_tenants(ListTenantsRequest {})
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let r = reply(op.list_tenants(ListTenantsRequest {}).await)?;
             output::tenants(json, &r.tenants)
         }
         OperatorCmd::Suspend { tenant_id } => {
-            let s = op
-                .suspend_tenant(TenantRef { tenant_id })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let s = reply(op.suspend_tenant(TenantRef { tenant_id }).await)?;
             output::subscription(json, &s)
         }
         OperatorCmd::Resume { tenant_id } => {
-            let s = op
-                .resume_tenant(TenantRef { tenant_id })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let s = reply(op.resume_tenant(TenantRef { tenant_id }).await)?;
             output::subscription(json, &s)
         }
         OperatorCmd::Delete { tenant_id } => {
-            let r = op
-                .delete_tenant(TenantRef {
+            let r = reply(
+                op.delete_tenant(TenantRef {
                     tenant_id: tenant_id.clone(),
                 })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+                .await,
+            )?;
             output::done(
                 json,
                 &format!(
@@ -496,27 +475,21 @@ async fn apitoken(conn: &ConnOpts, json: bool, c: ApiTokenCmd) -> anyhow::Result
     let mut cl = client(conn).await?;
     match c {
         ApiTokenCmd::Create { name, scope } => {
-            let r = cl
-                .create_api_token(CreateApiTokenRequest { name, scope })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let r = reply(
+                cl.create_api_token(CreateApiTokenRequest { name, scope })
+                    .await,
+            )?;
             output::api_token_created(json, r.token.as_ref(), &r.secret)
         }
         ApiTokenCmd::List => {
-            let r = cl
-                .list_api_tokens(ListApiTokensRequest {})
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let r = reply(cl.list_api_tokens(ListApiTokensRequest {}).await)?;
             output::api_tokens(json, &r.tokens)
         }
         ApiTokenCmd::Revoke { token_id } => {
-            let t = cl
-                .revoke_api_token(RevokeApiTokenRequest { token_id })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let t = reply(
+                cl.revoke_api_token(RevokeApiTokenRequest { token_id })
+                    .await,
+            )?;
             output::api_tokens(json, &[t])
         }
     }
@@ -535,8 +508,10 @@ pub async fn connect(server: &str, trust: &Trust, token: &str) -> anyhow::Result
 }
 
 /// One readable line for a failed call: the controller's message and the status name.
-fn call_error(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{} ({:?})", s.message(), s.code())
+/// A call's answer, or its status as one readable error ("message (Code)").
+fn reply<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))
 }
 
 async fn login(mut conn: ConnOpts, token_file: Option<PathBuf>) -> anyhow::Result<()> {
@@ -552,10 +527,7 @@ async fn login(mut conn: ConnOpts, token_file: Option<PathBuf>) -> anyhow::Resul
         Trust::CaPem(pem) => config::pem_pin(pem)?,
     };
     let mut client = connect(&r.server, &Trust::Pin(pin), &r.token).await?;
-    client
-        .list_networks(ListNetworksRequest {})
-        .await
-        .map_err(call_error)?;
+    reply(client.list_networks(ListNetworksRequest {}).await)?;
     let path = conn
         .config
         .clone()
@@ -580,37 +552,27 @@ async fn network(conn: &ConnOpts, json: bool, c: NetworkCmd) -> anyhow::Result<(
     let mut cl = client(conn).await?;
     match c {
         NetworkCmd::Create { name, cidrs } => {
-            let n = cl
-                .create_network(CreateNetworkRequest { name, cidrs })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let n = reply(
+                cl.create_network(CreateNetworkRequest { name, cidrs })
+                    .await,
+            )?;
             output::networks(json, &[n], true)
         }
         NetworkCmd::List => {
-            let r = cl
-                .list_networks(ListNetworksRequest {})
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let r = reply(cl.list_networks(ListNetworksRequest {}).await)?;
             output::networks(json, &r.networks, false)
         }
         NetworkCmd::Get { network } => {
-            let n = cl
-                .get_network(GetNetworkRequest { network })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let n = reply(cl.get_network(GetNetworkRequest { network }).await)?;
             output::networks(json, &[n], true)
         }
         NetworkCmd::Delete { network } => {
-            let r = cl
-                .delete_network(DeleteNetworkRequest {
+            let r = reply(
+                cl.delete_network(DeleteNetworkRequest {
                     network: network.clone(),
                 })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+                .await,
+            )?;
             output::done(
                 json,
                 &format!(
@@ -633,32 +595,26 @@ async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
             tags,
         } => {
             let ttl_seconds = parse_duration(&ttl)?.as_secs();
-            let r = cl
-                .create_join_token(CreateJoinTokenRequest {
+            let r = reply(
+                cl.create_join_token(CreateJoinTokenRequest {
                     network,
                     max_uses: uses,
                     ttl_seconds,
                     tags,
                 })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+                .await,
+            )?;
             output::join_string(json, r.token.as_ref(), &r.join_string)
         }
         TokenCmd::List { network } => {
-            let r = cl
-                .list_join_tokens(ListJoinTokensRequest { network })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let r = reply(cl.list_join_tokens(ListJoinTokensRequest { network }).await)?;
             output::tokens(json, &r.tokens)
         }
         TokenCmd::Revoke { token_id } => {
-            let t = cl
-                .revoke_join_token(RevokeJoinTokenRequest { token_id })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let t = reply(
+                cl.revoke_join_token(RevokeJoinTokenRequest { token_id })
+                    .await,
+            )?;
             output::tokens(json, &[t])
         }
     }
@@ -668,27 +624,20 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
     let mut cl = client(conn).await?;
     match c {
         PeerCmd::List { network } => {
-            let r = cl
-                .list_peers(ListPeersRequest { network })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let r = reply(cl.list_peers(ListPeersRequest { network }).await)?;
             output::peers(json, &r.peers)
         }
         PeerCmd::Get { peer_id } => {
-            let p = cl
-                .get_peer(GetPeerRequest { peer_id })
-                .await
-                .map_err(call_error)?
-                .into_inner();
+            let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;
             output::peers(json, &[p])
         }
         PeerCmd::Remove { peer_id } => {
-            cl.remove_peer(RemovePeerRequest {
-                peer_id: peer_id.clone(),
-            })
-            .await
-            .map_err(call_error)?;
+            reply(
+                cl.remove_peer(RemovePeerRequest {
+                    peer_id: peer_id.clone(),
+                })
+                .await,
+            )?;
             output::done(
                 json,
                 &format!("removed peer {peer_id}"),

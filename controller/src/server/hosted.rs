@@ -17,10 +17,7 @@ impl HostedApi {
     }
 
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let token = super::bearer(req)?;
-        let c = self.ctl.authenticate_console(&token).await?;
-        self.ctl.check_rate(&c)?;
-        Ok(c)
+        super::console_caller(&self.ctl, req).await
     }
 }
 

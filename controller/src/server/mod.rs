@@ -353,6 +353,17 @@ fn bearer<T>(req: &tonic::Request<T>) -> Result<String, tonic::Status> {
         .ok_or_else(|| tonic::Status::unauthenticated("authorization must be 'Bearer <token>'"))
 }
 
+/// The caller of a console-side call (console or hosted service): its API token is checked and
+/// counted against the token's request rate.
+async fn console_caller<T>(
+    ctl: &Controller,
+    req: &tonic::Request<T>,
+) -> Result<crate::service::Caller, tonic::Status> {
+    let c = ctl.authenticate_console(&bearer(req)?).await?;
+    ctl.check_rate(&c)?;
+    Ok(c)
+}
+
 /// A controller serving in the background, for embedding and in-process tests.
 pub struct Running {
     pub url: String,
