@@ -471,7 +471,7 @@ fn a_new_peer_handshakes_and_wg_show_answers_while_another_peer_saturates_the_tu
         assert_intact(&flood.join().unwrap(), "B → A");
         assert!(
             flooding,
-            "the flood must outlast C's handshake for this test to mean anything"
+            "C got through only after the flood ended: its handshake was starved (or the flood is too short for this machine)"
         );
     });
 }

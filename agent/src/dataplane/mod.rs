@@ -45,6 +45,8 @@ pub enum DataplaneError {
     Ip { cmd: String, reason: String },
     #[error("UAPI socket: {0}")]
     Uapi(std::io::Error),
+    #[error("starting the forwarding threads: {0}")]
+    Thread(std::io::Error),
 }
 
 /// What the interface looks like.
@@ -258,9 +260,10 @@ impl Dataplane {
             std::thread::Builder::new()
                 .name(format!("canopy-{name}"))
                 .spawn(f)
-                .map_err(|source| DataplaneError::Tun {
-                    name: spec.name.clone(),
-                    source,
+                .map_err(|e| {
+                    // Threads already started end at the flag.
+                    shared.stop.store(true, Ordering::Relaxed);
+                    DataplaneError::Thread(e)
                 })
         };
         let threads = vec![
