@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Installs what building and testing Canopy needs on a fresh Debian machine (idempotent).
+# Installs what building and testing Canopy needs on a fresh Debian machine (idempotent), then
+# checks that each tool works, not only that its package is installed.
 #   protobuf-compiler  protoc, for the gRPC code generation
+#   libprotobuf-dev    google/protobuf/*.proto (well-known types) that etcd-client's build imports;
+#                      only a Recommends of protobuf-compiler, so --no-install-recommends drops it
 #   etcd-server        /usr/bin/etcd, for the etcd store tests
 #   wireguard-tools    wg, to inspect and configure interfaces (UAPI)
 #   wireguard-go       the reference userspace WireGuard, for interop tests and benchmarks
 #   iproute2, iputils-ping, iperf3: network namespaces, pings and throughput across the overlay
 #   python3            TCP transfers in the data-plane tests, result parsing in the benchmarks
 set -euo pipefail
-pkgs=(protobuf-compiler etcd-server wireguard-tools wireguard-go iproute2 iputils-ping iperf3 python3)
+pkgs=(protobuf-compiler libprotobuf-dev etcd-server wireguard-tools wireguard-go iproute2 iputils-ping
+      iperf3 python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,4 +22,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   # No recommends: wireguard-go would otherwise pull in a whole kernel image.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-command -v cargo >/dev/null || { echo "install-deps: cargo (Rust) is required" >&2; exit 1; }
+
+# Each tool does its job: a package can be installed and still not be enough (libprotobuf-dev).
+fail() { echo "install-deps: $*" >&2; exit 1; }
+command -v cargo >/dev/null || fail "cargo (Rust) is required"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+cat >"$tmp/check.proto" <<'PROTO'
+syntax = "proto3";
+import "google/protobuf/descriptor.proto";
+import "google/protobuf/timestamp.proto";
+message Check { google.protobuf.Timestamp at = 1; }
+extend google.protobuf.FieldOptions { string check = 50000; }
+PROTO
+protoc -I"$tmp" --descriptor_set_out="$tmp/check.pb" "$tmp/check.proto" \
+  || fail "protoc cannot compile a file importing google/protobuf/*.proto (libprotobuf-dev)"
+etcd --version >/dev/null || fail "etcd does not run"
+wg --version >/dev/null || fail "wg does not run"
+command -v wireguard-go >/dev/null || fail "wireguard-go is missing"
+iperf3 --version >/dev/null || fail "iperf3 does not run"
+ip -V >/dev/null || fail "ip (iproute2) does not run"
+command -v ping >/dev/null || fail "ping is missing"
+python3 -c 'import hashlib, socket' || fail "python3 does not run"
+echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, python3 work"
