@@ -29,3 +29,37 @@ fn write_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
 pub fn read_string(path: &Path) -> std::io::Result<String> {
     std::fs::read_to_string(path)
 }
+
+/// Creates `path` empty with mode 0600 if it is missing, and makes an existing file 0600.
+pub fn ensure_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// Creates `dir` (and its parents) and makes it 0700: the controller's data dir holds keys,
+/// tokens and the store.
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Holds an exclusive lock on `path` (created if missing) until dropped. Replicas that share a
+/// data dir take it around first-start initialisation, so only one creates the CA and the
+/// admin token and the others then read them.
+pub fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    f.lock()?;
+    Ok(f)
+}

@@ -18,6 +18,8 @@
 //! tenants/<tenant>                   TenantRecord (hosted; a self-managed tenant has none)
 //! tokensver/<tenant>                 bumped by every join-token create (guards the quota)
 //! netpeers/<network>                 bumped by every enrollment (guards the peer quota)
+//! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
+//!                                    and the last admin token)
 //! ```
 
 pub const ROOT: &str = "/canopy/v1/";
@@ -84,6 +86,9 @@ pub fn tenant(id: &str) -> String {
 }
 pub fn tokensver(tenant: &str) -> String {
     format!("{ROOT}tokensver/{tenant}")
+}
+pub fn apitokensver(tenant: &str) -> String {
+    format!("{ROOT}apitokensver/{tenant}")
 }
 pub fn netpeers(network: &str) -> String {
     format!("{ROOT}netpeers/{network}")

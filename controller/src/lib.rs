@@ -9,6 +9,7 @@
 //!   [`tenancy`]: tenants, API tokens, plans and usage.
 //! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
 //! - [`leader`]: election of the replica that runs background jobs, with fenced writes.
+//! - [`txn`]: the one retry loop for read → decide → write operations (jittered backoff).
 //! - [`pacing`]: admission of new agent sessions (reconnect storms).
 //! - [`console`]: the CLI client. [`tls`], [`secret`], [`keys`], [`files`]: supporting pieces.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -30,3 +31,4 @@ pub mod service;
 pub mod store;
 pub mod tenancy;
 pub mod tls;
+pub mod txn;

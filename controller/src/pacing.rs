@@ -16,9 +16,14 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// `rate` admissions per second on average, up to `burst` at once.
     pub fn new(rate: u32, burst: u32) -> Self {
+        Self::with_rate(f64::from(rate.max(1)), burst)
+    }
+
+    /// `rate` admissions per second (may be below one), up to `burst` at once.
+    pub fn with_rate(rate: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
-            rate: f64::from(rate.max(1)),
+            rate: rate.max(1e-6),
             burst,
             tokens: burst,
             last: None,
@@ -55,6 +60,43 @@ impl TokenBucket {
     }
 }
 
+/// A token bucket per key (a tenant, a source address), in bounded memory: buckets that have
+/// refilled are forgotten, and when `max_keys` busy buckets exist a new key is refused rather
+/// than remembered (a flood of distinct keys cannot grow it).
+#[derive(Debug)]
+pub struct KeyedLimiter {
+    rate: f64,
+    burst: u32,
+    max_keys: usize,
+    buckets: std::collections::HashMap<String, TokenBucket>,
+}
+
+impl KeyedLimiter {
+    pub fn new(rate_per_sec: f64, burst: u32, max_keys: usize) -> Self {
+        Self {
+            rate: rate_per_sec,
+            burst,
+            max_keys: max_keys.max(1),
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Counts one event of `key` at `now`: admitted, or how long until it would be.
+    pub fn admit(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            if self.buckets.len() >= self.max_keys {
+                return Err(Duration::from_secs_f64(1.0 / self.rate));
+            }
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(key.to_string())
+            .or_insert_with(|| TokenBucket::with_rate(rate, burst))
+            .admit(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +118,26 @@ mod tests {
         // Tokens never exceed the burst, however long it was idle.
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| b.admit(later).is_ok()).count(), 5);
+    }
+
+    #[test]
+    fn keyed_limits_are_per_key_and_memory_is_bounded() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(1.0, 2, 3);
+        assert!(l.admit("a", t0).is_ok() && l.admit("a", t0).is_ok());
+        assert!(l.admit("a", t0).is_err(), "a's burst is spent");
+        assert!(l.admit("b", t0).is_ok(), "b has its own bucket");
+        assert!(l.admit("c", t0).is_ok());
+        assert!(
+            l.admit("d", t0).is_err(),
+            "three busy keys: a fourth is refused, not remembered"
+        );
+        assert!(l.buckets.len() <= 3);
+        let later = t0 + Duration::from_secs(10);
+        assert!(
+            l.admit("d", later).is_ok(),
+            "refilled buckets are forgotten"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub struct Quotas {
     pub networks: u32,
     pub peers_per_network: u32,
     pub active_join_tokens: u32,
+    pub api_tokens: u32,
 }
 
 impl Plan {
@@ -51,21 +52,25 @@ impl Plan {
                 networks: 3,
                 peers_per_network: 25,
                 active_join_tokens: 5,
+                api_tokens: 5,
             },
             Plan::Team => Quotas {
                 networks: 25,
                 peers_per_network: 250,
                 active_join_tokens: 50,
+                api_tokens: 25,
             },
             Plan::Business => Quotas {
                 networks: 250,
                 peers_per_network: 2500,
                 active_join_tokens: 500,
+                api_tokens: 100,
             },
             Plan::SelfManaged => Quotas {
                 networks: u32::MAX,
                 peers_per_network: u32::MAX,
                 active_join_tokens: u32::MAX,
+                api_tokens: u32::MAX,
             },
         }
     }
@@ -83,7 +88,7 @@ pub enum Scope {
 impl Scope {
     pub fn parse(s: &str) -> Result<Self, ModelError> {
         match s {
-            "admin" | "" => Ok(Scope::Admin),
+            "admin" => Ok(Scope::Admin),
             "read" => Ok(Scope::Read),
             other => Err(ModelError::Scope(other.to_string())),
         }
@@ -118,5 +123,6 @@ mod tests {
         assert_eq!(Plan::from_record(""), Plan::SelfManaged);
         assert_eq!(Scope::parse("read").unwrap(), Scope::Read);
         assert!(Scope::parse("root").is_err());
+        assert!(Scope::parse("").is_err(), "an empty scope is not admin");
     }
 }

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use canopy_proto::join::JoinString;
 use canopy_proto::v1::{
     ApiTokenRecord, EnrollResponse, IndexRecord, JoinToken, JoinTokenRecord, Network,
-    NetworkRecord, Peer, PeerRecord, TenantRecord,
+    NetworkRecord, Peer, PeerRecord,
 };
 use ipnetwork::IpNetwork;
 use prost::Message;
@@ -31,13 +31,24 @@ use crate::{ipam, keys};
 /// The tenant of a single-organisation (non-hosted) controller.
 pub const DEFAULT_TENANT: &str = "default";
 /// Attempts at a conflicting transaction before giving up with `Unavailable`.
-const TXN_ATTEMPTS: usize = 200;
 /// Console requests per second per API token, by default.
 pub const DEFAULT_API_RATE: u32 = 50;
 /// New Sync sessions per second (and burst) a replica accepts by default.
 pub const DEFAULT_SESSION_STARTS: u32 = 1000;
 /// Endpoints an agent may report.
-const MAX_ENDPOINTS: usize = 16;
+const MAX_ENDPOINTS: usize = 8;
+/// Sign-ups from one source address an hour, by default (a quarter of it, at least 5, at once).
+pub const DEFAULT_SIGNUPS_PER_HOUR: u32 = 20;
+
+fn signup_limiter(per_hour: u32) -> crate::pacing::KeyedLimiter {
+    let per_hour = per_hour.max(1);
+    crate::pacing::KeyedLimiter::new(f64::from(per_hour) / 3600.0, (per_hour / 4).max(5), 100_000)
+}
+
+fn api_limiter(per_second: u32) -> crate::pacing::KeyedLimiter {
+    let rate = per_second.max(1);
+    crate::pacing::KeyedLimiter::new(f64::from(rate), rate.saturating_mul(2), 100_000)
+}
 
 /// Who is calling the console API.
 #[derive(Clone, Debug)]
@@ -122,8 +133,12 @@ pub struct Controller {
     pub hosted: bool,
     /// SHA-256 of the operator credential, if one is configured.
     pub operator_token_hash: Option<[u8; 32]>,
-    /// Per-API-token request rate limits on this replica: (requests per second, buckets).
-    api_rate: Arc<Mutex<(u32, HashMap<String, crate::pacing::TokenBucket>)>>,
+    /// Console requests per tenant on this replica: a tenant's many API tokens share one budget.
+    api_rate: Arc<Mutex<crate::pacing::KeyedLimiter>>,
+    /// The configured per-tenant rate, for messages.
+    api_rate_per_sec: u32,
+    /// Sign-ups per source address (IPv4 address or IPv6 /64) on this replica.
+    signup_rate: Arc<Mutex<crate::pacing::KeyedLimiter>>,
 }
 
 pub(crate) fn now_unix() -> i64 {
@@ -135,10 +150,6 @@ pub(crate) fn now_unix() -> i64 {
 
 pub(crate) fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
     Ok(M::decode(kv.value.as_slice())?)
-}
-
-pub(crate) fn conflict() -> Error {
-    Error::Unavailable("too many concurrent changes; try again".into())
 }
 
 impl Controller {
@@ -159,7 +170,9 @@ impl Controller {
             leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             hosted: false,
             operator_token_hash: None,
-            api_rate: Arc::new(Mutex::new((DEFAULT_API_RATE, HashMap::new()))),
+            api_rate: Arc::new(Mutex::new(api_limiter(DEFAULT_API_RATE))),
+            api_rate_per_sec: DEFAULT_API_RATE,
+            signup_rate: Arc::new(Mutex::new(signup_limiter(DEFAULT_SIGNUPS_PER_HOUR))),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,
@@ -167,26 +180,44 @@ impl Controller {
         }
     }
 
-    /// Sets the per-API-token request rate (per second; bursts of twice that).
+    /// Sets the per-tenant request rate (per second; bursts of twice that).
     pub fn set_api_rate(&mut self, per_second: u32) {
-        self.api_rate = Arc::new(Mutex::new((per_second.max(1), HashMap::new())));
+        self.api_rate = Arc::new(Mutex::new(api_limiter(per_second)));
+        self.api_rate_per_sec = per_second.max(1);
     }
 
-    /// Counts one request of the caller's token against its rate limit.
+    /// Sets how many sign-ups one source address may make an hour.
+    pub fn set_signup_rate(&mut self, per_hour: u32) {
+        self.signup_rate = Arc::new(Mutex::new(signup_limiter(per_hour)));
+    }
+
+    /// Counts one request against the caller's tenant's rate limit: all of a tenant's API
+    /// tokens share it, so minting tokens buys no extra rate.
     pub fn check_rate(&self, c: &Caller) -> Result<()> {
         let mut g = self.api_rate.lock().unwrap_or_else(|e| e.into_inner());
-        let rate = g.0;
-        let now = std::time::Instant::now();
-        if g.1.len() > 10_000 {
-            // Bounded memory: forget buckets that have been idle long enough to be full again.
-            g.1.retain(|_, b| !b.is_full(now));
-        }
-        let bucket =
-            g.1.entry(c.token_id.clone())
-                .or_insert_with(|| crate::pacing::TokenBucket::new(rate, rate * 2));
-        bucket.admit(now).map_err(|_| {
+        let rate = self.api_rate_per_sec;
+        g.admit(&c.tenant, std::time::Instant::now()).map_err(|_| {
             Error::ResourceExhausted(format!(
-                "rate limit: {rate} requests per second per API token; retry shortly"
+                "rate limit: {rate} requests per second per tenant; retry shortly"
+            ))
+        })
+    }
+
+    /// Counts one sign-up from `source` (an IPv4 address or an IPv6 /64: one host's share).
+    pub fn check_signup_rate(&self, source: Option<std::net::IpAddr>) -> Result<()> {
+        let key = match source {
+            Some(IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            Some(v4) => v4.to_string(),
+            None => "unknown".into(),
+        };
+        let mut g = self.signup_rate.lock().unwrap_or_else(|e| e.into_inner());
+        g.admit(&key, std::time::Instant::now()).map_err(|wait| {
+            Error::ResourceExhausted(format!(
+                "too many sign-ups from this address; retry in {} s",
+                wait.as_secs().max(1)
             ))
         })
     }
@@ -238,22 +269,11 @@ impl Controller {
             .await?
             .ok_or_else(unknown)?;
         let rec: ApiTokenRecord = decode(&kv)?;
-        let plan = match self
-            .store
-            .get(keys::tenant(&rec.tenant_id).as_bytes())
-            .await?
-        {
-            Some(kv) => {
-                let t: TenantRecord = decode(&kv)?;
-                if t.suspended {
-                    return Err(Error::PermissionDenied(format!(
-                        "tenant {} is suspended; contact the operator",
-                        t.org
-                    )));
-                }
-                Plan::from_record(&t.plan)
-            }
-            None => Plan::SelfManaged,
+        // A deleted tenant's tokens are gone; one caught mid-deletion is not valid either.
+        let plan = match self.tenant_guard(&rec.tenant_id).await {
+            Ok(g) => g.plan,
+            Err(Error::PermissionDenied(m)) if m.contains("deleted") => return Err(unknown()),
+            Err(e) => return Err(e),
         };
         Ok(Caller {
             tenant: rec.tenant_id,
@@ -273,17 +293,20 @@ impl Controller {
     ) -> Result<Network> {
         c.require_admin()?;
         model::validate_network_name(name)?;
-        let nets = model::parse_cidrs(cidrs)?;
-        for _ in 0..TXN_ATTEMPTS {
+        let nets = &model::parse_cidrs(cidrs)?;
+        crate::txn::retry("create network", |_| async move {
+            // The plan as of now, and the version key the count is read under: the create is
+            // conditioned on both, so a plan change or another create that commits first makes
+            // this attempt re-read.
+            let tenant = self.tenant_guard(&c.tenant).await?;
             let ver = self.store.get(keys::netsver(&c.tenant).as_bytes()).await?;
             let ver_rev = ver.as_ref().map_or(0, |kv| kv.mod_revision);
             let existing_networks = self.network_records(&c.tenant).await?;
-            // Counted under the same version key the create is conditioned on: race-free.
-            let limit = c.plan.quotas().networks;
+            let limit = tenant.plan.quotas().networks;
             if existing_networks.len() as u64 >= u64::from(limit) {
                 return Err(Error::ResourceExhausted(format!(
                     "the {} plan allows {limit} networks",
-                    c.plan.name()
+                    tenant.plan.name()
                 )));
             }
             for existing in existing_networks {
@@ -317,6 +340,7 @@ impl Controller {
                 .store
                 .txn(
                     Txn::new()
+                        .when(tenant.compare)
                         .when(Compare::unchanged(keys::netsver(&c.tenant), ver_rev))
                         .when(Compare::absent(name_key.clone()))
                         .then(Op::put(
@@ -332,10 +356,11 @@ impl Controller {
                 .await?;
             if r.succeeded {
                 tracing::info!(network = %rec.id, name, tenant = %c.tenant, "network created");
-                return Ok(network_view(&rec, r.revision));
+                return Ok(Some(network_view(&rec, r.revision)));
             }
-        }
-        Err(conflict())
+            Ok(None)
+        })
+        .await
     }
 
     pub(crate) async fn network_records(&self, tenant: &str) -> Result<Vec<NetworkRecord>> {
@@ -396,7 +421,7 @@ impl Controller {
     /// Deletes a network with its peers, addresses and join tokens, in one transaction.
     pub async fn delete_network(&self, c: &Caller, reference: &str) -> Result<u32> {
         c.require_admin()?;
-        for _ in 0..TXN_ATTEMPTS {
+        crate::txn::retry("delete network", |_| async move {
             let (net, net_rev) = self.resolve_network(c, reference).await?;
             let peers = self.store.range(keys::peers(&net.id).as_bytes()).await?;
             let tokens = self.token_records(&c.tenant).await?;
@@ -427,10 +452,11 @@ impl Controller {
             }
             if self.store.txn(txn).await?.succeeded {
                 tracing::info!(network = %net.id, peers = peers.kvs.len(), "network deleted");
-                return Ok(peers.kvs.len() as u32);
+                return Ok(Some(peers.kvs.len() as u32));
             }
-        }
-        Err(conflict())
+            Ok(None)
+        })
+        .await
     }
 
     // ----- join tokens -----
@@ -451,70 +477,83 @@ impl Controller {
             ));
         }
         let (net, _) = self.resolve_network(c, network).await?;
-        let secret = Secret::generate(secret::JOIN_TOKEN);
-        let now = now_unix();
-        let rec = JoinTokenRecord {
-            id: secret::new_id("tok_"),
-            tenant_id: c.tenant.clone(),
-            network_id: net.id.clone(),
-            secret_hash: secret.hash().to_vec(),
-            max_uses,
-            uses: 0,
-            expires_at_unix: if ttl_seconds == 0 {
-                0
-            } else {
-                now + ttl_seconds as i64
-            },
-            revoked: false,
-            tags: tags.to_vec(),
-            created_at_unix: now,
-        };
-        let hash_key = keys::tokenhash(&secret.hash());
-        // Active tokens are counted under a per-tenant version key the create is conditioned on.
-        let ver_key = keys::tokensver(&c.tenant);
-        let ver_rev = self
-            .store
-            .get(ver_key.as_bytes())
-            .await?
-            .map_or(0, |kv| kv.mod_revision);
-        let limit = c.plan.quotas().active_join_tokens;
-        let active = self
-            .token_records(&c.tenant)
-            .await?
-            .iter()
-            .filter(|(t, _)| check_token_usable(t, now).is_ok())
-            .count();
-        if active as u64 >= u64::from(limit) {
-            return Err(Error::ResourceExhausted(format!(
-                "the {} plan allows {limit} active join tokens",
-                c.plan.name()
-            )));
-        }
-        let r = self
-            .store
-            .txn(
-                Txn::new()
-                    .when(Compare::unchanged(ver_key.clone(), ver_rev))
-                    .then(Op::put(ver_key, rec.id.clone()))
-                    .when(Compare::absent(hash_key.clone()))
-                    .then(Op::put(
-                        keys::token(&c.tenant, &rec.id),
-                        rec.encode_to_vec(),
-                    ))
-                    .then(Op::put(
-                        hash_key,
-                        IndexRecord {
-                            id: format!("{}/{}", c.tenant, rec.id),
-                        }
-                        .encode_to_vec(),
-                    )),
-            )
-            .await?;
-        if !r.succeeded {
-            return Err(Error::Unavailable(
-                "another join token was created at the same time; try again".into(),
-            ));
-        }
+        let (net, tags) = (&net, &tags);
+        let (rec, secret) = crate::txn::retry("create join token", |_| async move {
+            let tenant = self.tenant_guard(&c.tenant).await?;
+            let secret = Secret::generate(secret::JOIN_TOKEN);
+            let now = now_unix();
+            let rec = JoinTokenRecord {
+                id: secret::new_id("tok_"),
+                tenant_id: c.tenant.clone(),
+                network_id: net.id.clone(),
+                secret_hash: secret.hash().to_vec(),
+                max_uses,
+                uses: 0,
+                expires_at_unix: if ttl_seconds == 0 {
+                    0
+                } else {
+                    now + ttl_seconds as i64
+                },
+                revoked: false,
+                tags: tags.to_vec(),
+                created_at_unix: now,
+            };
+            let hash_key = keys::tokenhash(&secret.hash());
+            // Active tokens are counted under a per-tenant version key the create is
+            // conditioned on; the network must still exist when it commits.
+            let ver_key = keys::tokensver(&c.tenant);
+            let ver_rev = self
+                .store
+                .get(ver_key.as_bytes())
+                .await?
+                .map_or(0, |kv| kv.mod_revision);
+            let net_rev = self
+                .store
+                .get(keys::network(&c.tenant, &net.id).as_bytes())
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("network {:?} not found", net.name)))?
+                .mod_revision;
+            let limit = tenant.plan.quotas().active_join_tokens;
+            let active = self
+                .token_records(&c.tenant)
+                .await?
+                .iter()
+                .filter(|(t, _)| check_token_usable(t, now).is_ok())
+                .count();
+            if active as u64 >= u64::from(limit) {
+                return Err(Error::ResourceExhausted(format!(
+                    "the {} plan allows {limit} active join tokens",
+                    tenant.plan.name()
+                )));
+            }
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(tenant.compare)
+                        .when(Compare::unchanged(
+                            keys::network(&c.tenant, &net.id),
+                            net_rev,
+                        ))
+                        .when(Compare::unchanged(ver_key.clone(), ver_rev))
+                        .then(Op::put(ver_key, rec.id.clone()))
+                        .when(Compare::absent(hash_key.clone()))
+                        .then(Op::put(
+                            keys::token(&c.tenant, &rec.id),
+                            rec.encode_to_vec(),
+                        ))
+                        .then(Op::put(
+                            hash_key,
+                            IndexRecord {
+                                id: format!("{}/{}", c.tenant, rec.id),
+                            }
+                            .encode_to_vec(),
+                        )),
+                )
+                .await?;
+            Ok(r.succeeded.then_some((rec, secret)))
+        })
+        .await?;
         let join = JoinString {
             controller_url: self.public_url.clone(),
             token: secret.expose().to_string(),
@@ -557,8 +596,8 @@ impl Controller {
         if token_id.is_empty() {
             return Err(Error::InvalidArgument("token id is required".into()));
         }
-        let key = keys::token(&c.tenant, token_id);
-        for _ in 0..TXN_ATTEMPTS {
+        let key = &keys::token(&c.tenant, token_id);
+        crate::txn::retry("revoke join token", |_| async move {
             let kv = self
                 .store
                 .get(key.as_bytes())
@@ -574,11 +613,9 @@ impl Controller {
                         .then(Op::put(key.clone(), rec.encode_to_vec())),
                 )
                 .await?;
-            if r.succeeded {
-                return Ok(token_view(&rec));
-            }
-        }
-        Err(conflict())
+            Ok(r.succeeded.then(|| token_view(&rec)))
+        })
+        .await
     }
 
     // ----- peers -----
@@ -618,7 +655,7 @@ impl Controller {
     /// Its Sync stream is closed by the cache update that follows.
     pub async fn remove_peer(&self, c: &Caller, peer_id: &str) -> Result<()> {
         c.require_admin()?;
-        for _ in 0..TXN_ATTEMPTS {
+        crate::txn::retry("remove peer", |_| async move {
             let (p, rev) = self.find_peer(c, peer_id).await?;
             let mut txn = Txn::new()
                 .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
@@ -635,10 +672,11 @@ impl Controller {
             }
             if self.store.txn(txn).await?.succeeded {
                 tracing::info!(peer = %p.id, network = %p.network_id, "peer removed");
-                return Ok(());
+                return Ok(Some(()));
             }
-        }
-        Err(conflict())
+            Ok(None)
+        })
+        .await
     }
 
     fn peer_view(&self, p: &PeerRecord) -> Peer {
@@ -680,12 +718,12 @@ impl Controller {
                 "that is not a join token (join tokens start with 'cjt_')".into(),
             ));
         }
-        let token_hash = Secret::from_string(token.to_string()).hash();
-        let credential = Secret::generate(secret::CREDENTIAL);
-        for attempt in 0..TXN_ATTEMPTS {
+        let token_hash = &Secret::from_string(token.to_string()).hash();
+        let credential = &Secret::generate(secret::CREDENTIAL);
+        crate::txn::retry("enroll", |attempt| async move {
             let idx = self
                 .store
-                .get(keys::tokenhash(&token_hash).as_bytes())
+                .get(keys::tokenhash(token_hash).as_bytes())
                 .await?
                 .ok_or_else(|| Error::Unauthenticated("join token is not valid".into()))?;
             let index = decode::<IndexRecord>(&idx)?.id;
@@ -724,13 +762,16 @@ impl Controller {
                 .filter_map(|k| std::str::from_utf8(k).ok()?.parse().ok())
                 .collect();
             let mut addresses = Vec::new();
+            // The plan's peer quota, counted under a per-network version key the enrollment is
+            // conditioned on (only when the plan has a quota: no extra contention otherwise),
+            // and the tenant as it is now (suspension, plan change, deletion).
+            let tenant = self.tenant_guard(&tok.tenant_id).await?;
+            let plan = tenant.plan;
             let mut txn = Txn::new()
+                .when(tenant.compare)
                 .when(Compare::unchanged(tok_key.clone(), tok_rev))
                 .when(Compare::unchanged(net_key.clone(), net_kv.mod_revision))
                 .when(Compare::absent(pubkey_key.clone()));
-            // The plan's peer quota, counted under a per-network version key the enrollment is
-            // conditioned on (only when the plan has a quota: no extra contention otherwise).
-            let plan = self.active_tenant_plan(&tok.tenant_id).await?;
             let limit = plan.quotas().peers_per_network;
             if limit != u32::MAX {
                 let ver_key = keys::netpeers(&net.id);
@@ -811,7 +852,7 @@ impl Controller {
                 ));
             let r = self.store.txn(txn).await?;
             if !r.succeeded {
-                continue;
+                return Ok(None);
             }
             tracing::info!(peer = %peer_id, network = %net.id, addresses = ?peer.addresses, "peer enrolled");
             self.audit(
@@ -824,14 +865,14 @@ impl Controller {
             .await;
             // The map as of the enrollment's revision, read from the store (the cache may lag).
             let map = self.map_from_store(&net, &peer_id).await?;
-            return Ok(EnrollResponse {
+            Ok(Some(EnrollResponse {
                 peer_id,
                 network_id: net.id,
                 credential: credential.expose().to_string(),
                 map: Some(map),
-            });
-        }
-        Err(conflict())
+            }))
+        })
+        .await
     }
 
     async fn map_from_store(
@@ -884,17 +925,16 @@ impl Controller {
             )));
         }
         for e in endpoints {
-            e.parse::<std::net::SocketAddr>()
-                .map_err(|_| Error::InvalidArgument(format!("endpoint {e:?} is not IP:PORT")))?;
+            model::parse_endpoint(e)?;
         }
-        let key = keys::peer(&id.network_id, &id.peer_id);
-        for _ in 0..TXN_ATTEMPTS {
+        let key = &keys::peer(&id.network_id, &id.peer_id);
+        crate::txn::retry("record endpoints", |_| async move {
             let Some(kv) = self.store.get(key.as_bytes()).await? else {
                 return Err(Error::NotFound("peer was removed".into()));
             };
             let mut p: PeerRecord = decode(&kv)?;
             if p.endpoints == endpoints {
-                return Ok(());
+                return Ok(Some(()));
             }
             p.endpoints = endpoints.to_vec();
             let r = self
@@ -905,11 +945,9 @@ impl Controller {
                         .then(Op::put(key.clone(), p.encode_to_vec())),
                 )
                 .await?;
-            if r.succeeded {
-                return Ok(());
-            }
-        }
-        Err(conflict())
+            Ok(r.succeeded.then_some(()))
+        })
+        .await
     }
 
     /// The next update for an agent at `base`, or `None` if it has been removed.

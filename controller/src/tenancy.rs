@@ -10,10 +10,15 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::plans::{Plan, Scope};
 use crate::secret::{self, Secret};
-use crate::service::{Caller, Controller, check_token_usable, conflict, decode, now_unix};
+use crate::service::{Caller, Controller, check_token_usable, decode, now_unix};
 use crate::store::{Compare, Op, Txn};
 
-const TXN_ATTEMPTS: usize = 50;
+/// A tenant as a write saw it: its plan, and the compare that keeps the write honest.
+#[derive(Clone, Debug)]
+pub struct TenantGuard {
+    pub plan: Plan,
+    pub compare: Compare,
+}
 
 fn quotas(p: Plan) -> Quotas {
     let q = p.quotas();
@@ -21,6 +26,7 @@ fn quotas(p: Plan) -> Quotas {
         networks: q.networks,
         peers_per_network: q.peers_per_network,
         active_join_tokens: q.active_join_tokens,
+        api_tokens: q.api_tokens,
     }
 }
 
@@ -59,26 +65,78 @@ impl Controller {
         (rec, secret, txn)
     }
 
-    /// Creates an API token for a tenant; returns it and its secret (shown once).
+    /// Creates an API token for a tenant within its plan's quota; returns it and its secret
+    /// (shown once). Counted under `apitokensver/<tenant>`, which the create is conditioned on.
     pub async fn create_api_token(
         &self,
         tenant: &str,
         name: &str,
         scope: Scope,
     ) -> Result<(ApiToken, Secret)> {
-        if name.is_empty() || name.len() > 64 {
-            return Err(Error::InvalidArgument(
-                "API token name must be 1-64 characters".into(),
-            ));
-        }
-        let (rec, secret, txn) = Self::api_token_ops(tenant, name, scope);
-        if !self.store.txn(txn).await?.succeeded {
-            return Err(Error::Internal("API token collision".into()));
-        }
-        Ok((token_view(&rec), secret))
+        self.add_api_token(tenant, name, scope, true).await
     }
 
-    /// `canopy apitoken create`: an admin of the tenant makes another token.
+    async fn add_api_token(
+        &self,
+        tenant: &str,
+        name: &str,
+        scope: Scope,
+        within_quota: bool,
+    ) -> Result<(ApiToken, Secret)> {
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(Error::InvalidArgument(
+                "API token name must be 1-64 characters, none of them control characters".into(),
+            ));
+        }
+        crate::txn::retry("create API token", |_| async move {
+            let guard = self.tenant_guard(tenant).await?;
+            let (ver_rev, tokens) = self.api_token_records(tenant).await?;
+            let limit = guard.plan.quotas().api_tokens;
+            if within_quota && tokens.len() as u64 >= u64::from(limit) {
+                return Err(Error::ResourceExhausted(format!(
+                    "the {} plan allows {limit} API tokens; revoke one first",
+                    guard.plan.name()
+                )));
+            }
+            let (rec, secret, txn) = Self::api_token_ops(tenant, name, scope);
+            let ver = keys::apitokensver(tenant);
+            let txn = txn
+                .when(guard.compare)
+                .when(Compare::unchanged(ver.clone(), ver_rev))
+                .then(Op::put(ver, rec.id.clone()));
+            let r = self.store.txn(txn).await?;
+            Ok(r.succeeded.then(|| (token_view(&rec), secret)))
+        })
+        .await
+    }
+
+    /// A tenant's API token records, and the revision of the version key they are counted under.
+    async fn api_token_records(
+        &self,
+        tenant: &str,
+    ) -> Result<(
+        crate::store::Revision,
+        Vec<(ApiTokenRecord, crate::store::Revision)>,
+    )> {
+        let ver_rev = self
+            .store
+            .get(keys::apitokensver(tenant).as_bytes())
+            .await?
+            .map_or(0, |kv| kv.mod_revision);
+        let r = self
+            .store
+            .range(keys::apitokenlist(tenant).as_bytes())
+            .await?;
+        let tokens = r
+            .kvs
+            .iter()
+            .map(|kv| Ok((decode::<ApiTokenRecord>(kv)?, kv.mod_revision)))
+            .collect::<Result<_>>()?;
+        Ok((ver_rev, tokens))
+    }
+
+    /// `canopy apitoken create`: an admin of the tenant makes another token. The scope must be
+    /// said: an empty or unknown one is refused, never taken as admin.
     pub async fn create_api_token_for(
         &self,
         c: &Caller,
@@ -90,67 +148,108 @@ impl Controller {
         self.create_api_token(&c.tenant, name, scope).await
     }
 
-    pub async fn list_api_tokens(&self, c: &Caller) -> Result<Vec<ApiToken>> {
+    /// A new admin API token for a tenant that lost its own (the operator's `token-reset`, or
+    /// `canopy serve --reset-admin-token` for the self-managed tenant). Outside the quota: it
+    /// is how a locked-out tenant gets back in.
+    pub async fn reset_admin_token(&self, tenant: &str) -> Result<(ApiToken, Secret)> {
+        if tenant != crate::service::DEFAULT_TENANT {
+            self.tenant_record(tenant).await?;
+        }
         let r = self
-            .store
-            .range(keys::apitokenlist(&c.tenant).as_bytes())
+            .add_api_token(tenant, "admin (reset)", Scope::Admin, false)
             .await?;
-        let mut v: Vec<ApiToken> = r
-            .kvs
-            .iter()
-            .map(|kv| decode::<ApiTokenRecord>(kv).map(|t| token_view(&t)))
-            .collect::<Result<_>>()?;
+        tracing::info!(tenant, token = %r.0.id, "admin API token reset");
+        Ok(r)
+    }
+
+    pub async fn list_api_tokens(&self, c: &Caller) -> Result<Vec<ApiToken>> {
+        let (_, tokens) = self.api_token_records(&c.tenant).await?;
+        let mut v: Vec<ApiToken> = tokens.iter().map(|(t, _)| token_view(t)).collect();
         v.sort_by_key(|t| t.created_at_unix);
         Ok(v)
     }
 
+    /// Revokes an API token, unless it is the tenant's last admin token (that would lock the
+    /// tenant out for good). Two revocations that race are serialised by the version key.
     pub async fn revoke_api_token(&self, c: &Caller, id: &str) -> Result<ApiToken> {
         c.require_admin()?;
-        let entry = keys::apitokenlist_entry(&c.tenant, id);
-        let kv = self
-            .store
-            .get(entry.as_bytes())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("API token {id:?} not found")))?;
-        let rec: ApiTokenRecord = decode(&kv)?;
-        let hash: [u8; 32] = rec
-            .secret_hash
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Internal("bad token hash".into()))?;
-        self.store
-            .txn(
-                Txn::new()
-                    .then(Op::delete(entry))
-                    .then(Op::delete(keys::apitoken(&hash))),
-            )
-            .await?;
-        Ok(token_view(&rec))
+        let tenant = c.tenant.as_str();
+        crate::txn::retry("revoke API token", |_| async move {
+            let (ver_rev, tokens) = self.api_token_records(tenant).await?;
+            let Some((rec, rev)) = tokens.iter().find(|(t, _)| t.id == id) else {
+                return Err(Error::NotFound(format!(
+                    "API token {} not found",
+                    canopy_proto::text::quoted(id)
+                )));
+            };
+            let is_admin = |t: &ApiTokenRecord| Scope::parse(&t.scope) == Ok(Scope::Admin);
+            if is_admin(rec) && tokens.iter().filter(|(t, _)| is_admin(t)).count() == 1 {
+                return Err(Error::FailedPrecondition(
+                    "this is the tenant's last admin API token: create another admin token first"
+                        .into(),
+                ));
+            }
+            let hash: [u8; 32] = rec
+                .secret_hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Internal("bad token hash".into()))?;
+            let entry = keys::apitokenlist_entry(tenant, id);
+            let ver = keys::apitokensver(tenant);
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::unchanged(ver.clone(), ver_rev))
+                        .when(Compare::unchanged(entry.clone(), *rev))
+                        .then(Op::put(ver, rec.id.clone()))
+                        .then(Op::delete(entry))
+                        .then(Op::delete(keys::apitoken(&hash))),
+                )
+                .await?;
+            Ok(r.succeeded.then(|| token_view(rec)))
+        })
+        .await
     }
 
-    /// The tenant's plan (self-managed when it has no tenant record).
+    /// The tenant's plan (self-managed for the default tenant of a self-managed controller).
     pub async fn tenant_plan(&self, tenant: &str) -> Result<Plan> {
-        Ok(
-            match self.store.get(keys::tenant(tenant).as_bytes()).await? {
-                Some(kv) => Plan::from_record(&decode::<TenantRecord>(&kv)?.plan),
-                None => Plan::SelfManaged,
-            },
-        )
+        Ok(self.tenant_guard(tenant).await?.plan)
     }
 
-    /// The plan of a tenant that may act now: a suspended tenant enrolls no new agents.
-    pub async fn active_tenant_plan(&self, tenant: &str) -> Result<Plan> {
-        match self.store.get(keys::tenant(tenant).as_bytes()).await? {
+    /// What a write on behalf of `tenant` must be conditioned on: the tenant as it is now.
+    /// Creates check quotas against `plan` and add [`TenantGuard::compare`] to their
+    /// transaction, so a plan change, a suspension or a deletion that commits first makes them
+    /// re-read (and refuse). A tenant with no record is the self-managed default tenant; any
+    /// other missing tenant was deleted and gets nothing, least of all unlimited quotas.
+    pub async fn tenant_guard(&self, tenant: &str) -> Result<TenantGuard> {
+        let key = keys::tenant(tenant);
+        match self.store.get(key.as_bytes()).await? {
+            None if tenant == crate::service::DEFAULT_TENANT => Ok(TenantGuard {
+                plan: Plan::SelfManaged,
+                compare: Compare::absent(key),
+            }),
+            None => Err(Error::PermissionDenied(
+                "this tenant has been deleted".into(),
+            )),
             Some(kv) => {
                 let t: TenantRecord = decode(&kv)?;
-                if t.suspended {
+                if t.deleted {
                     return Err(Error::PermissionDenied(
-                        "this network's tenant is suspended; no new agents can join".into(),
+                        "this tenant is being deleted".into(),
                     ));
                 }
-                Ok(Plan::from_record(&t.plan))
+                if t.suspended {
+                    return Err(Error::PermissionDenied(format!(
+                        "tenant {} is suspended; contact the operator",
+                        canopy_proto::text::quoted(&t.org)
+                    )));
+                }
+                Ok(TenantGuard {
+                    plan: Plan::from_record(&t.plan),
+                    compare: Compare::unchanged(key, kv.mod_revision),
+                })
             }
-            None => Ok(Plan::SelfManaged),
         }
     }
 
@@ -167,21 +266,14 @@ impl Controller {
             ));
         }
         let org = org.trim();
-        if org.is_empty() || org.len() > 100 {
+        if org.is_empty() || org.chars().count() > 100 || org.chars().any(char::is_control) {
             return Err(Error::InvalidArgument(
-                "organisation name must be 1-100 characters".into(),
+                "organisation name must be 1-100 characters, none of them control characters"
+                    .into(),
             ));
         }
         let email = email.trim();
-        if email.len() > 254
-            || email
-                .split_once('@')
-                .is_none_or(|(u, d)| u.is_empty() || !d.contains('.'))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "{email:?} is not an email address"
-            )));
-        }
+        crate::model::validate_email(email)?;
         let plan = Plan::parse(plan)?;
         let t = TenantRecord {
             id: secret::new_id("ten_"),
@@ -190,9 +282,11 @@ impl Controller {
             plan: plan.name().to_string(),
             suspended: false,
             created_at_unix: now_unix(),
+            deleted: false,
         };
-        let (_, secret, mut txn) = Self::api_token_ops(&t.id, "admin", Scope::Admin);
+        let (rec, secret, mut txn) = Self::api_token_ops(&t.id, "admin", Scope::Admin);
         txn = txn
+            .then(Op::put(keys::apitokensver(&t.id), rec.id))
             .when(Compare::absent(keys::tenant(&t.id)))
             .then(Op::put(keys::tenant(&t.id), t.encode_to_vec()));
         if !self.store.txn(txn).await?.succeeded {
@@ -224,48 +318,71 @@ impl Controller {
         self.subscription_of(&c.tenant).await
     }
 
-    /// Changes the plan, if what the tenant has fits the new plan's quotas.
+    /// Changes the plan, if what the tenant has fits the new plan's quotas. The change is
+    /// conditioned on every counter a create is counted under (networks, join tokens, API
+    /// tokens, each network's peers), and creates are conditioned on the tenant record, so a
+    /// create and a plan change that race are serialised: one of them re-reads.
     pub async fn change_plan(&self, c: &Caller, plan: &str) -> Result<Subscription> {
         c.require_admin()?;
         let plan = Plan::parse(plan)?;
-        let key = keys::tenant(&c.tenant);
-        for _ in 0..TXN_ATTEMPTS {
+        let key = &keys::tenant(&c.tenant);
+        crate::txn::retry("change plan", |_| async move {
             let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
                 Error::FailedPrecondition("a self-managed controller has no plans".into())
             })?;
             let mut t: TenantRecord = decode(&kv)?;
+            // Counters first, counts after: a create in between moves a counter and fails us.
+            let mut counters = vec![
+                keys::netsver(&c.tenant),
+                keys::tokensver(&c.tenant),
+                keys::apitokensver(&c.tenant),
+            ];
+            counters.extend(
+                self.network_records(&c.tenant)
+                    .await?
+                    .iter()
+                    .map(|n| keys::netpeers(&n.id)),
+            );
+            let mut txn = Txn::new().when(Compare::unchanged(key.clone(), kv.mod_revision));
+            for k in counters {
+                let rev = self
+                    .store
+                    .get(k.as_bytes())
+                    .await?
+                    .map_or(0, |kv| kv.mod_revision);
+                txn = txn.when(Compare::unchanged(k, rev));
+            }
             let u = self.usage(c).await?;
+            let api_tokens = self.api_token_records(&c.tenant).await?.1.len() as u32;
             let q = plan.quotas();
             let biggest = u.per_network.iter().map(|n| n.peers).max().unwrap_or(0);
             if u.networks > q.networks
                 || biggest > q.peers_per_network
                 || u.active_join_tokens > q.active_join_tokens
+                || api_tokens > q.api_tokens
             {
                 return Err(Error::FailedPrecondition(format!(
-                    "the {} plan allows {} networks, {} peers per network and {} active join tokens; you have {}, {} and {}",
+                    "the {} plan allows {} networks, {} peers per network, {} active join tokens and {} API tokens; you have {}, {}, {} and {}",
                     plan.name(),
                     q.networks,
                     q.peers_per_network,
                     q.active_join_tokens,
+                    q.api_tokens,
                     u.networks,
                     biggest,
-                    u.active_join_tokens
+                    u.active_join_tokens,
+                    api_tokens
                 )));
             }
             t.plan = plan.name().to_string();
             let r = self
                 .store
-                .txn(
-                    Txn::new()
-                        .when(Compare::unchanged(key.clone(), kv.mod_revision))
-                        .then(Op::put(key.clone(), t.encode_to_vec())),
-                )
+                .txn(txn.then(Op::put(key.clone(), t.encode_to_vec())))
                 .await?;
-            if r.succeeded {
-                return self.subscription_of(&c.tenant).await;
-            }
-        }
-        Err(conflict())
+            Ok(r.succeeded.then_some(()))
+        })
+        .await?;
+        self.subscription_of(&c.tenant).await
     }
 
     /// Networks, peers, agents online (on this replica) and active join tokens, against the quotas.
@@ -363,7 +480,7 @@ impl Controller {
     /// Suspends or resumes a tenant. A suspended tenant's console calls are refused; its agents
     /// keep their last map (their streams are not touched).
     pub async fn set_suspended(&self, id: &str, suspended: bool) -> Result<Subscription> {
-        for _ in 0..TXN_ATTEMPTS {
+        crate::txn::retry("suspend tenant", |_| async move {
             let (mut t, rev) = self.tenant_record(id).await?;
             t.suspended = suspended;
             let key = keys::tenant(id);
@@ -375,18 +492,38 @@ impl Controller {
                         .then(Op::put(key, t.encode_to_vec())),
                 )
                 .await?;
-            if r.succeeded {
-                tracing::info!(tenant = %id, suspended, "tenant suspension changed");
-                return self.subscription_of(id).await;
-            }
-        }
-        Err(conflict())
+            Ok(r.succeeded.then_some(()))
+        })
+        .await?;
+        tracing::info!(tenant = %id, suspended, "tenant suspension changed");
+        self.subscription_of(id).await
     }
 
     /// Deletes a tenant and everything it owns: networks (with their peers and addresses), join
     /// tokens, API tokens, and the tenant record last.
+    ///
+    /// Final: the record is marked `deleted` first, and every create of the tenant is
+    /// conditioned on that record, so nothing created after this call began survives it. Run
+    /// again after a crash, it finishes the job.
     pub async fn delete_tenant(&self, id: &str) -> Result<(u32, u32)> {
-        self.tenant_record(id).await?;
+        crate::txn::retry("mark tenant deleted", |_| async move {
+            let (mut t, rev) = self.tenant_record(id).await?;
+            if t.deleted {
+                return Ok(Some(()));
+            }
+            t.deleted = true;
+            let key = keys::tenant(id);
+            let r = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::unchanged(key.clone(), rev))
+                        .then(Op::put(key, t.encode_to_vec())),
+                )
+                .await?;
+            Ok(r.succeeded.then_some(()))
+        })
+        .await?;
         let caller = Caller {
             tenant: id.to_string(),
             token_id: "operator".into(),
@@ -420,6 +557,7 @@ impl Controller {
             .then(Op::delete_prefix(keys::apitokenlist(id)))
             .then(Op::delete(keys::netsver(id)))
             .then(Op::delete(keys::tokensver(id)))
+            .then(Op::delete(keys::apitokensver(id)))
             .then(Op::delete_prefix(format!("{}audit/{id}/", keys::ROOT)))
             .then(Op::delete(keys::tenant(id)));
         self.store.txn(txn).await?;

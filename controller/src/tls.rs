@@ -30,6 +30,8 @@ pub struct TlsMaterial {
     pub ca_sha256: [u8; 32],
     pub server_chain_pem: String,
     pub server_key_pem: String,
+    /// Whether this call created the CA (a first start).
+    pub created_ca: bool,
 }
 
 impl std::fmt::Debug for TlsMaterial {
@@ -68,7 +70,8 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<TlsMaterial, TlsEr
     let (srv_pem_path, srv_key_path) = (dir.join("server.pem"), dir.join("server.key"));
     let sans_path = dir.join("server.names");
 
-    let (ca_pem, ca_key) = if ca_pem_path.exists() && ca_key_path.exists() {
+    let created_ca = !(ca_pem_path.exists() && ca_key_path.exists());
+    let (ca_pem, ca_key) = if !created_ca {
         let key = KeyPair::from_pem(&read_string(&ca_key_path).map_err(io(&ca_key_path))?)?;
         (read_string(&ca_pem_path).map_err(io(&ca_pem_path))?, key)
     } else {
@@ -112,6 +115,7 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<TlsMaterial, TlsEr
         server_chain_pem: read_string(&srv_pem_path).map_err(io(&srv_pem_path))?,
         server_key_pem: read_string(&srv_key_path).map_err(io(&srv_key_path))?,
         ca_pem,
+        created_ca,
     })
 }
 

@@ -4,11 +4,13 @@
 //! - [`v1`]: the protobuf messages and tonic client/server code generated from `proto/canopy/v1`.
 //! - [`netmap`]: what applying a `NetworkDelta` to a `NetworkMap` means.
 //! - [`join`]: the join string (`canopy1:…`) that carries controller URL, token secret and CA pin.
+//! - [`text`]: escaping and clipping of untrusted text before it is printed or echoed.
 //! - [`transport`]: the client side of TLS: a gRPC channel that trusts a CA file or a CA pin.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod join;
 pub mod netmap;
+pub mod text;
 pub mod transport;
 
 /// Generated code for the `canopy.v1` package.

@@ -115,6 +115,10 @@ enum OperatorCmd {
     Delete {
         tenant_id: String,
     },
+    /// Give a tenant that locked itself out a new admin API token (shown once).
+    TokenReset {
+        tenant_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,8 +126,8 @@ enum ApiTokenCmd {
     /// Create an API token (shown once).
     Create {
         name: String,
-        /// admin (everything) or read (list and get only).
-        #[arg(long, default_value = "admin")]
+        /// read (list and get only; the default) or admin (everything).
+        #[arg(long, default_value = "read")]
         scope: String,
     },
     List,
@@ -180,9 +184,16 @@ struct ServeArgs {
     /// File holding the operator credential (for `canopy operator`); or set CANOPY_OPERATOR_TOKEN.
     #[arg(long)]
     operator_token_file: Option<PathBuf>,
-    /// Console requests per second per API token (bursts of twice that).
+    /// Console requests per second per tenant (bursts of twice that).
     #[arg(long, default_value_t = crate::service::DEFAULT_API_RATE)]
     api_rate: u32,
+    /// Make a new admin API token for the self-managed tenant and write it to
+    /// DATA/admin-token (recovery when the old one was lost or revoked), then serve.
+    #[arg(long)]
+    reset_admin_token: bool,
+    /// Hosted sign-ups allowed per source address (IPv4, or IPv6 /64) per hour.
+    #[arg(long, default_value_t = crate::service::DEFAULT_SIGNUPS_PER_HOUR)]
+    signups_per_hour: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -288,6 +299,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         background: crate::leader::BackgroundConfig::default(),
         hosted: a.hosted,
         api_requests_per_sec: a.api_rate,
+        reset_admin_token: a.reset_admin_token,
+        signups_per_hour: a.signups_per_hour,
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)
@@ -298,10 +311,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let prepared = server::prepare(&config).await?;
     let dd = prepared.data_dir.display();
+    if prepared.created_ca {
+        println!("canopy: first start: created a CA ({dd}/ca.pem)");
+    }
     if prepared.new_admin_token.is_some() {
-        println!(
-            "canopy: first start: created a CA ({dd}/ca.pem) and an admin API token ({dd}/admin-token, mode 0600)"
-        );
+        println!("canopy: created an admin API token ({dd}/admin-token, mode 0600)");
     }
     println!(
         "canopy: controller at {}; point the console at it with:\n  canopy login --server {} --ca {dd}/ca.pem --token-file {dd}/admin-token",
@@ -451,6 +465,10 @@ async fn operator(conn: &ConnOpts, json: bool, c: OperatorCmd) -> anyhow::Result
         OperatorCmd::Resume { tenant_id } => {
             let s = reply(op.resume_tenant(TenantRef { tenant_id }).await)?;
             output::subscription(json, &s)
+        }
+        OperatorCmd::TokenReset { tenant_id } => {
+            let r = reply(op.reset_admin_token(TenantRef { tenant_id }).await)?;
+            output::api_token_created(json, r.token.as_ref(), &r.secret)
         }
         OperatorCmd::Delete { tenant_id } => {
             let r = reply(

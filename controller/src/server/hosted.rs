@@ -26,6 +26,9 @@ type R<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl HostedService for HostedApi {
     async fn sign_up(&self, req: Request<SignUpRequest>) -> R<SignUpResponse> {
+        // Anonymous: throttled per source address before anything is read or written.
+        self.ctl
+            .check_signup_rate(req.remote_addr().map(|a| a.ip()))?;
         let r = req.into_inner();
         let (tenant_id, secret, sub) = self.ctl.sign_up(&r.org, &r.email, &r.plan).await?;
         Ok(Response::new(SignUpResponse {

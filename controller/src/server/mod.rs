@@ -93,8 +93,12 @@ pub struct ServeConfig {
     pub hosted: bool,
     /// The operator credential (for OperatorService); none disables it.
     pub operator_token: Option<String>,
-    /// Console requests per second per API token (bursts of twice that).
+    /// Console requests per second per tenant (bursts of twice that).
     pub api_requests_per_sec: u32,
+    /// Make a new admin token for the self-managed tenant even if `DATA/admin-token` exists.
+    pub reset_admin_token: bool,
+    /// Hosted sign-ups one source address (IPv4, or IPv6 /64) may make an hour.
+    pub signups_per_hour: u32,
 }
 
 impl ServeConfig {
@@ -111,6 +115,8 @@ impl ServeConfig {
             hosted: false,
             operator_token: None,
             api_requests_per_sec: crate::service::DEFAULT_API_RATE,
+            reset_admin_token: false,
+            signups_per_hour: crate::service::DEFAULT_SIGNUPS_PER_HOUR,
         }
     }
 }
@@ -146,8 +152,11 @@ pub struct Prepared {
     pub listener: TcpListener,
     pub local_addr: SocketAddr,
     pub data_dir: PathBuf,
-    /// Set on first start only: the new admin API token (also written to `DATA/admin-token`).
+    /// Set on first start (or `--reset-admin-token`): the new admin API token (also written to
+    /// `DATA/admin-token`).
     pub new_admin_token: Option<String>,
+    /// Whether this start created the CA.
+    pub created_ca: bool,
     pub background: crate::leader::BackgroundConfig,
 }
 
@@ -165,7 +174,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         path: config.data_dir.clone(),
         source,
     };
-    std::fs::create_dir_all(&config.data_dir).map_err(dd)?;
+    crate::files::ensure_private_dir(&config.data_dir).map_err(dd)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -204,6 +213,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     names.extend(config.tls_sans.iter().cloned());
     names.sort();
     names.dedup();
+    // First start is race-free for replicas sharing a data dir: one creates the CA and the
+    // admin token under this lock, the others wait and read them.
+    let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock")).map_err(dd)?;
     let tls = tls::load_or_create(&config.data_dir, &names)?;
 
     let store: Arc<dyn Store> = match config
@@ -219,6 +231,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     controller.set_session_start_rate(config.session_starts_per_sec);
     controller.hosted = config.hosted;
     controller.set_api_rate(config.api_requests_per_sec);
+    controller.set_signup_rate(config.signups_per_hour);
     controller.operator_token_hash = config
         .operator_token
         .as_ref()
@@ -226,19 +239,19 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         .map(|t| crate::secret::Secret::from_string(t.trim().to_string()).hash());
 
     let token_path = config.data_dir.join("admin-token");
-    let new_admin_token = if token_path.exists() {
+    let new_admin_token = if token_path.exists() && !config.reset_admin_token {
         None
     } else {
-        let secret = controller
-            .create_api_token(DEFAULT_TENANT, "admin", crate::plans::Scope::Admin)
+        let (_, secret) = controller
+            .reset_admin_token(DEFAULT_TENANT)
             .await
             .map_err(|e| ServeError::Setup(format!("creating the admin token: {e}")))?;
-        let (_, secret) = secret;
         write_private(&token_path, format!("{}\n", secret.expose()).as_bytes()).map_err(dd)?;
         Some(secret.expose().to_string())
     };
     Ok(Prepared {
         controller,
+        created_ca: tls.created_ca,
         tls,
         listener,
         local_addr,

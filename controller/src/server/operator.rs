@@ -55,4 +55,16 @@ impl OperatorService for OperatorApi {
             peers_deleted,
         }))
     }
+    async fn reset_admin_token(&self, req: Request<TenantRef>) -> R<ResetAdminTokenResponse> {
+        self.check(&req)?;
+        let tenant = req.into_inner().tenant_id;
+        let (token, secret) = self.ctl.reset_admin_token(&tenant).await?;
+        self.ctl
+            .audit(&tenant, "operator", "apitoken.reset", &token.id, "")
+            .await;
+        Ok(Response::new(ResetAdminTokenResponse {
+            token: Some(token),
+            secret: secret.expose().to_string(),
+        }))
+    }
 }

@@ -42,7 +42,10 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 
 impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`.
+    /// Opens (or creates) the store file, readable by its owner only: it holds e-mail
+    /// addresses, hostnames and the audit log.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        crate::files::ensure_private_file(path).map_err(err)?;
         let db = Database::create(path).map_err(err)?;
         let w = db.begin_write().map_err(err)?;
         let rev = {

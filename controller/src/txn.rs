@@ -1,0 +1,135 @@
+//! One way to retry: every read → decide → write operation of the controller runs through
+//! [`retry`]. An attempt reads what it needs, decides, and commits one transaction conditioned
+//! on the revisions it read; a lost race (`Ok(None)`) is retried after a jittered, growing
+//! pause, within a bounded number of attempts and time. Kubernetes' `RetryOnConflict` and
+//! etcd's STM have this shape.
+//!
+//! Attempts are closures returning a future (`|attempt| async move { … }`), which keeps the
+//! operation's future `Send` for tonic.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// How many attempts an operation gets, and for how long, before it answers Unavailable.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub attempts: usize,
+    pub time: Duration,
+    /// The first pause; each later one may be up to twice the previous bound.
+    pub base: Duration,
+    /// The largest pause.
+    pub cap: Duration,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            attempts: 200,
+            time: Duration::from_secs(10),
+            base: Duration::from_micros(500),
+            cap: Duration::from_millis(50),
+        }
+    }
+}
+
+impl Budget {
+    /// The bound of the pause before attempt `n` (n ≥ 1): base · 2^(n-1), at most `cap`. The
+    /// pause itself is drawn uniformly below it ("full jitter"), so writers that collided do
+    /// not collide again in step.
+    pub fn pause_bound(&self, n: usize) -> Duration {
+        let shift = n.saturating_sub(1).min(20) as u32;
+        self.base.saturating_mul(1 << shift).min(self.cap)
+    }
+}
+
+/// Runs `attempt(n)` until it returns `Ok(Some(v))` (committed) or an error, retrying on
+/// `Ok(None)` (a conflicting write won) with the default [`Budget`].
+pub async fn retry<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    retry_with(Budget::default(), what, attempt).await
+}
+
+pub async fn retry_with<T, F, Fut>(budget: Budget, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    use rand::Rng as _;
+    let start = Instant::now();
+    for n in 0..budget.attempts.max(1) {
+        if n > 0 {
+            if start.elapsed() >= budget.time {
+                break;
+            }
+            let bound = budget.pause_bound(n);
+            let pause = rand::rng().random_range(Duration::ZERO..=bound);
+            tokio::time::sleep(pause).await;
+        }
+        if let Some(v) = attempt(n).await? {
+            if n > 0 {
+                tracing::debug!(what, attempts = n + 1, "committed after conflicts");
+            }
+            return Ok(v);
+        }
+    }
+    tracing::warn!(what, "gave up after repeated conflicting writes");
+    Err(Error::Unavailable(format!(
+        "{what}: too many concurrent changes; try again"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn pauses_grow_to_the_cap() {
+        let b = Budget::default();
+        assert_eq!(b.pause_bound(1), Duration::from_micros(500));
+        assert_eq!(b.pause_bound(2), Duration::from_millis(1));
+        assert_eq!(b.pause_bound(5), Duration::from_millis(8));
+        assert_eq!(b.pause_bound(50), b.cap);
+    }
+
+    #[tokio::test]
+    async fn retries_conflicts_until_one_commits() {
+        let calls = AtomicUsize::new(0);
+        let calls = &calls;
+        let v = retry("test", |n| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok((n == 3).then_some(n))
+        })
+        .await
+        .unwrap();
+        assert_eq!((v, calls.load(Ordering::SeqCst)), (3, 4));
+    }
+
+    #[tokio::test]
+    async fn an_error_ends_at_once_and_a_spent_budget_is_unavailable() {
+        let calls = AtomicUsize::new(0);
+        let calls = &calls;
+        let r: Result<()> = retry("test", |_| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Error::NotFound("gone".into()))
+        })
+        .await;
+        assert!(matches!(r, Err(Error::NotFound(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let budget = Budget {
+            attempts: 5,
+            ..Budget::default()
+        };
+        let r: Result<()> = retry_with(budget, "create thing", |_| async { Ok(None) }).await;
+        match r {
+            Err(Error::Unavailable(m)) => assert!(m.starts_with("create thing: too many"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
