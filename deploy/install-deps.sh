@@ -9,9 +9,11 @@
 #   wireguard-go       the reference userspace WireGuard, for interop tests and benchmarks
 #   iproute2, iputils-ping, iperf3: network namespaces, pings and throughput across the overlay
 #   python3            TCP transfers in the data-plane tests, result parsing in the benchmarks
+#   python3-grpcio     a third-party gRPC client (Python's grpcio) in the tests, under Debian's
+#                      /usr/bin/python3
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server wireguard-tools wireguard-go iproute2 iputils-ping
-      iperf3 python3)
+      iperf3 python3 python3-grpcio)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,4 +45,5 @@ iperf3 --version >/dev/null || fail "iperf3 does not run"
 ip -V >/dev/null || fail "ip (iproute2) does not run"
 command -v ping >/dev/null || fail "ping is missing"
 python3 -c 'import hashlib, socket' || fail "python3 does not run"
-echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, python3 work"
+/usr/bin/python3 -c 'import grpc' || fail "Debian's python3 cannot import grpc (python3-grpcio)"
+echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, python3, grpcio work"

@@ -15,6 +15,14 @@ use crate::dataplane::{self, ControllerSink, DEFAULT_MTU, Dataplane, InterfaceSp
 use crate::keys::{self, PrivateKey};
 use crate::state::StateDir;
 
+/// Prints one line for a person. Names and hostnames come from the controller and the other
+/// peers: control characters are escaped, so they cannot forge lines or rewrite the terminal.
+macro_rules! say {
+    ($($t:tt)*) => {
+        println!("{}", canopy_proto::text::escape(&format!($($t)*)))
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "canopy-agent", version, about = "Canopy overlay agent")]
 pub struct Cli {
@@ -136,15 +144,15 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("peer:       {}", e.peer_id);
-    println!("network:    {} ({})", map.network_name, e.network_id);
-    println!("controller: {}", e.controller_url);
-    println!("public key: {}", keys::encode(&key.public_key()));
-    println!("addresses:  {}", map.addresses.join(", "));
-    println!("revision:   {}", map.revision);
-    println!("peers:      {}", map.peers.len());
+    say!("peer:       {}", e.peer_id);
+    say!("network:    {} ({})", map.network_name, e.network_id);
+    say!("controller: {}", e.controller_url);
+    say!("public key: {}", keys::encode(&key.public_key()));
+    say!("addresses:  {}", map.addresses.join(", "));
+    say!("revision:   {}", map.revision);
+    say!("peers:      {}", map.peers.len());
     for p in &map.peers {
-        println!(
+        say!(
             "  {:<22} {:<16} {:<34} {}",
             p.peer_id,
             p.hostname,
@@ -209,10 +217,11 @@ async fn join(
         _ => {
             let join = JoinString::parse(join_string)?;
             let hostname = hostname.unwrap_or_else(system_hostname);
-            let (e, map) = control::enroll(&join, key.public_key(), &hostname).await?;
-            state.save_enrollment(&e)?;
-            state.save_map(&map)?;
-            println!(
+            let credential = state.pending_credential(control::new_credential)?;
+            let (e, map) =
+                control::enroll_with(&join, key.public_key(), &hostname, &credential).await?;
+            state.complete_enrollment(&e, &map)?;
+            say!(
                 "enrolled as {} in network {} with address {}",
                 e.peer_id,
                 map.network_name,

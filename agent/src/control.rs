@@ -59,20 +59,44 @@ impl MapSink for NoDataPlane {
     }
 }
 
-/// Enrolls this node with the controller named in the join string, pinning its CA.
+/// Enrolls this node with the controller named in the join string, pinning its CA, with a
+/// fresh Sync credential.
 pub async fn enroll(
     join: &JoinString,
     public_key: [u8; 32],
     hostname: &str,
 ) -> Result<(Enrollment, NetworkMap), ControlError> {
+    enroll_with(join, public_key, hostname, &new_credential()).await
+}
+
+/// A new Sync credential: `cpc_` and 32 random bytes, base64url.
+pub fn new_credential() -> String {
+    use base64::Engine as _;
+    let b: [u8; 32] = rand::random();
+    format!(
+        "cpc_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
+}
+
+/// Enrolls with `credential`, which the caller kept first: asking again with the same key and
+/// credential after a lost answer gets the same enrollment back.
+pub async fn enroll_with(
+    join: &JoinString,
+    public_key: [u8; 32],
+    hostname: &str,
+    credential: &str,
+) -> Result<(Enrollment, NetworkMap), ControlError> {
     let channel = transport::connect(&join.controller_url, &Trust::Pin(join.ca_sha256)).await?;
-    let mut client = AgentServiceClient::new(channel);
+    let mut client =
+        AgentServiceClient::new(channel).max_decoding_message_size(canopy_proto::MAX_ANSWER_BYTES);
     let resp = client
         .enroll(EnrollRequest {
             join_token: join.token.clone(),
             public_key: public_key.to_vec(),
             hostname: hostname.to_string(),
             listen_port: 0,
+            credential: credential.to_string(),
         })
         .await
         .map_err(ControlError::Refused)?
@@ -261,7 +285,8 @@ impl ControlClient {
         channel: tonic::transport::Channel,
         sink: &mut dyn MapSink,
     ) -> Result<SessionEnd, ControlError> {
-        let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let mut client = AgentServiceClient::new(channel)
+            .max_decoding_message_size(canopy_proto::MAX_ANSWER_BYTES);
         let known = self.map.borrow().as_ref().map_or(0, |m| m.revision);
         let (tx, rx) = mpsc::channel(8);
         let hello = SyncRequest {
@@ -278,14 +303,24 @@ impl ControlClient {
             .parse()
             .map_err(|_| ControlError::Protocol("credential is not valid metadata".into()))?;
         req.metadata_mut().insert("authorization", auth);
-        let mut inbound = client.sync(req).await.map_err(classify)?.into_inner();
+        // Who we say we are, so a removed peer can be told so after its credential is gone.
+        if let Ok(v) = format!("{}/{}", self.enrollment.network_id, self.enrollment.peer_id).parse()
+        {
+            req.metadata_mut().insert("canopy-peer", v);
+        }
+        let me = &self.enrollment;
+        let mut inbound = client
+            .sync(req)
+            .await
+            .map_err(|s| classify(s, me))?
+            .into_inner();
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         loop {
             let msg = match inbound.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(SessionEnd::Lost("controller closed the stream".into())),
                 Err(s) => {
-                    return match classify(s) {
+                    return match classify(s, me) {
                         ControlError::Refused(s) => Ok(SessionEnd::Lost(s.message().to_string())),
                         other => Err(other),
                     };
@@ -368,8 +403,11 @@ impl ControlClient {
     }
 }
 
-/// A status that means this peer no longer exists is `Removed`; the rest are retryable.
-fn classify(s: tonic::Status) -> ControlError {
+/// Only the controller's typed "this peer was removed" answer, naming this very peer, is
+/// `Removed` (the agent then forgets its enrollment). Every other refusal, PermissionDenied and
+/// Unauthenticated included (a misrouted or misconfigured replica), is retried with backoff
+/// and the last map kept.
+fn classify(s: tonic::Status, me: &Enrollment) -> ControlError {
     if s.code() == Code::Unavailable
         && let Some(ms) = s
             .metadata()
@@ -378,8 +416,10 @@ fn classify(s: tonic::Status) -> ControlError {
     {
         return ControlError::Paced(Duration::from_millis(ms.min(60_000)));
     }
-    match s.code() {
-        Code::PermissionDenied | Code::Unauthenticated => ControlError::Removed,
+    match canopy_proto::removal::of(&s) {
+        Some(r) if r.peer_id == me.peer_id && r.network_id == me.network_id => {
+            ControlError::Removed
+        }
         _ => ControlError::Refused(s),
     }
 }

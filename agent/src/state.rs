@@ -5,6 +5,8 @@
 //! enrollment     controller URL, CA pin, peer id, network id, Sync credential (mode 0600)
 //! map.pb         the last applied NetworkMap (protobuf), so the node keeps its network while
 //!                the controller is away and resumes from its revision
+//! credential.pending  the Sync credential made for an enrollment in progress (mode 0600):
+//!                kept before asking, so a retry after a lost answer gets the same enrollment
 //! ```
 //! Every write is atomic (temp file + rename) and secret files are created 0600.
 
@@ -144,6 +146,33 @@ impl StateDir {
             }
         }
         Ok(())
+    }
+
+    /// The credential for the enrollment in progress: the one kept by an earlier attempt, or
+    /// `fresh` (made by the caller), written 0600 before it is sent anywhere.
+    pub fn pending_credential(&self, fresh: impl FnOnce() -> String) -> Result<String, StateError> {
+        let path = self.dir.join("credential.pending");
+        if let Some(c) = self.read_optional("credential.pending", |b| {
+            String::from_utf8(b.to_vec()).map(|s| s.trim().to_string())
+        })? && !c.is_empty()
+        {
+            return Ok(c);
+        }
+        let c = fresh();
+        write_atomic(&path, c.as_bytes(), 0o600)?;
+        Ok(c)
+    }
+
+    /// Saves the enrollment and its first map, then forgets the pending credential.
+    pub fn complete_enrollment(&self, e: &Enrollment, map: &NetworkMap) -> Result<(), StateError> {
+        self.save_enrollment(e)?;
+        self.save_map(map)?;
+        let path = self.dir.join("credential.pending");
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
     }
 
     pub fn map(&self) -> Result<Option<NetworkMap>, StateError> {

@@ -49,21 +49,27 @@ impl From<prost::DecodeError> for Error {
     }
 }
 
+/// The longest status message sent: well under HTTP/2's and gRPC clients' header limits.
+pub const MAX_STATUS_MESSAGE: usize = 1000;
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Status;
+        let clip = |m: String| canopy_proto::text::clip(&m, MAX_STATUS_MESSAGE).into_owned();
         match e {
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
-            Error::NotFound(m) => Status::not_found(m),
-            Error::AlreadyExists(m) => Status::already_exists(m),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::Unauthenticated(m) => Status::unauthenticated(m),
-            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-            Error::Unavailable(m) => Status::unavailable(m),
+            Error::InvalidArgument(m) => Status::invalid_argument(clip(m)),
+            Error::NotFound(m) => Status::not_found(clip(m)),
+            Error::AlreadyExists(m) => Status::already_exists(clip(m)),
+            Error::FailedPrecondition(m) => Status::failed_precondition(clip(m)),
+            Error::PermissionDenied(m) => Status::permission_denied(clip(m)),
+            Error::Unauthenticated(m) => Status::unauthenticated(clip(m)),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(clip(m)),
+            Error::Unavailable(m) => Status::unavailable(clip(m)),
+            // What went wrong inside stays inside: the log has it under an id the client gets.
             Error::Internal(m) => {
-                tracing::error!(error = %m, "internal error");
-                Status::internal(m)
+                let id = crate::secret::new_id("err_");
+                tracing::error!(error = %m, %id, "internal error");
+                Status::internal(format!("internal error; the controller logged it as {id}"))
             }
         }
     }

@@ -18,6 +18,8 @@
 //! tenants/<tenant>                   TenantRecord (hosted; a self-managed tenant has none)
 //! tokensver/<tenant>                 bumped by every join-token create (guards the quota)
 //! netpeers/<network>                 bumped by every enrollment (guards the peer quota)
+//! peergone/<network>/<peer>         Tombstone: the peer was removed (its agent may be told)
+//! netgone/<network>                  Tombstone: the network was deleted with all its peers
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
 //!                                    and the last admin token)
 //! ```
@@ -86,6 +88,14 @@ pub fn tenant(id: &str) -> String {
 }
 pub fn tokensver(tenant: &str) -> String {
     format!("{ROOT}tokensver/{tenant}")
+}
+pub const ALL_PEERGONE: &str = "/canopy/v1/peergone/";
+pub fn peergone(network: &str, peer: &str) -> String {
+    format!("{ROOT}peergone/{network}/{peer}")
+}
+pub const ALL_NETGONE: &str = "/canopy/v1/netgone/";
+pub fn netgone(network: &str) -> String {
+    format!("{ROOT}netgone/{network}")
 }
 pub fn apitokensver(tenant: &str) -> String {
     format!("{ROOT}apitokensver/{tenant}")

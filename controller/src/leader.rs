@@ -32,6 +32,9 @@ pub struct BackgroundConfig {
     pub tick: Duration,
     /// How long an expired join token stays listed before it is deleted.
     pub expired_token_retention: Duration,
+    /// How long a removed peer's (or network's) tombstone is kept: within it, an agent that
+    /// comes back is told it was removed; after it, it is only refused (and keeps retrying).
+    pub tombstone_retention: Duration,
 }
 
 impl Default for BackgroundConfig {
@@ -40,6 +43,7 @@ impl Default for BackgroundConfig {
             lease: Duration::from_secs(15),
             tick: Duration::from_secs(5),
             expired_token_retention: Duration::from_secs(3600),
+            tombstone_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -128,6 +132,7 @@ impl Elector {
 pub struct JobReport {
     pub tokens_deleted: usize,
     pub credentials_deleted: usize,
+    pub tombstones_deleted: usize,
 }
 
 /// Runs the background jobs as the leader holding `fence`. Each write is fenced.
@@ -186,6 +191,25 @@ pub async fn run_jobs(
             return Ok(report);
         }
         report.credentials_deleted += 1;
+    }
+    let keep_s = cfg.tombstone_retention.as_secs() as i64;
+    for prefix in [keys::ALL_PEERGONE, keys::ALL_NETGONE] {
+        for kv in store.range(prefix.as_bytes()).await?.kvs {
+            let Ok(t) = canopy_proto::v1::Tombstone::decode(kv.value.as_slice()) else {
+                continue;
+            };
+            if t.removed_at_unix + keep_s > now_ms / 1000 {
+                continue;
+            }
+            let txn = Txn::new()
+                .when(Compare::unchanged(LEADER_KEY, fence))
+                .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
+                .then(Op::delete(kv.key.clone()));
+            if !store.txn(txn).await?.succeeded {
+                return Ok(report);
+            }
+            report.tombstones_deleted += 1;
+        }
     }
     Ok(report)
 }

@@ -7,12 +7,12 @@ use ipnetwork::IpNetwork;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
     #[error(
-        "network name {0:?} is invalid: use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
+        "network name {0} is invalid: use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
     )]
     NetworkName(String),
     #[error("a network needs one IPv4 CIDR, one IPv6 CIDR, or one of each")]
     CidrCount,
-    #[error("{0:?} is not a CIDR (expected e.g. 100.64.0.0/24 or fd7a:1::/64)")]
+    #[error("{0} is not a CIDR (expected e.g. 100.64.0.0/24 or fd7a:1::/64)")]
     CidrSyntax(String),
     #[error("{given} has host bits set; did you mean {network}?")]
     CidrHostBits { given: String, network: String },
@@ -38,9 +38,9 @@ pub enum ModelError {
     Hostname(String),
     #[error("endpoint {0} {1}")]
     Endpoint(String, &'static str),
-    #[error("unknown plan {0:?}: choose free, team or business")]
+    #[error("unknown plan {0}: choose free, team or business")]
     Plan(String),
-    #[error("unknown or missing scope {0:?}: choose admin or read")]
+    #[error("unknown or missing scope {0}: choose admin or read")]
     Scope(String),
     #[error("{0}")]
     Field(String),
@@ -58,7 +58,7 @@ pub fn validate_network_name(name: &str) -> Result<(), ModelError> {
     if ok {
         Ok(())
     } else {
-        Err(ModelError::NetworkName(name.to_string()))
+        Err(ModelError::NetworkName(canopy_proto::text::quoted(name)))
     }
 }
 
@@ -81,11 +81,11 @@ pub fn parse_cidrs(cidrs: &[String]) -> Result<Vec<IpNetwork>, ModelError> {
 pub fn parse_cidr(c: &str) -> Result<IpNetwork, ModelError> {
     let c = c.trim();
     if !c.contains('/') {
-        return Err(ModelError::CidrSyntax(c.to_string()));
+        return Err(ModelError::CidrSyntax(canopy_proto::text::quoted(c)));
     }
     let net: IpNetwork = c
         .parse()
-        .map_err(|_| ModelError::CidrSyntax(c.to_string()))?;
+        .map_err(|_| ModelError::CidrSyntax(canopy_proto::text::quoted(c)))?;
     if net.network() != net.ip() {
         return Err(ModelError::CidrHostBits {
             given: c.to_string(),

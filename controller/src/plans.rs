@@ -28,7 +28,7 @@ impl Plan {
             "free" => Ok(Plan::Free),
             "team" => Ok(Plan::Team),
             "business" => Ok(Plan::Business),
-            other => Err(ModelError::Plan(other.to_string())),
+            other => Err(ModelError::Plan(canopy_proto::text::quoted(other))),
         }
     }
 
@@ -66,15 +66,22 @@ impl Plan {
                 active_join_tokens: 500,
                 api_tokens: 100,
             },
+            // No commercial quotas, but a network's size stays bounded: every peer's map
+            // lists every other peer, and maps must fit a client's answer limit.
             Plan::SelfManaged => Quotas {
                 networks: u32::MAX,
-                peers_per_network: u32::MAX,
+                peers_per_network: SELF_MANAGED_PEERS_PER_NETWORK,
                 active_join_tokens: u32::MAX,
                 api_tokens: u32::MAX,
             },
         }
     }
 }
+
+/// Peers per network on a self-managed controller. A peer's map entry is at most about
+/// 1.5 KB (8 tags of 63 bytes, a 253-byte hostname, 8 endpoints), so a full map stays under
+/// 16 MB, a quarter of what clients accept.
+pub const SELF_MANAGED_PEERS_PER_NETWORK: u32 = 10_000;
 
 /// What an API token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +97,7 @@ impl Scope {
         match s {
             "admin" => Ok(Scope::Admin),
             "read" => Ok(Scope::Read),
-            other => Err(ModelError::Scope(other.to_string())),
+            other => Err(ModelError::Scope(canopy_proto::text::quoted(other))),
         }
     }
     pub fn name(self) -> &'static str {

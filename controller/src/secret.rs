@@ -33,6 +33,16 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Whether `s` looks like a secret of ours: `prefix` and 43 base64url characters (32 bytes).
+pub fn well_formed(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|rest| {
+        rest.len() == 43
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
 /// Prefixes that say what a secret is when a user pastes one in the wrong place.
 pub const JOIN_TOKEN: &str = "cjt_";
 pub const API_TOKEN: &str = "cat_";

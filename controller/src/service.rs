@@ -37,6 +37,9 @@ pub const DEFAULT_API_RATE: u32 = 50;
 pub const DEFAULT_SESSION_STARTS: u32 = 1000;
 /// Endpoints an agent may report.
 const MAX_ENDPOINTS: usize = 8;
+/// New Sync sessions one peer may open: a burst, then one a second.
+const PEER_SESSION_STARTS_PER_SEC: f64 = 1.0;
+const PEER_SESSION_BURST: u32 = 5;
 /// Sign-ups from one source address an hour, by default (a quarter of it, at least 5, at once).
 pub const DEFAULT_SIGNUPS_PER_HOUR: u32 = 20;
 
@@ -78,37 +81,63 @@ pub struct AgentIdentity {
     pub peer_id: String,
 }
 
-/// Live Sync sessions on this replica: peer id → (session number, last acknowledged revision).
-/// An agent that reconnects before its old stream is noticed gone has two sessions for a moment;
-/// the session number makes the old one's close leave the new one alone.
+/// Live Sync sessions on this replica: one per peer. Opening a session for a peer that has
+/// one tells the old one to end (a credential cannot hold many streams, each with a map); the
+/// session number makes the old one's close leave the new one alone.
 #[derive(Clone, Default)]
 pub struct Sessions(Arc<Mutex<SessionTable>>);
 
-/// (last session number, peer id → (session number, acknowledged revision)).
-type SessionTable = (u64, HashMap<String, (u64, Revision)>);
+struct SessionEntry {
+    number: u64,
+    acked: Revision,
+    /// Notified when a newer session of the same peer replaces this one.
+    replaced: Arc<tokio::sync::Notify>,
+}
+
+/// (last session number, peer id → its live session).
+type SessionTable = (u64, HashMap<String, SessionEntry>);
 
 impl Sessions {
-    pub fn open(&self, peer: &str) -> u64 {
+    /// Registers a new session of `peer`, ending the one it had: returns the session number
+    /// and what the session is told through when it is replaced in turn.
+    pub fn open(&self, peer: &str) -> (u64, Arc<tokio::sync::Notify>) {
         let mut g = self.lock();
         g.0 += 1;
-        let n = g.0;
-        g.1.insert(peer.to_string(), (n, 0));
-        n
+        let number = g.0;
+        let replaced = Arc::new(tokio::sync::Notify::new());
+        let entry = SessionEntry {
+            number,
+            acked: 0,
+            replaced: replaced.clone(),
+        };
+        if let Some(old) = g.1.insert(peer.to_string(), entry) {
+            old.replaced.notify_one();
+        }
+        (number, replaced)
     }
-    pub fn ack(&self, peer: &str, rev: Revision) {
-        if let Some((_, r)) = self.lock().1.get_mut(peer) {
-            *r = (*r).max(rev);
+    pub fn ack(&self, peer: &str, session: u64, rev: Revision) {
+        if let Some(e) = self.lock().1.get_mut(peer)
+            && e.number == session
+        {
+            e.acked = e.acked.max(rev);
         }
     }
     pub fn close(&self, peer: &str, session: u64) {
         let mut g = self.lock();
-        if g.1.get(peer).is_some_and(|(n, _)| *n == session) {
+        if g.1.get(peer).is_some_and(|e| e.number == session) {
             g.1.remove(peer);
         }
     }
     /// The revision the peer's live session acknowledged, if it has one.
     pub fn get(&self, peer: &str) -> Option<Revision> {
-        self.lock().1.get(peer).map(|(_, r)| *r)
+        self.lock().1.get(peer).map(|e| e.acked)
+    }
+    /// How many sessions are live.
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionTable> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -137,6 +166,8 @@ pub struct Controller {
     api_rate: Arc<Mutex<crate::pacing::KeyedLimiter>>,
     /// The configured per-tenant rate, for messages.
     api_rate_per_sec: u32,
+    /// New Sync sessions per peer on this replica.
+    peer_starts: Arc<Mutex<crate::pacing::KeyedLimiter>>,
     /// Sign-ups per source address (IPv4 address or IPv6 /64) on this replica.
     signup_rate: Arc<Mutex<crate::pacing::KeyedLimiter>>,
 }
@@ -146,6 +177,13 @@ pub(crate) fn now_unix() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+fn tombstone() -> Vec<u8> {
+    canopy_proto::v1::Tombstone {
+        removed_at_unix: now_unix(),
+    }
+    .encode_to_vec()
 }
 
 pub(crate) fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
@@ -172,6 +210,11 @@ impl Controller {
             operator_token_hash: None,
             api_rate: Arc::new(Mutex::new(api_limiter(DEFAULT_API_RATE))),
             api_rate_per_sec: DEFAULT_API_RATE,
+            peer_starts: Arc::new(Mutex::new(crate::pacing::KeyedLimiter::new(
+                PEER_SESSION_STARTS_PER_SEC,
+                PEER_SESSION_BURST,
+                1_000_000,
+            ))),
             signup_rate: Arc::new(Mutex::new(signup_limiter(DEFAULT_SIGNUPS_PER_HOUR))),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
@@ -312,7 +355,8 @@ impl Controller {
             for existing in existing_networks {
                 if existing.name == name {
                     return Err(Error::AlreadyExists(format!(
-                        "network {name:?} already exists"
+                        "network {} already exists",
+                        canopy_proto::text::quoted(name)
                     )));
                 }
                 for theirs in existing
@@ -322,8 +366,8 @@ impl Controller {
                 {
                     if let Some(mine) = nets.iter().find(|n| model::overlaps(n, &theirs)) {
                         return Err(Error::FailedPrecondition(format!(
-                            "{mine} overlaps {theirs} of network {:?}",
-                            existing.name
+                            "{mine} overlaps {theirs} of network {}",
+                            canopy_proto::text::quoted(&existing.name)
                         )));
                     }
                 }
@@ -391,7 +435,12 @@ impl Controller {
                 "network id or name is required".into(),
             ));
         }
-        let not_found = || Error::NotFound(format!("network {reference:?} not found"));
+        let not_found = || {
+            Error::NotFound(format!(
+                "network {} not found",
+                canopy_proto::text::quoted(reference)
+            ))
+        };
         let id = if reference.starts_with("net_") {
             reference.to_string()
         } else {
@@ -437,7 +486,8 @@ impl Controller {
                 .then(Op::delete_prefix(keys::ipams(&net.id)))
                 .then(Op::delete_prefix(keys::pubkeys(&net.id)))
                 .then(Op::delete(keys::netdel(&net.id)))
-                .then(Op::delete(keys::netpeers(&net.id)));
+                .then(Op::delete(keys::netpeers(&net.id)))
+                .then(Op::put(keys::netgone(&net.id), tombstone()));
             for kv in &peers.kvs {
                 let p: PeerRecord = decode(kv)?;
                 if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
@@ -511,7 +561,12 @@ impl Controller {
                 .store
                 .get(keys::network(&c.tenant, &net.id).as_bytes())
                 .await?
-                .ok_or_else(|| Error::NotFound(format!("network {:?} not found", net.name)))?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "network {} not found",
+                        canopy_proto::text::quoted(&net.name)
+                    ))
+                })?
                 .mod_revision;
             let limit = tenant.plan.quotas().active_join_tokens;
             let active = self
@@ -598,11 +653,12 @@ impl Controller {
         }
         let key = &keys::token(&c.tenant, token_id);
         crate::txn::retry("revoke join token", |_| async move {
-            let kv = self
-                .store
-                .get(key.as_bytes())
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("join token {token_id:?} not found")))?;
+            let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
+                Error::NotFound(format!(
+                    "join token {} not found",
+                    canopy_proto::text::quoted(token_id)
+                ))
+            })?;
             let mut rec: JoinTokenRecord = decode(&kv)?;
             rec.revoked = true;
             let r = self
@@ -644,7 +700,10 @@ impl Controller {
                 return Ok((decode(&kv)?, kv.mod_revision));
             }
         }
-        Err(Error::NotFound(format!("peer {peer_id:?} not found")))
+        Err(Error::NotFound(format!(
+            "peer {} not found",
+            canopy_proto::text::quoted(peer_id)
+        )))
     }
 
     pub async fn get_peer(&self, c: &Caller, peer_id: &str) -> Result<Peer> {
@@ -661,7 +720,8 @@ impl Controller {
                 .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
                 .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
-                .then(Op::put(keys::netdel(&p.network_id), p.id.clone()));
+                .then(Op::put(keys::netdel(&p.network_id), p.id.clone()))
+                .then(Op::put(keys::peergone(&p.network_id, &p.id), tombstone()));
             for a in &p.addresses {
                 if let Ok(net) = a.parse::<IpNetwork>() {
                     txn = txn.then(Op::delete(keys::ipam(&p.network_id, &net.ip())));
@@ -705,6 +765,7 @@ impl Controller {
         public_key: &[u8],
         hostname: &str,
         listen_port: u32,
+        proposed_credential: &str,
     ) -> Result<EnrollResponse> {
         let key = model::validate_public_key(public_key)?;
         model::validate_hostname(hostname)?;
@@ -719,7 +780,15 @@ impl Controller {
             ));
         }
         let token_hash = &Secret::from_string(token.to_string()).hash();
-        let credential = &Secret::generate(secret::CREDENTIAL);
+        let credential = &if proposed_credential.is_empty() {
+            Secret::generate(secret::CREDENTIAL)
+        } else if secret::well_formed(proposed_credential, secret::CREDENTIAL) {
+            Secret::from_string(proposed_credential.to_string())
+        } else {
+            return Err(Error::InvalidArgument(
+                "credential must be 'cpc_' and 43 base64url characters".into(),
+            ));
+        };
         crate::txn::retry("enroll", |attempt| async move {
             let idx = self
                 .store
@@ -738,7 +807,6 @@ impl Controller {
                 .ok_or_else(|| Error::Unauthenticated("join token is not valid".into()))?;
             let (tok, tok_rev): (JoinTokenRecord, Revision) =
                 (decode(&tok_kv)?, tok_kv.mod_revision);
-            check_token_usable(&tok, now_unix())?;
             let net_key = keys::network(&tok.tenant_id, &tok.network_id);
             let net_kv =
                 self.store.get(net_key.as_bytes()).await?.ok_or_else(|| {
@@ -746,12 +814,29 @@ impl Controller {
                 })?;
             let net: NetworkRecord = decode(&net_kv)?;
             let pubkey_key = keys::pubkey(&net.id, &key);
-            if self.store.get(pubkey_key.as_bytes()).await?.is_some() {
+            if let Some(kv) = self.store.get(pubkey_key.as_bytes()).await? {
+                // The same key and credential again: an enrollment whose answer was lost.
+                // Give it back (nothing is written, no token use is spent).
+                let peer_id = decode::<IndexRecord>(&kv)?.id;
+                if !proposed_credential.is_empty()
+                    && let Some(p) = self.store.get(keys::peer(&net.id, &peer_id).as_bytes()).await?
+                    && decode::<PeerRecord>(&p)?.credential_hash == credential.hash()
+                {
+                    tracing::info!(peer = %peer_id, network = %net.id, "enrollment retried; answering it again");
+                    let map = self.map_from_store(&net, &peer_id).await?;
+                    return Ok(Some(EnrollResponse {
+                        peer_id,
+                        network_id: net.id,
+                        credential: credential.expose().to_string(),
+                        map: Some(map),
+                    }));
+                }
                 return Err(Error::AlreadyExists(format!(
-                    "this public key is already a peer of network {:?}",
-                    net.name
+                    "this public key is already a peer of network {}",
+                    canopy_proto::text::quoted(&net.name)
                 )));
             }
+            check_token_usable(&tok, now_unix())?;
             let used: HashSet<IpAddr> = self
                 .store
                 .range(keys::ipams(&net.id).as_bytes())
@@ -804,8 +889,8 @@ impl Controller {
                 let free = ipam::free_hosts(&cidr, &used, want);
                 let ip = *free.choose(&mut rand::rng()).ok_or_else(|| {
                     Error::ResourceExhausted(format!(
-                        "network {:?} has no free address left in {cidr}",
-                        net.name
+                        "network {} has no free address left in {cidr}",
+                        canopy_proto::text::quoted(&net.name)
                     ))
                 })?;
                 let k = keys::ipam(&net.id, &ip);
@@ -895,6 +980,10 @@ impl Controller {
         let invalid = || {
             Error::Unauthenticated("peer credential is not valid (was the peer removed?)".into())
         };
+        // Cheap checks first: a flood of garbage costs no store read.
+        if !bearer.starts_with(secret::CREDENTIAL) || bearer.len() > 128 {
+            return Err(invalid());
+        }
         let hash = Secret::from_string(bearer.to_string()).hash();
         let kv = self
             .store
@@ -950,7 +1039,41 @@ impl Controller {
         .await
     }
 
-    /// The next update for an agent at `base`, or `None` if it has been removed.
+    /// Whether the store says this peer was removed (its tombstone, or its network's, is there).
+    /// Only this, never a lagging cache or a missing record, tells an agent it was removed.
+    pub async fn was_removed(&self, network: &str, peer: &str) -> Result<bool> {
+        if network.is_empty() || peer.is_empty() || network.len() > 64 || peer.len() > 64 {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .get(keys::peergone(network, peer).as_bytes())
+            .await?
+            .is_some()
+            || self
+                .store
+                .get(keys::netgone(network).as_bytes())
+                .await?
+                .is_some())
+    }
+
+    /// The store revision of the peer's record, if it exists.
+    pub async fn peer_revision(&self, id: &AgentIdentity) -> Result<Option<Revision>> {
+        Ok(self
+            .store
+            .get(keys::peer(&id.network_id, &id.peer_id).as_bytes())
+            .await?
+            .map(|kv| kv.mod_revision))
+    }
+
+    /// Admits a new Sync session of one peer: a peer (or a stolen credential) reconnecting in
+    /// a loop is paced on its own, without spending other agents' admission budget.
+    pub fn admit_peer_session(&self, peer: &str) -> Result<(), std::time::Duration> {
+        let mut g = self.peer_starts.lock().unwrap_or_else(|e| e.into_inner());
+        g.admit(peer, std::time::Instant::now())
+    }
+
+    /// The next update for an agent at `base`, or `None` if the cache has no such peer.
     pub fn update_for(&self, id: &AgentIdentity, base: Revision) -> Option<Update> {
         self.cache.update_for(&id.network_id, &id.peer_id, base)
     }

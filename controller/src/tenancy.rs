@@ -446,7 +446,12 @@ impl Controller {
             .store
             .get(keys::tenant(id).as_bytes())
             .await?
-            .ok_or_else(|| Error::NotFound(format!("tenant {id:?} not found")))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "tenant {} not found",
+                    canopy_proto::text::quoted(id)
+                ))
+            })?;
         Ok((decode(&kv)?, kv.mod_revision))
     }
 

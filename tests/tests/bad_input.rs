@@ -4,11 +4,13 @@
 
 use std::time::Duration;
 
+use canopy_agent::keys::PrivateKey;
 use canopy_proto::join::JoinString;
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::agent_service_client::AgentServiceClient;
 use canopy_proto::v1::*;
-use canopy_tests::TestController;
+use canopy_tests::{TestAgent, TestController};
+use futures::StreamExt as _;
 use tonic::Code;
 
 fn check<T: std::fmt::Debug>(
@@ -225,6 +227,7 @@ async fn enrollment_refuses_bad_tokens_and_keys_without_writing() {
         public_key: key,
         hostname: "h".into(),
         listen_port: 0,
+        credential: String::new(),
     };
     // Spend the good token once so it is used up.
     agent
@@ -387,4 +390,165 @@ async fn sync_needs_a_valid_credential_and_starts_with_hello() {
     let s = stream.message().await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("is not IP:PORT"), "{}", s.message());
+}
+
+/// Python's grpcio (Debian's python3-grpcio, run by Debian's python3) against the controller:
+/// reflection v1alpha, garbage bytes answered InvalidArgument, a 20 KB name refused with a
+/// message under 1 KB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_grpcio_client_gets_reflection_and_clean_errors() {
+    let c = TestController::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/grpcio_client.py");
+    let target = c.server.local_addr.to_string();
+    let ca = c.dir.path().join("ca.pem");
+    let token = c.server.admin_token.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("/usr/bin/python3")
+            .args([script, &target, ca.to_str().unwrap(), &token])
+            .output()
+            .expect("/usr/bin/python3 with python3-grpcio (deploy/install-deps.sh)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_ranges_unusable_keys_endpoints_and_control_characters_are_refused() {
+    let c = TestController::start().await;
+    let mut con = c.console().await;
+    let rev = c.store_revision().await;
+    for cidr in [
+        "::/0",
+        "127.0.0.0/8",
+        "224.0.0.0/4",
+        "fe80::/64",
+        "::ffff:0:0/96",
+    ] {
+        check(
+            cidr,
+            con.create_network(net("special", &[cidr])).await,
+            Code::InvalidArgument,
+            "not a unicast range that can route",
+        );
+    }
+    let long = "n".repeat(20_000);
+    let s = con
+        .create_network(net(&long, &["10.0.0.0/24"]))
+        .await
+        .unwrap_err();
+    assert!(s.message().len() < 1024, "{} bytes", s.message().len());
+    check(
+        "nine tags",
+        con.create_join_token(CreateJoinTokenRequest {
+            network: "x".into(),
+            max_uses: 1,
+            ttl_seconds: 60,
+            tags: (0..9).map(|i| format!("t{i}")).collect(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "at most 8 tags",
+    );
+    assert_eq!(c.store_revision().await, rev, "nothing was written");
+
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let join = c.token("prod", 0).await;
+    let secret = JoinString::parse(&join).unwrap().token;
+    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
+        .await
+        .unwrap();
+    let mut agent = AgentServiceClient::new(ch);
+    let enroll = |key: Vec<u8>, hostname: &str| EnrollRequest {
+        join_token: secret.clone(),
+        public_key: key,
+        hostname: hostname.into(),
+        listen_port: 0,
+        credential: String::new(),
+    };
+    let mut non_canonical = [0xffu8; 32];
+    non_canonical[0] = 0xed;
+    non_canonical[31] = 0x7f;
+    let rev = c.store_revision().await;
+    for (what, key, says) in [
+        ("all-zero key", vec![0u8; 32], "all zero"),
+        (
+            "low-order key",
+            {
+                let mut k = vec![0u8; 32];
+                k[0] = 1;
+                k
+            },
+            "small order",
+        ),
+        ("non-canonical key", non_canonical.to_vec(), "not canonical"),
+    ] {
+        check(
+            what,
+            agent.enroll(enroll(key, "h")).await,
+            Code::InvalidArgument,
+            says,
+        );
+    }
+    let good = PrivateKey::generate().public_key().to_vec();
+    for hostname in ["evil\x1b[2J", "two\r\nlines", "bell\x07"] {
+        let s = agent
+            .enroll(enroll(good.clone(), hostname))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{hostname:?}");
+        assert!(
+            s.message().is_ascii() && !s.message().chars().any(|c| c.is_control()),
+            "the message echoes no control character: {:?}",
+            s.message()
+        );
+    }
+    assert_eq!(c.store_revision().await, rev, "nothing was written");
+
+    let sync = |cred: &str, first: SyncRequest| {
+        let mut r =
+            tonic::Request::new(futures::stream::iter([first]).chain(futures::stream::pending()));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {cred}").parse().unwrap());
+        r
+    };
+    let joined = TestAgent::join(&join, "ok").await.unwrap();
+    let credential = joined.client.enrollment().credential.clone();
+    joined.stop().await;
+    for endpoint in [
+        "255.255.255.255:51820",
+        "0.0.0.0:0",
+        "[::]:1",
+        "224.0.0.1:5",
+    ] {
+        let hello = SyncRequest {
+            msg: Some(sync_request::Msg::Hello(Hello {
+                known_revision: 0,
+                endpoints: vec![endpoint.into()],
+            })),
+        };
+        let mut stream = agent
+            .sync(sync(&credential, hello))
+            .await
+            .unwrap()
+            .into_inner();
+        let s = stream.message().await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{endpoint}");
+        assert!(
+            s.message().contains(endpoint),
+            "{endpoint}: {}",
+            s.message()
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
 }

@@ -371,6 +371,7 @@ async fn one_replica_leads_background_work_and_another_takes_over_when_it_stops(
         lease: SECOND,
         tick: Duration::from_millis(100),
         expired_token_retention: Duration::ZERO,
+        ..BackgroundConfig::default()
     };
     let cfg = ServeConfig {
         store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),

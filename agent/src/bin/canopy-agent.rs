@@ -16,7 +16,10 @@ async fn main() -> std::process::ExitCode {
     match canopy_agent::cli::main(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("canopy-agent: {}", one_line(&e));
+            eprintln!(
+                "canopy-agent: {}",
+                canopy_proto::text::escape(&one_line(&e))
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -16,13 +16,12 @@ async fn main() -> std::process::ExitCode {
     match canopy_controller::console::main(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "canopy: {}",
-                e.chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("canopy: {}", canopy_proto::text::escape(&msg));
             std::process::ExitCode::FAILURE
         }
     }

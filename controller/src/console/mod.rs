@@ -519,17 +519,21 @@ pub async fn connect(server: &str, trust: &Trust, token: &str) -> anyhow::Result
     let bearer = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| anyhow!("API token contains characters that cannot be sent"))?;
-    Ok(ConsoleServiceClient::with_interceptor(
-        channel,
-        Bearer(bearer),
-    ))
+    // A network's largest answer (its peer list) is bounded by the peer quota and the per-peer
+    // caps (tags, hostname, endpoints); this leaves room for it.
+    Ok(
+        ConsoleServiceClient::with_interceptor(channel, Bearer(bearer))
+            .max_decoding_message_size(canopy_proto::MAX_ANSWER_BYTES),
+    )
 }
 
-/// One readable line for a failed call: the controller's message and the status name.
-/// A call's answer, or its status as one readable error ("message (Code)").
+/// A call's answer, or its status as one readable line (the message escaped and clipped: it
+/// comes from the network).
 fn reply<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
-    r.map(tonic::Response::into_inner)
-        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))
+    r.map(tonic::Response::into_inner).map_err(|s| {
+        let m = canopy_proto::text::clip(s.message(), 1024);
+        anyhow!("{} ({:?})", canopy_proto::text::escape(&m), s.code())
+    })
 }
 
 async fn login(mut conn: ConnOpts, token_file: Option<PathBuf>) -> anyhow::Result<()> {

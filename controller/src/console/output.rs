@@ -7,6 +7,15 @@ use canopy_proto::v1::{
 };
 use serde_json::{Value, json};
 
+/// Prints one line for a person. Everything in it may come from a client of the controller
+/// (names, hostnames, org names, tags), so control characters are escaped: no output can
+/// forge a line or rewrite the terminal. (`--json` output is escaped by the JSON encoder.)
+macro_rules! say {
+    ($($t:tt)*) => {
+        println!("{}", canopy_proto::text::escape(&format!($($t)*)))
+    };
+}
+
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -20,7 +29,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        say!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -128,7 +137,7 @@ pub fn join_string(json: bool, t: Option<&JoinToken>, join: &str) -> anyhow::Res
     if json {
         return print_json(json!({"token": t.map(token_json), "join_string": join}));
     }
-    println!("{join}");
+    say!("{join}");
     Ok(())
 }
 
@@ -186,7 +195,7 @@ pub fn done(json: bool, text: &str, v: Value) -> anyhow::Result<()> {
     if json {
         print_json(v)
     } else {
-        println!("{text}");
+        say!("{text}");
         Ok(())
     }
 }
@@ -220,7 +229,7 @@ pub fn api_token_created(json: bool, t: Option<&ApiToken>, secret: &str) -> anyh
     if json {
         return print_json(json!({"token": t.map(api_token_json), "secret": secret}));
     }
-    println!("{secret}");
+    say!("{secret}");
     Ok(())
 }
 
@@ -237,9 +246,9 @@ pub fn signed_up(json: bool, server: &str, r: &SignUpResponse) -> anyhow::Result
         );
     }
     let plan = r.subscription.as_ref().map_or("", |s| s.plan.as_str());
-    println!("tenant {} created on the {plan} plan", r.tenant_id);
-    println!("API token (shown once, keep it safe): {}", r.api_token);
-    println!("log in with: canopy login --server {server} --token <that token> [--ca CA.pem]");
+    say!("tenant {} created on the {plan} plan", r.tenant_id);
+    say!("API token (shown once, keep it safe): {}", r.api_token);
+    say!("log in with: canopy login --server {server} --token <that token> [--ca CA.pem]");
     Ok(())
 }
 
@@ -256,13 +265,13 @@ pub fn subscription(json: bool, s: &Subscription) -> anyhow::Result<()> {
         return print_json(subscription_json(s));
     }
     let q = s.quotas.unwrap_or_default();
-    println!("tenant:   {} {}", s.tenant_id, s.org);
-    println!(
+    say!("tenant:   {} {}", s.tenant_id, s.org);
+    say!(
         "plan:     {}{}",
         s.plan,
         if s.suspended { " (suspended)" } else { "" }
     );
-    println!(
+    say!(
         "networks: {}, peers per network: {}, active join tokens: {}",
         limit(q.networks),
         limit(q.peers_per_network),
@@ -280,7 +289,7 @@ pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
             "per_network": u.per_network.iter().map(|n| json!({"network_id": n.network_id, "name": n.name, "peers": n.peers, "agents_online": n.agents_online})).collect::<Vec<_>>()}),
         );
     }
-    println!(
+    say!(
         "plan {}: {} of {} networks, {} of {} active join tokens",
         u.plan,
         u.networks,

@@ -2,7 +2,9 @@
 //!
 //! A Sync session sends the agent a full map (or a delta from the revision it says it holds),
 //! then a delta each time its network changes; it records the revisions the agent acknowledges
-//! and the endpoints it reports. When the peer is removed, the stream ends with PermissionDenied.
+//! and the endpoints it reports. When the store says the peer was removed (a tombstone), the
+//! stream ends with the typed PermissionDenied of [`canopy_proto::removal`]; a cache that has
+//! not caught up yet is never taken for a removal.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -43,7 +45,13 @@ impl AgentService for AgentApi {
         let r = req.into_inner();
         let resp = self
             .ctl
-            .enroll(&r.join_token, &r.public_key, &r.hostname, r.listen_port)
+            .enroll(
+                &r.join_token,
+                &r.public_key,
+                &r.hostname,
+                r.listen_port,
+                &r.credential,
+            )
             .await?;
         Ok(Response::new(resp))
     }
@@ -54,18 +62,32 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<SyncRequest>>,
     ) -> Result<Response<SyncStream>, Status> {
-        // Shed a reconnect storm before doing any work for it.
-        if let Err(wait) = self.ctl.admit_session() {
-            let mut s = Status::unavailable("controller is pacing reconnects; retry later");
-            if let Ok(v) = wait.as_millis().to_string().parse() {
-                s.metadata_mut().insert("retry-after-ms", v);
-            }
-            return Err(s);
-        }
+        // Authenticate first, cheaply (format check, then one indexed read): unauthenticated
+        // calls never spend the admission budget that real agents reconnect with.
         let credential = super::bearer(&req)?;
-        let id = self.ctl.authenticate_agent(&credential).await?;
+        let id = match self.ctl.authenticate_agent(&credential).await {
+            Ok(id) => id,
+            Err(e) => {
+                // The agent says which peer it is; if the store holds that peer's tombstone,
+                // say so in the one typed answer that lets it forget its enrollment.
+                if let Some((net, peer)) = claimed_peer(&req)
+                    && self.ctl.was_removed(net, peer).await.unwrap_or(false)
+                {
+                    return Err(canopy_proto::removal::status(net, peer));
+                }
+                return Err(e.into());
+            }
+        };
+        // Pace one peer's reconnect loop on its own, then the replica's admission.
+        if let Err(wait) = self.ctl.admit_peer_session(&id.peer_id) {
+            return Err(paced("this peer is reconnecting too often", wait));
+        }
+        if let Err(wait) = self.ctl.admit_session() {
+            return Err(paced("controller is pacing reconnects", wait));
+        }
         let inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        // A slow reader holds at most this many updates here (and HTTP/2's window).
+        let (tx, rx) = mpsc::channel(2);
         let ctl = self.ctl.clone();
         tokio::spawn(async move {
             let span = tracing::info_span!("sync", network = %id.network_id, peer = %id.peer_id);
@@ -73,7 +95,8 @@ impl AgentService for AgentApi {
             drop(_enter);
             if let Err(status) = session(&ctl, &id, inbound, &tx).await {
                 tracing::debug!(network = %id.network_id, peer = %id.peer_id, status = %status.message(), "sync ended");
-                let _ = tx.send(Err(status)).await;
+                // Best effort: a client that reads nothing does not keep this task alive.
+                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(Err(status))).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -82,8 +105,49 @@ impl AgentService for AgentApi {
 
 type Tx = mpsc::Sender<Result<SyncResponse, Status>>;
 
-fn removed() -> Status {
-    Status::permission_denied("this peer was removed from the network")
+/// How long a session waits for a lagging cache to catch up with the store before it tells
+/// the agent to come back.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// `canopy-peer: <network>/<peer>` as the agent sent it.
+fn claimed_peer<T>(req: &Request<T>) -> Option<(&str, &str)> {
+    req.metadata()
+        .get("canopy-peer")?
+        .to_str()
+        .ok()?
+        .split_once('/')
+}
+
+/// Unavailable with a jittered `retry-after-ms` that agents honour.
+fn paced(what: &str, wait: Duration) -> Status {
+    let mut s = Status::unavailable(format!("{what}; retry later"));
+    if let Ok(v) = wait.as_millis().to_string().parse() {
+        s.metadata_mut().insert("retry-after-ms", v);
+    }
+    s
+}
+
+/// The cache has no such peer: decide from the store whether it is gone (a tombstone says
+/// so) or not there yet (the cache lags: wait for it, bounded, or send the agent away to come
+/// back). Never "removed" because a cache lags.
+async fn not_in_cache(ctl: &Controller, id: &AgentIdentity) -> Result<(), Status> {
+    if let Some(rev) = ctl.peer_revision(id).await? {
+        if ctl.cache.wait_for(rev, CACHE_CATCH_UP).await {
+            return Ok(());
+        }
+        tracing::warn!(peer = %id.peer_id, revision = rev, applied = ctl.cache.applied(), "cache lags the store; sending the agent away");
+        return Err(paced(
+            "this replica has not caught up with the store yet",
+            Duration::from_millis(500 + rand::random_range(0..1000)),
+        ));
+    }
+    if ctl.was_removed(&id.network_id, &id.peer_id).await? {
+        return Err(canopy_proto::removal::status(&id.network_id, &id.peer_id));
+    }
+    Err(paced(
+        "this peer is not known to this replica",
+        Duration::from_secs(2),
+    ))
 }
 
 async fn session(
@@ -94,7 +158,7 @@ async fn session(
 ) -> Result<(), Status> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
         Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
-        Ok(Err(s)) => return Err(s),
+        Ok(Err(s)) => return Err(super::client_fault(s)),
         Ok(Ok(None)) => return Ok(()),
         Ok(Ok(Some(SyncRequest {
             msg: Some(sync_request::Msg::Hello(h)),
@@ -105,6 +169,9 @@ async fn session(
             ));
         }
     };
+    if hello.known_revision < 0 {
+        return Err(Status::invalid_argument("known_revision is negative"));
+    }
     if !hello.endpoints.is_empty() {
         ctl.report_endpoints(id, &hello.endpoints).await?;
     }
@@ -115,15 +182,28 @@ async fn session(
             .wait_for(hello.known_revision, Duration::from_secs(2))
             .await;
     }
-    let session = ctl.sessions.open(&id.peer_id);
-    let _close = CloseOnDrop(ctl, id, session);
+    let (number, replaced) = ctl.sessions.open(&id.peer_id);
+    let _close = CloseOnDrop(ctl, id, number);
     tracing::info!(network = %id.network_id, peer = %id.peer_id, known = hello.known_revision, "agent connected");
+    // The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
     let mut sent = hello.known_revision;
     let mut first = true;
+    let mut catch_ups = 0;
     loop {
         changes.borrow_and_update();
         let msg = match ctl.update_for(id, sent) {
-            None => return Err(removed()),
+            None => {
+                catch_ups += 1;
+                if catch_ups > 3 {
+                    return Err(paced(
+                        "this replica has not caught up with the store yet",
+                        Duration::from_secs(1),
+                    ));
+                }
+                not_in_cache(ctl, id).await?;
+                changes = ctl.cache.subscribe(&id.network_id);
+                continue;
+            }
             Some(Update::Full(map)) => {
                 sent = map.revision;
                 Some(sync_response::Msg::Full(map))
@@ -137,28 +217,51 @@ async fn session(
             Some(Update::Delta(_)) => None,
         };
         first = false;
-        if let Some(m) = msg
-            && tx.send(Ok(SyncResponse { msg: Some(m) })).await.is_err()
-        {
-            return Ok(());
+        catch_ups = 0;
+        if let Some(m) = msg {
+            // A reader that does not read blocks this send: it must not block being replaced
+            // or the server's shutdown.
+            tokio::select! {
+                r = tx.send(Ok(SyncResponse { msg: Some(m) })) => if r.is_err() { return Ok(()) },
+                _ = replaced.notified() => return Err(replaced_status()),
+                _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
+            }
         }
         loop {
             tokio::select! {
                 changed = changes.changed() => {
-                    if changed.is_err() { return Err(removed()); }
+                    if changed.is_err() {
+                        // The network is gone from the cache: the store decides what that means.
+                        not_in_cache(ctl, id).await?;
+                        changes = ctl.cache.subscribe(&id.network_id);
+                    }
                     break;
                 }
                 m = inbound.message() => match m {
-                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Ack(a)) })) => ctl.sessions.ack(&id.peer_id, a.revision),
+                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Ack(a)) })) => {
+                        if a.revision > sent || a.revision < 0 {
+                            return Err(Status::invalid_argument(format!(
+                                "Ack for revision {} but this session sent revision {sent}",
+                                a.revision
+                            )));
+                        }
+                        ctl.sessions.ack(&id.peer_id, number, a.revision);
+                    }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints).await?,
                     Ok(Some(_)) => return Err(Status::invalid_argument("unexpected Sync message")),
-                    Ok(None) | Err(_) => return Ok(()),
+                    Ok(None) => return Ok(()),
+                    Err(s) => return Err(super::client_fault(s)),
                 },
+                _ = replaced.notified() => return Err(replaced_status()),
                 _ = tx.closed() => return Ok(()),
                 _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
             }
         }
     }
+}
+
+fn replaced_status() -> Status {
+    Status::aborted("a newer Sync session of this peer replaced this one")
 }
 
 struct CloseOnDrop<'a>(&'a Controller, &'a AgentIdentity, u64);

@@ -38,6 +38,18 @@ pub enum StoreSpec {
     Embedded(PathBuf),
     /// An etcd cluster: `etcd://HOST:PORT[,HOST:PORT...]`, for several replicas.
     Etcd(Vec<String>),
+    /// A store the embedding program opened itself (tests wrap a real one to hold it back).
+    Shared(SharedStore),
+}
+
+/// A store handed in by the embedding program.
+#[derive(Clone)]
+pub struct SharedStore(pub Arc<dyn Store>);
+
+impl std::fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedStore")
+    }
 }
 
 impl std::str::FromStr for StoreSpec {
@@ -225,6 +237,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     {
         StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(&path)?),
         StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(&endpoints).await?),
+        StoreSpec::Shared(s) => s.0,
     };
     let cache = Cache::start(store.clone()).await?;
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
@@ -276,10 +289,18 @@ pub async fn serve(
     health
         .set_serving::<HostedServiceServer<hosted::HostedApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(canopy_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: v1, and v1alpha for Python's grpcio-reflection and older
+    // grpcurl.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(canopy_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| ServeError::Setup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| ServeError::Setup(format!("reflection: {e}")))?;
     let console = ConsoleServiceServer::new(console::ConsoleApi::new(p.controller.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -313,11 +334,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_is_resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(client_faults))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(console)
         .add_service(agent)
         .add_service(hosted)
@@ -331,26 +351,48 @@ pub async fn serve(
     Ok(())
 }
 
-/// tonic reports a request over the size limit as OutOfRange; gRPC's convention (and our
-/// contract) is ResourceExhausted, with a message that says what the limit is.
-fn oversize_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+/// Statuses tonic makes itself for a client's bad request, mapped to what they are: a request
+/// over the size limit is OutOfRange there and ResourceExhausted by gRPC's convention (and
+/// our contract); bytes that are no protobuf message are Internal there and the client's
+/// fault here (InvalidArgument). Unary answers carry the status in the headers.
+fn client_faults<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let h = resp.headers();
-    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h.get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
-    if oversize {
-        let msg = format!("request message is larger than the {MAX_MESSAGE_BYTES}-byte limit");
+    let Some(code) = h.get("grpc-status").and_then(|v| v.to_str().ok()) else {
+        return resp;
+    };
+    let msg = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
+    let fixed = match code {
+        "11" if msg.contains("message length too large") => Some((
+            "8",
+            format!("request message is larger than the {MAX_MESSAGE_BYTES}-byte limit"),
+        )),
+        "13" if msg.contains("failed to decode Protobuf message") => Some((
+            "3",
+            "request is not a valid protobuf message of its type".into(),
+        )),
+        _ => None,
+    };
+    if let Some((code, msg)) = fixed {
         resp.headers_mut()
-            .insert("grpc-status", http::HeaderValue::from_static("8"));
+            .insert("grpc-status", http::HeaderValue::from_static(code));
         if let Ok(v) = http::HeaderValue::from_str(&msg.replace(' ', "%20")) {
             resp.headers_mut().insert("grpc-message", v);
         }
     }
     resp
+}
+
+/// The same mapping for a status read from a request stream (a streaming call's bad message).
+pub(crate) fn client_fault(s: tonic::Status) -> tonic::Status {
+    if s.code() == tonic::Code::Internal && s.message().contains("failed to decode Protobuf") {
+        tonic::Status::invalid_argument("request is not a valid protobuf message of its type")
+    } else {
+        s
+    }
 }
 
 /// The bearer secret from a request's `authorization` metadata.
