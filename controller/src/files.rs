@@ -52,14 +52,32 @@ pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Holds an exclusive lock on `path` (created if missing) until dropped. Replicas that share a
 /// data dir take it around first-start initialisation, so only one creates the CA and the
-/// admin token and the others then read them.
-pub fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
+/// admin token and the others then read them. Waits without blocking the runtime (another
+/// replica in this very process may hold it), for at most a minute.
+pub async fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(path)?;
-    f.lock()?;
-    Ok(f)
+    let start = std::time::Instant::now();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed().as_secs() < 60 => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{} is held by another process for over a minute",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
 }

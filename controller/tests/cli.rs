@@ -97,6 +97,9 @@ fn first_start_creates_ca_and_admin_token_and_the_console_drives_the_controller(
     assert_eq!(mode(&data.join("admin-token")), 0o600);
     assert_eq!(mode(&data.join("ca.key")), 0o600);
     assert_eq!(mode(&data.join("server.key")), 0o600);
+    // The store holds e-mails, hostnames and the audit log: owner only, like the dir.
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("store.redb")), 0o600);
 
     let ca = data.join("ca.pem");
     let token_file = data.join("admin-token");
@@ -387,4 +390,95 @@ fn a_hosted_customer_signs_up_and_works_within_the_plan() {
         ),
         "not an email address",
     );
+}
+
+/// A self-managed admin who revoked (or lost) the admin token gets back in with
+/// `serve --reset-admin-token`; the last admin token cannot be revoked to begin with.
+#[test]
+fn the_last_admin_token_stays_and_reset_admin_token_recovers_a_lost_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, home) = (tmp.path().join("data"), tmp.path().join("home"));
+    let s = serve(&data);
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let ca = data.join("ca.pem");
+    let conn = |url: &str, token: &str| {
+        vec![
+            "--server".to_string(),
+            url.to_string(),
+            "--token".into(),
+            token.trim().into(),
+            "--ca".into(),
+            ca.to_str().unwrap().into(),
+        ]
+    };
+    let run = |url: &str, token: &str, rest: &[&str]| {
+        let mut a = conn(url, token);
+        a.extend(rest.iter().map(|s| s.to_string()));
+        canopy(&home, &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&run(&s.url, &token, &["apitoken", "list", "--json"]))).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    fails(
+        &run(&s.url, &token, &["apitoken", "revoke", &id]),
+        "last admin API token",
+    );
+    // A token created without --scope is read-only.
+    let created = ok(&run(
+        &s.url,
+        &token,
+        &["apitoken", "create", "ci", "--json"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(v["token"]["scope"], "read", "{created}");
+    drop(s);
+
+    // The token file is lost: a restart with --reset-admin-token writes a new one that works.
+    std::fs::remove_file(data.join("admin-token")).unwrap();
+    let s = serve_with(&data, &["--reset-admin-token"]);
+    let new = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    assert_ne!(new, token);
+    assert_eq!(mode(&data.join("admin-token")), 0o600);
+    ok(&run(
+        &s.url,
+        &new,
+        &["network", "create", "back", "--cidr", "10.30.0.0/24"],
+    ));
+}
+
+/// Names a client chose cannot forge lines or rewrite the terminal: refused on the way in,
+/// and an error that echoes them prints one escaped line.
+#[test]
+fn hostile_names_come_back_as_one_escaped_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, home) = (tmp.path().join("data"), tmp.path().join("home"));
+    let s = serve(&data);
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let ca = data.join("ca.pem");
+    let mut args: Vec<String> = vec![
+        "--server".into(),
+        s.url.clone(),
+        "--token".into(),
+        token.trim().into(),
+        "--ca".into(),
+        ca.to_str().unwrap().into(),
+    ];
+    args.extend(
+        [
+            "network",
+            "create",
+            "evil\x1b[2J\r\nforged line",
+            "--cidr",
+            "10.40.0.0/24",
+        ]
+        .map(String::from),
+    );
+    let o = canopy(&home, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    fails(&o, "network name");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains('\x1b') && !err.contains('\r'),
+        "raw control characters reached the terminal: {err:?}"
+    );
+    assert!(err.contains("\\x1b"), "shown escaped: {err:?}");
 }

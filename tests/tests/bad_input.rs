@@ -426,6 +426,7 @@ async fn a_python_grpcio_client_gets_reflection_and_clean_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn special_ranges_unusable_keys_endpoints_and_control_characters_are_refused() {
     let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
     let mut con = c.console().await;
     let rev = c.store_revision().await;
     for cidr in [
@@ -462,7 +463,6 @@ async fn special_ranges_unusable_keys_endpoints_and_control_characters_are_refus
     );
     assert_eq!(c.store_revision().await, rev, "nothing was written");
 
-    c.network("prod", &["100.64.0.0/24"]).await;
     let join = c.token("prod", 0).await;
     let secret = JoinString::parse(&join).unwrap().token;
     let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))

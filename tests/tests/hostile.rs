@@ -441,3 +441,65 @@ async fn an_enrollment_whose_answer_was_lost_is_given_back_on_retry() {
         .peers;
     assert_eq!(peers.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_tls_are_closed_and_cannot_starve_real_calls() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let r = server::spawn(&ServeConfig {
+        listener: server::listener::ListenerLimits {
+            handshake_timeout: Duration::from_secs(1),
+            max_handshakes: 64,
+        },
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+    })
+    .await
+    .unwrap();
+    // 300 connections that say nothing: the first 64 wait for their deadline, the rest are
+    // closed at once.
+    let mut stuck = Vec::new();
+    for _ in 0..300 {
+        stuck.push(tokio::net::TcpStream::connect(r.local_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A real call gets through while they are open (once the deadline frees the permits).
+    let call = async {
+        loop {
+            let ok = async {
+                let mut con = canopy_controller::console::connect(
+                    &r.url,
+                    &Trust::CaPem(r.ca_pem.clone().into_bytes()),
+                    &r.admin_token,
+                )
+                .await
+                .ok()?;
+                con.list_networks(ListNetworksRequest {}).await.ok()
+            }
+            .await;
+            if ok.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("a real console call got through");
+    // Every silent connection has been closed by the server by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut closed = 0;
+    for s in &mut stuck {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        closed,
+        300,
+        "silent connections still open: {}",
+        300 - closed
+    );
+    r.stop().await.unwrap();
+}

@@ -438,3 +438,32 @@ async fn one_replica_leads_background_work_and_another_takes_over_when_it_stops(
     })
     .await;
 }
+
+/// Replicas that share a data dir (compose's shared volume) and start at the same moment make
+/// one CA and one admin token between them: first start is serialised by a lock in the dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_on_one_data_dir_make_one_ca() {
+    let etcd = Etcd::start();
+    for trial in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::join!(
+            replica(dir.path(), &etcd.endpoint),
+            replica(dir.path(), &etcd.endpoint)
+        );
+        assert_eq!(a.ca_sha256, b.ca_sha256, "trial {trial}: two CAs");
+        assert_eq!(
+            a.admin_token, b.admin_token,
+            "trial {trial}: two admin tokens"
+        );
+        let on_disk = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        assert_eq!(on_disk, a.ca_pem);
+        console::connect(&b.url, &Trust::Pin(a.ca_sha256), &a.admin_token)
+            .await
+            .unwrap()
+            .list_networks(ListNetworksRequest {})
+            .await
+            .expect("one replica's admin token works on the other");
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+    }
+}

@@ -301,6 +301,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         api_requests_per_sec: a.api_rate,
         reset_admin_token: a.reset_admin_token,
         signups_per_hour: a.signups_per_hour,
+        listener: crate::server::listener::ListenerLimits::default(),
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

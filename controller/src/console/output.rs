@@ -236,7 +236,7 @@ pub fn api_token_created(json: bool, t: Option<&ApiToken>, secret: &str) -> anyh
 fn subscription_json(s: &Subscription) -> Value {
     let q = s.quotas.unwrap_or_default();
     json!({"tenant_id": s.tenant_id, "org": s.org, "plan": s.plan, "suspended": s.suspended,
-           "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens}})
+           "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens, "api_tokens": q.api_tokens}})
 }
 
 pub fn signed_up(json: bool, server: &str, r: &SignUpResponse) -> anyhow::Result<()> {
@@ -272,10 +272,11 @@ pub fn subscription(json: bool, s: &Subscription) -> anyhow::Result<()> {
         if s.suspended { " (suspended)" } else { "" }
     );
     say!(
-        "networks: {}, peers per network: {}, active join tokens: {}",
+        "networks: {}, peers per network: {}, active join tokens: {}, API tokens: {}",
         limit(q.networks),
         limit(q.peers_per_network),
-        limit(q.active_join_tokens)
+        limit(q.active_join_tokens),
+        limit(q.api_tokens)
     );
     Ok(())
 }
@@ -285,7 +286,7 @@ pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
     if json {
         return print_json(
             json!({"plan": u.plan, "networks": u.networks, "active_join_tokens": u.active_join_tokens,
-            "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens},
+            "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens, "api_tokens": q.api_tokens},
             "per_network": u.per_network.iter().map(|n| json!({"network_id": n.network_id, "name": n.name, "peers": n.peers, "agents_online": n.agents_online})).collect::<Vec<_>>()}),
         );
     }

@@ -4,6 +4,7 @@
 mod agent;
 mod console;
 mod hosted;
+pub mod listener;
 mod operator;
 
 use std::future::Future;
@@ -17,8 +18,7 @@ use canopy_proto::v1::console_service_server::ConsoleServiceServer;
 use canopy_proto::v1::hosted_service_server::HostedServiceServer;
 use canopy_proto::v1::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::cache::Cache;
 use crate::files::write_private;
@@ -111,6 +111,8 @@ pub struct ServeConfig {
     pub reset_admin_token: bool,
     /// Hosted sign-ups one source address (IPv4, or IPv6 /64) may make an hour.
     pub signups_per_hour: u32,
+    /// TLS handshake deadline and how many may be in progress at once.
+    pub listener: listener::ListenerLimits,
 }
 
 impl ServeConfig {
@@ -129,6 +131,7 @@ impl ServeConfig {
             api_requests_per_sec: crate::service::DEFAULT_API_RATE,
             reset_admin_token: false,
             signups_per_hour: crate::service::DEFAULT_SIGNUPS_PER_HOUR,
+            listener: listener::ListenerLimits::default(),
         }
     }
 }
@@ -170,6 +173,7 @@ pub struct Prepared {
     /// Whether this start created the CA.
     pub created_ca: bool,
     pub background: crate::leader::BackgroundConfig,
+    pub listener_limits: listener::ListenerLimits,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -187,6 +191,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         source,
     };
     crate::files::ensure_private_dir(&config.data_dir).map_err(dd)?;
+    if let Some(n) = listener::raise_nofile_limit() {
+        tracing::debug!(limit = n, "open files");
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -227,7 +234,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     names.dedup();
     // First start is race-free for replicas sharing a data dir: one creates the CA and the
     // admin token under this lock, the others wait and read them.
-    let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock")).map_err(dd)?;
+    let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock"))
+        .await
+        .map_err(dd)?;
     let tls = tls::load_or_create(&config.data_dir, &names)?;
 
     let store: Arc<dyn Store> = match config
@@ -266,6 +275,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         controller,
         created_ca: tls.created_ca,
         tls,
+        listener_limits: config.listener,
         listener,
         local_addr,
         data_dir: config.data_dir.clone(),
@@ -310,7 +320,8 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let operator = OperatorServiceServer::new(operator::OperatorApi::new(p.controller.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let identity = Identity::from_pem(&p.tls.server_chain_pem, &p.tls.server_key_pem);
+    let tls = listener::server_config(&p.tls.server_chain_pem, &p.tls.server_key_pem)
+        .map_err(ServeError::Setup)?;
     tracing::info!(addr = %p.local_addr, url = %p.controller.public_url, "controller serving");
     let ctl = p.controller.clone();
     let (bg_stop, bg_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -329,7 +340,6 @@ pub async fn serve(
         ctl.begin_shutdown();
     };
     Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(identity))?
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -342,7 +352,10 @@ pub async fn serve(
         .add_service(agent)
         .add_service(hosted)
         .add_service(operator)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), shutdown)
+        .serve_with_incoming_shutdown(
+            listener::incoming(p.listener, tls, p.listener_limits),
+            shutdown,
+        )
         .await?;
     let _ = bg_stop.send(());
     let _ = background.await;
