@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use canopy_agent::control::{self, Backoff, ControlClient, NoDataPlane};
 use canopy_agent::keys::PrivateKey;
 use canopy_controller::server::{self, ServeConfig};
@@ -63,10 +62,14 @@ fn ms(d: Duration) -> String {
 }
 
 /// Waits until every agent's map satisfies `pred`; returns each agent's latency from `t0`.
+/// When some do not within `limit`, says what it was waiting for, how many agents are late,
+/// which revisions they hold, and where the controller's cache is.
 async fn all_apply(
     agents: &[Agent],
     t0: Instant,
     limit: Duration,
+    what: &str,
+    cache_at: impl Fn() -> i64,
     pred: impl Fn(&canopy_proto::v1::NetworkMap) -> bool + Clone + Send + Sync + 'static,
 ) -> anyhow::Result<Vec<Duration>> {
     let tasks: Vec<_> = agents
@@ -84,10 +87,46 @@ async fn all_apply(
         })
         .collect();
     let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await?.context("an agent did not converge in time")?);
+    let mut late = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await? {
+            Some(d) => out.push(d),
+            None => late.push(i),
+        }
     }
-    Ok(out)
+    if late.is_empty() {
+        return Ok(out);
+    }
+    let held: Vec<i64> = late
+        .iter()
+        .map(|&i| {
+            agents[i]
+                .client
+                .maps()
+                .borrow()
+                .as_ref()
+                .map_or(-1, |m| m.revision)
+        })
+        .collect();
+    let no_map = held.iter().filter(|r| **r < 0).count();
+    let revs: Vec<i64> = held.iter().copied().filter(|r| *r >= 0).collect();
+    let connected = late
+        .iter()
+        .filter(|&&i| *agents[i].client.connected().borrow())
+        .count();
+    let paced: u64 = late
+        .iter()
+        .map(|&i| agents[i].client.stats.paced.load(Relaxed))
+        .sum();
+    anyhow::bail!(
+        "{} of {} agents did not converge within {limit:?} waiting for {what}: {no_map} hold no map, \
+         the others revisions {}..{}; {connected} connected, paced {paced} times; controller cache at revision {}",
+        late.len(),
+        agents.len(),
+        revs.iter().min().unwrap_or(&0),
+        revs.iter().max().unwrap_or(&0),
+        cache_at()
+    )
 }
 
 #[tokio::main]
@@ -148,7 +187,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let n = args.agents;
-    all_apply(&agents, t_enroll, limit, move |m| m.peers.len() == n - 1).await?;
+    let cache = ctl.cache.clone();
+    let cache_at = move || cache.applied();
+    all_apply(
+        &agents,
+        t_enroll,
+        limit,
+        &format!("all {n} agents to see {} peers", n - 1),
+        cache_at.clone(),
+        move |m| m.peers.len() == n - 1,
+    )
+    .await?;
     let initial = t_enroll.elapsed();
     let bytes_before: u64 = agents
         .iter()
@@ -166,18 +215,28 @@ async fn main() -> anyhow::Result<()> {
             control::enroll(&join, PrivateKey::generate().public_key(), &format!("x{k}")).await?;
         let id = e.peer_id.clone();
         add_lat.extend(
-            all_apply(&agents, t0, limit, move |m| {
-                m.peers.iter().any(|p| p.peer_id == id)
-            })
+            all_apply(
+                &agents,
+                t0,
+                limit,
+                &format!("peer {} to be added", e.peer_id),
+                cache_at.clone(),
+                move |m| m.peers.iter().any(|p| p.peer_id == id),
+            )
             .await?,
         );
         let t0 = Instant::now();
         ctl.remove_peer(&caller, &e.peer_id).await?;
         let id = e.peer_id.clone();
         del_lat.extend(
-            all_apply(&agents, t0, limit, move |m| {
-                m.peers.iter().all(|p| p.peer_id != id)
-            })
+            all_apply(
+                &agents,
+                t0,
+                limit,
+                &format!("peer {} to be removed", e.peer_id),
+                cache_at.clone(),
+                move |m| m.peers.iter().all(|p| p.peer_id != id),
+            )
             .await?,
         );
     }

@@ -1,0 +1,686 @@
+//! Fuzz targets: every parser that takes outside input, each a `fn(&[u8])` that must never
+//! panic, however hostile the bytes.
+//!
+//! | target | what the bytes are |
+//! |---|---|
+//! | `join_string` | a join string pasted by a user (`canopy1:…`); what parses re-encodes to itself |
+//! | `wg_quick` | a wg-quick file (`canopy-agent up FILE`) |
+//! | `uapi_set` | a `set=1` request on the UAPI socket, parsed and applied to an engine |
+//! | `engine_network` | UDP datagrams arriving at the WireGuard socket |
+//! | `engine_tunnel` | a packet read from the TUN device, sent through an established tunnel both ways |
+//! | `controller` | a console or agent request (first byte: which), as protobuf bytes, run by a real controller on an embedded store |
+//!
+//! [`mutate`] is the driver's mutation engine (`src/bin/fuzz.rs` runs it for millions of
+//! inputs; `tests/smoke.rs` runs a short burst of each target in CI and replays
+//! `regressions/<target>/*`). Only the stable toolchain exists here, so the driver is
+//! mutational without coverage feedback; the targets are plain functions, ready for a
+//! coverage-guided engine (cargo-afl) where one can be installed.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use canopy_agent::engine::{Engine, Outbox, PeerConfig};
+use rand::Rng as _;
+
+pub struct Target {
+    pub name: &'static str,
+    pub run: fn(&[u8]),
+    /// Valid inputs to start mutating from.
+    pub seeds: fn() -> Vec<Vec<u8>>,
+    /// Tokens worth inserting whole.
+    pub dictionary: &'static [&'static str],
+}
+
+pub const TARGETS: &[Target] = &[
+    Target {
+        name: "join_string",
+        run: join_string,
+        seeds: join_seeds,
+        dictionary: &["canopy1:", "https://", "=", "-", "_", "A"],
+    },
+    Target {
+        name: "wg_quick",
+        run: wg_quick,
+        seeds: wg_quick_seeds,
+        dictionary: &[
+            "[Interface]\n",
+            "[Peer]\n",
+            "PrivateKey = ",
+            "PublicKey = ",
+            "AllowedIPs = ",
+            "Endpoint = ",
+            "Address = ",
+            "ListenPort = ",
+            "MTU = ",
+            "PersistentKeepalive = ",
+            "PresharedKey = ",
+            "DNS = ",
+            "0.0.0.0/0",
+            "::/0",
+            "[::1]:51820",
+            "#",
+            "\n",
+            ",",
+        ],
+    },
+    Target {
+        name: "uapi_set",
+        run: uapi_set,
+        seeds: uapi_seeds,
+        dictionary: &[
+            "set=1\n",
+            "private_key=",
+            "listen_port=",
+            "fwmark=",
+            "replace_peers=true\n",
+            "public_key=",
+            "remove=true\n",
+            "update_only=true\n",
+            "preshared_key=",
+            "endpoint=",
+            "persistent_keepalive_interval=",
+            "replace_allowed_ips=true\n",
+            "allowed_ip=",
+            "protocol_version=1\n",
+            "\n",
+        ],
+    },
+    Target {
+        name: "engine_network",
+        run: engine_network,
+        seeds: engine_network_seeds,
+        dictionary: &[
+            "\x01\x00\x00\x00",
+            "\x02\x00\x00\x00",
+            "\x03\x00\x00\x00",
+            "\x04\x00\x00\x00",
+        ],
+    },
+    Target {
+        name: "engine_tunnel",
+        run: engine_tunnel,
+        seeds: engine_tunnel_seeds,
+        dictionary: &[
+            "\x45\x00",
+            "\x60\x00\x00\x00",
+            "\x0a\x00\x00\x01",
+            "\x0a\x00\x00\x02",
+        ],
+    },
+    Target {
+        name: "controller",
+        run: controller,
+        seeds: controller_seeds,
+        dictionary: &[
+            "100.64.0.0/24",
+            "fd7a::/64",
+            "net_",
+            "peer_",
+            "cjt_",
+            "cpc_",
+            "prod",
+        ],
+    },
+];
+
+pub fn target(name: &str) -> Option<&'static Target> {
+    TARGETS.iter().find(|t| t.name == name)
+}
+
+fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(data)
+}
+
+// ----- join string -----
+
+fn join_string(data: &[u8]) {
+    use canopy_proto::join::JoinString;
+    if let Ok(j) = JoinString::parse(&text(data)) {
+        let again = JoinString::parse(&j.encode()).expect("an encoded join string parses");
+        assert_eq!(again.encode(), j.encode(), "join string round trip");
+    }
+}
+
+fn join_seeds() -> Vec<Vec<u8>> {
+    let j = canopy_proto::join::JoinString {
+        controller_url: "https://ctrl.example.com:7443".into(),
+        token: "cjt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+        ca_sha256: [7; 32],
+    };
+    vec![j.encode().into_bytes(), b"canopy1:".to_vec()]
+}
+
+// ----- wg-quick -----
+
+fn wg_quick(data: &[u8]) {
+    let _ = canopy_agent::config::parse(&text(data));
+}
+
+fn key_b64(seed: u8) -> String {
+    canopy_agent::keys::encode(&public(seed))
+}
+
+fn public(seed: u8) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([seed; 32])).to_bytes()
+}
+
+fn wg_quick_seeds() -> Vec<Vec<u8>> {
+    vec![
+        format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.0.0.1/24, fd00::1/64\nListenPort = 51820\nMTU = 1420\n\n\
+             [Peer]\nPublicKey = {}\nAllowedIPs = 10.0.0.2/32, 0.0.0.0/0\nEndpoint = 192.0.2.2:51820\nPersistentKeepalive = 25\n",
+            key_b64(1),
+            key_b64(2)
+        )
+        .into_bytes(),
+    ]
+}
+
+// ----- UAPI -----
+
+fn uapi_set(data: &[u8]) {
+    let t = text(data);
+    if let Ok(req) = canopy_agent::uapi::parse_set(t.lines()) {
+        let mut engine = Engine::new([1; 32]);
+        let _ = req.apply(&mut engine, 51820);
+        let _ = canopy_agent::uapi::format_get(&engine, 51820);
+    }
+}
+
+fn uapi_seeds() -> Vec<Vec<u8>> {
+    vec![
+        format!(
+            "private_key={}\nlisten_port=51820\nreplace_peers=true\npublic_key={}\nendpoint=192.0.2.2:51820\n\
+             persistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=10.0.0.2/32\nallowed_ip=fd00::2/128\n",
+            hex::encode([3u8; 32]),
+            hex::encode(public(2))
+        )
+        .into_bytes(),
+        format!("public_key={}\nremove=true\n", hex::encode(public(2))).into_bytes(),
+    ]
+}
+
+// ----- engine -----
+
+const A_ADDR: &str = "192.0.2.1:51820";
+const B_ADDR: &str = "192.0.2.2:51820";
+
+fn engine_with_peer(private: u8, peer: u8, endpoint: &str) -> Engine {
+    let mut e = Engine::new(clamped(private));
+    e.set_peer(PeerConfig {
+        public_key: x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(clamped(peer)))
+            .to_bytes(),
+        preshared_key: None,
+        endpoint: endpoint.parse().ok(),
+        allowed_ips: vec![
+            "10.0.0.0/24".parse().expect("cidr"),
+            "fd00::/64".parse().expect("cidr"),
+        ],
+        persistent_keepalive: None,
+    });
+    e
+}
+
+fn clamped(seed: u8) -> [u8; 32] {
+    let mut k = [seed; 32];
+    k[0] &= 248;
+    k[31] = (k[31] & 127) | 64;
+    k
+}
+
+/// Input split into datagrams: each is a one-byte length, then that many bytes.
+fn datagrams(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let n = (n as usize).min(tail.len());
+        out.push(&tail[..n]);
+        rest = &tail[n..];
+        if out.len() == 64 {
+            break;
+        }
+    }
+    out
+}
+
+fn engine_network(data: &[u8]) {
+    thread_local! {
+        static E: RefCell<(Engine, Outbox)> =
+            RefCell::new((engine_with_peer(1, 2, B_ADDR), Outbox::default()));
+    }
+    let from: SocketAddr = B_ADDR.parse().expect("addr");
+    E.with(|e| {
+        let (engine, out) = &mut *e.borrow_mut();
+        out.clear();
+        engine.handle_network(datagrams(data).into_iter().map(|d| (from, d)), out);
+        let _ = out.net_packets().count();
+        let _ = out.tun_packets().count();
+    });
+}
+
+fn engine_network_seeds() -> Vec<Vec<u8>> {
+    // A real handshake initiation from B to A, length-prefixed.
+    let mut b = engine_with_peer(2, 1, A_ADDR);
+    let mut out = Outbox::default();
+    let pkt = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"hello");
+    b.handle_tun([pkt.as_slice()], &mut out);
+    let mut seeds = Vec::new();
+    for (_, d) in out.net_packets() {
+        let mut s = vec![d.len().min(255) as u8];
+        s.extend_from_slice(&d[..d.len().min(255)]);
+        seeds.push(s);
+    }
+    seeds.push(vec![4, 4, 0, 0, 0]);
+    seeds
+}
+
+fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let len = (20 + payload.len()) as u16;
+    let mut p = vec![
+        0x45,
+        0,
+        (len >> 8) as u8,
+        len as u8,
+        0,
+        0,
+        0,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Moves datagrams between A and B until both are quiet; returns what reached each TUN.
+fn shuttle(a: &mut Engine, b: &mut Engine, mut to_b: Vec<Vec<u8>>) -> (usize, usize) {
+    let (a_from, b_from): (SocketAddr, SocketAddr) =
+        (A_ADDR.parse().expect("addr"), B_ADDR.parse().expect("addr"));
+    let (mut at_a, mut at_b) = (0, 0);
+    let mut out = Outbox::default();
+    let mut to_a: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..8 {
+        if to_a.is_empty() && to_b.is_empty() {
+            break;
+        }
+        out.clear();
+        b.handle_network(to_b.iter().map(|d| (a_from, d.as_slice())), &mut out);
+        at_b += out.tun_packets().count();
+        let from_b: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+        out.clear();
+        a.handle_network(to_a.iter().map(|d| (b_from, d.as_slice())), &mut out);
+        at_a += out.tun_packets().count();
+        to_b = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+        to_a = from_b;
+    }
+    (at_a, at_b)
+}
+
+fn engine_tunnel(data: &[u8]) {
+    // Blind mutation rarely keeps a routable destination: for half the inputs (the low bit of
+    // the second byte) the destination is set to the other end's address, so the packet
+    // really is encrypted, sent, decrypted and source-checked.
+    let mut p = data.to_vec();
+    if p.get(1).is_some_and(|b| b & 1 == 1) {
+        match p[0] >> 4 {
+            4 if p.len() >= 20 => p[16..20].copy_from_slice(&[10, 0, 0, 2]),
+            6 if p.len() >= 40 => {
+                let dst: std::net::Ipv6Addr = "fd00::2".parse().expect("v6");
+                p[24..40].copy_from_slice(&dst.octets());
+            }
+            _ => {}
+        }
+    }
+    tunnel_roundtrip(&p);
+}
+
+/// Sends `data` as a TUN packet from A to B and from B to A through an established session;
+/// returns how many packets reached B's TUN and A's TUN.
+pub fn tunnel_roundtrip(data: &[u8]) -> (usize, usize) {
+    thread_local! {
+        static PAIR: RefCell<(Engine, Engine)> = RefCell::new({
+            let mut a = engine_with_peer(1, 2, B_ADDR);
+            let mut b = engine_with_peer(2, 1, A_ADDR);
+            // Establish the session: a first packet starts the handshake.
+            let mut out = Outbox::default();
+            let hello = ipv4_packet([10, 0, 0, 1], [10, 0, 0, 2], b"hi");
+            a.handle_tun([hello.as_slice()], &mut out);
+            let first: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+            shuttle(&mut a, &mut b, first);
+            (a, b)
+        });
+    }
+    PAIR.with(|p| {
+        let (a, b) = &mut *p.borrow_mut();
+        let mut out = Outbox::default();
+        // A → B: whatever the TUN gave A, through the tunnel, into B's source checks.
+        a.handle_tun([data], &mut out);
+        let sent: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+        let (_, at_b) = shuttle(a, b, sent);
+        // B → A, the other direction.
+        out.clear();
+        b.handle_tun([data], &mut out);
+        let sent: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+        let (_, at_a) = shuttle(b, a, sent);
+        (at_b, at_a)
+    })
+}
+
+fn engine_tunnel_seeds() -> Vec<Vec<u8>> {
+    vec![
+        ipv4_packet([10, 0, 0, 1], [10, 0, 0, 2], b"payload"),
+        ipv4_packet([10, 0, 1, 9], [10, 0, 0, 2], b"spoofed source"),
+        {
+            let mut p = vec![0x60, 0, 0, 0, 0, 4, 17, 64];
+            p.extend_from_slice(
+                &"fd00::1"
+                    .parse::<std::net::Ipv6Addr>()
+                    .expect("v6")
+                    .octets(),
+            );
+            p.extend_from_slice(
+                &"fd00::2"
+                    .parse::<std::net::Ipv6Addr>()
+                    .expect("v6")
+                    .octets(),
+            );
+            p.extend_from_slice(b"abcd");
+            p
+        },
+    ]
+}
+
+// ----- controller -----
+
+struct Ctl {
+    rt: tokio::runtime::Runtime,
+    ctl: canopy_controller::service::Controller,
+    _dir: tempfile::TempDir,
+}
+
+fn caller() -> canopy_controller::service::Caller {
+    canopy_controller::service::Caller {
+        tenant: canopy_controller::service::DEFAULT_TENANT.into(),
+        token_id: "fuzz".into(),
+        scope: canopy_controller::plans::Scope::Admin,
+        plan: canopy_controller::plans::Plan::SelfManaged,
+    }
+}
+
+fn new_controller() -> Ctl {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = rt.block_on(async {
+        let store: Arc<dyn canopy_controller::store::Store> = Arc::new(
+            canopy_controller::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb"))
+                .expect("store"),
+        );
+        let cache = canopy_controller::cache::Cache::start(store.clone())
+            .await
+            .expect("cache");
+        let ctl = canopy_controller::service::Controller::new(
+            store,
+            cache,
+            "https://127.0.0.1:7443".into(),
+            [0; 32],
+        );
+        // Something to act on: a network and a join token.
+        let c = caller();
+        let _ = ctl
+            .create_network(&c, "prod", &["100.64.0.0/16".into()])
+            .await;
+        ctl
+    });
+    Ctl { rt, ctl, _dir: dir }
+}
+
+/// The first byte picks the request type, the rest is that request's protobuf bytes; a
+/// message that does not decode is what tonic answers InvalidArgument for.
+fn controller(data: &[u8]) {
+    use canopy_proto::v1::*;
+    use prost::Message as _;
+    thread_local! {
+        static CTL: Ctl = new_controller();
+    }
+    let Some((&op, body)) = data.split_first() else {
+        return;
+    };
+    CTL.with(|h| {
+        let ctl = &h.ctl;
+        let c = caller();
+        h.rt.block_on(async {
+            match op % 9 {
+                0 => {
+                    if let Ok(r) = CreateNetworkRequest::decode(body) {
+                        let _ = ctl.create_network(&c, &r.name, &r.cidrs).await;
+                    }
+                }
+                1 => {
+                    if let Ok(r) = CreateJoinTokenRequest::decode(body) {
+                        let _ = ctl
+                            .create_join_token(&c, &r.network, r.max_uses, r.ttl_seconds, &r.tags)
+                            .await;
+                    }
+                }
+                2 => {
+                    if let Ok(r) = EnrollRequest::decode(body) {
+                        let _ = ctl
+                            .enroll(
+                                &r.join_token,
+                                &r.public_key,
+                                &r.hostname,
+                                r.listen_port,
+                                &r.credential,
+                            )
+                            .await;
+                    }
+                }
+                3 => {
+                    if let Ok(r) = ListPeersRequest::decode(body) {
+                        let _ = ctl.list_peers(&c, &r.network).await;
+                    }
+                }
+                4 => {
+                    if let Ok(r) = RemovePeerRequest::decode(body) {
+                        let _ = ctl.remove_peer(&c, &r.peer_id).await;
+                    }
+                }
+                5 => {
+                    if let Ok(r) = GetNetworkRequest::decode(body) {
+                        let _ = ctl.get_network(&c, &r.network).await;
+                    }
+                }
+                6 => {
+                    if let Ok(r) = CreateApiTokenRequest::decode(body) {
+                        let _ = ctl.create_api_token_for(&c, &r.name, &r.scope).await;
+                    }
+                }
+                7 => {
+                    if let Ok(r) = ListAuditRequest::decode(body) {
+                        let _ = ctl.list_audit(&c, r.limit, &r.action, &r.object).await;
+                    }
+                }
+                _ => {
+                    if let Ok(r) = RevokeJoinTokenRequest::decode(body) {
+                        let _ = ctl.revoke_join_token(&c, &r.token_id).await;
+                    }
+                }
+            }
+            // Every answer becomes a status the same way tonic would send it.
+            let _ = tonic_status_of(ctl.get_network(&c, "prod").await.err());
+        });
+    });
+}
+
+fn tonic_status_of(e: Option<canopy_controller::error::Error>) -> Option<usize> {
+    e.map(|e| {
+        let s: tonic::Status = e.into();
+        assert!(s.message().len() <= 1100, "status message over 1 KB");
+        s.message().len()
+    })
+}
+
+fn controller_seeds() -> Vec<Vec<u8>> {
+    use canopy_proto::v1::*;
+    use prost::Message as _;
+    let with = |op: u8, m: Vec<u8>| {
+        let mut v = vec![op];
+        v.extend(m);
+        v
+    };
+    vec![
+        with(
+            0,
+            CreateNetworkRequest {
+                name: "lab".into(),
+                cidrs: vec!["10.9.0.0/24".into(), "fd7a:9::/64".into()],
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            1,
+            CreateJoinTokenRequest {
+                network: "prod".into(),
+                max_uses: 2,
+                ttl_seconds: 60,
+                tags: vec!["web".into()],
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            2,
+            EnrollRequest {
+                join_token: "cjt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+                public_key: public(9).to_vec(),
+                hostname: "h".into(),
+                listen_port: 51820,
+                credential: String::new(),
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            3,
+            ListPeersRequest {
+                network: "prod".into(),
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            6,
+            CreateApiTokenRequest {
+                name: "ci".into(),
+                scope: "read".into(),
+            }
+            .encode_to_vec(),
+        ),
+    ]
+}
+
+// ----- mutation -----
+
+/// One mutated input from the corpus: 1–8 random edits (bit flips, interesting bytes,
+/// inserted, deleted or repeated ranges, dictionary tokens, splices with another input).
+pub fn mutate(
+    rng: &mut impl rand::Rng,
+    corpus: &[Vec<u8>],
+    dictionary: &[&str],
+    max_len: usize,
+) -> Vec<u8> {
+    let mut v = corpus[rng.random_range(0..corpus.len())].clone();
+    for _ in 0..rng.random_range(1..=8) {
+        let len = v.len();
+        match rng.random_range(0..9) {
+            0 if len > 0 => {
+                let i = rng.random_range(0..len);
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+            1 if len > 0 => {
+                let i = rng.random_range(0..len);
+                v[i] = [0, 0xff, 0x7f, 0x80, b'\n', b'=', b'/', b':', 0x1b, b'9']
+                    [rng.random_range(0..10)];
+            }
+            2 => {
+                let i = rng.random_range(0..=len);
+                let n = rng.random_range(1..=16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+                v.splice(i..i, bytes);
+            }
+            3 if len > 0 => {
+                let i = rng.random_range(0..len);
+                let n = rng.random_range(1..=(len - i).min(64));
+                v.drain(i..i + n);
+            }
+            4 if len > 0 => {
+                let i = rng.random_range(0..len);
+                let n = rng.random_range(1..=(len - i).min(64));
+                let chunk = v[i..i + n].to_vec();
+                let at = rng.random_range(0..=len);
+                for _ in 0..rng.random_range(1..=4) {
+                    v.splice(at..at, chunk.iter().copied());
+                }
+            }
+            5 if !dictionary.is_empty() => {
+                let t = dictionary[rng.random_range(0..dictionary.len())];
+                let at = rng.random_range(0..=len);
+                v.splice(at..at, t.bytes());
+            }
+            6 => {
+                let other = &corpus[rng.random_range(0..corpus.len())];
+                if !other.is_empty() {
+                    let i = rng.random_range(0..other.len());
+                    let n = rng.random_range(1..=(other.len() - i));
+                    let at = rng.random_range(0..=len);
+                    v.splice(at..at, other[i..i + n].iter().copied());
+                }
+            }
+            7 if len > 0 => v.truncate(rng.random_range(0..len)),
+            _ => {
+                // A length or count field made large or small.
+                if len >= 2 {
+                    let i = rng.random_range(0..len - 1);
+                    let x: u16 = [0, 1, 0x7fff, 0xffff, 255, 256][rng.random_range(0..6)];
+                    v[i..i + 2].copy_from_slice(&x.to_be_bytes());
+                }
+            }
+        }
+    }
+    v.truncate(max_len);
+    v
+}
+
+/// Runs `target` on `n` inputs mutated from its seeds (and `extra` inputs), with `seed` for
+/// the random choices. Returns the inputs that panicked (at most `keep`).
+pub fn run(t: &Target, n: u64, seed: u64, extra: &[Vec<u8>], keep: usize) -> Vec<Vec<u8>> {
+    use rand::SeedableRng as _;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut corpus = (t.seeds)();
+    corpus.extend(extra.iter().cloned());
+    if corpus.is_empty() {
+        corpus.push(Vec::new());
+    }
+    let mut crashes = Vec::new();
+    for i in 0..n {
+        let input = if (i as usize) < corpus.len() {
+            corpus[i as usize].clone()
+        } else {
+            mutate(&mut rng, &corpus, t.dictionary, 4096)
+        };
+        if std::panic::catch_unwind(|| (t.run)(&input)).is_err() && crashes.len() < keep {
+            crashes.push(input.clone());
+        }
+        // Grow the corpus now and then with an input that ran clean, so mutations stack.
+        if i % 1024 == 0 && corpus.len() < 4096 && rng.random_bool(0.5) {
+            corpus.push(input);
+        }
+    }
+    crashes
+}
