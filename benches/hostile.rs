@@ -1,0 +1,291 @@
+//! Hostile clients against a real `canopy serve` process (the release binary next to this one),
+//! measured from outside: the controller's RSS and open descriptors, and what real agents get.
+//!
+//! 1. 100 Sync streams with one credential that never read (the map of a 1000-peer network).
+//! 2. 100 peers, one such stream each.
+//! 3. 2,000 Sync calls with garbage credentials while 100 real agents reconnect.
+//! 4. 1,000 TCP connections that never start TLS, while a console call is made.
+//!
+//! `cargo build --release -p canopy-controller -p canopy-benches && target/release/hostile`
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use canopy_agent::control::{self, Backoff, ControlClient, NoDataPlane};
+use canopy_agent::keys::PrivateKey;
+use canopy_agent::state::Enrollment;
+use canopy_proto::join::JoinString;
+use canopy_proto::transport::{self, Trust};
+use canopy_proto::v1::agent_service_client::AgentServiceClient;
+use canopy_proto::v1::*;
+use tokio::sync::mpsc;
+
+struct Server {
+    child: std::process::Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn start(dir: &Path) -> anyhow::Result<Server> {
+    use std::io::BufRead as _;
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("canopy");
+    let mut child = std::process::Command::new(&bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("CANOPY_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} (build it with --release)", bin.display()))?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let url = loop {
+        let line = lines.next().context("serve exited")??;
+        if let Some(rest) = line.strip_prefix("canopy: controller at ") {
+            break rest.split(';').next().unwrap_or_default().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(Server {
+        child,
+        url,
+        dir: dir.to_path_buf(),
+    })
+}
+
+fn hello() -> SyncRequest {
+    SyncRequest {
+        msg: Some(sync_request::Msg::Hello(Hello {
+            known_revision: 0,
+            endpoints: vec![],
+        })),
+    }
+}
+
+/// Opens a Sync stream that never reads; returns what keeps it open, or None if refused.
+async fn stuck_stream(
+    url: &str,
+    pin: [u8; 32],
+    credential: &str,
+) -> Option<(mpsc::Sender<SyncRequest>, tonic::Streaming<SyncResponse>)> {
+    let ch = transport::connect(url, &Trust::Pin(pin)).await.ok()?;
+    let mut c = AgentServiceClient::new(ch);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello()).await.ok()?;
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {credential}").parse().ok()?);
+    let s = c.sync(req).await.ok()?.into_inner();
+    Some((tx, s))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let srv = start(tmp.path())?;
+    let pid = srv.child.id();
+    let token = std::fs::read_to_string(srv.dir.join("admin-token"))?;
+    let ca = std::fs::read(srv.dir.join("ca.pem"))?;
+    let mut con =
+        canopy_controller::console::connect(&srv.url, &Trust::CaPem(ca), token.trim()).await?;
+    con.create_network(CreateNetworkRequest {
+        name: "bench".into(),
+        cidrs: vec!["100.64.0.0/16".into()],
+    })
+    .await?;
+    let join = con
+        .create_join_token(CreateJoinTokenRequest {
+            network: "bench".into(),
+            max_uses: 0,
+            ttl_seconds: 3600,
+            tags: vec![],
+        })
+        .await?
+        .into_inner()
+        .join_string;
+    let join = JoinString::parse(&join)?;
+    let pin = join.ca_sha256;
+    let mut peers: Vec<(Enrollment, NetworkMap)> = Vec::new();
+    for chunk in 0..(1000 / 25) {
+        let mut batch = Vec::new();
+        for i in 0..25 {
+            let join = join.clone();
+            batch.push(tokio::spawn(async move {
+                control::enroll(
+                    &join,
+                    PrivateKey::generate().public_key(),
+                    &format!("h{chunk}-{i}"),
+                )
+                .await
+            }));
+        }
+        for b in batch {
+            peers.push(b.await??);
+        }
+    }
+    let map_bytes = peers.last().map_or(0, |p| prost::Message::encoded_len(&p.1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss0 = status_kb(pid, "VmRSS");
+    println!("controller with a 1000-peer network: RSS {} MB, {} fds", rss0 / 1024, fds(pid));
+
+    // 1. One credential, 100 streams that never read.
+    let mut held = Vec::new();
+    let mut opened = 0;
+    for _ in 0..100 {
+        if let Some(s) = stuck_stream(&srv.url, pin, &peers[0].0.credential).await {
+            opened += 1;
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss1 = status_kb(pid, "VmRSS");
+    println!(
+        "1. one credential, 100 stuck streams ({opened} admitted, the rest paced; map {map_bytes} B): RSS {} MB (+{} MB)",
+        rss1 / 1024,
+        (rss1.saturating_sub(rss0)) / 1024
+    );
+    drop(held);
+
+    // 2. 100 peers, one stuck stream each.
+    let mut held = Vec::new();
+    for (e, _) in peers.iter().skip(1).take(100) {
+        if let Some(s) = stuck_stream(&srv.url, pin, &e.credential).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss2 = status_kb(pid, "VmRSS");
+    println!(
+        "2. 100 peers, one stuck stream each ({} open): RSS {} MB (+{} MB, {} kB per stuck session)",
+        held.len(),
+        rss2 / 1024,
+        rss2.saturating_sub(rss0) / 1024,
+        rss2.saturating_sub(rss0) / held.len().max(1) as u64
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 3. Garbage credentials while real agents reconnect.
+    let flood_url = srv.url.clone();
+    let flood = tokio::spawn(async move {
+        let mut refused = 0u32;
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let url = flood_url.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u32;
+                let Ok(ch) = transport::connect(&url, &Trust::Pin(pin)).await else {
+                    return 0;
+                };
+                let mut c = AgentServiceClient::new(ch);
+                for i in 0..500 {
+                    let mut req = tonic::Request::new(futures::stream::iter([hello()]));
+                    if let Ok(v) = format!("Bearer cpc_junk{w}x{i}").parse() {
+                        req.metadata_mut().insert("authorization", v);
+                    }
+                    if c.sync(req).await.is_err() {
+                        n += 1;
+                    }
+                }
+                n
+            }));
+        }
+        for t in tasks {
+            refused += t.await.unwrap_or(0);
+        }
+        refused
+    });
+    let t0 = Instant::now();
+    let mut real = Vec::new();
+    for (e, m) in peers.iter().skip(200).take(100) {
+        let mut c = ControlClient::new(e.clone(), Some(m.clone()), None);
+        c.backoff = Backoff {
+            min: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+        };
+        let c = Arc::new(c);
+        let c2 = c.clone();
+        tokio::spawn(async move {
+            let _ = c2
+                .run(&mut NoDataPlane, tokio::time::sleep(Duration::from_secs(20)))
+                .await;
+        });
+        real.push(c);
+    }
+    let mut connected = 0;
+    let mut first_try = 0;
+    for c in &real {
+        let mut rx = c.connected();
+        if tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| *c))
+            .await
+            .is_ok()
+        {
+            connected += 1;
+            if c.stats.paced.load(Relaxed) == 0 {
+                first_try += 1;
+            }
+        }
+    }
+    let took = t0.elapsed();
+    let refused = flood.await?;
+    println!(
+        "3. 2000 garbage Sync calls ({refused} refused) while 100 real agents reconnect: {connected}/100 connected in {:.2} s, {first_try} of them never paced",
+        took.as_secs_f64()
+    );
+
+    // 4. Silent TCP connections.
+    let fds0 = fds(pid);
+    let addr: std::net::SocketAddr = srv
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .context("controller address")?;
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            silent.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds_during = fds(pid);
+    let t0 = Instant::now();
+    let ok = con.list_networks(ListNetworksRequest {}).await.is_ok();
+    let call = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let fds_after = fds(pid);
+    println!(
+        "4. 1000 silent TCP connections: controller fds {fds0} → {fds_during} (handshakes capped) → {fds_after} after the 10 s deadline; a console call meanwhile: {} in {:.1} ms",
+        if ok { "ok" } else { "FAILED" },
+        call.as_secs_f64() * 1000.0
+    );
+    drop(silent);
+    println!(
+        "controller peak RSS {} MB",
+        status_kb(pid, "VmHWM") / 1024
+    );
+    Ok(())
+}
