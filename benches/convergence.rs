@@ -132,6 +132,15 @@ async fn all_apply(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Warnings (agents that lose or cannot reach the controller) go to stderr; CANOPY_LOG
+    // sets more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let limit = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir()?;
     let etcd = (args.store == "etcd").then(canopy_tests::etcd::Etcd::start);

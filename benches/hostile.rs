@@ -97,8 +97,10 @@ async fn stuck_stream(
     let (tx, rx) = mpsc::channel(4);
     tx.send(hello()).await.ok()?;
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {credential}").parse().ok()?);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().ok()?,
+    );
     let s = c.sync(req).await.ok()?.into_inner();
     Some((tx, s))
 }
@@ -147,10 +149,16 @@ async fn main() -> anyhow::Result<()> {
             peers.push(b.await??);
         }
     }
-    let map_bytes = peers.last().map_or(0, |p| prost::Message::encoded_len(&p.1));
+    let map_bytes = peers
+        .last()
+        .map_or(0, |p| prost::Message::encoded_len(&p.1));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss0 = status_kb(pid, "VmRSS");
-    println!("controller with a 1000-peer network: RSS {} MB, {} fds", rss0 / 1024, fds(pid));
+    println!(
+        "controller with a 1000-peer network: RSS {} MB, {} fds",
+        rss0 / 1024,
+        fds(pid)
+    );
 
     // 1. One credential, 100 streams that never read.
     let mut held = Vec::new();
@@ -231,7 +239,10 @@ async fn main() -> anyhow::Result<()> {
         let c2 = c.clone();
         tokio::spawn(async move {
             let _ = c2
-                .run(&mut NoDataPlane, tokio::time::sleep(Duration::from_secs(20)))
+                .run(
+                    &mut NoDataPlane,
+                    tokio::time::sleep(Duration::from_secs(20)),
+                )
                 .await;
         });
         real.push(c);
@@ -283,9 +294,6 @@ async fn main() -> anyhow::Result<()> {
         call.as_secs_f64() * 1000.0
     );
     drop(silent);
-    println!(
-        "controller peak RSS {} MB",
-        status_kb(pid, "VmHWM") / 1024
-    );
+    println!("controller peak RSS {} MB", status_kb(pid, "VmHWM") / 1024);
     Ok(())
 }

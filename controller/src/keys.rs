@@ -17,7 +17,8 @@
 //! apitokenlist/<tenant>/<token>      ApiTokenRecord (the same, for listing per tenant)
 //! tenants/<tenant>                   TenantRecord (hosted; a self-managed tenant has none)
 //! tokensver/<tenant>                 bumped by every join-token create (guards the quota)
-//! netpeers/<network>                 bumped by every enrollment (guards the peer quota)
+//! netpeers/<network>                 the peer count, written by every enrollment ("recount" after
+//!                                    a removal): guards the peer quota
 //! peergone/<network>/<peer>         Tombstone: the peer was removed (its agent may be told)
 //! netgone/<network>                  Tombstone: the network was deleted with all its peers
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota

@@ -166,6 +166,13 @@ pub async fn run_jobs(
         }
         report.tokens_deleted += 1;
     }
+    // Credentials first, peers after: an enrollment writes both at once, so a credential read
+    // here whose peer existed then is in the later peer list (unless the peer was removed
+    // since). Each deletion is also conditioned on the peer being absent *now*: a peer that
+    // enrolled in between keeps its credential (this race once cut fresh agents off).
+    let creds = store
+        .range(format!("{}credentials/", keys::ROOT).as_bytes())
+        .await?;
     let peers: HashSet<String> = store
         .range(keys::ALL_PEERS.as_bytes())
         .await?
@@ -173,9 +180,6 @@ pub async fn run_jobs(
         .iter()
         .filter_map(|kv| keys::parse_peer(&kv.key).map(|(n, p)| format!("{n}/{p}")))
         .collect();
-    let creds = store
-        .range(format!("{}credentials/", keys::ROOT).as_bytes())
-        .await?;
     for kv in &creds.kvs {
         let Ok(idx) = IndexRecord::decode(kv.value.as_slice()) else {
             continue;
@@ -183,14 +187,17 @@ pub async fn run_jobs(
         if peers.contains(&idx.id) {
             continue;
         }
+        let Some((net, peer)) = idx.id.split_once('/') else {
+            continue;
+        };
         let txn = Txn::new()
             .when(Compare::unchanged(LEADER_KEY, fence))
             .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
+            .when(Compare::absent(keys::peer(net, peer)))
             .then(Op::delete(kv.key.clone()));
-        if !store.txn(txn).await?.succeeded {
-            return Ok(report);
+        if store.txn(txn).await?.succeeded {
+            report.credentials_deleted += 1;
         }
-        report.credentials_deleted += 1;
     }
     let keep_s = cfg.tombstone_retention.as_secs() as i64;
     for prefix in [keys::ALL_PEERGONE, keys::ALL_NETGONE] {
@@ -272,6 +279,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+    use futures::future::BoxFuture;
 
     fn rec(holder: &str, exp: i64) -> LeaderRecord {
         LeaderRecord {
@@ -357,6 +365,83 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    /// The real store, except that reading the peer list first lets an enrollment commit
+    /// (peer and credential together) and then answers with the list from before it: the
+    /// interleaving that made the cleanup delete a fresh agent's credential.
+    struct EnrollDuringPeerRead {
+        inner: EmbeddedStore,
+        done: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for EnrollDuringPeerRead {
+        fn get<'a>(
+            &'a self,
+            key: &'a [u8],
+        ) -> BoxFuture<'a, Result<Option<crate::store::KeyValue>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn range<'a>(
+            &'a self,
+            prefix: &'a [u8],
+        ) -> BoxFuture<'a, Result<crate::store::RangeResult, StoreError>> {
+            Box::pin(async move {
+                let before = self.inner.range(prefix).await?;
+                if prefix == keys::ALL_PEERS.as_bytes()
+                    && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    let idx = IndexRecord {
+                        id: "net_1/peer_new".into(),
+                    }
+                    .encode_to_vec();
+                    self.inner
+                        .txn(
+                            Txn::new()
+                                .then(Op::put(keys::peer("net_1", "peer_new"), vec![]))
+                                .then(Op::put(keys::credential(&[3; 32]), idx)),
+                        )
+                        .await?;
+                }
+                Ok(before)
+            })
+        }
+        fn txn(&self, txn: Txn) -> BoxFuture<'_, Result<crate::store::TxnResult, StoreError>> {
+            self.inner.txn(txn)
+        }
+        fn watch<'a>(
+            &'a self,
+            prefix: &'a [u8],
+            start: Revision,
+        ) -> BoxFuture<'a, Result<crate::store::WatchStream, StoreError>> {
+            self.inner.watch(prefix, start)
+        }
+        fn compact(&self, revision: Revision) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.compact(revision)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_enrolls_while_the_cleanup_runs_keeps_its_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EnrollDuringPeerRead {
+            inner: EmbeddedStore::open(&dir.path().join("s.redb")).unwrap(),
+            done: false.into(),
+        });
+        let e = Elector::new(store.clone(), "a".into(), Duration::from_secs(10));
+        let f = e.round(now_ms()).await.unwrap().unwrap();
+        let r = run_jobs(store.as_ref(), f, now_ms(), &BackgroundConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(r.credentials_deleted, 0);
+        assert!(
+            store
+                .get(keys::credential(&[3; 32]).as_bytes())
+                .await
+                .unwrap()
+                .is_some(),
+            "the new peer's credential survived the cleanup"
         );
     }
 

@@ -721,7 +721,8 @@ impl Controller {
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
                 .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
                 .then(Op::put(keys::netdel(&p.network_id), p.id.clone()))
-                .then(Op::put(keys::peergone(&p.network_id, &p.id), tombstone()));
+                .then(Op::put(keys::peergone(&p.network_id, &p.id), tombstone()))
+                .then(Op::put(keys::netpeers(&p.network_id), "recount"));
             for a in &p.addresses {
                 if let Ok(net) = a.parse::<IpNetwork>() {
                     txn = txn.then(Op::delete(keys::ipam(&p.network_id, &net.ip())));
@@ -859,19 +860,25 @@ impl Controller {
                 .when(Compare::absent(pubkey_key.clone()));
             let limit = plan.quotas().peers_per_network;
             if limit != u32::MAX {
+                // netpeers/<net> holds the peer count an enrollment left; a removal writes
+                // "recount" there, and then (or for a key from before counts) the peers are
+                // counted once. Either way the write is conditioned on the key's revision.
                 let ver_key = keys::netpeers(&net.id);
-                let ver_rev = self
-                    .store
-                    .get(ver_key.as_bytes())
-                    .await?
-                    .map_or(0, |kv| kv.mod_revision);
-                let count = self
-                    .store
-                    .range(keys::peers(&net.id).as_bytes())
-                    .await?
-                    .kvs
-                    .len();
-                if count as u64 >= u64::from(limit) {
+                let ver = self.store.get(ver_key.as_bytes()).await?;
+                let ver_rev = ver.as_ref().map_or(0, |kv| kv.mod_revision);
+                let counted = ver
+                    .as_ref()
+                    .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok());
+                let count = match counted {
+                    Some(n) => n,
+                    None => self
+                        .store
+                        .range(keys::peers(&net.id).as_bytes())
+                        .await?
+                        .kvs
+                        .len() as u64,
+                };
+                if count >= u64::from(limit) {
                     return Err(Error::ResourceExhausted(format!(
                         "the {} plan allows {limit} peers per network",
                         plan.name()
@@ -879,7 +886,7 @@ impl Controller {
                 }
                 txn = txn
                     .when(Compare::unchanged(ver_key.clone(), ver_rev))
-                    .then(Op::put(ver_key, net.id.clone()));
+                    .then(Op::put(ver_key, (count + 1).to_string()));
             }
             let peer_id = secret::new_id("peer_");
             for cidr in net.cidrs.iter().filter_map(|c| model::parse_cidr(c).ok()) {

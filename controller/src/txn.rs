@@ -28,8 +28,8 @@ impl Default for Budget {
         Self {
             attempts: 200,
             time: Duration::from_secs(10),
-            base: Duration::from_micros(500),
-            cap: Duration::from_millis(50),
+            base: Duration::from_micros(200),
+            cap: Duration::from_millis(10),
         }
     }
 }
@@ -91,9 +91,9 @@ mod tests {
     #[test]
     fn pauses_grow_to_the_cap() {
         let b = Budget::default();
-        assert_eq!(b.pause_bound(1), Duration::from_micros(500));
-        assert_eq!(b.pause_bound(2), Duration::from_millis(1));
-        assert_eq!(b.pause_bound(5), Duration::from_millis(8));
+        assert_eq!(b.pause_bound(1), Duration::from_micros(200));
+        assert_eq!(b.pause_bound(2), Duration::from_micros(400));
+        assert_eq!(b.pause_bound(5), Duration::from_micros(3200));
         assert_eq!(b.pause_bound(50), b.cap);
     }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use canopy_controller::console::{self, Client};
 use canopy_controller::server::{self, Running, ServeConfig, StoreSpec};
+use canopy_proto::join::JoinString;
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::hosted_service_client::HostedServiceClient;
 use canopy_proto::v1::*;
@@ -1277,4 +1278,56 @@ async fn the_last_admin_token_cannot_be_revoked_and_the_operator_can_reset_a_loc
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated, "only the operator resets");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_quota_counts_removals_and_concurrent_enrollments() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let (_, t) = signup(&r, "counted", "free").await;
+    let mut c = console_as(&r, &t).await;
+    c.create_network(net("n", "100.64.0.0/24")).await.unwrap();
+    let join = JoinString::parse(
+        &c.create_join_token(tok("n"))
+            .await
+            .unwrap()
+            .into_inner()
+            .join_string,
+    )
+    .unwrap();
+    // 30 enroll at once into a plan that allows 25.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let join = join.clone();
+        tasks.push(tokio::spawn(async move {
+            canopy_agent::control::enroll(
+                &join,
+                canopy_agent::keys::PrivateKey::generate().public_key(),
+                &format!("h{i}"),
+            )
+            .await
+        }));
+    }
+    let mut enrolled = Vec::new();
+    for t in tasks {
+        if let Ok((e, _)) = t.await.unwrap() {
+            enrolled.push(e.peer_id);
+        }
+    }
+    assert_eq!(enrolled.len(), 25, "exactly the quota enrolled");
+    // A removal frees one place, and only one.
+    c.remove_peer(RemovePeerRequest {
+        peer_id: enrolled[0].clone(),
+    })
+    .await
+    .unwrap();
+    let key = || canopy_agent::keys::PrivateKey::generate().public_key();
+    canopy_agent::control::enroll(&join, key(), "again")
+        .await
+        .expect("the freed place is taken");
+    let e = canopy_agent::control::enroll(&join, key(), "over")
+        .await
+        .unwrap_err();
+    assert!(format!("{e}").contains("allows 25 peers"), "{e}");
 }
