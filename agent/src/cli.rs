@@ -262,10 +262,34 @@ async fn join(
     }
 }
 
+/// This host's name as the controller accepts it: letters, digits, '.', '-', '_' (anything
+/// else becomes '-'), at most 253 bytes. A name given with --hostname is sent as it is.
 fn system_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    sanitize_hostname(raw.trim())
+}
+
+fn sanitize_hostname(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(253)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_system_hostname_is_made_acceptable() {
+        assert_eq!(super::sanitize_hostname("web-1.example"), "web-1.example");
+        assert_eq!(super::sanitize_hostname("Bob's Mac\x1b"), "Bob-s-Mac-");
+        assert_eq!(super::sanitize_hostname(&"h".repeat(300)).len(), 253);
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
