@@ -282,16 +282,6 @@ fn sanitize_hostname(raw: &str) -> String {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_system_hostname_is_made_acceptable() {
-        assert_eq!(super::sanitize_hostname("web-1.example"), "web-1.example");
-        assert_eq!(super::sanitize_hostname("Bob's Mac\x1b"), "Bob-s-Mac-");
-        assert_eq!(super::sanitize_hostname(&"h".repeat(300)).len(), 253);
-    }
-}
-
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -304,4 +294,14 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_system_hostname_is_made_acceptable() {
+        assert_eq!(super::sanitize_hostname("web-1.example"), "web-1.example");
+        assert_eq!(super::sanitize_hostname("Bob's Mac\x1b"), "Bob-s-Mac-");
+        assert_eq!(super::sanitize_hostname(&"h".repeat(300)).len(), 253);
+    }
 }
