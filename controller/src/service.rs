@@ -569,12 +569,7 @@ impl Controller {
                 })?
                 .mod_revision;
             let limit = tenant.plan.quotas().active_join_tokens;
-            let active = self
-                .token_records(&c.tenant)
-                .await?
-                .iter()
-                .filter(|(t, _)| check_token_usable(t, now).is_ok())
-                .count();
+            let active = self.active_join_tokens(&c.tenant, now).await?;
             if active as u64 >= u64::from(limit) {
                 return Err(Error::ResourceExhausted(format!(
                     "the {} plan allows {limit} active join tokens",
@@ -616,6 +611,16 @@ impl Controller {
         };
         tracing::info!(token = %rec.id, network = %net.id, max_uses, "join token created");
         Ok((token_view(&rec), join.encode()))
+    }
+
+    /// Join tokens of the tenant that can still be used at `now`.
+    pub(crate) async fn active_join_tokens(&self, tenant: &str, now: i64) -> Result<usize> {
+        Ok(self
+            .token_records(tenant)
+            .await?
+            .iter()
+            .filter(|(t, _)| check_token_usable(t, now).is_ok())
+            .count())
     }
 
     pub(crate) async fn token_records(

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::plans::{Plan, Scope};
 use crate::secret::{self, Secret};
-use crate::service::{Caller, Controller, check_token_usable, decode, now_unix};
+use crate::service::{Caller, Controller, decode, now_unix};
 use crate::store::{Compare, Op, Txn};
 
 /// A tenant as a write saw it: its plan, and the compare that keeps the write honest.
@@ -405,13 +405,7 @@ impl Controller {
                 agents_online: online as u32,
             });
         }
-        let now = now_unix();
-        let active = self
-            .token_records(&c.tenant)
-            .await?
-            .iter()
-            .filter(|(t, _)| check_token_usable(t, now).is_ok())
-            .count();
+        let active = self.active_join_tokens(&c.tenant, now_unix()).await?;
         Ok(Usage {
             plan: plan.name().to_string(),
             quotas: Some(quotas(plan)),
@@ -485,9 +479,28 @@ impl Controller {
     /// Suspends or resumes a tenant. A suspended tenant's console calls are refused; its agents
     /// keep their last map (their streams are not touched).
     pub async fn set_suspended(&self, id: &str, suspended: bool) -> Result<Subscription> {
-        crate::txn::retry("suspend tenant", |_| async move {
-            let (mut t, rev) = self.tenant_record(id).await?;
+        self.update_tenant(id, "suspend tenant", move |t| {
             t.suspended = suspended;
+            true
+        })
+        .await?;
+        tracing::info!(tenant = %id, suspended, "tenant suspension changed");
+        self.subscription_of(id).await
+    }
+
+    /// Rewrites a tenant's record with `change` (read, change, compare-and-swap, retried);
+    /// `change` returns false when there is nothing to write.
+    async fn update_tenant(
+        &self,
+        id: &str,
+        what: &str,
+        change: impl Fn(&mut TenantRecord) -> bool + Copy + Send,
+    ) -> Result<()> {
+        crate::txn::retry(what, |_| async move {
+            let (mut t, rev) = self.tenant_record(id).await?;
+            if !change(&mut t) {
+                return Ok(Some(()));
+            }
             let key = keys::tenant(id);
             let r = self
                 .store
@@ -499,9 +512,7 @@ impl Controller {
                 .await?;
             Ok(r.succeeded.then_some(()))
         })
-        .await?;
-        tracing::info!(tenant = %id, suspended, "tenant suspension changed");
-        self.subscription_of(id).await
+        .await
     }
 
     /// Deletes a tenant and everything it owns: networks (with their peers and addresses), join
@@ -511,22 +522,8 @@ impl Controller {
     /// conditioned on that record, so nothing created after this call began survives it. Run
     /// again after a crash, it finishes the job.
     pub async fn delete_tenant(&self, id: &str) -> Result<(u32, u32)> {
-        crate::txn::retry("mark tenant deleted", |_| async move {
-            let (mut t, rev) = self.tenant_record(id).await?;
-            if t.deleted {
-                return Ok(Some(()));
-            }
-            t.deleted = true;
-            let key = keys::tenant(id);
-            let r = self
-                .store
-                .txn(
-                    Txn::new()
-                        .when(Compare::unchanged(key.clone(), rev))
-                        .then(Op::put(key, t.encode_to_vec())),
-                )
-                .await?;
-            Ok(r.succeeded.then_some(()))
+        self.update_tenant(id, "mark tenant deleted", |t| {
+            !std::mem::replace(&mut t.deleted, true)
         })
         .await?;
         let caller = Caller {
