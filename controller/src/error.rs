@@ -24,6 +24,9 @@ pub enum Error {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The agent's peer was removed: the one answer on which an agent forgets its enrollment.
+    #[error("this peer was removed from the network")]
+    PeerRemoved { network_id: String, peer_id: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,6 +68,10 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(m) => Status::unauthenticated(clip(m)),
             Error::ResourceExhausted(m) => Status::resource_exhausted(clip(m)),
             Error::Unavailable(m) => Status::unavailable(clip(m)),
+            Error::PeerRemoved {
+                network_id,
+                peer_id,
+            } => canopy_proto::removal::status(&network_id, &peer_id),
             // What went wrong inside stays inside: the log has it under an id the client gets.
             Error::Internal(m) => {
                 let id = crate::secret::new_id("err_");

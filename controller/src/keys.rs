@@ -10,7 +10,8 @@
 //!                                    are exact from its revision on (no deletion is unknown)
 //! ipam/<network>/<address>           IndexRecord(peer id): an address is claimed create-if-absent
 //! pubkeys/<network>/<key hex>        IndexRecord(peer id): a key joins a network once
-//! credentials/<sha256 hex>           IndexRecord("<network>/<peer>"): agent Sync credential
+//! credentials/<sha256 hex>           IndexRecord("<network>/<peer>"): agent Sync credential; after
+//!                                    removal marked removed_at_unix (pruned after a retention)
 //! tokens/<tenant>/<token>            JoinTokenRecord
 //! tokenhash/<sha256 hex>             IndexRecord("<tenant>/<token>")
 //! apitokens/<sha256 hex>             ApiTokenRecord
@@ -19,8 +20,6 @@
 //! tokensver/<tenant>                 bumped by every join-token create (guards the quota)
 //! netpeers/<network>                 the peer count, written by every enrollment ("recount" after
 //!                                    a removal): guards the peer quota
-//! peergone/<network>/<peer>         Tombstone: the peer was removed (its agent may be told)
-//! netgone/<network>                  Tombstone: the network was deleted with all its peers
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
 //!                                    and the last admin token)
 //! ```
@@ -89,14 +88,6 @@ pub fn tenant(id: &str) -> String {
 }
 pub fn tokensver(tenant: &str) -> String {
     format!("{ROOT}tokensver/{tenant}")
-}
-pub const ALL_PEERGONE: &str = "/canopy/v1/peergone/";
-pub fn peergone(network: &str, peer: &str) -> String {
-    format!("{ROOT}peergone/{network}/{peer}")
-}
-pub const ALL_NETGONE: &str = "/canopy/v1/netgone/";
-pub fn netgone(network: &str) -> String {
-    format!("{ROOT}netgone/{network}")
 }
 pub fn apitokensver(tenant: &str) -> String {
     format!("{ROOT}apitokensver/{tenant}")

@@ -32,9 +32,9 @@ pub struct BackgroundConfig {
     pub tick: Duration,
     /// How long an expired join token stays listed before it is deleted.
     pub expired_token_retention: Duration,
-    /// How long a removed peer's (or network's) tombstone is kept: within it, an agent that
-    /// comes back is told it was removed; after it, it is only refused (and keeps retrying).
-    pub tombstone_retention: Duration,
+    /// How long a removed peer's credential entry is kept: within it, its agent is told it was
+    /// removed; after it, the agent is only refused (and keeps retrying with backoff).
+    pub removed_credential_retention: Duration,
 }
 
 impl Default for BackgroundConfig {
@@ -43,7 +43,7 @@ impl Default for BackgroundConfig {
             lease: Duration::from_secs(15),
             tick: Duration::from_secs(5),
             expired_token_retention: Duration::from_secs(3600),
-            tombstone_retention: Duration::from_secs(30 * 24 * 3600),
+            removed_credential_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -132,7 +132,6 @@ impl Elector {
 pub struct JobReport {
     pub tokens_deleted: usize,
     pub credentials_deleted: usize,
-    pub tombstones_deleted: usize,
 }
 
 /// Runs the background jobs as the leader holding `fence`. Each write is fenced.
@@ -180,42 +179,31 @@ pub async fn run_jobs(
         .iter()
         .filter_map(|kv| keys::parse_peer(&kv.key).map(|(n, p)| format!("{n}/{p}")))
         .collect();
+    let keep_s = cfg.removed_credential_retention.as_secs() as i64;
     for kv in &creds.kvs {
         let Ok(idx) = IndexRecord::decode(kv.value.as_slice()) else {
             continue;
         };
-        if peers.contains(&idx.id) {
-            continue;
-        }
-        let Some((net, peer)) = idx.id.split_once('/') else {
-            continue;
-        };
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .when(Compare::unchanged(LEADER_KEY, fence))
             .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
-            .when(Compare::absent(keys::peer(net, peer)))
             .then(Op::delete(kv.key.clone()));
-        if store.txn(txn).await?.succeeded {
-            report.credentials_deleted += 1;
-        }
-    }
-    let keep_s = cfg.tombstone_retention.as_secs() as i64;
-    for prefix in [keys::ALL_PEERGONE, keys::ALL_NETGONE] {
-        for kv in store.range(prefix.as_bytes()).await?.kvs {
-            let Ok(t) = canopy_proto::v1::Tombstone::decode(kv.value.as_slice()) else {
+        if idx.removed_at_unix != 0 {
+            // A removed peer's entry: kept to tell its agent so, until the retention passes.
+            if idx.removed_at_unix + keep_s > now_ms / 1000 {
+                continue;
+            }
+        } else {
+            if peers.contains(&idx.id) {
+                continue;
+            }
+            let Some((net, peer)) = idx.id.split_once('/') else {
                 continue;
             };
-            if t.removed_at_unix + keep_s > now_ms / 1000 {
-                continue;
-            }
-            let txn = Txn::new()
-                .when(Compare::unchanged(LEADER_KEY, fence))
-                .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
-                .then(Op::delete(kv.key.clone()));
-            if !store.txn(txn).await?.succeeded {
-                return Ok(report);
-            }
-            report.tombstones_deleted += 1;
+            txn = txn.when(Compare::absent(keys::peer(net, peer)));
+        }
+        if store.txn(txn).await?.succeeded {
+            report.credentials_deleted += 1;
         }
     }
     Ok(report)
@@ -394,6 +382,7 @@ mod tests {
                 {
                     let idx = IndexRecord {
                         id: "net_1/peer_new".into(),
+                        ..Default::default()
                     }
                     .encode_to_vec();
                     self.inner
@@ -450,13 +439,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        let idx = |id: &str| IndexRecord { id: id.into() }.encode_to_vec();
+        let idx = |id: &str| {
+            IndexRecord {
+                id: id.into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        // Removed peers' entries: one a minute old (kept, its agent is told), one past the
+        // 30-day retention (deleted).
+        let removed = |at: i64| {
+            IndexRecord {
+                id: "net_1/peer_removed".into(),
+                removed_at_unix: at,
+            }
+            .encode_to_vec()
+        };
         store
             .txn(
                 Txn::new()
                     .then(Op::put(keys::peer("net_1", "peer_live"), vec![]))
                     .then(Op::put(keys::credential(&[1; 32]), idx("net_1/peer_live")))
-                    .then(Op::put(keys::credential(&[2; 32]), idx("net_1/peer_gone"))),
+                    .then(Op::put(keys::credential(&[2; 32]), idx("net_1/peer_gone")))
+                    .then(Op::put(
+                        keys::credential(&[4; 32]),
+                        removed(now_ms() / 1000 - 60),
+                    ))
+                    .then(Op::put(
+                        keys::credential(&[5; 32]),
+                        removed(now_ms() / 1000 - 31 * 24 * 3600),
+                    )),
             )
             .await
             .unwrap();
@@ -465,7 +477,19 @@ mod tests {
         let r = run_jobs(store.as_ref(), f, now_ms(), &BackgroundConfig::default())
             .await
             .unwrap();
-        assert_eq!(r.credentials_deleted, 1);
+        assert_eq!(r.credentials_deleted, 2);
+        let exists = |h: [u8; 32]| {
+            let store = store.clone();
+            async move {
+                store
+                    .get(keys::credential(&h).as_bytes())
+                    .await
+                    .unwrap()
+                    .is_some()
+            }
+        };
+        assert!(exists([4; 32]).await, "a recent removal is kept");
+        assert!(!exists([5; 32]).await, "an old removal is pruned");
         assert!(
             store
                 .get(keys::credential(&[1; 32]).as_bytes())

@@ -79,6 +79,8 @@ impl Caller {
 pub struct AgentIdentity {
     pub network_id: String,
     pub peer_id: String,
+    /// SHA-256 of the credential it presented (its entry says whether the peer was removed).
+    pub credential_hash: [u8; 32],
 }
 
 /// Live Sync sessions on this replica: one per peer. Opening a session for a peer that has
@@ -179,8 +181,10 @@ pub(crate) fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-fn tombstone() -> Vec<u8> {
-    canopy_proto::v1::Tombstone {
+/// What a removed peer's credential entry becomes: still found by its hash, marked removed.
+fn removed_credential(network: &str, peer: &str) -> Vec<u8> {
+    IndexRecord {
+        id: format!("{network}/{peer}"),
         removed_at_unix: now_unix(),
     }
     .encode_to_vec()
@@ -393,7 +397,11 @@ impl Controller {
                         ))
                         .then(Op::put(
                             name_key,
-                            IndexRecord { id: rec.id.clone() }.encode_to_vec(),
+                            IndexRecord {
+                                id: rec.id.clone(),
+                                ..Default::default()
+                            }
+                            .encode_to_vec(),
                         ))
                         .then(Op::put(keys::netsver(&c.tenant), rec.id.clone())),
                 )
@@ -486,12 +494,14 @@ impl Controller {
                 .then(Op::delete_prefix(keys::ipams(&net.id)))
                 .then(Op::delete_prefix(keys::pubkeys(&net.id)))
                 .then(Op::delete(keys::netdel(&net.id)))
-                .then(Op::delete(keys::netpeers(&net.id)))
-                .then(Op::put(keys::netgone(&net.id), tombstone()));
+                .then(Op::delete(keys::netpeers(&net.id)));
             for kv in &peers.kvs {
                 let p: PeerRecord = decode(kv)?;
                 if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
-                    txn = txn.then(Op::delete(keys::credential(&h)));
+                    txn = txn.then(Op::put(
+                        keys::credential(&h),
+                        removed_credential(&net.id, &p.id),
+                    ));
                 }
             }
             for (t, _) in tokens.iter().filter(|(t, _)| t.network_id == net.id) {
@@ -596,6 +606,7 @@ impl Controller {
                             hash_key,
                             IndexRecord {
                                 id: format!("{}/{}", c.tenant, rec.id),
+                                ..Default::default()
                             }
                             .encode_to_vec(),
                         )),
@@ -726,7 +737,6 @@ impl Controller {
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
                 .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
                 .then(Op::put(keys::netdel(&p.network_id), p.id.clone()))
-                .then(Op::put(keys::peergone(&p.network_id, &p.id), tombstone()))
                 .then(Op::put(keys::netpeers(&p.network_id), "recount"));
             for a in &p.addresses {
                 if let Ok(net) = a.parse::<IpNetwork>() {
@@ -734,7 +744,10 @@ impl Controller {
                 }
             }
             if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
-                txn = txn.then(Op::delete(keys::credential(&h)));
+                txn = txn.then(Op::put(
+                    keys::credential(&h),
+                    removed_credential(&p.network_id, &p.id),
+                ));
             }
             if self.store.txn(txn).await?.succeeded {
                 tracing::info!(peer = %p.id, network = %p.network_id, "peer removed");
@@ -843,6 +856,13 @@ impl Controller {
                 )));
             }
             check_token_usable(&tok, now_unix())?;
+            // A credential the agent proposed must be new (a removed peer's, too).
+            let cred_key = keys::credential(&credential.hash());
+            if self.store.get(cred_key.as_bytes()).await?.is_some() {
+                return Err(Error::AlreadyExists(
+                    "this credential is already in use; make a new one".into(),
+                ));
+            }
             let used: HashSet<IpAddr> = self
                 .store
                 .range(keys::ipams(&net.id).as_bytes())
@@ -910,6 +930,7 @@ impl Controller {
                     k,
                     IndexRecord {
                         id: peer_id.clone(),
+                        ..Default::default()
                     }
                     .encode_to_vec(),
                 ));
@@ -937,13 +958,16 @@ impl Controller {
                     pubkey_key,
                     IndexRecord {
                         id: peer_id.clone(),
+                        ..Default::default()
                     }
                     .encode_to_vec(),
                 ))
+                .when(Compare::absent(cred_key.clone()))
                 .then(Op::put(
-                    keys::credential(&credential.hash()),
+                    cred_key,
                     IndexRecord {
                         id: format!("{}/{}", net.id, peer_id),
+                        ..Default::default()
                     }
                     .encode_to_vec(),
                 ));
@@ -987,11 +1011,11 @@ impl Controller {
             .ok_or_else(|| Error::NotFound("peer was removed".into()))
     }
 
-    /// Checks an agent's Sync credential.
+    /// Checks an agent's Sync credential. A credential whose peer was removed answers
+    /// [`Error::PeerRemoved`]: possession of the credential is what entitles the caller to
+    /// learn it, and it costs the same one read as any other check.
     pub async fn authenticate_agent(&self, bearer: &str) -> Result<AgentIdentity> {
-        let invalid = || {
-            Error::Unauthenticated("peer credential is not valid (was the peer removed?)".into())
-        };
+        let invalid = || Error::Unauthenticated("peer credential is not valid".into());
         // Cheap checks first: a flood of garbage costs no store read.
         if !bearer.starts_with(secret::CREDENTIAL) || bearer.len() > 128 {
             return Err(invalid());
@@ -1002,8 +1026,14 @@ impl Controller {
             .get(keys::credential(&hash).as_bytes())
             .await?
             .ok_or_else(invalid)?;
-        let id = decode::<IndexRecord>(&kv)?.id;
-        let (network_id, peer_id) = id.split_once('/').ok_or_else(invalid)?;
+        let idx = decode::<IndexRecord>(&kv)?;
+        let (network_id, peer_id) = idx.id.split_once('/').ok_or_else(invalid)?;
+        if idx.removed_at_unix != 0 {
+            return Err(Error::PeerRemoved {
+                network_id: network_id.to_string(),
+                peer_id: peer_id.to_string(),
+            });
+        }
         let peer = self
             .store
             .get(keys::peer(network_id, peer_id).as_bytes())
@@ -1015,6 +1045,7 @@ impl Controller {
         Ok(AgentIdentity {
             network_id: network_id.to_string(),
             peer_id: peer_id.to_string(),
+            credential_hash: hash,
         })
     }
 
@@ -1051,22 +1082,19 @@ impl Controller {
         .await
     }
 
-    /// Whether the store says this peer was removed (its tombstone, or its network's, is there).
+    /// Whether the store says this agent's peer was removed (its credential entry is marked).
     /// Only this, never a lagging cache or a missing record, tells an agent it was removed.
-    pub async fn was_removed(&self, network: &str, peer: &str) -> Result<bool> {
-        if network.is_empty() || peer.is_empty() || network.len() > 64 || peer.len() > 64 {
-            return Ok(false);
-        }
-        Ok(self
-            .store
-            .get(keys::peergone(network, peer).as_bytes())
-            .await?
-            .is_some()
-            || self
+    pub async fn was_removed(&self, id: &AgentIdentity) -> Result<bool> {
+        Ok(
+            match self
                 .store
-                .get(keys::netgone(network).as_bytes())
+                .get(keys::credential(&id.credential_hash).as_bytes())
                 .await?
-                .is_some())
+            {
+                Some(kv) => decode::<IndexRecord>(&kv)?.removed_at_unix != 0,
+                None => false,
+            },
+        )
     }
 
     /// The store revision of the peer's record, if it exists.

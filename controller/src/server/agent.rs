@@ -2,9 +2,9 @@
 //!
 //! A Sync session sends the agent a full map (or a delta from the revision it says it holds),
 //! then a delta each time its network changes; it records the revisions the agent acknowledges
-//! and the endpoints it reports. When the store says the peer was removed (a tombstone), the
-//! stream ends with the typed PermissionDenied of [`canopy_proto::removal`]; a cache that has
-//! not caught up yet is never taken for a removal.
+//! and the endpoints it reports. When the store says the peer was removed (its credential entry
+//! is marked removed), the stream ends with the typed PermissionDenied of
+//! [`canopy_proto::removal`]; a cache that has not caught up yet is never taken for a removal.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -65,19 +65,7 @@ impl AgentService for AgentApi {
         // Authenticate first, cheaply (format check, then one indexed read): unauthenticated
         // calls never spend the admission budget that real agents reconnect with.
         let credential = super::bearer(&req)?;
-        let id = match self.ctl.authenticate_agent(&credential).await {
-            Ok(id) => id,
-            Err(e) => {
-                // The agent says which peer it is; if the store holds that peer's tombstone,
-                // say so in the one typed answer that lets it forget its enrollment.
-                if let Some((net, peer)) = claimed_peer(&req)
-                    && self.ctl.was_removed(net, peer).await.unwrap_or(false)
-                {
-                    return Err(canopy_proto::removal::status(net, peer));
-                }
-                return Err(e.into());
-            }
-        };
+        let id = self.ctl.authenticate_agent(&credential).await?;
         // Pace one peer's reconnect loop on its own, then the replica's admission.
         if let Err(wait) = self.ctl.admit_peer_session(&id.peer_id) {
             return Err(paced("this peer is reconnecting too often", wait));
@@ -109,15 +97,6 @@ type Tx = mpsc::Sender<Result<SyncResponse, Status>>;
 /// the agent to come back.
 const CACHE_CATCH_UP: Duration = Duration::from_secs(5);
 
-/// `canopy-peer: <network>/<peer>` as the agent sent it.
-fn claimed_peer<T>(req: &Request<T>) -> Option<(&str, &str)> {
-    req.metadata()
-        .get("canopy-peer")?
-        .to_str()
-        .ok()?
-        .split_once('/')
-}
-
 /// Unavailable with a jittered `retry-after-ms` that agents honour.
 fn paced(what: &str, wait: Duration) -> Status {
     let mut s = Status::unavailable(format!("{what}; retry later"));
@@ -127,8 +106,8 @@ fn paced(what: &str, wait: Duration) -> Status {
     s
 }
 
-/// The cache has no such peer: decide from the store whether it is gone (a tombstone says
-/// so) or not there yet (the cache lags: wait for it, bounded, or send the agent away to come
+/// The cache has no such peer: decide from the store whether it is gone (its credential entry
+/// is marked removed) or not there yet (the cache lags: wait for it, bounded, or send the agent away to come
 /// back). Never "removed" because a cache lags.
 async fn not_in_cache(ctl: &Controller, id: &AgentIdentity) -> Result<(), Status> {
     if let Some(rev) = ctl.peer_revision(id).await? {
@@ -141,7 +120,7 @@ async fn not_in_cache(ctl: &Controller, id: &AgentIdentity) -> Result<(), Status
             Duration::from_millis(500 + rand::random_range(0..1000)),
         ));
     }
-    if ctl.was_removed(&id.network_id, &id.peer_id).await? {
+    if ctl.was_removed(id).await? {
         return Err(canopy_proto::removal::status(&id.network_id, &id.peer_id));
     }
     Err(paced(
