@@ -217,7 +217,7 @@ async fn join(
         _ => {
             let join = JoinString::parse(join_string)?;
             let hostname = hostname.unwrap_or_else(system_hostname);
-            let credential = state.pending_credential(control::new_credential)?;
+            let credential = state.pending_credential(join_string, control::new_credential)?;
             let (e, map) =
                 control::enroll_with(&join, key.public_key(), &hostname, &credential).await?;
             state.complete_enrollment(&e, &map)?;

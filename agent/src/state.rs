@@ -5,8 +5,9 @@
 //! enrollment     controller URL, CA pin, peer id, network id, Sync credential (mode 0600)
 //! map.pb         the last applied NetworkMap (protobuf), so the node keeps its network while
 //!                the controller is away and resumes from its revision
-//! credential.pending  the Sync credential made for an enrollment in progress (mode 0600):
-//!                kept before asking, so a retry after a lost answer gets the same enrollment
+//! credential.pending  the Sync credential made for an enrollment in progress, with the hash of
+//!                the join string it is for (mode 0600): kept before asking, so a retry after a
+//!                lost answer gets the same enrollment; another join string gets a new one
 //! ```
 //! Every write is atomic (temp file + rename) and secret files are created 0600.
 
@@ -148,18 +149,26 @@ impl StateDir {
         Ok(())
     }
 
-    /// The credential for the enrollment in progress: the one kept by an earlier attempt, or
-    /// `fresh` (made by the caller), written 0600 before it is sent anywhere.
-    pub fn pending_credential(&self, fresh: impl FnOnce() -> String) -> Result<String, StateError> {
+    /// The credential for the enrollment in progress with `join` (a join string): the one an
+    /// earlier attempt with the same join string kept, or `fresh` (made by the caller),
+    /// written 0600 before it is sent anywhere.
+    pub fn pending_credential(
+        &self,
+        join: &str,
+        fresh: impl FnOnce() -> String,
+    ) -> Result<String, StateError> {
         let path = self.dir.join("credential.pending");
-        if let Some(c) = self.read_optional("credential.pending", |b| {
+        let for_join = hex::encode(canopy_proto::sha256(join.as_bytes()));
+        if let Some(kept) = self.read_optional("credential.pending", |b| {
             String::from_utf8(b.to_vec()).map(|s| s.trim().to_string())
-        })? && !c.is_empty()
+        })? && let Some((j, c)) = kept.split_once(' ')
+            && j == for_join
+            && !c.is_empty()
         {
-            return Ok(c);
+            return Ok(c.to_string());
         }
         let c = fresh();
-        write_atomic(&path, c.as_bytes(), 0o600)?;
+        write_atomic(&path, format!("{for_join} {c}\n").as_bytes(), 0o600)?;
         Ok(c)
     }
 

@@ -354,7 +354,26 @@ async fn a_replica_that_refuses_the_credential_does_not_wipe_the_agent_only_a_re
     let state_dir = tempfile::tempdir().unwrap();
     let state = StateDir::open(state_dir.path()).unwrap();
     let key = state.private_key().unwrap();
-    let credential = state.pending_credential(control::new_credential).unwrap();
+    let credential = state
+        .pending_credential(&join.encode(), control::new_credential)
+        .unwrap();
+    assert_eq!(
+        state
+            .pending_credential(&join.encode(), control::new_credential)
+            .unwrap(),
+        credential,
+        "a retry with the same join string keeps the credential"
+    );
+    assert_ne!(
+        state
+            .pending_credential("canopy1:another", control::new_credential)
+            .unwrap(),
+        credential,
+        "another join string gets a new one"
+    );
+    let credential = state
+        .pending_credential(&join.encode(), control::new_credential)
+        .unwrap();
     let (e, map) = control::enroll_with(&join, key.public_key(), "victim", &credential)
         .await
         .unwrap();
