@@ -89,7 +89,10 @@ fn boolean(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "true" => Ok(true),
         "false" => Ok(false),
-        _ => Err(format!("{key}: expected true or false, got {v:?}")),
+        _ => Err(format!(
+            "{key}: expected true or false, got {}",
+            canopy_proto::text::quoted(v)
+        )),
     }
 }
 
@@ -99,15 +102,17 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
     for line in lines {
         let (k, v) = line
             .split_once('=')
-            .ok_or_else(|| format!("malformed line {line:?}"))?;
+            .ok_or_else(|| format!("malformed line {}", canopy_proto::text::quoted(line)))?;
         let peer = req.peers.last_mut();
         match (k, peer) {
             ("private_key", None) => req.private_key = Some(hex32(k, v)?),
             ("listen_port", None) => {
-                req.listen_port = Some(
-                    v.parse()
-                        .map_err(|_| format!("listen_port: {v:?} is not a port"))?,
-                )
+                req.listen_port = Some(v.parse().map_err(|_| {
+                    format!(
+                        "listen_port: {} is not a port",
+                        canopy_proto::text::quoted(v)
+                    )
+                })?)
             }
             ("fwmark", None) => {
                 if v != "0" && !v.is_empty() {
@@ -130,9 +135,12 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                     Some(crate::config::parse_endpoint(v).map_err(|e| format!("endpoint: {e}"))?)
             }
             ("persistent_keepalive_interval", Some(p)) => {
-                let n: u16 = v
-                    .parse()
-                    .map_err(|_| format!("persistent_keepalive_interval: {v:?} is not a number"))?;
+                let n: u16 = v.parse().map_err(|_| {
+                    format!(
+                        "persistent_keepalive_interval: {} is not a number",
+                        canopy_proto::text::quoted(v)
+                    )
+                })?;
                 p.persistent_keepalive = Some((n != 0).then_some(n));
             }
             ("replace_allowed_ips", Some(p)) => p.replace_allowed_ips = boolean(k, v)?,
@@ -144,7 +152,12 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                     return Err(format!("protocol_version {v} is not supported"));
                 }
             }
-            (k, _) => return Err(format!("unknown or misplaced key {k:?}")),
+            (k, _) => {
+                return Err(format!(
+                    "unknown or misplaced key {}",
+                    canopy_proto::text::quoted(k)
+                ));
+            }
         }
     }
     Ok(req)
@@ -229,6 +242,60 @@ pub fn bind(iface: &str) -> std::io::Result<(UnixListener, PathBuf)> {
     Ok((listener, path))
 }
 
+/// The longest line a request may have: the longest real one (`allowed_ip=` with an IPv6
+/// CIDR, a 64-digit key) is under 100 bytes.
+pub const MAX_LINE: usize = 1024;
+/// The most lines one request may have (a `wg setconf` of many peers and routes fits).
+pub const MAX_LINES: usize = 1 << 20;
+
+/// One line as read: text, or why it cannot be (it is then not kept).
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Text(String),
+    NotUtf8,
+    TooLong,
+}
+
+/// Reads one `\n`-terminated line, holding at most `MAX_LINE` bytes of it: a longer line is
+/// read to its end and dropped. `None` at the end of the stream.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<Line>> {
+    let mut buf = Vec::new();
+    let mut too_long = false;
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok((!buf.is_empty() || too_long).then(|| finish(buf, too_long)));
+        }
+        let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            let body = &chunk[..if done { take - 1 } else { take }];
+            if buf.len() + body.len() > MAX_LINE {
+                too_long = true;
+                buf = Vec::new();
+            } else {
+                buf.extend_from_slice(body);
+            }
+        }
+        r.consume(take);
+        if done {
+            return Ok(Some(finish(buf, too_long)));
+        }
+    }
+}
+
+fn finish(buf: Vec<u8>, too_long: bool) -> Line {
+    if too_long {
+        return Line::TooLong;
+    }
+    match String::from_utf8(buf) {
+        Ok(s) => Line::Text(s),
+        Err(_) => Line::NotUtf8,
+    }
+}
+
 pub async fn serve(listener: UnixListener, device: Arc<dyn Device>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -236,37 +303,68 @@ pub async fn serve(listener: UnixListener, device: Arc<dyn Device>) {
         };
         let device = device.clone();
         tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut lines = BufReader::new(r).lines();
-            while let Ok(Some(op)) = lines.next_line().await {
-                let mut body = Vec::new();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    if l.is_empty() {
-                        break;
-                    }
-                    body.push(l);
+            let (r, w) = stream.into_split();
+            handle(BufReader::new(r), w, device.as_ref()).await;
+        });
+    }
+}
+
+/// Answers the requests of one connection. A request is all or nothing: any line that is not
+/// valid (not UTF-8, too long, unknown, malformed) makes it answer errno=22 with nothing
+/// applied. Untrusted input reaches the log only as a short escaped prefix.
+async fn handle<R, W>(mut r: R, mut w: W, device: &dyn Device)
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let op = match read_line(&mut r).await {
+            Ok(Some(Line::Text(op))) => op,
+            Ok(Some(_)) => String::new(),
+            Ok(None) | Err(_) => return,
+        };
+        let mut body = Vec::new();
+        let mut bad: Option<String> = None;
+        loop {
+            match read_line(&mut r).await {
+                Ok(Some(Line::Text(l))) if l.is_empty() => break,
+                Ok(Some(Line::Text(l))) if body.len() < MAX_LINES => body.push(l),
+                Ok(Some(Line::Text(_))) => {
+                    bad.get_or_insert_with(|| format!("more than {MAX_LINES} lines"));
                 }
-                let reply = match op.as_str() {
-                    "get=1" => format!("{}errno=0\n\n", device.get()),
-                    "set=1" => match parse_set(body.iter().map(String::as_str))
-                        .and_then(|req| device.set(req))
-                    {
-                        Ok(()) => "errno=0\n\n".to_string(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "UAPI set refused; nothing changed");
-                            format!("errno={EINVAL}\n\n")
-                        }
-                    },
-                    other => {
-                        tracing::warn!(op = %other, "unknown UAPI operation");
+                Ok(Some(Line::NotUtf8)) => {
+                    bad.get_or_insert_with(|| "a line is not UTF-8".into());
+                }
+                Ok(Some(Line::TooLong)) => {
+                    bad.get_or_insert_with(|| format!("a line is longer than {MAX_LINE} bytes"));
+                }
+                // The request did not end with a blank line: nothing to answer.
+                Ok(None) | Err(_) => return,
+            }
+        }
+        let reply = match (op.as_str(), bad) {
+            ("get=1", None) => format!("{}errno=0\n\n", device.get()),
+            ("set=1", None) => {
+                match parse_set(body.iter().map(String::as_str)).and_then(|req| device.set(req)) {
+                    Ok(()) => "errno=0\n\n".to_string(),
+                    Err(e) => {
+                        tracing::warn!(error = %canopy_proto::text::escape(&canopy_proto::text::clip(&e, 200)), "UAPI set refused; nothing changed");
                         format!("errno={EINVAL}\n\n")
                     }
-                };
-                if w.write_all(reply.as_bytes()).await.is_err() {
-                    return;
                 }
             }
-        });
+            (_, Some(why)) => {
+                tracing::warn!(reason = %why, "UAPI request refused; nothing changed");
+                format!("errno={EINVAL}\n\n")
+            }
+            (other, None) => {
+                tracing::warn!(op = %canopy_proto::text::quoted(other), "unknown UAPI operation");
+                format!("errno={EINVAL}\n\n")
+            }
+        };
+        if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -339,5 +437,58 @@ mod tests {
             .apply(&mut e, 51820)
             .unwrap();
         assert!(e.peers().is_empty());
+    }
+
+    /// A device that records what it was asked to apply.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<SetRequest>>);
+
+    impl Device for Recorder {
+        fn get(&self) -> String {
+            "listen_port=51820\n".into()
+        }
+        fn set(&self, req: SetRequest) -> Result<(), String> {
+            self.0.lock().unwrap().push(req);
+            Ok(())
+        }
+    }
+
+    async fn exchange(input: Vec<u8>) -> (String, usize) {
+        let dev = Recorder::default();
+        let mut out = Vec::new();
+        handle(tokio::io::BufReader::new(input.as_slice()), &mut out, &dev).await;
+        let applied = dev.0.lock().unwrap().len();
+        (String::from_utf8(out).unwrap(), applied)
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_line_that_is_not_utf8_applies_nothing() {
+        let mut req = format!("set=1\npublic_key={K1}\n").into_bytes();
+        req.extend_from_slice(b"allowed_ip=10.0.0.2/32\n\xff\xfe=\x80\nendpoint=192.0.2.1:1\n\n");
+        let (answer, applied) = exchange(req).await;
+        assert_eq!(answer, "errno=22\n\n");
+        assert_eq!(applied, 0, "not even the part before the bad line");
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_dropped_and_the_connection_goes_on() {
+        let mut req = b"set=1\nprivate_key=".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 20 << 20));
+        req.extend_from_slice(format!("\n\nset=1\npublic_key={K1}\n\nget=1\n\n").as_bytes());
+        let (answer, applied) = exchange(req).await;
+        assert_eq!(
+            answer, "errno=22\n\nerrno=0\n\nlisten_port=51820\nerrno=0\n\n",
+            "the long request is refused, the next two are answered"
+        );
+        assert_eq!(applied, 1);
+    }
+
+    #[tokio::test]
+    async fn a_long_line_is_never_held_whole() {
+        let mut input: Vec<u8> = std::iter::repeat_n(b'x', 5 << 20).collect();
+        input.push(b'\n');
+        let mut r = tokio::io::BufReader::new(input.as_slice());
+        assert_eq!(read_line(&mut r).await.unwrap(), Some(Line::TooLong));
+        assert_eq!(read_line(&mut r).await.unwrap(), None);
     }
 }
