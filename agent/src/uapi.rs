@@ -20,11 +20,14 @@ pub const SOCKET_DIR: &str = "/var/run/wireguard";
 const EINVAL: i32 = 22;
 
 /// Renders the `get=1` answer (without the final `errno` line).
-pub fn format_get(engine: &Engine, listen_port: u16) -> String {
+pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(s, "private_key={}", hex::encode(engine.private_key()));
     let _ = writeln!(s, "listen_port={listen_port}");
+    if fwmark != 0 {
+        let _ = writeln!(s, "fwmark={fwmark}");
+    }
     for p in engine.peers() {
         let c = &p.config;
         let _ = writeln!(s, "public_key={}", hex::encode(c.public_key));
@@ -61,6 +64,8 @@ pub fn format_get(engine: &Engine, listen_port: u16) -> String {
 pub struct SetRequest {
     pub private_key: Option<[u8; 32]>,
     pub listen_port: Option<u16>,
+    /// SO_MARK for the interface's sockets; `Some(0)` clears it.
+    pub fwmark: Option<u32>,
     pub replace_peers: bool,
     pub peers: Vec<PeerSet>,
 }
@@ -115,9 +120,14 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                 })?)
             }
             ("fwmark", None) => {
-                if v != "0" && !v.is_empty() {
-                    return Err("fwmark is not supported".into());
-                }
+                let mark = match v.strip_prefix("0x") {
+                    Some(h) => u32::from_str_radix(h, 16),
+                    None if v.is_empty() => Ok(0),
+                    None => v.parse(),
+                };
+                req.fwmark = Some(mark.map_err(|_| {
+                    format!("fwmark: {} is not a number", canopy_proto::text::quoted(v))
+                })?);
             }
             ("replace_peers", None) => req.replace_peers = boolean(k, v)?,
             ("public_key", _) => req.peers.push(PeerSet {
@@ -418,7 +428,13 @@ mod tests {
         ])
         .unwrap();
         req.apply(&mut e, 51820).unwrap();
-        let out = format_get(&e, 51820);
+        let out = format_get(&e, 51820, 0);
+        assert!(!out.contains("fwmark"), "no mark, no line");
+        assert!(format_get(&e, 51820, 0x1234).contains("fwmark=4660\n"));
+        assert_eq!(parse_set(["fwmark=4660"]).unwrap().fwmark, Some(0x1234));
+        assert_eq!(parse_set(["fwmark=0x1234"]).unwrap().fwmark, Some(0x1234));
+        assert_eq!(parse_set(["fwmark=0"]).unwrap().fwmark, Some(0));
+        assert!(parse_set(["fwmark=mark"]).is_err());
         assert!(out.contains(&format!("public_key={K1}\n")));
         assert!(
             out.contains("endpoint=192.0.2.1:51820\n") && out.contains("allowed_ip=10.0.0.2/32\n")

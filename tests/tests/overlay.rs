@@ -570,4 +570,33 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
     )
     .into_owned();
     assert!(routes.contains("10.77.0.0/16"), "{routes}");
+
+    // fwmark, as wg-quick sets it for a full tunnel: on the socket, shown by `wg show`,
+    // cleared by 0; a set with a bad line besides it changes neither.
+    let wg_set = |args: &[&str]| {
+        let mut a = vec!["wg", "set", a.iface.as_str()];
+        a.extend_from_slice(args);
+        lab.run(&h1.ns, &a)
+    };
+    assert!(wg_set(&["fwmark", "0x1234"]).status.success());
+    assert_eq!(lab.wg(&h1.ns, &a.iface, "fwmark").trim(), "0x1234");
+    let sockets = String::from_utf8_lossy(&lab.run(&h1.ns, &["ss", "-u", "-a", "-n", "-e"]).stdout)
+        .into_owned();
+    assert!(
+        sockets.contains("fwmark:0x1234"),
+        "SO_MARK on the socket: {sockets}"
+    );
+    assert_eq!(
+        raw(&format!(
+            "set=1\nfwmark=7\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n"
+        )),
+        "errno=22\n\n"
+    );
+    assert_eq!(
+        lab.wg(&h1.ns, &a.iface, "fwmark").trim(),
+        "0x1234",
+        "unchanged"
+    );
+    assert!(wg_set(&["fwmark", "0"]).status.success());
+    assert_eq!(lab.wg(&h1.ns, &a.iface, "fwmark").trim(), "off");
 }

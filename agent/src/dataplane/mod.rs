@@ -85,6 +85,10 @@ struct Shared {
     engine: Mutex<Engine>,
     name: String,
     listen_port: u16,
+    /// The UDP socket (the forwarding threads hold it too), for socket options set live.
+    sock: Arc<NetSocket>,
+    /// SO_MARK currently on the socket (0: none).
+    fwmark: std::sync::atomic::AtomicU32,
     addresses: Vec<IpNetwork>,
     /// Routes this agent added through the interface.
     routes: Mutex<BTreeSet<IpNetwork>>,
@@ -134,10 +138,30 @@ impl Shared {
 
 impl uapi::Device for Shared {
     fn get(&self) -> String {
-        uapi::format_get(&self.engine(), self.listen_port)
+        uapi::format_get(
+            &self.engine(),
+            self.listen_port,
+            self.fwmark.load(Ordering::Relaxed),
+        )
     }
     fn set(&self, req: uapi::SetRequest) -> Result<(), String> {
-        req.apply(&mut self.engine(), self.listen_port)?;
+        // The socket option first (it can fail, e.g. without CAP_NET_ADMIN), then the engine,
+        // which validates before it changes anything; a refusal there puts the mark back.
+        let (old_mark, new_mark) = (self.fwmark.load(Ordering::Relaxed), req.fwmark);
+        if let Some(mark) = new_mark {
+            self.sock
+                .set_mark(mark)
+                .map_err(|e| format!("fwmark: {e}"))?;
+        }
+        if let Err(e) = req.apply(&mut self.engine(), self.listen_port) {
+            if new_mark.is_some() {
+                let _ = self.sock.set_mark(old_mark);
+            }
+            return Err(e);
+        }
+        if let Some(mark) = new_mark {
+            self.fwmark.store(mark, Ordering::Relaxed);
+        }
         self.sync_routes().map_err(|e| e.to_string())
     }
 }
@@ -240,10 +264,13 @@ impl Dataplane {
         for p in peers {
             engine.set_peer(p);
         }
+        let sock = Arc::new(sock);
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
             name: spec.name.clone(),
             listen_port,
+            sock: sock.clone(),
+            fwmark: std::sync::atomic::AtomicU32::new(0),
             addresses: spec.addresses.clone(),
             routes: Mutex::new(BTreeSet::new()),
             stop: AtomicBool::new(false),
@@ -253,7 +280,6 @@ impl Dataplane {
 
         let (offloaded, udp_offloaded) = (tun.tcp_gso(), tun.udp_gso());
         let tun = Arc::new(tun);
-        let sock = Arc::new(sock);
         // Room for one packet of the interface's MTU (or of a later, larger one up to 1500).
         let packet_len = usize::from(spec.mtu).max(1500) + 128;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {

@@ -127,6 +127,13 @@ impl NetSocket {
         self.port
     }
 
+    /// Sets SO_MARK on the socket (0 clears it): routing rules can then tell the tunnel's own
+    /// datagrams apart (wg-quick's policy routing for a full tunnel). Needs CAP_NET_ADMIN.
+    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
+        nix::sys::socket::setsockopt(&self.io, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(io::Error::from)
+    }
+
     /// Waits for datagrams and reads a batch into `bufs`; returns how many slots were filled.
     /// Slot `i` holds `meta[i].len` bytes: datagrams of `meta[i].stride` bytes (the last may be
     /// shorter), all from `meta[i].addr`. `drained`: the last call found the queue empty, so
