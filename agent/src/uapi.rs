@@ -175,15 +175,9 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
 
 impl SetRequest {
     /// Applies the request to the engine. Validation that needs the engine's state happens
-    /// before the first change, so an error leaves the engine as it was.
-    pub fn apply(self, engine: &mut Engine, listen_port: u16) -> Result<(), String> {
-        if let Some(p) = self.listen_port
-            && p != listen_port
-        {
-            return Err(format!(
-                "changing the listen port of a running interface is not supported (it is {listen_port})"
-            ));
-        }
+    /// before the first change, so an error leaves the engine as it was. `listen_port` and
+    /// `fwmark` are the device's (its socket), not the engine's: the device takes them out first.
+    pub fn apply(self, engine: &mut Engine) -> Result<(), String> {
         if let Some(k) = self.private_key {
             engine.set_private_key(k);
         }
@@ -427,7 +421,7 @@ mod tests {
             "allowed_ip=10.0.0.2/32",
         ])
         .unwrap();
-        req.apply(&mut e, 51820).unwrap();
+        req.apply(&mut e).unwrap();
         let out = format_get(&e, 51820, 0);
         assert!(!out.contains("fwmark"), "no mark, no line");
         assert!(format_get(&e, 51820, 0x1234).contains("fwmark=4660\n"));
@@ -442,15 +436,12 @@ mod tests {
         // Adding an allowed IP keeps the others; removing the peer removes it.
         parse_set([&*format!("public_key={K1}"), "allowed_ip=10.0.0.3/32"])
             .unwrap()
-            .apply(&mut e, 51820)
+            .apply(&mut e)
             .unwrap();
         assert_eq!(e.peers()[0].config.allowed_ips.len(), 2);
-        let port_change = parse_set(["listen_port=1"]).unwrap();
-        assert!(port_change.apply(&mut e, 51820).is_err());
-        assert_eq!(e.peers().len(), 1, "a refused set changes nothing");
         parse_set([&*format!("public_key={K1}"), "remove=true"])
             .unwrap()
-            .apply(&mut e, 51820)
+            .apply(&mut e)
             .unwrap();
         assert!(e.peers().is_empty());
     }

@@ -184,7 +184,7 @@ fn uapi_set(data: &[u8]) {
     let t = text(data);
     if let Ok(req) = canopy_agent::uapi::parse_set(t.lines()) {
         let mut engine = Engine::new([1; 32]);
-        let _ = req.apply(&mut engine, 51820);
+        let _ = req.apply(&mut engine);
         let _ = canopy_agent::uapi::format_get(&engine, 51820, 0);
     }
 }

@@ -527,7 +527,7 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
         format!("set=1\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n"),
         format!("set=1\npublic_key={k}\nendpoint=nowhere\n\n"),
         "set=1\npublic_key=zz\n\n".to_string(),
-        "set=1\nlisten_port=1\n\n".to_string(),
+        "set=1\nlisten_port=99999\n\n".to_string(),
         format!("set=1\nreplace_peers=true\npublic_key={k}\nbogus=1\n\n"),
         "frobnicate=1\n\n".to_string(),
     ] {
@@ -599,4 +599,84 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
     );
     assert!(wg_set(&["fwmark", "0"]).status.success());
     assert_eq!(lab.wg(&h1.ns, &a.iface, "fwmark").trim(), "off");
+}
+
+/// `wg set IFACE listen-port N` on a running interface, as the kernel and wireguard-go take
+/// it: both sockets move, the session survives, the peer learns the new source from the
+/// next authenticated packet, and traffic flows on. 0 picks a random port; a port in use is
+/// refused and changes nothing.
+#[test]
+fn the_listen_port_changes_live_with_traffic_flowing() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
+    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
+    assert!(lab.ping(&h2.ns, "10.9.0.1", WAIT));
+    let rx_before = rx_from(&lab, &h2.ns, &b.iface, &pubkey(&a));
+
+    let set = |port: &str| lab.run(&h1.ns, &["wg", "set", &a.iface, "listen-port", port]);
+    let out = set("51999");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.wg(&h1.ns, &a.iface, "listen-port").trim(), "51999");
+    // A talks first from its new port; B learns it and answers there.
+    if !lab.ping(&h1.ns, "10.9.0.2", WAIT) {
+        let log = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
+        panic!(
+            "traffic after the port change\nA: {}\nB: {}\nA wg: {}\nB wg: {}\nss: {}",
+            log("a.log"),
+            log("b.log"),
+            lab.wg(&h1.ns, &a.iface, "dump"),
+            lab.wg(&h2.ns, &b.iface, "dump"),
+            String::from_utf8_lossy(&lab.run(&h1.ns, &["ss", "-u", "-a", "-n"]).stdout)
+        );
+    }
+    let endpoints = lab.wg(&h2.ns, &b.iface, "endpoints");
+    assert!(
+        endpoints.contains(":51999"),
+        "B learned A's new port: {endpoints}"
+    );
+    assert!(lab.ping(&h2.ns, "fd00:9::1", WAIT), "and B reaches A there");
+    assert!(
+        rx_from(&lab, &h2.ns, &b.iface, &pubkey(&a)) > rx_before,
+        "counters carried on"
+    );
+
+    // 0: a random free port. A port in use: refused, nothing changes.
+    assert!(set("0").status.success());
+    let random: u16 = lab
+        .wg(&h1.ns, &a.iface, "listen-port")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(random != 0 && random != 51999);
+    let mut busy = std::process::Command::new("ip")
+        .args(["netns", "exec", &h1.ns, "python3", "-c"])
+        .arg("import socket,time; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(('::', 51777)); print('bound', flush=True); time.sleep(30)")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(busy.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "bound");
+    let out = set("51777");
+    assert!(!out.status.success(), "a port in use is refused");
+    assert_eq!(
+        lab.wg(&h1.ns, &a.iface, "listen-port").trim(),
+        random.to_string(),
+        "nothing changed"
+    );
+    assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "still forwarding");
+    let _ = busy.kill();
+    let _ = busy.wait();
 }

@@ -84,9 +84,11 @@ impl std::fmt::Debug for InterfaceSpec {
 struct Shared {
     engine: Mutex<Engine>,
     name: String,
-    listen_port: u16,
-    /// The UDP socket (the forwarding threads hold it too), for socket options set live.
-    sock: Arc<NetSocket>,
+    /// The UDP socket. A `listen_port` change binds a new one and swaps it in here; each
+    /// forwarding thread takes the current one per batch (a thread waiting on the old one
+    /// moves over within its stop-check interval).
+    sock: std::sync::RwLock<Arc<NetSocket>>,
+    listen_port: std::sync::atomic::AtomicU16,
     /// SO_MARK currently on the socket (0: none).
     fwmark: std::sync::atomic::AtomicU32,
     addresses: Vec<IpNetwork>,
@@ -99,6 +101,15 @@ struct Shared {
 impl Shared {
     fn engine(&self) -> MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current UDP socket.
+    fn socket(&self) -> Arc<NetSocket> {
+        self.sock.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn port(&self) -> u16 {
+        self.listen_port.load(Ordering::Relaxed)
     }
 
     /// Makes the kernel routes match the peers' allowed IPs. Prefixes inside an interface
@@ -140,28 +151,49 @@ impl uapi::Device for Shared {
     fn get(&self) -> String {
         uapi::format_get(
             &self.engine(),
-            self.listen_port,
+            self.port(),
             self.fwmark.load(Ordering::Relaxed),
         )
     }
-    fn set(&self, req: uapi::SetRequest) -> Result<(), String> {
-        // The socket option first (it can fail, e.g. without CAP_NET_ADMIN), then the engine,
-        // which validates before it changes anything; a refusal there puts the mark back.
+    fn set(&self, mut req: uapi::SetRequest) -> Result<(), String> {
+        // What can fail on the socket side comes first and changes nothing yet: a new socket
+        // for a new port (bound, marked), or the mark on the current one. Then the engine,
+        // which validates before it changes anything. Only then is the new socket swapped in.
         let (old_mark, new_mark) = (self.fwmark.load(Ordering::Relaxed), req.fwmark);
-        if let Some(mark) = new_mark {
-            self.sock
-                .set_mark(mark)
-                .map_err(|e| format!("fwmark: {e}"))?;
+        let mark = new_mark.unwrap_or(old_mark);
+        let current = self.socket();
+        let rebound = match req.listen_port.take() {
+            Some(p) if p != self.port() || p == 0 => {
+                let s = NetSocket::bind(p).map_err(|e| format!("listen_port {p}: {e}"))?;
+                if mark != 0 {
+                    s.set_mark(mark).map_err(|e| format!("fwmark: {e}"))?;
+                }
+                Some(Arc::new(s))
+            }
+            _ => None,
+        };
+        if rebound.is_none()
+            && let Some(m) = new_mark
+        {
+            current.set_mark(m).map_err(|e| format!("fwmark: {e}"))?;
         }
-        if let Err(e) = req.apply(&mut self.engine(), self.listen_port) {
-            if new_mark.is_some() {
-                let _ = self.sock.set_mark(old_mark);
+        if let Err(e) = req.apply(&mut self.engine()) {
+            if rebound.is_none() && new_mark.is_some() {
+                let _ = current.set_mark(old_mark);
             }
             return Err(e);
         }
-        if let Some(mark) = new_mark {
-            self.fwmark.store(mark, Ordering::Relaxed);
+        if let Some(s) = rebound {
+            let port = s.port();
+            let old = std::mem::replace(
+                &mut *self.sock.write().unwrap_or_else(|e| e.into_inner()),
+                s,
+            );
+            old.retire();
+            self.listen_port.store(port, Ordering::Relaxed);
+            tracing::info!(iface = %self.name, port, "listening on a new port");
         }
+        self.fwmark.store(mark, Ordering::Relaxed);
         self.sync_routes().map_err(|e| e.to_string())
     }
 }
@@ -268,8 +300,8 @@ impl Dataplane {
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
             name: spec.name.clone(),
-            listen_port,
-            sock: sock.clone(),
+            listen_port: listen_port.into(),
+            sock: std::sync::RwLock::new(sock.clone()),
             fwmark: std::sync::atomic::AtomicU32::new(0),
             addresses: spec.addresses.clone(),
             routes: Mutex::new(BTreeSet::new()),
@@ -294,16 +326,16 @@ impl Dataplane {
         };
         let threads = vec![
             spawn("tun2net", {
-                let (shared, tun, sock) = (shared.clone(), tun.clone(), sock.clone());
-                Box::new(move || pump::tun_to_net(shared, tun, sock, packet_len))
+                let (shared, tun) = (shared.clone(), tun.clone());
+                Box::new(move || pump::tun_to_net(shared, tun, packet_len))
             })?,
             spawn("net2tun", {
-                let (shared, sock) = (shared.clone(), sock.clone());
-                Box::new(move || pump::net_to_tun(shared, tun, sock))
+                let shared = shared.clone();
+                Box::new(move || pump::net_to_tun(shared, tun))
             })?,
             spawn("timers", {
-                let (shared, sock) = (shared.clone(), sock.clone());
-                Box::new(move || pump::timers(shared, sock))
+                let shared = shared.clone();
+                Box::new(move || pump::timers(shared))
             })?,
         ];
         let uapi = tokio::spawn(uapi::serve(
@@ -324,7 +356,7 @@ impl Dataplane {
     }
 
     pub fn listen_port(&self) -> u16 {
-        self.shared.listen_port
+        self.shared.port()
     }
 
     /// Adds or updates `set` and removes `remove`, then syncs routes. Other peers' sessions

@@ -127,6 +127,14 @@ impl NetSocket {
         self.port
     }
 
+    /// Shuts the receiving side after a new socket took over: a thread waiting on this one
+    /// wakes at once (the read returns nothing) and moves to the new one; sends still work for
+    /// a batch already on its way.
+    pub fn retire(&self) {
+        use std::os::fd::AsRawFd as _;
+        let _ = nix::sys::socket::shutdown(self.io.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+    }
+
     /// Sets SO_MARK on the socket (0 clears it): routing rules can then tell the tunnel's own
     /// datagrams apart (wg-quick's policy routing for a full tunnel). Needs CAP_NET_ADMIN.
     pub fn set_mark(&self, mark: u32) -> io::Result<()> {
@@ -134,7 +142,8 @@ impl NetSocket {
             .map_err(io::Error::from)
     }
 
-    /// Waits for datagrams and reads a batch into `bufs`; returns how many slots were filled.
+    /// Waits for datagrams (if the last read found none) and reads a batch into `bufs`;
+    /// returns how many slots were filled, 0 if the queue was empty after all.
     /// Slot `i` holds `meta[i].len` bytes: datagrams of `meta[i].stride` bytes (the last may be
     /// shorter), all from `meta[i].addr`. `drained`: the last call found the queue empty, so
     /// wait before reading rather than spend a system call to learn it again.
@@ -149,15 +158,11 @@ impl NetSocket {
         if drained && !waiter.wait(&self.io, stop) {
             return Err(stopped());
         }
-        loop {
-            match self.state.recv((&self.io).into(), bufs, meta) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !waiter.wait(&self.io, stop) {
-                        return Err(stopped());
-                    }
-                }
-                r => return r,
-            }
+        // One attempt: an empty queue answers 0 and the caller waits on whichever socket is
+        // current then (after a listen_port change, the new one).
+        match self.state.recv((&self.io).into(), bufs, meta) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            r => r,
         }
     }
 

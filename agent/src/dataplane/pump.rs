@@ -24,7 +24,7 @@ use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::Shared;
-use super::net::{NetSocket, RECV_SLOT, Waiter, canonical};
+use super::net::{RECV_SLOT, Waiter, canonical};
 use crate::engine::{Outbox, TUN_HEADROOM};
 
 const _: () = assert!(TUN_HEADROOM >= VIRTIO_NET_HDR_LEN);
@@ -36,12 +36,7 @@ const TUN_READ_ROOM: usize = 128;
 /// Receive slots per UDP read (quinn-udp's recvmmsg batch).
 const UDP_SLOTS: usize = 32;
 
-pub(super) fn tun_to_net(
-    shared: Arc<Shared>,
-    tun: Arc<SyncDevice>,
-    sock: Arc<NetSocket>,
-    packet_len: usize,
-) {
+pub(super) fn tun_to_net(shared: Arc<Shared>, tun: Arc<SyncDevice>, packet_len: usize) {
     let stop = &shared.stop;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
     let mut bufs: Vec<Vec<u8>> = (0..TUN_BUFS).map(|_| vec![0u8; packet_len]).collect();
@@ -83,11 +78,11 @@ pub(super) fn tun_to_net(
         shared
             .engine()
             .handle_tun((0..count).map(|i| &bufs[i][..sizes[i]]), &mut out);
-        sock.send(&out, stop);
+        shared.socket().send(&out, stop);
     }
 }
 
-pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>, sock: Arc<NetSocket>) {
+pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
     let stop = &shared.stop;
     let mut space = vec![0u8; UDP_SLOTS * RECV_SLOT];
     let mut slots: Vec<IoSliceMut<'_>> = space.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
@@ -98,6 +93,9 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>, sock: Arc<Ne
     let mut drained = false;
     let mut waiter = Waiter::default();
     loop {
+        // The current socket: after a listen_port change, the next batch comes from the new
+        // one (a wait on the old one ends within the stop-check interval).
+        let sock = shared.socket();
         let n = match sock.recv(&mut slots, &mut meta, drained, &mut waiter, stop) {
             Ok(n) => n,
             Err(_) if stop.load(Ordering::Relaxed) => return,
@@ -142,12 +140,12 @@ fn write_tun(tun: &SyncDevice, gro: &mut GROTable, out: &mut Outbox) {
     out.clear_tun();
 }
 
-pub(super) fn timers(shared: Arc<Shared>, sock: Arc<NetSocket>) {
+pub(super) fn timers(shared: Arc<Shared>) {
     let mut out = Outbox::default();
     while !shared.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         out.clear();
         shared.engine().tick(Instant::now(), &mut out);
-        sock.send(&out, &shared.stop);
+        shared.socket().send(&out, &shared.stop);
     }
 }
