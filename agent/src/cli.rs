@@ -24,10 +24,24 @@ macro_rules! say {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "canopy-agent", version, about = "Canopy overlay agent")]
+#[command(
+    name = "canopy-agent",
+    version,
+    about = "Canopy overlay agent",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// The userspace-implementation convention of wireguard-go: `canopy-agent IFACE` creates
+    /// interface IFACE with its UAPI socket and nothing else configured, then runs in the
+    /// background (so `WG_QUICK_USERSPACE_IMPLEMENTATION=canopy-agent wg-quick up` works).
+    #[arg(value_name = "IFACE", required = true)]
+    interface: Option<String>,
+    /// With IFACE: stay in the foreground.
+    #[arg(short = 'f', long = "foreground", requires = "interface")]
+    foreground: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -89,7 +103,15 @@ enum Command {
 
 /// Runs the CLI; the binary maps an error to one line on stderr and exit code 1.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        let iface = cli.interface.unwrap_or_default();
+        return if cli.foreground {
+            bare_interface(&iface).await
+        } else {
+            detach(&iface).await
+        };
+    };
+    match command {
         Command::Genkey => {
             println!("{}", PrivateKey::generate().to_base64());
             Ok(())
@@ -199,6 +221,78 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
     shutdown_signal().await;
     dp.stop().await;
     Ok(())
+}
+
+/// `canopy-agent IFACE -f`: the interface with its UAPI socket and nothing else (no key, no
+/// address, a random port), for `wg`/`wg-quick` to configure. Runs until stopped or until the
+/// interface is deleted (`wg-quick down`, `ip link del`).
+async fn bare_interface(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') {
+        anyhow::bail!("{name:?} is not an interface name (1-15 characters)");
+    }
+    let spec = InterfaceSpec {
+        name: name.to_string(),
+        private_key: [0; 32],
+        addresses: Vec::new(),
+        listen_port: 0,
+        mtu: DEFAULT_MTU,
+        offload: dataplane::offload_from_env(),
+    };
+    let dp = Dataplane::start(spec, Vec::new()).await?;
+    let gone = async {
+        let path = std::path::Path::new("/sys/class/net").join(name);
+        while path.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        tracing::info!(iface = %name, "interface deleted; stopping");
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = gone => {}
+    }
+    dp.stop().await;
+    Ok(())
+}
+
+/// `canopy-agent IFACE`: runs `canopy-agent IFACE -f` in the background and returns once its
+/// UAPI socket answers, as wireguard-go does, so the next `wg setconf` finds the interface.
+/// Like a daemon, the background process keeps none of the caller's output open (a caller
+/// that waits for its output to end, as wg-quick's callers do, would wait forever); its log
+/// goes to `CANOPY_LOG_FILE` if that is set.
+async fn detach(name: &str) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let stderr = match std::env::var_os("CANOPY_LOG_FILE") {
+        Some(f) => std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&f)
+                .with_context(|| format!("opening {}", std::path::Path::new(&f).display()))?,
+        ),
+        None => std::process::Stdio::null(),
+    };
+    let mut child = std::process::Command::new(exe)
+        .args([name, "-f"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .context("starting the interface process")?;
+    let sock = crate::uapi::socket_path(name);
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the interface process exited ({status})");
+        }
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            return Ok(());
+        }
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            anyhow::bail!("{} did not appear within 10 s", sock.display());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn join(

@@ -680,3 +680,57 @@ fn the_listen_port_changes_live_with_traffic_flowing() {
     let _ = busy.kill();
     let _ = busy.wait();
 }
+
+/// wg-quick with canopy-agent as its userspace implementation, the way the stock
+/// `wg-quick@.service` runs it: `canopy-agent IFACE` makes a bare interface and returns once
+/// its UAPI socket answers, wg-quick configures it with `wg setconf` and `ip`, traffic flows,
+/// and `wg-quick down` deletes the interface, which ends the agent.
+#[test]
+fn wg_quick_runs_canopy_agent_as_its_userspace_implementation() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2) = (lab.host(1), lab.host(2));
+    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
+    let impl_env = format!("WG_QUICK_USERSPACE_IMPLEMENTATION={}", agent());
+    let quick = |verb: &str| {
+        lab.run(
+            &h1.ns,
+            &["env", &impl_env, "wg-quick", verb, ca.to_str().unwrap()],
+        )
+    };
+    let out = quick("up");
+    assert!(
+        out.status.success(),
+        "wg-quick up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.wg(&h1.ns, &a.iface, "listen-port").trim(), "51820");
+    assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "IPv4 after wg-quick up");
+    assert!(
+        lab.ping(&h1.ns, "fd00:9::2", WAIT),
+        "IPv6 after wg-quick up"
+    );
+    let out = quick("down");
+    assert!(
+        out.status.success(),
+        "wg-quick down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sock = format!("/var/run/wireguard/{}.sock", a.iface);
+    let t = std::time::Instant::now();
+    while Path::new(&sock).exists() {
+        assert!(
+            t.elapsed() < WAIT,
+            "the agent did not stop after wg-quick down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !lab.run(&h1.ns, &["ip", "link", "show", &a.iface])
+            .status
+            .success(),
+        "interface gone"
+    );
+}
