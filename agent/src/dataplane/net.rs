@@ -82,6 +82,12 @@ fn stopped() -> io::Error {
 const SOCKET_BUFFER: usize = 7 << 20;
 /// The most one segmented send may carry (the kernel's limit is 64 KiB including headers).
 const MAX_SEGMENTED_BYTES: usize = 65_000;
+/// The largest datagram sent segmented: one that fits a 1500-byte path with an IPv6 header
+/// (the default interface MTU, 1420, makes exactly this). The kernel refuses a segmented send
+/// whose segments exceed the route's MTU (EINVAL), and quinn-udp then turns segmentation off
+/// for the socket for good; bigger datagrams (a large interface MTU, fragmented on the way)
+/// go out one per call instead.
+const MAX_SEGMENT: usize = 1500 - 48;
 /// One receive slot: a GRO batch is at most 64 KiB.
 pub const RECV_SLOT: usize = 65_536;
 
@@ -114,6 +120,7 @@ impl NetSocket {
         // quinn-udp makes it non-blocking.
         let state = UdpSocketState::new((&io).into())?;
         set_buffers(&io);
+        allow_fragmentation(&io, v6)?;
         let port = io.local_addr()?.port();
         Ok(Self {
             io,
@@ -177,7 +184,7 @@ impl NetSocket {
             let size = first.len();
             let mut end = first.end;
             let mut j = i + 1;
-            while j < net.len() && j - i < max {
+            while j < net.len() && j - i < max && size <= MAX_SEGMENT {
                 let (t, r) = (net[j].0, &net[j].1);
                 if t != to
                     || r.start != end
@@ -249,6 +256,23 @@ fn set_buffers(socket: &std::net::UdpSocket) {
     if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
         let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
     }
+}
+
+/// Lets the kernel fragment the outer datagram, as kernel WireGuard and wireguard-go do, so an
+/// interface MTU above the path's still delivers (MTU 8000 over a 1500-byte underlay).
+/// quinn-udp forbids fragmentation (`IP_PMTUDISC_PROBE`, `IPV6_DONTFRAG`), right for QUIC,
+/// which sizes its own packets, wrong for a tunnel, whose inner packets are sized by the
+/// interface MTU. IPv4 (and IPv4-mapped on the dual-stack socket): no DF bit at all, so
+/// routers on the path may fragment too, as the kernel module sends. IPv6: routers cannot
+/// fragment, so this host fragments to the path MTU it knows (learned from Packet Too Big).
+fn allow_fragmentation(socket: &std::net::UdpSocket, v6: bool) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_ip_mtu_discover(socket, sockopt::Ipv4PathMtuDiscovery::DONT)?;
+    if v6 {
+        sockopt::set_ipv6_mtu_discover(socket, sockopt::Ipv6PathMtuDiscovery::WANT)?;
+        nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Ipv6DontFrag, &false)?;
+    }
+    Ok(())
 }
 
 fn v6_mapped(to: SocketAddr, v6_socket: bool) -> SocketAddr {
