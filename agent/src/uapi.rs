@@ -17,13 +17,43 @@ use tokio::net::UnixListener;
 use crate::engine::{Engine, PeerConfig};
 
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
-const EINVAL: i32 = 22;
 
-/// Renders the `get=1` answer (without the final `errno` line).
+/// Why a `set` was refused: the errno the answer carries (negative, as wireguard-go sends it
+/// and as `wg` reads it: `errno=-22` prints "Invalid argument") and what to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl SetError {
+    pub const EIO: i32 = 5;
+    pub const EINVAL: i32 = 22;
+    pub const EADDRINUSE: i32 = 98;
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            errno: Self::EINVAL,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for SetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Renders the `get=1` answer (without the final `errno` line), key for key as wireguard-go
+/// does: no `private_key` line without a key (and the key as used, clamped), a
+/// `preshared_key` line for every peer (zero when none).
 pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let _ = writeln!(s, "private_key={}", hex::encode(engine.private_key()));
+    if let Some(k) = engine.private_key() {
+        let _ = writeln!(s, "private_key={}", hex::encode(k));
+    }
     let _ = writeln!(s, "listen_port={listen_port}");
     if fwmark != 0 {
         let _ = writeln!(s, "fwmark={fwmark}");
@@ -31,9 +61,8 @@ pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32) -> String {
     for p in engine.peers() {
         let c = &p.config;
         let _ = writeln!(s, "public_key={}", hex::encode(c.public_key));
-        if let Some(psk) = c.preshared_key {
-            let _ = writeln!(s, "preshared_key={}", hex::encode(psk));
-        }
+        let psk = c.preshared_key.unwrap_or([0; 32]);
+        let _ = writeln!(s, "preshared_key={}\nprotocol_version=1", hex::encode(psk));
         if let Some(ep) = c.endpoint {
             let _ = writeln!(s, "endpoint={ep}");
         }
@@ -54,7 +83,6 @@ pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32) -> String {
         for a in &c.allowed_ips {
             let _ = writeln!(s, "allowed_ip={a}");
         }
-        let _ = writeln!(s, "protocol_version=1");
     }
     s
 }
@@ -153,7 +181,14 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                 })?;
                 p.persistent_keepalive = Some((n != 0).then_some(n));
             }
-            ("replace_allowed_ips", Some(p)) => p.replace_allowed_ips = boolean(k, v)?,
+            // In order, as wireguard-go applies it: the replace drops what came before it in
+            // this request too.
+            ("replace_allowed_ips", Some(p)) => {
+                if boolean(k, v)? {
+                    p.replace_allowed_ips = true;
+                    p.allowed_ips.clear();
+                }
+            }
             ("allowed_ip", Some(p)) => p
                 .allowed_ips
                 .push(crate::config::parse_cidr(v).map_err(|e| format!("allowed_ip: {e}"))?),
@@ -228,7 +263,7 @@ impl SetRequest {
 /// What the socket asks of the device.
 pub trait Device: Send + Sync + 'static {
     fn get(&self) -> String;
-    fn set(&self, req: SetRequest) -> Result<(), String>;
+    fn set(&self, req: SetRequest) -> Result<(), SetError>;
 }
 
 pub fn socket_path(iface: &str) -> PathBuf {
@@ -349,21 +384,24 @@ where
         let reply = match (op.as_str(), bad) {
             ("get=1", None) => format!("{}errno=0\n\n", device.get()),
             ("set=1", None) => {
-                match parse_set(body.iter().map(String::as_str)).and_then(|req| device.set(req)) {
+                let result = parse_set(body.iter().map(String::as_str))
+                    .map_err(SetError::invalid)
+                    .and_then(|req| device.set(req));
+                match result {
                     Ok(()) => "errno=0\n\n".to_string(),
                     Err(e) => {
-                        tracing::warn!(error = %canopy_proto::text::escape(&canopy_proto::text::clip(&e, 200)), "UAPI set refused; nothing changed");
-                        format!("errno={EINVAL}\n\n")
+                        tracing::warn!(error = %canopy_proto::text::escape(&canopy_proto::text::clip(&e.message, 200)), "UAPI set refused; nothing changed");
+                        format!("errno=-{}\n\n", e.errno)
                     }
                 }
             }
             (_, Some(why)) => {
                 tracing::warn!(reason = %why, "UAPI request refused; nothing changed");
-                format!("errno={EINVAL}\n\n")
+                format!("errno=-{}\n\n", SetError::EINVAL)
             }
             (other, None) => {
                 tracing::warn!(op = %canopy_proto::text::quoted(other), "unknown UAPI operation");
-                format!("errno={EINVAL}\n\n")
+                format!("errno=-{}\n\n", SetError::EINVAL)
             }
         };
         if w.write_all(reply.as_bytes()).await.is_err() {
@@ -446,6 +484,38 @@ mod tests {
         assert!(e.peers().is_empty());
     }
 
+    #[test]
+    fn replace_allowed_ips_drops_what_came_before_it_in_the_request_too() {
+        let r = parse_set([
+            &*format!("public_key={K1}"),
+            "allowed_ip=10.1.0.0/16",
+            "replace_allowed_ips=true",
+            "allowed_ip=10.3.0.0/16",
+        ])
+        .unwrap();
+        assert!(r.peers[0].replace_allowed_ips);
+        assert_eq!(r.peers[0].allowed_ips, vec!["10.3.0.0/16".parse().unwrap()]);
+    }
+
+    #[test]
+    fn get_shows_the_clamped_key_no_key_when_zero_and_a_zero_preshared_key() {
+        let mut e = Engine::new([0; 32]);
+        parse_set([&*format!("public_key={K1}")])
+            .unwrap()
+            .apply(&mut e)
+            .unwrap();
+        let out = format_get(&e, 1, 0);
+        assert!(!out.contains("private_key="), "{out}");
+        assert!(out.contains(&format!(
+            "public_key={K1}\npreshared_key={}\nprotocol_version=1\n",
+            "0".repeat(64)
+        )));
+        e.set_private_key([5; 32]);
+        let key = e.private_key().unwrap();
+        assert_eq!((key[0], key[31]), (0, 0x45), "clamped as X25519 uses it");
+        assert!(format_get(&e, 1, 0).contains(&format!("private_key={}", hex::encode(key))));
+    }
+
     /// A device that records what it was asked to apply.
     #[derive(Default)]
     struct Recorder(std::sync::Mutex<Vec<SetRequest>>);
@@ -454,7 +524,7 @@ mod tests {
         fn get(&self) -> String {
             "listen_port=51820\n".into()
         }
-        fn set(&self, req: SetRequest) -> Result<(), String> {
+        fn set(&self, req: SetRequest) -> Result<(), SetError> {
             self.0.lock().unwrap().push(req);
             Ok(())
         }
@@ -473,7 +543,7 @@ mod tests {
         let mut req = format!("set=1\npublic_key={K1}\n").into_bytes();
         req.extend_from_slice(b"allowed_ip=10.0.0.2/32\n\xff\xfe=\x80\nendpoint=192.0.2.1:1\n\n");
         let (answer, applied) = exchange(req).await;
-        assert_eq!(answer, "errno=22\n\n");
+        assert_eq!(answer, "errno=-22\n\n");
         assert_eq!(applied, 0, "not even the part before the bad line");
     }
 
@@ -484,7 +554,7 @@ mod tests {
         req.extend_from_slice(format!("\n\nset=1\npublic_key={K1}\n\nget=1\n\n").as_bytes());
         let (answer, applied) = exchange(req).await;
         assert_eq!(
-            answer, "errno=22\n\nerrno=0\n\nlisten_port=51820\nerrno=0\n\n",
+            answer, "errno=-22\n\nerrno=0\n\nlisten_port=51820\nerrno=0\n\n",
             "the long request is refused, the next two are answered"
         );
         assert_eq!(applied, 1);

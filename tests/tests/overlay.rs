@@ -531,7 +531,7 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
         format!("set=1\nreplace_peers=true\npublic_key={k}\nbogus=1\n\n"),
         "frobnicate=1\n\n".to_string(),
     ] {
-        assert_eq!(raw(&req), "errno=22\n\n", "{req:?}");
+        assert_eq!(raw(&req), "errno=-22\n\n", "{req:?}");
     }
     assert_eq!(
         lab.wg(&h1.ns, &a.iface, "dump"),
@@ -590,7 +590,7 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
         raw(&format!(
             "set=1\nfwmark=7\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n"
         )),
-        "errno=22\n\n"
+        "errno=-22\n\n"
     );
     assert_eq!(
         lab.wg(&h1.ns, &a.iface, "fwmark").trim(),

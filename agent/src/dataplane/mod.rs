@@ -96,6 +96,8 @@ struct Shared {
     routes: Mutex<BTreeSet<IpNetwork>>,
     /// Set to end the forwarding threads.
     stop: AtomicBool,
+    /// Becomes true when the interface is deleted under us (`ip link del`, `wg-quick down`).
+    gone: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -147,6 +149,13 @@ impl Shared {
     }
 }
 
+fn mark_error(e: std::io::Error) -> uapi::SetError {
+    uapi::SetError {
+        errno: uapi::SetError::EIO,
+        message: format!("fwmark: {e}"),
+    }
+}
+
 impl uapi::Device for Shared {
     fn get(&self) -> String {
         uapi::format_get(
@@ -155,7 +164,7 @@ impl uapi::Device for Shared {
             self.fwmark.load(Ordering::Relaxed),
         )
     }
-    fn set(&self, mut req: uapi::SetRequest) -> Result<(), String> {
+    fn set(&self, mut req: uapi::SetRequest) -> Result<(), uapi::SetError> {
         // What can fail on the socket side comes first and changes nothing yet: a new socket
         // for a new port (bound, marked), or the mark on the current one. Then the engine,
         // which validates before it changes anything. Only then is the new socket swapped in.
@@ -164,9 +173,12 @@ impl uapi::Device for Shared {
         let current = self.socket();
         let rebound = match req.listen_port.take() {
             Some(p) if p != self.port() || p == 0 => {
-                let s = NetSocket::bind(p).map_err(|e| format!("listen_port {p}: {e}"))?;
+                let s = NetSocket::bind(p).map_err(|e| uapi::SetError {
+                    errno: uapi::SetError::EADDRINUSE,
+                    message: format!("listen_port {p}: {e}"),
+                })?;
                 if mark != 0 {
-                    s.set_mark(mark).map_err(|e| format!("fwmark: {e}"))?;
+                    s.set_mark(mark).map_err(mark_error)?;
                 }
                 Some(Arc::new(s))
             }
@@ -175,13 +187,13 @@ impl uapi::Device for Shared {
         if rebound.is_none()
             && let Some(m) = new_mark
         {
-            current.set_mark(m).map_err(|e| format!("fwmark: {e}"))?;
+            current.set_mark(m).map_err(mark_error)?;
         }
         if let Err(e) = req.apply(&mut self.engine()) {
             if rebound.is_none() && new_mark.is_some() {
                 let _ = current.set_mark(old_mark);
             }
-            return Err(e);
+            return Err(uapi::SetError::invalid(e));
         }
         if let Some(s) = rebound {
             let port = s.port();
@@ -194,7 +206,10 @@ impl uapi::Device for Shared {
             tracing::info!(iface = %self.name, port, "listening on a new port");
         }
         self.fwmark.store(mark, Ordering::Relaxed);
-        self.sync_routes().map_err(|e| e.to_string())
+        self.sync_routes().map_err(|e| uapi::SetError {
+            errno: uapi::SetError::EIO,
+            message: e.to_string(),
+        })
     }
 }
 
@@ -306,14 +321,13 @@ impl Dataplane {
             addresses: spec.addresses.clone(),
             routes: Mutex::new(BTreeSet::new()),
             stop: AtomicBool::new(false),
+            gone: tokio::sync::watch::Sender::new(false),
         });
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
 
         let (offloaded, udp_offloaded) = (tun.tcp_gso(), tun.udp_gso());
         let tun = Arc::new(tun);
-        // Room for one packet of the interface's MTU (or of a later, larger one up to 1500).
-        let packet_len = usize::from(spec.mtu).max(1500) + 128;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(format!("canopy-{name}"))
@@ -327,7 +341,7 @@ impl Dataplane {
         let threads = vec![
             spawn("tun2net", {
                 let (shared, tun) = (shared.clone(), tun.clone());
-                Box::new(move || pump::tun_to_net(shared, tun, packet_len))
+                Box::new(move || pump::tun_to_net(shared, tun))
             })?,
             spawn("net2tun", {
                 let shared = shared.clone();
@@ -383,9 +397,23 @@ impl Dataplane {
     }
 
     /// Stops forwarding; the interface disappears with the TUN device.
+    /// Resolves when the interface has been deleted by someone else (`ip link del`,
+    /// `wg-quick down`): the forwarding has stopped and the caller should [`stop`](Self::stop).
+    pub async fn deleted(&self) {
+        let mut rx = self.shared.gone.subscribe();
+        let _ = rx.wait_for(|gone| *gone).await;
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        *self.shared.gone.borrow()
+    }
+
     pub async fn stop(mut self) {
         self.uapi.abort();
         self.shared.stop.store(true, Ordering::Relaxed);
+        // Wakes the thread waiting on the socket now rather than at its next stop check, so
+        // the port is free as soon as this returns (`wg-quick down; wg-quick up` rebinds it).
+        self.shared.socket().retire();
         let threads = std::mem::take(&mut self.threads);
         // The threads see the flag within their poll interval and drop the device and socket.
         let _ = tokio::task::spawn_blocking(move || {

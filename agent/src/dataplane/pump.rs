@@ -36,10 +36,18 @@ const TUN_READ_ROOM: usize = 128;
 /// Receive slots per UDP read (quinn-udp's recvmmsg batch).
 const UDP_SLOTS: usize = 32;
 
-pub(super) fn tun_to_net(shared: Arc<Shared>, tun: Arc<SyncDevice>, packet_len: usize) {
+/// Room for one packet read from the TUN device: the largest MTU a Linux interface takes
+/// (65535), so `ip link set IFACE mtu 8000` after start (wg-quick's `MTU =`) works as it does
+/// on the kernel's interface.
+const PACKET_ROOM: usize = 65_535;
+
+pub(super) fn tun_to_net(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
     let stop = &shared.stop;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
-    let mut bufs: Vec<Vec<u8>> = (0..TUN_BUFS).map(|_| vec![0u8; packet_len]).collect();
+    // One allocation, zeroed lazily by the kernel: only the pages packets reach are resident
+    // (about one per buffer at the default MTU).
+    let mut space = vec![0u8; TUN_BUFS * PACKET_ROOM];
+    let mut bufs: Vec<&mut [u8]> = space.chunks_mut(PACKET_ROOM).collect();
     let mut sizes = vec![0usize; TUN_BUFS];
     let mut out = Outbox::default();
     // Whether the last read found the device empty: then the next one waits first, instead of
@@ -62,6 +70,13 @@ pub(super) fn tun_to_net(shared: Arc<Shared>, tun: Arc<SyncDevice>, packet_len: 
                     if count > 0 {
                         break;
                     }
+                }
+                // EBADFD: the device was deleted; the descriptor will never read again.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBADFD) => {
+                    tracing::info!(iface = %shared.name, "interface deleted");
+                    stop.store(true, Ordering::Relaxed);
+                    shared.gone.send_replace(true);
+                    return;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "TUN read failed");

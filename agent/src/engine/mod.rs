@@ -174,6 +174,9 @@ struct Peer {
 
 pub struct Engine {
     private: StaticSecret,
+    /// False with the all-zero key, wg's "no private key": no handshake is made or answered,
+    /// as on the kernel's interface before `wg set private-key`.
+    has_key: bool,
     public: PublicKey,
     peers: HashMap<u32, Peer>,
     by_key: HashMap<[u8; 32], u32>,
@@ -194,9 +197,11 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     pub fn new(private: [u8; 32]) -> Self {
+        let has_key = private != [0; 32];
         let private = StaticSecret::from(private);
         let public = PublicKey::from(&private);
         Self {
+            has_key,
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             private,
             public,
@@ -213,12 +218,25 @@ impl Engine {
         self.public.to_bytes()
     }
 
-    pub fn private_key(&self) -> [u8; 32] {
-        self.private.to_bytes()
+    /// The private key as used (clamped for X25519, as the kernel and wireguard-go show it);
+    /// `None` without one.
+    pub fn private_key(&self) -> Option<[u8; 32]> {
+        if !self.has_key {
+            return None;
+        }
+        let mut k = self.private.to_bytes();
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        Some(k)
     }
 
     /// Replaces the private key; every peer's session restarts (as `wg set private-key` does).
+    /// The key already in use changes nothing (`wg syncconf` sends it with every change).
     pub fn set_private_key(&mut self, private: [u8; 32]) {
+        if private == self.private.to_bytes() {
+            return;
+        }
         let configs: Vec<PeerConfig> = self.peers.values().map(|p| p.config.clone()).collect();
         *self = Self {
             drops: self.drops,
@@ -331,6 +349,10 @@ impl Engine {
         out: &mut Outbox,
     ) {
         for pkt in packets {
+            if !self.has_key {
+                self.drops.no_route += 1;
+                continue;
+            }
             let Some(dst) = Tunn::dst_address(pkt) else {
                 self.drops.invalid += 1;
                 continue;
@@ -364,6 +386,10 @@ impl Engine {
         out: &mut Outbox,
     ) {
         for (from, d) in datagrams {
+            if !self.has_key {
+                self.drops.invalid += 1;
+                continue;
+            }
             self.handle_datagram(from, d, out);
         }
     }
@@ -520,6 +546,9 @@ impl Engine {
         {
             self.limiter.reset_count();
             self.last_reset = Some(now);
+        }
+        if !self.has_key {
+            return;
         }
         for peer in self.peers.values_mut() {
             let off = out.grow(OVERHEAD);

@@ -259,3 +259,23 @@ fn updating_allowed_ips_keeps_the_session_and_removing_a_peer_drops_its_routes()
     assert!(send(&mut a, &[ipv4("10.0.0.1", "10.0.0.2", b"x")]).is_empty());
     assert_eq!(a.drops.no_route, 1);
 }
+
+#[test]
+fn without_a_private_key_no_handshake_is_made_or_answered_and_setting_one_starts_them() {
+    let (mut a, mut b) = pair(&["10.0.0.2/32"]);
+    a.set_private_key([0; 32]);
+    let pkt = ipv4("10.0.0.1", "10.0.0.2", b"hi");
+    assert!(
+        send(&mut a, std::slice::from_ref(&pkt)).is_empty(),
+        "no initiation without a key"
+    );
+    // B initiates: A, keyless, does not answer.
+    let init = send(&mut b, &[ipv4("10.0.0.2", "10.0.0.1", b"yo")]);
+    assert_eq!(init.len(), 1);
+    let mut out = Outbox::default();
+    a.handle_network([(B_ADDR.parse().unwrap(), init[0].as_slice())], &mut out);
+    assert_eq!(out.net_packets().count(), 0, "no response without a key");
+    // The key back (as `wg set private-key` does): A initiates again.
+    a.set_private_key(key(1));
+    assert_eq!(send(&mut a, &[pkt]).len(), 1);
+}
