@@ -8,12 +8,14 @@
 #   wireguard-tools    wg, to inspect and configure interfaces (UAPI)
 #   wireguard-go       the reference userspace WireGuard, for interop tests and benchmarks
 #   iproute2, iputils-ping, iperf3: network namespaces, pings and throughput across the overlay
+#   nftables           nft, which wg-quick uses for a full tunnel's (AllowedIPs = 0.0.0.0/0)
+#                      firewall marks; without it (or iptables) such a `wg-quick up` fails
 #   python3            TCP transfers in the data-plane tests, result parsing in the benchmarks
 #   python3-grpcio     a third-party gRPC client (Python's grpcio) in the tests, under Debian's
 #                      /usr/bin/python3
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server wireguard-tools wireguard-go iproute2 iputils-ping
-      iperf3 python3 python3-grpcio)
+      iperf3 nftables python3 python3-grpcio)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,6 +46,7 @@ command -v wireguard-go >/dev/null || fail "wireguard-go is missing"
 iperf3 --version >/dev/null || fail "iperf3 does not run"
 ip -V >/dev/null || fail "ip (iproute2) does not run"
 command -v ping >/dev/null || fail "ping is missing"
+nft --version >/dev/null || fail "nft (nftables) does not run"
 python3 -c 'import hashlib, socket' || fail "python3 does not run"
 /usr/bin/python3 -c 'import grpc' || fail "Debian's python3 cannot import grpc (python3-grpcio)"
-echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, python3, grpcio work"
+echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, nft, python3, grpcio work"
