@@ -56,9 +56,12 @@ struct IfaceOpts {
     /// Interface name.
     #[arg(long, default_value = "canopy0", env = "CANOPY_INTERFACE")]
     interface: String,
-    /// WireGuard UDP port.
-    #[arg(long, default_value_t = 51820)]
-    listen_port: u16,
+    /// WireGuard UDP port. Default: the port this node used last (kept in the state dir), or
+    /// on first start a random free one, as the kernel picks, so several overlays run on one
+    /// host with no flags. The controller is told of the port, and of any later change
+    /// (`wg set IFACE listen-port N`).
+    #[arg(long)]
+    listen_port: Option<u16>,
     #[arg(long, default_value_t = crate::dataplane::DEFAULT_MTU)]
     mtu: u16,
     /// Endpoints (IP:PORT) to report to the controller; default: this host's global addresses.
@@ -218,8 +221,15 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
         dp.name(),
         dp.listen_port()
     );
-    shutdown_signal().await;
+    let deleted = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = dp.deleted() => true,
+    };
+    let name = dp.name().to_string();
     dp.stop().await;
+    if deleted {
+        bail!("interface {name} was deleted");
+    }
     Ok(())
 }
 
@@ -249,6 +259,7 @@ async fn bare_interface(name: &str) -> anyhow::Result<()> {
     tokio::select! {
         _ = shutdown_signal() => {}
         _ = gone => {}
+        _ = dp.deleted() => {}
     }
     dp.stop().await;
     Ok(())
@@ -324,35 +335,111 @@ async fn join(
             (e, map)
         }
     };
-    let spec = InterfaceSpec {
+    let spec = |listen_port| InterfaceSpec {
         name: iface.interface.clone(),
         private_key: key.secret().to_bytes(),
         addresses: dataplane::map_addresses(&map),
-        listen_port: iface.listen_port,
+        listen_port,
         mtu: iface.mtu,
         offload: dataplane::offload_from_env(),
     };
-    let dp = Arc::new(Dataplane::start(spec, vec![]).await?);
+    let dp = match (iface.listen_port, state.listen_port()?) {
+        (Some(port), _) => Dataplane::start(spec(port), vec![]).await?,
+        (None, Some(last)) => match Dataplane::start(spec(last), vec![]).await {
+            Ok(dp) => dp,
+            Err(e @ dataplane::DataplaneError::Udp { .. }) => {
+                tracing::warn!(port = last, error = %e, "the last listen port is taken; using a random one");
+                Dataplane::start(spec(0), vec![]).await?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        (None, None) => Dataplane::start(spec(0), vec![]).await?,
+    };
+    let dp = Arc::new(dp);
+    state.save_listen_port(dp.listen_port())?;
     let mut sink = ControllerSink::new(dp.clone());
     // The last map takes effect at once: the overlay works even while the controller is away.
     sink.apply(&map, None)
         .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
-    let mut client = ControlClient::new(enrollment, Some(map), Some(state));
+    let mut client = ControlClient::new(enrollment, Some(map), Some(state.clone()));
     client.controllers.extend(iface.controllers.iter().cloned());
-    client.endpoints = if iface.endpoints.is_empty() {
-        dataplane::local_endpoints(&iface.interface, dp.listen_port())
+    let watcher = if iface.endpoints.is_empty() {
+        let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
+        let (tx, rx) = tokio::sync::watch::channel(initial);
+        client.endpoints = rx;
+        Some(tokio::spawn(follow_endpoints(
+            dp.clone(),
+            iface.interface.clone(),
+            state,
+            tx,
+        )))
     } else {
-        iface.endpoints
+        client.endpoints = tokio::sync::watch::channel(iface.endpoints).1;
+        None
     };
-    let result = client.run(&mut sink, shutdown_signal()).await;
+    let stop = async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = dp.deleted() => {}
+        }
+    };
+    let result = client.run(&mut sink, stop).await;
+    if let Some(w) = watcher {
+        w.abort();
+        let _ = w.await;
+    }
     drop(sink);
+    let deleted = dp.is_deleted();
     if let Ok(dp) = Arc::try_unwrap(dp) {
         dp.stop().await;
     }
     match result {
+        Ok(()) if deleted => bail!("interface {} was deleted", iface.interface),
         Ok(()) => Ok(()),
         Err(ControlError::Removed) => bail!("{}", ControlError::Removed),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Keeps the endpoints reported to the controller current: the listen port (checked every
+/// second, `wg set IFACE listen-port N` moves it) and this host's addresses (every 10 s).
+/// A new port is also saved, so a restart keeps it.
+async fn follow_endpoints(
+    dp: Arc<Dataplane>,
+    iface: String,
+    state: StateDir,
+    tx: tokio::sync::watch::Sender<Vec<String>>,
+) {
+    let mut port = dp.listen_port();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u32;
+    loop {
+        tick.tick().await;
+        n = n.wrapping_add(1);
+        let now = dp.listen_port();
+        if now == port && !n.is_multiple_of(10) {
+            continue;
+        }
+        if now != port {
+            port = now;
+            if let Err(e) = state.save_listen_port(port) {
+                tracing::warn!(error = %e, "could not save the listen port");
+            }
+        }
+        let name = iface.clone();
+        let Ok(eps) =
+            tokio::task::spawn_blocking(move || dataplane::local_endpoints(&name, now)).await
+        else {
+            continue;
+        };
+        tx.send_if_modified(|held| {
+            let changed = *held != eps;
+            if changed {
+                *held = eps;
+            }
+            changed
+        });
     }
 }
 

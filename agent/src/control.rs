@@ -15,7 +15,8 @@ use canopy_proto::netmap::apply_delta;
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::agent_service_client::AgentServiceClient;
 use canopy_proto::v1::{
-    Ack, EnrollRequest, Hello, NetworkDelta, NetworkMap, SyncRequest, sync_request, sync_response,
+    Ack, Endpoints, EnrollRequest, Hello, NetworkDelta, NetworkMap, SyncRequest, sync_request,
+    sync_response,
 };
 use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
@@ -157,8 +158,9 @@ pub struct ControlClient {
     /// Controller replicas to use, in order; a failure moves on to the next. Defaults to the
     /// URL from the join string.
     pub controllers: Vec<String>,
-    /// Underlay endpoints (`ip:port`) reported to the controller in Hello.
-    pub endpoints: Vec<String>,
+    /// Underlay endpoints (`ip:port`) reported to the controller: in Hello, and again on the
+    /// open session whenever they change (a new listen port, a new address).
+    pub endpoints: watch::Receiver<Vec<String>>,
     pub stats: SyncStats,
     state: Option<StateDir>,
     map: watch::Sender<Option<NetworkMap>>,
@@ -191,7 +193,7 @@ impl ControlClient {
         Self {
             controllers: vec![enrollment.controller_url.clone()],
             enrollment,
-            endpoints: Vec::new(),
+            endpoints: watch::channel(Vec::new()).1,
             stats: SyncStats::default(),
             state,
             map: watch::channel(initial).0,
@@ -289,10 +291,11 @@ impl ControlClient {
             .max_decoding_message_size(canopy_proto::MAX_ANSWER_BYTES);
         let known = self.map.borrow().as_ref().map_or(0, |m| m.revision);
         let (tx, rx) = mpsc::channel(8);
+        let mut endpoints = self.endpoints.clone();
         let hello = SyncRequest {
             msg: Some(sync_request::Msg::Hello(Hello {
                 known_revision: known,
-                endpoints: self.endpoints.clone(),
+                endpoints: endpoints.borrow_and_update().clone(),
             })),
         };
         tx.send(hello)
@@ -315,8 +318,28 @@ impl ControlClient {
             .map_err(|s| classify(s, me))?
             .into_inner();
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        // Whether anyone can still change the endpoints (a fixed list has no sender).
+        let mut endpoints_live = true;
         loop {
-            let msg = match inbound.message().await {
+            let next = tokio::select! {
+                m = inbound.message() => m,
+                changed = endpoints.changed(), if endpoints_live => {
+                    if changed.is_err() {
+                        endpoints_live = false;
+                        continue;
+                    }
+                    let now = endpoints.borrow_and_update().clone();
+                    tracing::info!(endpoints = ?now, "reporting new endpoints");
+                    let report = SyncRequest {
+                        msg: Some(sync_request::Msg::Endpoints(Endpoints { endpoints: now })),
+                    };
+                    if tx.send(report).await.is_err() {
+                        return Ok(SessionEnd::Lost("outbound stream closed".into()));
+                    }
+                    continue;
+                }
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(SessionEnd::Lost("controller closed the stream".into())),
                 Err(s) => {

@@ -184,6 +184,28 @@ impl StateDir {
         }
     }
 
+    /// The UDP port this node listened on last (`None`: never started, or not recorded): a
+    /// restart takes it again, so the endpoints its peers hold stay right.
+    pub fn listen_port(&self) -> Result<Option<u16>, StateError> {
+        let path = self.dir.join("listen-port");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse().map(Some).map_err(|_| StateError::Invalid {
+                path,
+                reason: "not a port number".into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn save_listen_port(&self, port: u16) -> Result<(), StateError> {
+        write_atomic(
+            &self.dir.join("listen-port"),
+            format!("{port}\n").as_bytes(),
+            0o600,
+        )
+    }
+
     pub fn map(&self) -> Result<Option<NetworkMap>, StateError> {
         self.read_optional("map.pb", |b| NetworkMap::decode(b))
     }

@@ -251,3 +251,172 @@ fn joined_agents_ping_all_pairs_and_a_removed_peer_is_cut_off_without_disturbing
     );
     let _ = pids;
 }
+
+/// Starts `canopy serve` in the lab's hub and returns a console for it.
+fn controller<'a>(lab: &'a Lab, dir: &Path, data: &'a Path) -> Console<'a> {
+    let canopy = bin("canopy");
+    lab.spawn(
+        &lab.hub,
+        &[
+            canopy.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "192.0.2.254:7443",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &dir.join("serve.log"),
+    );
+    let con = Console { lab, data };
+    wait_until("the controller", || {
+        data.join("admin-token").exists() && con.run(&["network", "list"]).status.success()
+    });
+    con
+}
+
+/// The `ExecStart` of deploy/systemd/canopy-agent@.service for instance `iface`, as systemd
+/// would run it, with its fixed paths moved under `root` and the built binary in place of
+/// /usr/local/bin/canopy-agent: the shell script after `/bin/sh -c`.
+fn template_command(root: &Path, iface: &str) -> String {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/canopy-agent@.service"),
+    )
+    .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart=/bin/sh -c '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .expect("the template's ExecStart is /bin/sh -c '...'");
+    exec.replace(
+        "/usr/local/bin/canopy-agent",
+        bin("canopy-agent").to_str().unwrap(),
+    )
+    .replace("/etc/canopy", root.join("etc").to_str().unwrap())
+    .replace("/var/lib/canopy", root.join("var").to_str().unwrap())
+    .replace("%i", iface)
+}
+
+/// Two managed agents of two networks on each of two hosts, all started by the stock
+/// `canopy-agent@` template with no port given: each interface gets a free port of its own
+/// (no clash on 51820), both overlays carry traffic, a `wg set IFACE listen-port` reaches the
+/// other side through the controller, and a restart keeps the port.
+#[test]
+fn managed_agents_of_two_networks_share_a_host_from_the_systemd_template_with_no_port() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller(&lab, dir.path(), &data);
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let mut joins = Vec::new();
+    for (n, cidr) in [("blue", "100.64.8.0/24"), ("green", "100.64.9.0/24")] {
+        con.ok(&["network", "create", n, "--cidr", cidr]);
+        joins.push(
+            con.ok(&["token", "create", "--network", n, "--uses", "2"])
+                .trim()
+                .to_string(),
+        );
+    }
+    let hosts = [lab.host(1), lab.host(2)];
+    // Instance (host, network) → interface name.
+    let iface = |h: usize, n: usize| format!("{}{}{}", lab.id, ["b", "g"][n], h);
+    let start = |h: usize, n: usize| -> u32 {
+        let name = iface(h, n);
+        std::fs::write(root.join("etc").join(format!("{name}.join")), &joins[n]).unwrap();
+        let script = template_command(&root, &name);
+        lab.spawn(
+            &hosts[h].ns,
+            &["/bin/sh", "-c", &script],
+            &dir.path().join(format!(
+                "{name}-{}.log",
+                Instant::now().elapsed().as_nanos()
+            )),
+        )
+    };
+    let state = |h: usize, n: usize| root.join("var").join(iface(h, n));
+    let mut pids = std::collections::HashMap::new();
+    for h in 0..2 {
+        for n in 0..2 {
+            pids.insert((h, n), start(h, n));
+        }
+    }
+    let mut st = std::collections::HashMap::new();
+    for h in 0..2 {
+        for n in 0..2 {
+            wait_until("each agent to see its one peer with endpoints", || {
+                status(&lab, &hosts[h].ns, &state(h, n)).is_some_and(|s| {
+                    s["peers"].as_array().is_some_and(|p| {
+                        p.len() == 1 && !p[0]["endpoints"].as_array().unwrap().is_empty()
+                    })
+                })
+            });
+            st.insert((h, n), status(&lab, &hosts[h].ns, &state(h, n)).unwrap());
+        }
+    }
+    let port = |h: usize, n: usize| -> u16 {
+        lab.wg(&hosts[h].ns, &iface(h, n), "listen-port")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    for h in 0..2 {
+        let (a, b) = (port(h, 0), port(h, 1));
+        assert!(a != b && a != 0 && b != 0, "host {h}: ports {a} and {b}");
+    }
+    for n in 0..2 {
+        assert!(
+            lab.ping(&hosts[0].ns, &addr(&st[&(1, n)], 0), WAIT),
+            "network {n}: host 0 → host 1\n{:?}\n{}\n{}\n{}",
+            st,
+            lab.wg(&hosts[0].ns, &iface(0, n), "dump"),
+            lab.wg(&hosts[1].ns, &iface(1, n), "dump"),
+            String::from_utf8_lossy(&lab.run(&hosts[0].ns, &["ip", "route"]).stdout)
+        );
+        assert!(
+            lab.ping(&hosts[1].ns, &addr(&st[&(0, n)], 0), WAIT),
+            "network {n}: host 1 → host 0"
+        );
+    }
+
+    // A new port on host 0's blue interface: host 1 hears of it from the controller (its
+    // saved map, which only the controller writes, carries the new endpoint).
+    let out = lab.run(
+        &hosts[0].ns,
+        &["wg", "set", &iface(0, 0), "listen-port", "40001"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        "host 1 to get host 0's new port from the controller",
+        || {
+            status(&lab, &hosts[1].ns, &state(1, 0)).is_some_and(|s| {
+                s["peers"][0]["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.as_str().unwrap().ends_with(":40001"))
+            })
+        },
+    );
+    assert!(
+        lab.ping(&hosts[1].ns, &addr(&st[&(0, 0)], 0), WAIT),
+        "host 1 → host 0 at its new port\n{}\n{}\n{:?}",
+        lab.wg(&hosts[0].ns, &iface(0, 0), "dump"),
+        lab.wg(&hosts[1].ns, &iface(1, 0), "dump"),
+        status(&lab, &hosts[1].ns, &state(1, 0))
+    );
+
+    // A restart listens on the same port again.
+    lab.stop(pids[&(0, 0)]);
+    start(0, 0);
+    wait_until("the restarted agent", || {
+        lab.run(&hosts[0].ns, &["wg", "show", &iface(0, 0), "listen-port"])
+            .status
+            .success()
+    });
+    assert_eq!(port(0, 0), 40001);
+    assert!(lab.ping(&hosts[0].ns, &addr(&st[&(1, 0)], 0), WAIT));
+}

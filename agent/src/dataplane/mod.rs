@@ -434,7 +434,9 @@ impl Drop for Dataplane {
     }
 }
 
-/// This host's global addresses (not on `exclude`), as `ip:port` endpoints to report.
+/// This host's global addresses, as `ip:port` endpoints to report: not those of `exclude`,
+/// nor of any tunnel interface (TUN devices, WireGuard's, another overlay's): a peer that
+/// took one would send this overlay's datagrams through that tunnel, or nowhere.
 pub fn local_endpoints(exclude: &str, port: u16) -> Vec<String> {
     let Ok(out) = Command::new("ip")
         .args(["-o", "addr", "show", "scope", "global"])
@@ -446,7 +448,7 @@ pub fn local_endpoints(exclude: &str, port: u16) -> Vec<String> {
     let mut eps = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 4 || f[1] == exclude {
+        if f.len() < 4 || f[1] == exclude || is_tunnel(f[1]) {
             continue;
         }
         if let Some(Ok(ip)) = f[3].split('/').next().map(str::parse::<IpAddr>) {
@@ -454,6 +456,17 @@ pub fn local_endpoints(exclude: &str, port: u16) -> Vec<String> {
         }
     }
     eps
+}
+
+/// Whether `iface` is a tunnel without a link layer (ARPHRD_NONE: TUN devices, WireGuard).
+fn is_tunnel(iface: &str) -> bool {
+    let name = iface.split('@').next().unwrap_or(iface);
+    std::fs::read_to_string(
+        std::path::Path::new("/sys/class/net")
+            .join(name)
+            .join("type"),
+    )
+    .is_ok_and(|t| t.trim() == "65534")
 }
 
 /// Applies the controller's network maps to a [`Dataplane`].
