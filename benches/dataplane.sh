@@ -6,16 +6,18 @@
 #   - ping round trip at idle and under a TCP load, and what the tunnel adds to raw veth's.
 # Prints a table and the ratios. Needs root.
 #   RUNS=5 SECONDS_PER_RUN=5 ONLY="raw canopy" bash benches/dataplane.sh
+# CANOPY_AGENT=path runs that canopy-agent binary instead of this tree's (an older build, to
+# compare before and after a change, each against wireguard-go in its own run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "dataplane bench: needs root" >&2; exit 1; }
 RUNS=${RUNS:-5}; SECS=${SECONDS_PER_RUN:-5}; ONLY=${ONLY:-raw canopy wggo bt}
 UDP_PROBES=${UDP_PROBES:-8}; UDP_SECS=${UDP_SECONDS:-3}
 bash deploy/install-deps.sh
-cargo build --quiet --release -p canopy-agent
+[ -n "${CANOPY_AGENT:-}" ] || cargo build --quiet --release -p canopy-agent
 tools=$PWD/target/bench-tools
 [ -x "$tools/bin/boringtun-cli" ] || cargo install --quiet boringtun-cli --version 0.7.1 --locked --root "$tools"
-agent=$PWD/target/release/canopy-agent
+agent=${CANOPY_AGENT:-$PWD/target/release/canopy-agent}
 work=$(mktemp -d /tmp/canopy-bench.XXXXXX)
 p=cbn$$; A=${p}a; B=${p}b
 pids=()
