@@ -1,0 +1,102 @@
+//! Peers as the console sees them: list, get, remove.
+
+use std::net::IpAddr;
+
+use canopy_proto::v1::{Peer, PeerRecord};
+use ipnetwork::IpNetwork;
+
+use super::{Caller, Controller, decode, removed_credential};
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::store::{Compare, Op, Revision, Txn};
+
+impl Controller {
+    pub async fn list_peers(&self, c: &Caller, network: &str) -> Result<Vec<Peer>> {
+        let (net, _) = self.resolve_network(c, network).await?;
+        let r = self.store.range(keys::peers(&net.id).as_bytes()).await?;
+        let mut out = Vec::with_capacity(r.kvs.len());
+        for kv in &r.kvs {
+            out.push(self.peer_view(&decode(kv)?));
+        }
+        out.sort_by_key(|p| ip_sort_key(&p.addresses));
+        Ok(out)
+    }
+
+    async fn find_peer(&self, c: &Caller, peer_id: &str) -> Result<(PeerRecord, Revision)> {
+        if peer_id.is_empty() {
+            return Err(Error::InvalidArgument("peer id is required".into()));
+        }
+        for net in self.network_records(&c.tenant).await? {
+            if let Some(kv) = self
+                .store
+                .get(keys::peer(&net.id, peer_id).as_bytes())
+                .await?
+            {
+                return Ok((decode(&kv)?, kv.mod_revision));
+            }
+        }
+        Err(Error::NotFound(format!(
+            "peer {} not found",
+            canopy_proto::text::quoted(peer_id)
+        )))
+    }
+
+    pub async fn get_peer(&self, c: &Caller, peer_id: &str) -> Result<Peer> {
+        Ok(self.peer_view(&self.find_peer(c, peer_id).await?.0))
+    }
+
+    /// Removes a peer: frees its addresses and invalidates its credential in one transaction.
+    /// Its Sync stream is closed by the cache update that follows.
+    pub async fn remove_peer(&self, c: &Caller, peer_id: &str) -> Result<()> {
+        c.require_admin()?;
+        crate::txn::retry("remove peer", |_| async move {
+            let (p, rev) = self.find_peer(c, peer_id).await?;
+            let mut txn = Txn::new()
+                .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
+                .then(Op::delete(keys::peer(&p.network_id, &p.id)))
+                .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
+                .then(Op::put(keys::netdel(&p.network_id), p.id.clone()))
+                .then(Op::put(keys::netpeers(&p.network_id), "recount"));
+            for a in &p.addresses {
+                if let Ok(net) = a.parse::<IpNetwork>() {
+                    txn = txn.then(Op::delete(keys::ipam(&p.network_id, &net.ip())));
+                }
+            }
+            if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
+                txn = txn.then(Op::put(
+                    keys::credential(&h),
+                    removed_credential(&p.network_id, &p.id),
+                ));
+            }
+            if self.store.txn(txn).await?.succeeded {
+                tracing::info!(peer = %p.id, network = %p.network_id, "peer removed");
+                return Ok(Some(()));
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    fn peer_view(&self, p: &PeerRecord) -> Peer {
+        let acked = self.sessions.get(&p.id);
+        Peer {
+            id: p.id.clone(),
+            network_id: p.network_id.clone(),
+            public_key: p.public_key.clone(),
+            addresses: p.addresses.clone(),
+            hostname: p.hostname.clone(),
+            tags: p.tags.clone(),
+            endpoints: p.endpoints.clone(),
+            created_at_unix: p.created_at_unix,
+            online: acked.is_some(),
+            acked_revision: acked.unwrap_or(0),
+        }
+    }
+}
+
+fn ip_sort_key(addrs: &[String]) -> Vec<IpAddr> {
+    addrs
+        .iter()
+        .filter_map(|a| a.parse::<IpNetwork>().ok().map(|n| n.ip()))
+        .collect()
+}

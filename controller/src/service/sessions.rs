@@ -1,0 +1,69 @@
+//! Live Sync sessions on this replica.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::store::Revision;
+
+/// Live Sync sessions on this replica: one per peer. Opening a session for a peer that has
+/// one tells the old one to end (a credential cannot hold many streams, each with a map); the
+/// session number makes the old one's close leave the new one alone.
+#[derive(Clone, Default)]
+pub struct Sessions(Arc<Mutex<SessionTable>>);
+
+struct SessionEntry {
+    number: u64,
+    acked: Revision,
+    /// Notified when a newer session of the same peer replaces this one.
+    replaced: Arc<tokio::sync::Notify>,
+}
+
+/// (last session number, peer id → its live session).
+type SessionTable = (u64, HashMap<String, SessionEntry>);
+
+impl Sessions {
+    /// Registers a new session of `peer`, ending the one it had: returns the session number
+    /// and what the session is told through when it is replaced in turn.
+    pub fn open(&self, peer: &str) -> (u64, Arc<tokio::sync::Notify>) {
+        let mut g = self.lock();
+        g.0 += 1;
+        let number = g.0;
+        let replaced = Arc::new(tokio::sync::Notify::new());
+        let entry = SessionEntry {
+            number,
+            acked: 0,
+            replaced: replaced.clone(),
+        };
+        if let Some(old) = g.1.insert(peer.to_string(), entry) {
+            old.replaced.notify_one();
+        }
+        (number, replaced)
+    }
+    pub fn ack(&self, peer: &str, session: u64, rev: Revision) {
+        if let Some(e) = self.lock().1.get_mut(peer)
+            && e.number == session
+        {
+            e.acked = e.acked.max(rev);
+        }
+    }
+    pub fn close(&self, peer: &str, session: u64) {
+        let mut g = self.lock();
+        if g.1.get(peer).is_some_and(|e| e.number == session) {
+            g.1.remove(peer);
+        }
+    }
+    /// The revision the peer's live session acknowledged, if it has one.
+    pub fn get(&self, peer: &str) -> Option<Revision> {
+        self.lock().1.get(peer).map(|e| e.acked)
+    }
+    /// How many sessions are live.
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionTable> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
