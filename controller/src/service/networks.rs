@@ -1,13 +1,15 @@
 //! Networks: create (quota, name, overlap), list, resolve by id or name, delete with all they hold.
 
 use canopy_proto::v1::{IndexRecord, Network, NetworkRecord, PeerRecord};
+use ipnetwork::IpNetwork;
 use prost::Message;
 
 use super::{Caller, Controller, decode, now_unix, removed_credential};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::model;
-use crate::secret::{self};
+use crate::plans::Plan;
+use crate::secret;
 use crate::store::{Compare, Op, Revision, Txn};
 
 impl Controller {
@@ -27,34 +29,8 @@ impl Controller {
             let tenant = self.tenant_guard(&c.tenant).await?;
             let ver = self.store.get(keys::netsver(&c.tenant).as_bytes()).await?;
             let ver_rev = ver.as_ref().map_or(0, |kv| kv.mod_revision);
-            let existing_networks = self.network_records(&c.tenant).await?;
-            let limit = tenant.plan.quotas().networks;
-            if existing_networks.len() as u64 >= u64::from(limit) {
-                return Err(Error::ResourceExhausted(format!(
-                    "the {} plan allows {limit} networks",
-                    tenant.plan.name()
-                )));
-            }
-            for existing in existing_networks {
-                if existing.name == name {
-                    return Err(Error::AlreadyExists(format!(
-                        "network {} already exists",
-                        canopy_proto::text::quoted(name)
-                    )));
-                }
-                for theirs in existing
-                    .cidrs
-                    .iter()
-                    .filter_map(|s| model::parse_cidr(s).ok())
-                {
-                    if let Some(mine) = nets.iter().find(|n| model::overlaps(n, &theirs)) {
-                        return Err(Error::FailedPrecondition(format!(
-                            "{mine} overlaps {theirs} of network {}",
-                            canopy_proto::text::quoted(&existing.name)
-                        )));
-                    }
-                }
-            }
+            let existing = self.network_records(&c.tenant).await?;
+            check_new_network(tenant.plan, &existing, name, nets)?;
             let rec = NetworkRecord {
                 id: secret::new_id("net_"),
                 tenant_id: c.tenant.clone(),
@@ -199,6 +175,40 @@ impl Controller {
     }
 }
 
+/// Whether a network `name` with `nets` may join the tenant's `existing` ones under `plan`:
+/// within the quota, a new name, no CIDR overlapping another network's.
+pub(super) fn check_new_network(
+    plan: Plan,
+    existing: &[NetworkRecord],
+    name: &str,
+    nets: &[IpNetwork],
+) -> Result<()> {
+    let limit = plan.quotas().networks;
+    if existing.len() as u64 >= u64::from(limit) {
+        return Err(Error::ResourceExhausted(format!(
+            "the {} plan allows {limit} networks",
+            plan.name()
+        )));
+    }
+    for other in existing {
+        if other.name == name {
+            return Err(Error::AlreadyExists(format!(
+                "network {} already exists",
+                canopy_proto::text::quoted(name)
+            )));
+        }
+        for theirs in other.cidrs.iter().filter_map(|s| model::parse_cidr(s).ok()) {
+            if let Some(mine) = nets.iter().find(|n| model::overlaps(n, &theirs)) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{mine} overlaps {theirs} of network {}",
+                    canopy_proto::text::quoted(&other.name)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn network_view(n: &NetworkRecord, revision: Revision) -> Network {
     Network {
         id: n.id.clone(),
@@ -206,5 +216,37 @@ fn network_view(n: &NetworkRecord, revision: Revision) -> Network {
         cidrs: n.cidrs.clone(),
         created_at_unix: n.created_at_unix,
         revision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn existing(name: &str, cidr: &str) -> NetworkRecord {
+        NetworkRecord {
+            name: name.into(),
+            cidrs: vec![cidr.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_new_network_needs_room_a_new_name_and_its_own_addresses() {
+        let nets = |s: &str| vec![s.parse::<IpNetwork>().unwrap()];
+        let have = vec![existing("prod", "100.64.0.0/24")];
+        assert!(check_new_network(Plan::Free, &have, "dev", &nets("100.64.1.0/24")).is_ok());
+        let e = check_new_network(Plan::Free, &have, "prod", &nets("100.64.1.0/24"));
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        let e = check_new_network(Plan::Free, &have, "dev", &nets("100.64.0.128/25"));
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "100.64.0.128/25 overlaps 100.64.0.0/24 of network \"prod\""
+        );
+        let full: Vec<NetworkRecord> = (0..Plan::Free.quotas().networks)
+            .map(|i| existing(&format!("n{i}"), &format!("10.{i}.0.0/16")))
+            .collect();
+        let e = check_new_network(Plan::Free, &full, "more", &nets("100.64.9.0/24"));
+        assert!(matches!(e, Err(Error::ResourceExhausted(_))), "{e:?}");
     }
 }

@@ -8,6 +8,7 @@ use super::{Caller, Controller, decode, now_unix};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::model;
+use crate::plans::Plan;
 use crate::secret::{self, Secret};
 use crate::store::{Compare, Op, Revision, Txn};
 
@@ -39,15 +40,10 @@ impl Controller {
                 network_id: net.id.clone(),
                 secret_hash: secret.hash().to_vec(),
                 max_uses,
-                uses: 0,
-                expires_at_unix: if ttl_seconds == 0 {
-                    0
-                } else {
-                    now + ttl_seconds as i64
-                },
-                revoked: false,
+                expires_at_unix: expiry(now, ttl_seconds),
                 tags: tags.to_vec(),
                 created_at_unix: now,
+                ..Default::default()
             };
             let hash_key = keys::tokenhash(&secret.hash());
             // Active tokens are counted under a per-tenant version key the create is
@@ -69,14 +65,8 @@ impl Controller {
                     ))
                 })?
                 .mod_revision;
-            let limit = tenant.plan.quotas().active_join_tokens;
             let active = self.active_join_tokens(&c.tenant, now).await?;
-            if active as u64 >= u64::from(limit) {
-                return Err(Error::ResourceExhausted(format!(
-                    "the {} plan allows {limit} active join tokens",
-                    tenant.plan.name()
-                )));
-            }
+            check_token_quota(tenant.plan, active)?;
             let r = self
                 .store
                 .txn(
@@ -182,6 +172,27 @@ impl Controller {
     }
 }
 
+/// When a token made at `now` with `ttl_seconds` expires (0: never).
+pub(super) fn expiry(now: i64, ttl_seconds: u64) -> i64 {
+    if ttl_seconds == 0 {
+        0
+    } else {
+        now.saturating_add(i64::try_from(ttl_seconds).unwrap_or(i64::MAX))
+    }
+}
+
+/// Whether a tenant with `active` usable join tokens may make one more under `plan`.
+pub(super) fn check_token_quota(plan: Plan, active: usize) -> Result<()> {
+    let limit = plan.quotas().active_join_tokens;
+    if active as u64 >= u64::from(limit) {
+        return Err(Error::ResourceExhausted(format!(
+            "the {} plan allows {limit} active join tokens",
+            plan.name()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_token_usable(t: &JoinTokenRecord, now: i64) -> Result<()> {
     if t.revoked {
         return Err(Error::PermissionDenied("join token was revoked".into()));
@@ -223,6 +234,24 @@ mod tests {
             revoked,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_token_expires_ttl_seconds_after_it_was_made_or_never() {
+        assert_eq!(expiry(1000, 0), 0);
+        assert_eq!(expiry(1000, 60), 1060);
+        assert_eq!(expiry(1000, u64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn the_token_quota_counts_active_tokens() {
+        let limit = Plan::Free.quotas().active_join_tokens as usize;
+        assert!(check_token_quota(Plan::Free, limit - 1).is_ok());
+        let e = check_token_quota(Plan::Free, limit).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("the free plan allows {limit} active join tokens")
+        );
     }
 
     #[test]
