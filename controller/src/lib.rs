@@ -5,8 +5,8 @@
 //!   per-peer maps and deltas, plans and quotas. No I/O; unit- and property-tested.
 //! - [`store`]: the etcd-shaped KV trait, its embedded (redb) backend and conformance suite.
 //! - [`cache`]: list+watch follower of the store that Sync streams are served from.
-//! - [`service`]: the operations (networks, tokens, peers, enrollment) over store + cache;
-//!   [`tenancy`]: tenants, API tokens, plans and usage.
+//! - [`service`]: the operations over store + cache, one module per resource (networks, join
+//!   tokens, peers, enrollment, agents, tenants and plans, API tokens, audit);
 //! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
 //! - [`leader`]: election of the replica that runs background jobs, with fenced writes.
 //! - [`txn`]: the one retry loop for read → decide → write operations (jittered backoff).
@@ -29,6 +29,5 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod tenancy;
 pub mod tls;
 pub mod txn;

@@ -13,13 +13,17 @@ use canopy_proto::v1::{ApiTokenRecord, IndexRecord};
 use prost::Message;
 
 mod agents;
+mod apitokens;
+mod audit;
 mod enroll;
 mod networks;
 mod peers;
 mod sessions;
+mod tenants;
 mod tokens;
 
 pub use sessions::Sessions;
+pub use tenants::TenantGuard;
 
 use crate::cache::Cache;
 use crate::error::{Error, Result};

@@ -1,16 +1,14 @@
 //! Tenants, their API tokens, plans and usage. In a self-managed controller there is one tenant
 //! (`default`) with no quotas; a hosted controller (`--hosted`) lets customers sign up.
 
-use canopy_proto::v1::{
-    ApiToken, ApiTokenRecord, NetworkUsage, Quotas, Subscription, TenantRecord, Usage,
-};
+use canopy_proto::v1::{ApiTokenRecord, NetworkUsage, Quotas, Subscription, TenantRecord, Usage};
 use prost::Message as _;
 
+use super::{Caller, Controller, decode, now_unix};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::plans::{Plan, Scope};
 use crate::secret::{self, Secret};
-use crate::service::{Caller, Controller, decode, now_unix};
 use crate::store::{Compare, Op, Txn};
 
 /// A tenant as a write saw it: its plan, and the compare that keeps the write honest.
@@ -30,188 +28,7 @@ fn quotas(p: Plan) -> Quotas {
     }
 }
 
-fn token_view(r: &ApiTokenRecord) -> ApiToken {
-    ApiToken {
-        id: r.id.clone(),
-        name: r.name.clone(),
-        scope: Scope::parse(&r.scope)
-            .unwrap_or(Scope::Read)
-            .name()
-            .to_string(),
-        created_at_unix: r.created_at_unix,
-    }
-}
-
 impl Controller {
-    /// The ops to add an API token (its record, and its listing entry).
-    fn api_token_ops(tenant: &str, name: &str, scope: Scope) -> (ApiTokenRecord, Secret, Txn) {
-        let secret = Secret::generate(secret::API_TOKEN);
-        let rec = ApiTokenRecord {
-            id: secret::new_id("api_"),
-            tenant_id: tenant.to_string(),
-            secret_hash: secret.hash().to_vec(),
-            name: name.to_string(),
-            created_at_unix: now_unix(),
-            scope: scope.name().to_string(),
-        };
-        let key = keys::apitoken(&secret.hash());
-        let txn = Txn::new()
-            .when(Compare::absent(key.clone()))
-            .then(Op::put(key, rec.encode_to_vec()))
-            .then(Op::put(
-                keys::apitokenlist_entry(tenant, &rec.id),
-                rec.encode_to_vec(),
-            ));
-        (rec, secret, txn)
-    }
-
-    /// Creates an API token for a tenant within its plan's quota; returns it and its secret
-    /// (shown once). Counted under `apitokensver/<tenant>`, which the create is conditioned on.
-    pub async fn create_api_token(
-        &self,
-        tenant: &str,
-        name: &str,
-        scope: Scope,
-    ) -> Result<(ApiToken, Secret)> {
-        self.add_api_token(tenant, name, scope, true).await
-    }
-
-    async fn add_api_token(
-        &self,
-        tenant: &str,
-        name: &str,
-        scope: Scope,
-        within_quota: bool,
-    ) -> Result<(ApiToken, Secret)> {
-        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            return Err(Error::InvalidArgument(
-                "API token name must be 1-64 characters, none of them control characters".into(),
-            ));
-        }
-        crate::txn::retry("create API token", |_| async move {
-            let guard = self.tenant_guard(tenant).await?;
-            let (ver_rev, tokens) = self.api_token_records(tenant).await?;
-            let limit = guard.plan.quotas().api_tokens;
-            if within_quota && tokens.len() as u64 >= u64::from(limit) {
-                return Err(Error::ResourceExhausted(format!(
-                    "the {} plan allows {limit} API tokens; revoke one first",
-                    guard.plan.name()
-                )));
-            }
-            let (rec, secret, txn) = Self::api_token_ops(tenant, name, scope);
-            let ver = keys::apitokensver(tenant);
-            let txn = txn
-                .when(guard.compare)
-                .when(Compare::unchanged(ver.clone(), ver_rev))
-                .then(Op::put(ver, rec.id.clone()));
-            let r = self.store.txn(txn).await?;
-            Ok(r.succeeded.then(|| (token_view(&rec), secret)))
-        })
-        .await
-    }
-
-    /// A tenant's API token records, and the revision of the version key they are counted under.
-    async fn api_token_records(
-        &self,
-        tenant: &str,
-    ) -> Result<(
-        crate::store::Revision,
-        Vec<(ApiTokenRecord, crate::store::Revision)>,
-    )> {
-        let ver_rev = self
-            .store
-            .get(keys::apitokensver(tenant).as_bytes())
-            .await?
-            .map_or(0, |kv| kv.mod_revision);
-        let r = self
-            .store
-            .range(keys::apitokenlist(tenant).as_bytes())
-            .await?;
-        let tokens = r
-            .kvs
-            .iter()
-            .map(|kv| Ok((decode::<ApiTokenRecord>(kv)?, kv.mod_revision)))
-            .collect::<Result<_>>()?;
-        Ok((ver_rev, tokens))
-    }
-
-    /// `canopy apitoken create`: an admin of the tenant makes another token. The scope must be
-    /// said: an empty or unknown one is refused, never taken as admin.
-    pub async fn create_api_token_for(
-        &self,
-        c: &Caller,
-        name: &str,
-        scope: &str,
-    ) -> Result<(ApiToken, Secret)> {
-        c.require_admin()?;
-        let scope = Scope::parse(scope)?;
-        self.create_api_token(&c.tenant, name, scope).await
-    }
-
-    /// A new admin API token for a tenant that lost its own (the operator's `token-reset`, or
-    /// `canopy serve --reset-admin-token` for the self-managed tenant). Outside the quota: it
-    /// is how a locked-out tenant gets back in.
-    pub async fn reset_admin_token(&self, tenant: &str) -> Result<(ApiToken, Secret)> {
-        if tenant != crate::service::DEFAULT_TENANT {
-            self.tenant_record(tenant).await?;
-        }
-        let r = self
-            .add_api_token(tenant, "admin (reset)", Scope::Admin, false)
-            .await?;
-        tracing::info!(tenant, token = %r.0.id, "admin API token reset");
-        Ok(r)
-    }
-
-    pub async fn list_api_tokens(&self, c: &Caller) -> Result<Vec<ApiToken>> {
-        let (_, tokens) = self.api_token_records(&c.tenant).await?;
-        let mut v: Vec<ApiToken> = tokens.iter().map(|(t, _)| token_view(t)).collect();
-        v.sort_by_key(|t| t.created_at_unix);
-        Ok(v)
-    }
-
-    /// Revokes an API token, unless it is the tenant's last admin token (that would lock the
-    /// tenant out for good). Two revocations that race are serialised by the version key.
-    pub async fn revoke_api_token(&self, c: &Caller, id: &str) -> Result<ApiToken> {
-        c.require_admin()?;
-        let tenant = c.tenant.as_str();
-        crate::txn::retry("revoke API token", |_| async move {
-            let (ver_rev, tokens) = self.api_token_records(tenant).await?;
-            let Some((rec, rev)) = tokens.iter().find(|(t, _)| t.id == id) else {
-                return Err(Error::NotFound(format!(
-                    "API token {} not found",
-                    canopy_proto::text::quoted(id)
-                )));
-            };
-            let is_admin = |t: &ApiTokenRecord| Scope::parse(&t.scope) == Ok(Scope::Admin);
-            if is_admin(rec) && tokens.iter().filter(|(t, _)| is_admin(t)).count() == 1 {
-                return Err(Error::FailedPrecondition(
-                    "this is the tenant's last admin API token: create another admin token first"
-                        .into(),
-                ));
-            }
-            let hash: [u8; 32] = rec
-                .secret_hash
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Internal("bad token hash".into()))?;
-            let entry = keys::apitokenlist_entry(tenant, id);
-            let ver = keys::apitokensver(tenant);
-            let r = self
-                .store
-                .txn(
-                    Txn::new()
-                        .when(Compare::unchanged(ver.clone(), ver_rev))
-                        .when(Compare::unchanged(entry.clone(), *rev))
-                        .then(Op::put(ver, rec.id.clone()))
-                        .then(Op::delete(entry))
-                        .then(Op::delete(keys::apitoken(&hash))),
-                )
-                .await?;
-            Ok(r.succeeded.then(|| token_view(rec)))
-        })
-        .await
-    }
-
     /// The tenant's plan (self-managed for the default tenant of a self-managed controller).
     pub async fn tenant_plan(&self, tenant: &str) -> Result<Plan> {
         Ok(self.tenant_guard(tenant).await?.plan)
@@ -225,7 +42,7 @@ impl Controller {
     pub async fn tenant_guard(&self, tenant: &str) -> Result<TenantGuard> {
         let key = keys::tenant(tenant);
         match self.store.get(key.as_bytes()).await? {
-            None if tenant == crate::service::DEFAULT_TENANT => Ok(TenantGuard {
+            None if tenant == super::DEFAULT_TENANT => Ok(TenantGuard {
                 plan: Plan::SelfManaged,
                 compare: Compare::absent(key),
             }),
@@ -435,7 +252,10 @@ impl Controller {
         }
     }
 
-    async fn tenant_record(&self, id: &str) -> Result<(TenantRecord, crate::store::Revision)> {
+    pub(super) async fn tenant_record(
+        &self,
+        id: &str,
+    ) -> Result<(TenantRecord, crate::store::Revision)> {
         let kv = self
             .store
             .get(keys::tenant(id).as_bytes())
@@ -565,62 +385,5 @@ impl Controller {
         self.store.txn(txn).await?;
         tracing::info!(tenant = %id, networks = nets, peers, "tenant deleted");
         Ok((nets, peers))
-    }
-}
-
-/// The per-tenant audit log: `audit/<tenant>/<millis, 20 digits>-<random>` → AuditEntry, so a
-/// range read in key order is oldest first.
-impl Controller {
-    /// Records a change. Written after the change commits: an entry can be missing if the
-    /// store fails in between, never present for a change that did not happen.
-    pub async fn audit(&self, tenant: &str, actor: &str, action: &str, object: &str, detail: &str) {
-        let at = crate::leader::now_ms();
-        let e = canopy_proto::v1::AuditEntry {
-            at_unix_ms: at,
-            actor: actor.to_string(),
-            action: action.to_string(),
-            object: object.to_string(),
-            detail: detail.to_string(),
-        };
-        let key = format!(
-            "{}audit/{tenant}/{at:020}-{}",
-            keys::ROOT,
-            secret::new_id("")
-        );
-        if let Err(e) = self
-            .store
-            .txn(Txn::new().then(Op::put(key, e.encode_to_vec())))
-            .await
-        {
-            tracing::warn!(error = %e, tenant, action, "audit entry not written");
-        }
-    }
-
-    pub async fn list_audit(
-        &self,
-        c: &Caller,
-        limit: u32,
-        action: &str,
-        object: &str,
-    ) -> Result<Vec<canopy_proto::v1::AuditEntry>> {
-        let limit = match limit {
-            0 => 50,
-            n => n.min(1000),
-        } as usize;
-        let r = self
-            .store
-            .range(format!("{}audit/{}/", keys::ROOT, c.tenant).as_bytes())
-            .await?;
-        let mut out = Vec::new();
-        for kv in r.kvs.iter().rev() {
-            let e: canopy_proto::v1::AuditEntry = decode(kv)?;
-            if e.action.starts_with(action) && (object.is_empty() || e.object == object) {
-                out.push(e);
-                if out.len() == limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
     }
 }
