@@ -1,8 +1,8 @@
 //! Allowed-IPs routing: longest-prefix match from an address to a peer, IPv4 and IPv6.
 //!
-//! One hash map per prefix length in use, probed from the longest length down: a lookup costs
-//! one probe per distinct prefix length (usually two or three: /32 hosts plus a few networks),
-//! however many peers there are.
+//! One hash map per family keyed by (prefix length, masked address), and the list of prefix
+//! lengths in use, probed from the longest down: a lookup costs one probe per distinct prefix
+//! length (usually two or three: /32 hosts plus a few networks), however many peers there are.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -149,18 +149,15 @@ impl<T: Clone + PartialEq> AllowedIps<T> {
     }
 
     /// Removes every prefix that routes to `v`.
-    pub fn remove_value(&mut self, v: &T) {
-        for t in [&mut self.v4, &mut self.v6] {
-            let keys: Vec<(u8, u128)> = t
-                .map
-                .iter()
-                .filter(|(_, x)| *x == v)
-                .map(|(k, _)| *k)
-                .collect();
-            for (len, addr) in keys {
-                t.remove(addr, len);
-            }
+    /// Removes `net` if it routes to `v` (and leaves another value's route alone): one
+    /// probe, not a scan of every route.
+    pub fn remove_if(&mut self, net: &IpNetwork, v: &T) -> bool {
+        let (v4, addr, len) = split(net);
+        let t = if v4 { &mut self.v4 } else { &mut self.v6 };
+        if t.map.get(&(len, mask(addr, len, t.bits))) != Some(v) {
+            return false;
         }
+        t.remove(addr, len).is_some()
     }
 
     pub fn lookup(&self, ip: IpAddr) -> Option<&T> {
@@ -203,7 +200,8 @@ mod tests {
         assert_eq!(at(&t, "fd00:1::5"), Some(5));
         assert_eq!(at(&t, "fd00:2::5"), Some(4));
         assert_eq!(at(&t, "2001:db8::1"), None);
-        t.remove_value(&2);
+        assert!(!t.remove_if(&net("10.1.0.0/16"), &9), "another value's route stays");
+        assert!(t.remove_if(&net("10.1.0.0/16"), &2));
         assert_eq!(at(&t, "10.1.2.4"), Some(1));
         assert_eq!(t.remove(&net("10.1.2.3/32")), Some(3));
         assert_eq!(at(&t, "10.1.2.3"), Some(1));

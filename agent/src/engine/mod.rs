@@ -296,7 +296,17 @@ impl Engine {
                 idx
             }
         };
-        self.routes.remove_value(&idx);
+        // The peer's routes are exactly its config's allowed IPs (an IP taken by another peer
+        // leaves this one's list), so they are removed one probe each, not by a scan of every
+        // route: applying a full map of N peers stays O(N).
+        let old: Vec<IpNetwork> = self
+            .peers
+            .get(&idx)
+            .map(|p| p.config.allowed_ips.clone())
+            .unwrap_or_default();
+        for net in &old {
+            self.routes.remove_if(net, &idx);
+        }
         for net in &config.allowed_ips {
             // An allowed IP belongs to one peer: taking it moves it from its previous owner.
             if let Some(prev) = self.routes.insert(net, idx)
@@ -316,8 +326,11 @@ impl Engine {
         let Some(idx) = self.by_key.remove(key) else {
             return false;
         };
-        self.peers.remove(&idx);
-        self.routes.remove_value(&idx);
+        if let Some(p) = self.peers.remove(&idx) {
+            for net in &p.config.allowed_ips {
+                self.routes.remove_if(net, &idx);
+            }
+        }
         true
     }
 
