@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use canopy_proto::v1::{NetworkRecord, PeerRecord};
-use prost::Message as _;
+use prost::Message;
 use tokio::sync::watch;
 
 use crate::keys;
@@ -27,6 +27,9 @@ struct Inner {
     follower: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The store revision the cache reflects.
     applied: watch::Sender<Revision>,
+    /// Network and peer records that did not decode (each also logged): a record written by a
+    /// newer or broken writer is visible here, not silently missing from maps.
+    undecodable: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -60,6 +63,7 @@ impl Cache {
                 state: RwLock::new(State::default()),
                 follower: std::sync::Mutex::new(None),
                 applied: watch::channel(0).0,
+                undecodable: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         let rev = cache.relist(store.as_ref()).await?;
@@ -87,9 +91,37 @@ impl Cache {
         }
     }
 
-    /// Loads everything at one revision; returns that revision.
+    /// How many network and peer records failed to decode since start.
+    pub fn undecodable(&self) -> u64 {
+        self.inner
+            .undecodable
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Decodes a record the cache holds, counting and logging one that does not decode.
+    fn decode<M: Message + Default>(&self, key: &[u8], value: &[u8]) -> Option<M> {
+        match M::decode(value) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.inner
+                    .undecodable
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let key = String::from_utf8_lossy(key);
+                tracing::warn!(key = %canopy_proto::text::escape(&key), error = %e, "a store record does not decode; left out of the maps");
+                None
+            }
+        }
+    }
+
+    /// Loads the networks, peers and peer-deletion markers at one revision (nothing else: the
+    /// audit log, credentials and tokens stay in the store); returns that revision.
     async fn relist(&self, store: &dyn Store) -> Result<Revision, StoreError> {
-        let nets = store.range(keys::ROOT.as_bytes()).await?;
+        let prefixes = [
+            format!("{}networks/", keys::ROOT).into_bytes(),
+            keys::ALL_PEERS.as_bytes().to_vec(),
+            format!("{}netdel/", keys::ROOT).into_bytes(),
+        ];
+        let nets = store.range_many(&prefixes).await?;
         let rev = nets.revision;
         // A network's deltas are exact from its last peer deletion on: deletions before the
         // re-list left no tombstones, but none happened after that revision.
@@ -107,7 +139,7 @@ impl Cache {
         let mut fresh: HashMap<String, NetState> = HashMap::new();
         for kv in &nets.kvs {
             if network_id_of(&kv.key).is_some()
-                && let Ok(n) = NetworkRecord::decode(kv.value.as_slice())
+                && let Some(n) = self.decode::<NetworkRecord>(&kv.key, &kv.value)
             {
                 let floor = floors.get(n.id.as_str()).copied().unwrap_or(0);
                 fresh.insert(n.id.clone(), NetState::new(n, floor));
@@ -115,8 +147,8 @@ impl Cache {
         }
         for kv in &nets.kvs {
             if let Some((net, _)) = keys::parse_peer(&kv.key)
-                && let Ok(p) = PeerRecord::decode(kv.value.as_slice())
                 && let Some(s) = fresh.get_mut(net)
+                && let Some(p) = self.decode::<PeerRecord>(&kv.key, &kv.value)
             {
                 s.put_peer(p, kv.mod_revision);
             }
@@ -182,7 +214,7 @@ impl Cache {
             if let Some(id) = network_id_of(&e.kv.key) {
                 match e.kind {
                     EventKind::Put => {
-                        if let Ok(n) = NetworkRecord::decode(e.kv.value.as_slice()) {
+                        if let Some(n) = self.decode::<NetworkRecord>(&e.kv.key, &e.kv.value) {
                             st.networks
                                 .entry(id.to_string())
                                 .and_modify(|s| s.network = n.clone())
@@ -198,7 +230,7 @@ impl Cache {
                 if let Some(s) = st.networks.get_mut(net) {
                     match e.kind {
                         EventKind::Put => {
-                            if let Ok(p) = PeerRecord::decode(e.kv.value.as_slice()) {
+                            if let Some(p) = self.decode::<PeerRecord>(&e.kv.key, &e.kv.value) {
                                 s.put_peer(p, rev);
                             }
                         }
@@ -381,6 +413,57 @@ mod tests {
             .unwrap();
         assert!(cache.wait_for(r.revision, Duration::from_secs(5)).await);
         assert!(cache.peer("net_1", "peer_a").is_none());
+        cache.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_that_does_not_decode_is_counted_and_the_rest_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let net = NetworkRecord {
+            id: "net_1".into(),
+            name: "n".into(),
+            ..Default::default()
+        };
+        store
+            .txn(put(crate::keys::network("t", "net_1"), net))
+            .await
+            .unwrap();
+        let good = PeerRecord {
+            id: "peer_a".into(),
+            network_id: "net_1".into(),
+            ..Default::default()
+        };
+        store
+            .txn(put(crate::keys::peer("net_1", "peer_a"), good))
+            .await
+            .unwrap();
+        store
+            .txn(Txn::new().then(Op::put(crate::keys::peer("net_1", "peer_b"), vec![0xff; 7])))
+            .await
+            .unwrap();
+        // An audit entry is none of the cache's business, garbage or not.
+        store
+            .txn(Txn::new().then(Op::put(
+                format!("{}audit/t/1-x", crate::keys::ROOT),
+                vec![0xff; 7],
+            )))
+            .await
+            .unwrap();
+        let cache = Cache::start(store.clone()).await.unwrap();
+        assert_eq!(
+            cache.undecodable(),
+            1,
+            "the broken peer, not the audit entry"
+        );
+        assert!(cache.peer("net_1", "peer_a").is_some());
+        assert!(cache.peer("net_1", "peer_b").is_none());
+        let r = store
+            .txn(Txn::new().then(Op::put(crate::keys::peer("net_1", "peer_c"), vec![0xff; 3])))
+            .await
+            .unwrap();
+        assert!(cache.wait_for(r.revision, Duration::from_secs(5)).await);
+        assert_eq!(cache.undecodable(), 2, "one arriving by the watch too");
         cache.stop().await;
     }
 }

@@ -22,7 +22,12 @@
 //!                                    a removal): guards the peer quota
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
 //!                                    and the last admin token)
+//! audit/<tenant>/<ms, 20 digits>-<r> AuditEntry: key order is time order
+//! leader                             the replica holding the background-work lease (its id and
+//!                                    term; fences the leader's writes)
 //! ```
+//!
+//! The cache lists and follows only `networks/`, `peers/` and `netdel/` (what maps are made of).
 
 pub const ROOT: &str = "/canopy/v1/";
 

@@ -200,7 +200,10 @@ mod tests {
         assert_eq!(at(&t, "fd00:1::5"), Some(5));
         assert_eq!(at(&t, "fd00:2::5"), Some(4));
         assert_eq!(at(&t, "2001:db8::1"), None);
-        assert!(!t.remove_if(&net("10.1.0.0/16"), &9), "another value's route stays");
+        assert!(
+            !t.remove_if(&net("10.1.0.0/16"), &9),
+            "another value's route stays"
+        );
         assert!(t.remove_if(&net("10.1.0.0/16"), &2));
         assert_eq!(at(&t, "10.1.2.4"), Some(1));
         assert_eq!(t.remove(&net("10.1.2.3/32")), Some(3));

@@ -195,6 +195,49 @@ pub async fn watch_from_compacted_revision_is_an_error(s: Arc<dyn Store>) {
     assert_eq!(next(&mut w).await.revision, r3.revision);
 }
 
+/// A range of more keys than one etcd page (and of values past a few MB in all) comes back
+/// whole, in key order, at one revision.
+pub async fn a_large_range_comes_back_whole_in_key_order(s: Arc<dyn Store>) {
+    let value = vec![b'v'; 2048];
+    let mut last = 0;
+    for batch in 0..25 {
+        let mut txn = Txn::new();
+        for i in 0..100 {
+            txn = txn.then(Op::put(
+                format!("/big/{:05}", batch * 100 + i),
+                value.clone(),
+            ));
+        }
+        last = s.txn(txn).await.unwrap().revision;
+    }
+    s.txn(Txn::new().then(Op::put("/bigger", "not in the range")))
+        .await
+        .unwrap();
+    let r = s.range(b"/big/").await.unwrap();
+    assert_eq!(r.kvs.len(), 2500);
+    assert!(r.kvs.windows(2).all(|w| w[0].key < w[1].key), "key order");
+    assert!(r.revision > last);
+}
+
+/// Several prefixes read at one revision, and nothing outside them.
+pub async fn range_many_reads_only_its_prefixes_at_one_revision(s: Arc<dyn Store>) {
+    for k in ["/m/a/1", "/m/b/1", "/m/b/2", "/m/c/1", "/m/a/2"] {
+        s.txn(Txn::new().then(Op::put(k, k))).await.unwrap();
+    }
+    let r = s
+        .range_many(&[b"/m/b/".to_vec(), b"/m/a/".to_vec()])
+        .await
+        .unwrap();
+    let keys: Vec<_> = r
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect();
+    assert_eq!(keys, ["/m/b/1", "/m/b/2", "/m/a/1", "/m/a/2"]);
+    let head = s.txn(Txn::new().then(Op::put("/m/z", "z"))).await.unwrap();
+    assert_eq!(r.revision, head.revision - 1, "the revision it read at");
+}
+
 /// Generates one `#[tokio::test]` per conformance check for a backend.
 /// `$make` is an async closure from a fresh temp dir to `(Arc<dyn Store>, guard)`; the guard
 /// (e.g. a store process) lives until the test ends.
@@ -213,6 +256,8 @@ macro_rules! store_conformance_tests {
             watch_from_past_revision_replays_history,
             one_txn_is_one_watch_batch,
             watch_from_compacted_revision_is_an_error,
+            a_large_range_comes_back_whole_in_key_order,
+            range_many_reads_only_its_prefixes_at_one_revision,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

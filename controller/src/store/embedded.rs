@@ -74,6 +74,11 @@ impl EmbeddedStore {
     }
 
     fn read_range(&self, prefix: &[u8]) -> Result<RangeResult, StoreError> {
+        self.read_ranges(std::slice::from_ref(&prefix.to_vec()))
+    }
+
+    /// Every prefix in one read transaction: one snapshot, one revision.
+    fn read_ranges(&self, prefixes: &[Vec<u8>]) -> Result<RangeResult, StoreError> {
         let r = self.inner.db.begin_read().map_err(err)?;
         let meta = r.open_table(META).map_err(err)?;
         let revision = meta
@@ -83,13 +88,16 @@ impl EmbeddedStore {
             .unwrap_or(0) as i64;
         let t = r.open_table(KV).map_err(err)?;
         let mut kvs = Vec::new();
-        let iter = match prefix_end(prefix) {
-            Some(end) => t.range::<&[u8]>(prefix..end.as_slice()).map_err(err)?,
-            None => t.range::<&[u8]>(prefix..).map_err(err)?,
-        };
-        for item in iter {
-            let (k, v) = item.map_err(err)?;
-            kvs.push(decode_kv(k.value(), v.value())?);
+        for prefix in prefixes {
+            let prefix = prefix.as_slice();
+            let iter = match prefix_end(prefix) {
+                Some(end) => t.range::<&[u8]>(prefix..end.as_slice()).map_err(err)?,
+                None => t.range::<&[u8]>(prefix..).map_err(err)?,
+            };
+            for item in iter {
+                let (k, v) = item.map_err(err)?;
+                kvs.push(decode_kv(k.value(), v.value())?);
+            }
         }
         Ok(RangeResult { kvs, revision })
     }
@@ -386,6 +394,13 @@ impl Store for EmbeddedStore {
 
     fn range<'a>(&'a self, prefix: &'a [u8]) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
         async move { self.read_range(prefix) }.boxed()
+    }
+
+    fn range_many<'a>(
+        &'a self,
+        prefixes: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
+        async move { self.read_ranges(prefixes) }.boxed()
     }
 
     fn txn(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResult, StoreError>> {

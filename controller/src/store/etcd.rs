@@ -83,6 +83,58 @@ impl EtcdStore {
     }
 }
 
+/// Keys per page of a range: no response comes near etcd-client's 4 MB decoding limit, however
+/// large a prefix grows (an audit log, a network of many peers).
+const PAGE: i64 = 1000;
+
+impl EtcdStore {
+    /// A prefix read in pages, all at one revision (`at`, or the first page's when 0). A
+    /// revision compacted meanwhile answers [`StoreError::Compacted`].
+    async fn paged_range(&self, prefix: &[u8], at: Revision) -> Result<RangeResult, StoreError> {
+        let end = super::prefix_end(prefix).unwrap_or_else(|| vec![0]);
+        let mut from = prefix.to_vec();
+        let mut out = RangeResult {
+            kvs: Vec::new(),
+            revision: at,
+        };
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if out.revision != 0 {
+                opts = opts.with_revision(out.revision);
+            }
+            let r = self
+                .client
+                .clone()
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(|e| compacted_or_unavailable(e, out.revision))?;
+            if out.revision == 0 {
+                out.revision = r.header().map_or(0, |h| h.revision());
+            }
+            out.kvs.extend(r.kvs().iter().map(kv));
+            match (r.more(), r.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+/// etcd answers a read at a compacted revision with "required revision has been compacted".
+fn compacted_or_unavailable(e: etcd_client::Error, at: Revision) -> StoreError {
+    if e.to_string().contains("compacted") {
+        StoreError::Compacted {
+            requested: at,
+            compacted: 0,
+        }
+    } else {
+        unavailable(e)
+    }
+}
+
 impl Store for EtcdStore {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
         async move {
@@ -98,18 +150,25 @@ impl Store for EtcdStore {
     }
 
     fn range<'a>(&'a self, prefix: &'a [u8]) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
+        async move { self.paged_range(prefix, 0).await }.boxed()
+    }
+
+    fn range_many<'a>(
+        &'a self,
+        prefixes: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
         async move {
-            let r = self
-                .client
-                .clone()
-                .get(prefix, Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(unavailable)?;
-            let revision = r.header().map_or(0, |h| h.revision());
-            Ok(RangeResult {
-                kvs: r.kvs().iter().map(kv).collect(),
-                revision,
-            })
+            let mut all = RangeResult {
+                kvs: Vec::new(),
+                revision: 0,
+            };
+            for p in prefixes {
+                // The first read fixes the revision; the others read at it.
+                let r = self.paged_range(p, all.revision).await?;
+                all.revision = r.revision;
+                all.kvs.extend(r.kvs);
+            }
+            Ok(all)
         }
         .boxed()
     }

@@ -14,6 +14,7 @@ pub mod conformance;
 pub mod embedded;
 pub mod etcd;
 
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
@@ -152,6 +153,37 @@ pub trait Store: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>>;
     /// All keys that start with `prefix`, in key order, at one revision.
     fn range<'a>(&'a self, prefix: &'a [u8]) -> BoxFuture<'a, Result<RangeResult, StoreError>>;
+    /// All keys under each of `prefixes` (in that order, each in key order), all at one
+    /// revision: a consistent picture of several parts of the store without reading the rest.
+    /// The default reads them one by one and starts over until no write came in between;
+    /// backends that can read at a fixed revision do it in one pass.
+    fn range_many<'a>(
+        &'a self,
+        prefixes: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
+        async move {
+            for _ in 0..100 {
+                let mut all = RangeResult {
+                    kvs: Vec::new(),
+                    revision: 0,
+                };
+                let mut consistent = true;
+                for p in prefixes {
+                    let r = self.range(p).await?;
+                    consistent &= all.revision == 0 || r.revision == all.revision;
+                    all.revision = r.revision;
+                    all.kvs.extend(r.kvs);
+                }
+                if consistent {
+                    return Ok(all);
+                }
+            }
+            Err(StoreError::Unavailable(
+                "the store kept changing while it was read".into(),
+            ))
+        }
+        .boxed()
+    }
     fn txn(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResult, StoreError>>;
     /// Streams changes under `prefix` from `start_revision` on (0: from the next revision).
     fn watch<'a>(
