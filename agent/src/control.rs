@@ -41,13 +41,19 @@ pub enum ControlError {
     State(#[from] StateError),
     #[error("controller sent an unusable update: {0}")]
     Protocol(String),
+    /// This host could not apply a good map (a route, an address): not the controller's fault.
+    #[error("applying the network map on this host: {0}")]
+    Apply(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Where applied maps go: the data plane (or nothing, for a control-only agent).
+/// Why a [`MapSink`] could not apply a map: whatever its layer's error is.
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
 pub trait MapSink: Send {
     /// Makes `map` take effect. With `delta`, only the peers it names changed since the
     /// previously applied map; without, `map` is a full map to reconcile against.
-    fn apply(&mut self, map: &NetworkMap, delta: Option<&NetworkDelta>) -> Result<(), String>;
+    fn apply(&mut self, map: &NetworkMap, delta: Option<&NetworkDelta>) -> Result<(), SinkError>;
 }
 
 /// A sink that applies nothing (control plane only).
@@ -55,7 +61,7 @@ pub trait MapSink: Send {
 pub struct NoDataPlane;
 
 impl MapSink for NoDataPlane {
-    fn apply(&mut self, _: &NetworkMap, _: Option<&NetworkDelta>) -> Result<(), String> {
+    fn apply(&mut self, _: &NetworkMap, _: Option<&NetworkDelta>) -> Result<(), SinkError> {
         Ok(())
     }
 }
@@ -224,7 +230,7 @@ impl ControlClient {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ControlError> {
         tokio::pin!(shutdown);
-        let pin = self.enrollment.ca_pin().map_err(ControlError::Protocol)?;
+        let pin = self.enrollment.ca_pin()?;
         let trust = Trust::Pin(pin);
         let mut failures = 0u32;
         let mut next = 0usize;
@@ -268,8 +274,14 @@ impl ControlClient {
                     }
                     continue;
                 }
+                Err(e @ ControlError::Apply(_)) => {
+                    // The map is fine; this host is not (a route it refuses): try again later
+                    // with the next map, the interface keeps what it had.
+                    tracing::warn!(error = %e, attempt = failures + 1, "could not apply the network map; retrying");
+                    failures = failures.saturating_add(1);
+                }
                 Err(e) => {
-                    tracing::warn!(%url, error = %e, attempt = failures + 1, "controller unreachable; keeping the last map");
+                    tracing::warn!(%url, error = %e, attempt = failures + 1, "controller session failed; keeping the last map");
                     failures = failures.saturating_add(1);
                     next += 1;
                 }
@@ -374,7 +386,7 @@ impl ControlClient {
             Some(sync_response::Msg::Full(mut m)) => {
                 self.stats.full_maps.fetch_add(1, Ordering::Relaxed);
                 canopy_proto::netmap::canonicalize(&mut m);
-                sink.apply(&m, None).map_err(ControlError::Protocol)?;
+                sink.apply(&m, None).map_err(ControlError::Apply)?;
                 if let Some(s) = &self.state {
                     s.save_map(&m)?;
                 }
@@ -412,7 +424,7 @@ impl ControlClient {
             return Err(ControlError::Protocol("map vanished".into()));
         };
         sink.apply(m, Some(&delta))
-            .map_err(ControlError::Protocol)?;
+            .map_err(ControlError::Apply)?;
         if let Some(s) = &self.state {
             s.save_map(m)?;
         }

@@ -30,6 +30,8 @@ pub enum StateError {
     },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("the enrollment's CA pin is not valid: {0}")]
+    CaPin(&'static str),
 }
 
 /// What the agent keeps from its enrollment.
@@ -55,11 +57,11 @@ impl std::fmt::Debug for Enrollment {
 }
 
 impl Enrollment {
-    pub fn ca_pin(&self) -> Result<[u8; 32], String> {
-        let b = hex::decode(&self.ca_sha256).map_err(|_| "CA pin is not hex".to_string())?;
+    pub fn ca_pin(&self) -> Result<[u8; 32], StateError> {
+        let b = hex::decode(&self.ca_sha256).map_err(|_| StateError::CaPin("not hex"))?;
         b.as_slice()
             .try_into()
-            .map_err(|_| "CA pin is not 32 bytes".to_string())
+            .map_err(|_| StateError::CaPin("not 32 bytes"))
     }
 }
 

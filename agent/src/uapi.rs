@@ -20,7 +20,8 @@ pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
 /// Why a `set` was refused: the errno the answer carries (negative, as wireguard-go sends it
 /// and as `wg` reads it: `errno=-22` prints "Invalid argument") and what to log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct SetError {
     pub errno: i32,
     pub message: String,
@@ -39,11 +40,6 @@ impl SetError {
     }
 }
 
-impl std::fmt::Display for SetError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
 
 /// Renders the `get=1` answer (without the final `errno` line), key for key as wireguard-go
 /// does: no `private_key` line without a key (and the key as used, clamped), a

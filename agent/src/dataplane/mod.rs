@@ -514,7 +514,11 @@ impl ControllerSink {
 }
 
 impl MapSink for ControllerSink {
-    fn apply(&mut self, map: &NetworkMap, delta: Option<&NetworkDelta>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        map: &NetworkMap,
+        delta: Option<&NetworkDelta>,
+    ) -> Result<(), crate::control::SinkError> {
         let (set, remove): (Vec<PeerConfig>, Vec<[u8; 32]>) = match delta {
             Some(d) => {
                 let remove = d
@@ -544,9 +548,7 @@ impl MapSink for ControllerSink {
         for k in &remove {
             self.endpoints.remove(k);
         }
-        self.dp
-            .update_peers(set, &remove)
-            .map_err(|e| e.to_string())
+        Ok(self.dp.update_peers(set, &remove)?)
     }
 }
 
