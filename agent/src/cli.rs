@@ -314,48 +314,16 @@ async fn join(
 ) -> anyhow::Result<()> {
     let state = StateDir::open(dir)?;
     let key = state.private_key()?;
-    let (enrollment, map) = match (state.enrollment()?, state.map()?) {
-        (Some(e), Some(map)) => {
-            tracing::info!(peer = %e.peer_id, revision = map.revision, "already enrolled; resuming from the saved state");
-            (e, map)
-        }
-        _ => {
-            let join = JoinString::parse(join_string)?;
-            let hostname = hostname.unwrap_or_else(system_hostname);
-            let credential = state.pending_credential(join_string, control::new_credential)?;
-            let (e, map) =
-                control::enroll_with(&join, key.public_key(), &hostname, &credential).await?;
-            state.complete_enrollment(&e, &map)?;
-            say!(
-                "enrolled as {} in network {} with address {}",
-                e.peer_id,
-                map.network_name,
-                map.addresses.join(", ")
-            );
-            (e, map)
-        }
-    };
-    let spec = |listen_port| InterfaceSpec {
+    let (enrollment, map) = enrolled(&state, &key, join_string, hostname).await?;
+    let spec = InterfaceSpec {
         name: iface.interface.clone(),
         private_key: key.secret().to_bytes(),
         addresses: dataplane::map_addresses(&map),
-        listen_port,
+        listen_port: 0,
         mtu: iface.mtu,
         offload: dataplane::offload_from_env(),
     };
-    let dp = match (iface.listen_port, state.listen_port()?) {
-        (Some(port), _) => Dataplane::start(spec(port), vec![]).await?,
-        (None, Some(last)) => match Dataplane::start(spec(last), vec![]).await {
-            Ok(dp) => dp,
-            Err(e @ dataplane::DataplaneError::Udp { .. }) => {
-                tracing::warn!(port = last, error = %e, "the last listen port is taken; using a random one");
-                Dataplane::start(spec(0), vec![]).await?
-            }
-            Err(e) => return Err(e.into()),
-        },
-        (None, None) => Dataplane::start(spec(0), vec![]).await?,
-    };
-    let dp = Arc::new(dp);
+    let dp = Arc::new(start_on_port(spec, iface.listen_port, state.listen_port()?).await?);
     state.save_listen_port(dp.listen_port())?;
     let mut sink = ControllerSink::new(dp.clone());
     // The last map takes effect at once: the overlay works even while the controller is away.
@@ -367,12 +335,8 @@ async fn join(
         let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
         let (tx, rx) = tokio::sync::watch::channel(initial);
         client.endpoints = rx;
-        Some(tokio::spawn(follow_endpoints(
-            dp.clone(),
-            iface.interface.clone(),
-            state,
-            tx,
-        )))
+        let follow = follow_endpoints(dp.clone(), iface.interface.clone(), state, tx);
+        Some(tokio::spawn(follow))
     } else {
         client.endpoints = tokio::sync::watch::channel(iface.endpoints).1;
         None
@@ -399,6 +363,57 @@ async fn join(
         Err(ControlError::Removed) => bail!("{}", ControlError::Removed),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The saved enrollment and map, or a new enrollment with the join string (once: a lost
+/// answer is recovered with the credential kept before asking).
+async fn enrolled(
+    state: &StateDir,
+    key: &PrivateKey,
+    join_string: &str,
+    hostname: Option<String>,
+) -> anyhow::Result<(crate::state::Enrollment, canopy_proto::v1::NetworkMap)> {
+    if let (Some(e), Some(map)) = (state.enrollment()?, state.map()?) {
+        tracing::info!(peer = %e.peer_id, revision = map.revision, "already enrolled; resuming from the saved state");
+        return Ok((e, map));
+    }
+    let join = JoinString::parse(join_string)?;
+    let hostname = hostname.unwrap_or_else(system_hostname);
+    let credential = state.pending_credential(join_string, control::new_credential)?;
+    let (e, map) = control::enroll_with(&join, key.public_key(), &hostname, &credential).await?;
+    state.complete_enrollment(&e, &map)?;
+    say!(
+        "enrolled as {} in network {} with address {}",
+        e.peer_id,
+        map.network_name,
+        map.addresses.join(", ")
+    );
+    Ok((e, map))
+}
+
+/// Starts the interface on the port asked for, else on the one used last (a random one if
+/// that is taken now), else on a random free one.
+async fn start_on_port(
+    spec: InterfaceSpec,
+    asked: Option<u16>,
+    last: Option<u16>,
+) -> anyhow::Result<Dataplane> {
+    let on = |port| InterfaceSpec {
+        listen_port: port,
+        ..spec.clone()
+    };
+    Ok(match (asked, last) {
+        (Some(port), _) => Dataplane::start(on(port), vec![]).await?,
+        (None, Some(last)) => match Dataplane::start(on(last), vec![]).await {
+            Ok(dp) => dp,
+            Err(e @ dataplane::DataplaneError::Udp { .. }) => {
+                tracing::warn!(port = last, error = %e, "the last listen port is taken; using a random one");
+                Dataplane::start(on(0), vec![]).await?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        (None, None) => Dataplane::start(on(0), vec![]).await?,
+    })
 }
 
 /// Keeps the endpoints reported to the controller current: the listen port (checked every

@@ -423,8 +423,7 @@ impl ControlClient {
         let Some(m) = map.as_ref() else {
             return Err(ControlError::Protocol("map vanished".into()));
         };
-        sink.apply(m, Some(&delta))
-            .map_err(ControlError::Apply)?;
+        sink.apply(m, Some(&delta)).map_err(ControlError::Apply)?;
         if let Some(s) = &self.state {
             s.save_map(m)?;
         }

@@ -40,7 +40,6 @@ impl SetError {
     }
 }
 
-
 /// Renders the `get=1` answer (without the final `errno` line), key for key as wireguard-go
 /// does: no `private_key` line without a key (and the key as used, clamped), a
 /// `preshared_key` line for every peer (zero when none).
