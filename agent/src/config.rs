@@ -64,18 +64,16 @@ const UNSUPPORTED: &[&str] = &[
     "fwmark",
 ];
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Default)]
 enum Section {
+    #[default]
     None,
     Interface,
     Peer,
 }
 
 pub fn parse(text: &str) -> Result<WgConfig, ConfigError> {
-    let mut section = Section::None;
-    let mut seen_interface = 0usize;
-    let (mut private_key, mut addresses, mut listen_port, mut mtu) = (None, Vec::new(), None, None);
-    let mut peers: Vec<(usize, PeerConfig, bool)> = Vec::new();
+    let mut p = Parser::default();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -83,36 +81,7 @@ pub fn parse(text: &str) -> Result<WgConfig, ConfigError> {
             continue;
         }
         if line.starts_with('[') {
-            section = match line.to_ascii_lowercase().as_str() {
-                "[interface]" => {
-                    seen_interface += 1;
-                    if seen_interface > 1 {
-                        return Err(err(n, None, "a second [Interface] section"));
-                    }
-                    Section::Interface
-                }
-                "[peer]" => {
-                    peers.push((
-                        n,
-                        PeerConfig {
-                            public_key: [0; 32],
-                            preshared_key: None,
-                            endpoint: None,
-                            allowed_ips: vec![],
-                            persistent_keepalive: None,
-                        },
-                        false,
-                    ));
-                    Section::Peer
-                }
-                other => {
-                    return Err(err(
-                        n,
-                        None,
-                        format!("unknown section {other}: expected [Interface] or [Peer]"),
-                    ));
-                }
-            };
+            p.section(n, line)?;
             continue;
         }
         let Some((k, v)) = line.split_once('=') else {
@@ -132,100 +101,161 @@ pub fn parse(text: &str) -> Result<WgConfig, ConfigError> {
             ));
         }
         let e = |m: String| err(n, Some(key), m);
-        match (section, lk.as_str()) {
-            (Section::None, _) => {
+        match p.section {
+            Section::None => {
                 return Err(err(
                     n,
                     Some(key),
                     "appears before any [Interface] or [Peer] section",
                 ));
             }
-            (Section::Interface, "privatekey") => {
-                private_key = Some(decode32(value).map_err(|x| e(x.to_string()))?)
+            Section::Interface => p.interface_key(&lk, value).map_err(e)?,
+            Section::Peer => p.peer_key(&lk, value).map_err(e)?,
+        }
+    }
+    p.finish()
+}
+
+/// What a file has said so far.
+#[derive(Default)]
+struct Parser {
+    section: Section,
+    seen_interface: usize,
+    private_key: Option<[u8; 32]>,
+    addresses: Vec<IpNetwork>,
+    listen_port: Option<u16>,
+    mtu: Option<u16>,
+    /// (line of its [Peer], the peer, whether it had a PublicKey).
+    peers: Vec<(usize, PeerConfig, bool)>,
+}
+
+impl Parser {
+    fn section(&mut self, n: usize, line: &str) -> Result<(), ConfigError> {
+        self.section = match line.to_ascii_lowercase().as_str() {
+            "[interface]" => {
+                self.seen_interface += 1;
+                if self.seen_interface > 1 {
+                    return Err(err(n, None, "a second [Interface] section"));
+                }
+                Section::Interface
             }
-            (Section::Interface, "address") => {
+            "[peer]" => {
+                let peer = PeerConfig {
+                    public_key: [0; 32],
+                    preshared_key: None,
+                    endpoint: None,
+                    allowed_ips: vec![],
+                    persistent_keepalive: None,
+                };
+                self.peers.push((n, peer, false));
+                Section::Peer
+            }
+            other => {
+                return Err(err(
+                    n,
+                    None,
+                    format!("unknown section {other}: expected [Interface] or [Peer]"),
+                ));
+            }
+        };
+        Ok(())
+    }
+
+    /// One `key = value` of [Interface]; `key` is lower case. The error names the value.
+    fn interface_key(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "privatekey" => self.private_key = Some(decode32(value).map_err(|x| x.to_string())?),
+            "address" => {
                 for a in list(value) {
-                    addresses.push(parse_address(a).map_err(&e)?);
+                    self.addresses.push(parse_address(a)?);
                 }
             }
-            (Section::Interface, "listenport") => {
-                listen_port = Some(
+            "listenport" => {
+                self.listen_port = Some(
                     value
                         .parse()
-                        .map_err(|_| e(format!("{value:?} is not a port (0-65535)")))?,
+                        .map_err(|_| format!("{value:?} is not a port (0-65535)"))?,
                 )
             }
-            (Section::Interface, "mtu") => {
+            "mtu" => {
                 let m: u16 = value
                     .parse()
-                    .map_err(|_| e(format!("{value:?} is not a number")))?;
+                    .map_err(|_| format!("{value:?} is not a number"))?;
                 if !(576..=65535).contains(&m) {
-                    return Err(e(format!("{m} is outside 576-65535")));
+                    return Err(format!("{m} is outside 576-65535"));
                 }
-                mtu = Some(m);
+                self.mtu = Some(m);
             }
-            (Section::Peer, k) => {
-                let Some((_, peer, has_key)) = peers.last_mut() else {
-                    continue;
-                };
-                match k {
-                    "publickey" => {
-                        peer.public_key = decode32(value).map_err(|x| e(x.to_string()))?;
-                        *has_key = true;
-                    }
-                    "presharedkey" => {
-                        peer.preshared_key = Some(decode32(value).map_err(|x| e(x.to_string()))?)
-                    }
-                    "endpoint" => peer.endpoint = Some(parse_endpoint(value).map_err(&e)?),
-                    "allowedips" => {
-                        for a in list(value) {
-                            peer.allowed_ips.push(parse_cidr(a).map_err(&e)?);
-                        }
-                    }
-                    "persistentkeepalive" => {
-                        peer.persistent_keepalive = match value {
-                            "off" | "0" => None,
-                            v => Some(v.parse().map_err(|_| {
-                                e(format!("{v:?} is not a number of seconds or 'off'"))
-                            })?),
-                        }
-                    }
-                    _ => return Err(e("unknown key in [Peer]".into())),
-                }
-            }
-            (Section::Interface, _) => return Err(e("unknown key in [Interface]".into())),
+            _ => return Err("unknown key in [Interface]".into()),
         }
+        Ok(())
     }
-    let private_key = private_key.ok_or_else(|| {
-        err(
-            0,
-            Some("PrivateKey"),
-            if seen_interface == 0 {
-                "no [Interface] section"
-            } else {
-                "[Interface] has no PrivateKey"
+
+    /// One `key = value` of the current [Peer]; `key` is lower case.
+    fn peer_key(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let Some((_, peer, has_key)) = self.peers.last_mut() else {
+            return Ok(());
+        };
+        match key {
+            "publickey" => {
+                peer.public_key = decode32(value).map_err(|x| x.to_string())?;
+                *has_key = true;
+            }
+            "presharedkey" => {
+                peer.preshared_key = Some(decode32(value).map_err(|x| x.to_string())?)
+            }
+            "endpoint" => peer.endpoint = Some(parse_endpoint(value)?),
+            "allowedips" => {
+                for a in list(value) {
+                    peer.allowed_ips.push(parse_cidr(a)?);
+                }
+            }
+            "persistentkeepalive" => {
+                peer.persistent_keepalive = match value {
+                    "off" | "0" => None,
+                    v => Some(
+                        v.parse()
+                            .map_err(|_| format!("{v:?} is not a number of seconds or 'off'"))?,
+                    ),
+                }
+            }
+            _ => return Err("unknown key in [Peer]".into()),
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<WgConfig, ConfigError> {
+        let private_key = self.private_key.ok_or_else(|| {
+            err(
+                0,
+                Some("PrivateKey"),
+                if self.seen_interface == 0 {
+                    "no [Interface] section"
+                } else {
+                    "[Interface] has no PrivateKey"
+                },
+            )
+        })?;
+        let mut out: Vec<PeerConfig> = Vec::new();
+        for (line, peer, has_key) in self.peers {
+            if !has_key {
+                return Err(err(line, Some("PublicKey"), "[Peer] has no PublicKey"));
+            }
+            if out.iter().any(|p| p.public_key == peer.public_key) {
+                return Err(err(line, Some("PublicKey"), "the same peer appears twice"));
+            }
+            out.push(peer);
+        }
+        Ok(WgConfig {
+            interface: InterfaceConfig {
+                private_key,
+                addresses: self.addresses,
+                listen_port: self.listen_port,
+                mtu: self.mtu,
             },
-        )
-    })?;
-    let mut out: Vec<PeerConfig> = Vec::new();
-    for (line, peer, has_key) in peers {
-        if !has_key {
-            return Err(err(line, Some("PublicKey"), "[Peer] has no PublicKey"));
-        }
-        if out.iter().any(|p| p.public_key == peer.public_key) {
-            return Err(err(line, Some("PublicKey"), "the same peer appears twice"));
-        }
-        out.push(peer);
+            peers: out,
+        })
     }
-    Ok(WgConfig {
-        interface: InterfaceConfig {
-            private_key,
-            addresses,
-            listen_port,
-            mtu,
-        },
-        peers: out,
-    })
 }
 
 fn list(v: &str) -> impl Iterator<Item = &str> {
