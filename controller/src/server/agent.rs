@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use canopy_proto::v1::agent_service_server::AgentService;
 use canopy_proto::v1::{
-    EnrollRequest, EnrollResponse, SyncRequest, SyncResponse, sync_request, sync_response,
+    EnrollRequest, EnrollResponse, Hello, SyncRequest, SyncResponse, sync_request, sync_response,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::netmap::Update;
 use crate::service::{AgentIdentity, Controller};
@@ -77,16 +78,19 @@ impl AgentService for AgentApi {
         // A slow reader holds at most this many updates here (and HTTP/2's window).
         let (tx, rx) = mpsc::channel(2);
         let ctl = self.ctl.clone();
-        tokio::spawn(async move {
-            let span = tracing::info_span!("sync", network = %id.network_id, peer = %id.peer_id);
-            let _enter = span.enter();
-            drop(_enter);
-            if let Err(status) = session(&ctl, &id, inbound, &tx).await {
-                tracing::debug!(network = %id.network_id, peer = %id.peer_id, status = %status.message(), "sync ended");
-                // Best effort: a client that reads nothing does not keep this task alive.
-                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(Err(status))).await;
+        // Everything the session logs carries its network and peer.
+        let span = tracing::info_span!("sync", network = %id.network_id, peer = %id.peer_id);
+        tokio::spawn(
+            async move {
+                if let Err(status) = session(&ctl, &id, inbound, &tx).await {
+                    tracing::debug!(status = %status.message(), "sync ended");
+                    // Best effort: a client that reads nothing does not keep this task alive.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), tx.send(Err(status))).await;
+                }
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -135,10 +139,55 @@ async fn session(
     mut inbound: Streaming<SyncRequest>,
     tx: &Tx,
 ) -> Result<(), Status> {
+    let Some(hello) = read_hello(&mut inbound).await? else {
+        return Ok(());
+    };
+    if !hello.endpoints.is_empty() {
+        ctl.report_endpoints(id, &hello.endpoints).await?;
+    }
+    let changes = ctl.cache.subscribe(&id.network_id);
+    // An agent may hold a revision the cache has not reached yet (it enrolled through the store).
+    if hello.known_revision > ctl.cache.applied() {
+        ctl.cache
+            .wait_for(hello.known_revision, Duration::from_secs(2))
+            .await;
+    }
+    let (number, replaced) = ctl.sessions.open(&id.peer_id);
+    let _close = CloseOnDrop(ctl, id, number);
+    tracing::info!(known = hello.known_revision, "agent connected");
+    let mut live = Live {
+        ctl,
+        id,
+        number,
+        replaced,
+        changes,
+        sent: hello.known_revision,
+    };
+    let mut first = true;
+    loop {
+        if let Some(m) = live.next_update(first).await? {
+            // A reader that does not read blocks this send: it must not block being replaced
+            // or the server's shutdown.
+            tokio::select! {
+                r = tx.send(Ok(SyncResponse { msg: Some(m) })) => if r.is_err() { return Ok(()) },
+                _ = live.replaced.notified() => return Err(replaced_status()),
+                _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
+            }
+        }
+        first = false;
+        if !live.wait(&mut inbound, tx).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// The first message of a stream, which must be a Hello, within [`HELLO_TIMEOUT`]; `None`:
+/// the stream ended first.
+async fn read_hello(inbound: &mut Streaming<SyncRequest>) -> Result<Option<Hello>, Status> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
         Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
         Ok(Err(s)) => return Err(super::client_fault(s)),
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Ok(Some(SyncRequest {
             msg: Some(sync_request::Msg::Hello(h)),
         }))) => h,
@@ -151,88 +200,91 @@ async fn session(
     if hello.known_revision < 0 {
         return Err(Status::invalid_argument("known_revision is negative"));
     }
-    if !hello.endpoints.is_empty() {
-        ctl.report_endpoints(id, &hello.endpoints).await?;
-    }
-    let mut changes = ctl.cache.subscribe(&id.network_id);
-    // An agent may hold a revision the cache has not reached yet (it enrolled through the store).
-    if hello.known_revision > ctl.cache.applied() {
-        ctl.cache
-            .wait_for(hello.known_revision, Duration::from_secs(2))
-            .await;
-    }
-    let (number, replaced) = ctl.sessions.open(&id.peer_id);
-    let _close = CloseOnDrop(ctl, id, number);
-    tracing::info!(network = %id.network_id, peer = %id.peer_id, known = hello.known_revision, "agent connected");
-    // The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
-    let mut sent = hello.known_revision;
-    let mut first = true;
-    let mut catch_ups = 0;
-    loop {
-        changes.borrow_and_update();
-        let msg = match ctl.update_for(id, sent) {
-            None => {
-                catch_ups += 1;
-                if catch_ups > 3 {
-                    return Err(paced(
-                        "this replica has not caught up with the store yet",
-                        Duration::from_secs(1),
-                    ));
+    Ok(Some(hello))
+}
+
+/// A live session: what it has sent, and what tells it to move.
+struct Live<'a> {
+    ctl: &'a Controller,
+    id: &'a AgentIdentity,
+    number: u64,
+    replaced: std::sync::Arc<tokio::sync::Notify>,
+    changes: tokio::sync::watch::Receiver<crate::store::Revision>,
+    /// The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
+    sent: crate::store::Revision,
+}
+
+impl Live<'_> {
+    /// What to send next (`None`: nothing new). Empty deltas are not sent (except the first,
+    /// to confirm a resume), and `sent` stays where the agent is, so the next delta's base
+    /// always matches the agent's map.
+    async fn next_update(&mut self, first: bool) -> Result<Option<sync_response::Msg>, Status> {
+        let mut catch_ups = 0;
+        loop {
+            self.changes.borrow_and_update();
+            return Ok(match self.ctl.update_for(self.id, self.sent) {
+                None => {
+                    catch_ups += 1;
+                    if catch_ups > 3 {
+                        return Err(paced(
+                            "this replica has not caught up with the store yet",
+                            Duration::from_secs(1),
+                        ));
+                    }
+                    not_in_cache(self.ctl, self.id).await?;
+                    self.changes = self.ctl.cache.subscribe(&self.id.network_id);
+                    continue;
                 }
-                not_in_cache(ctl, id).await?;
-                changes = ctl.cache.subscribe(&id.network_id);
-                continue;
-            }
-            Some(Update::Full(map)) => {
-                sent = map.revision;
-                Some(sync_response::Msg::Full(map))
-            }
-            // Empty deltas are not sent (except to confirm a resume), and `sent` stays where the
-            // agent is, so the next delta's base always matches the agent's map.
-            Some(Update::Delta(d)) if first || !d.upserted.is_empty() || !d.removed.is_empty() => {
-                sent = d.revision;
-                Some(sync_response::Msg::Delta(d))
-            }
-            Some(Update::Delta(_)) => None,
-        };
-        first = false;
-        catch_ups = 0;
-        if let Some(m) = msg {
-            // A reader that does not read blocks this send: it must not block being replaced
-            // or the server's shutdown.
-            tokio::select! {
-                r = tx.send(Ok(SyncResponse { msg: Some(m) })) => if r.is_err() { return Ok(()) },
-                _ = replaced.notified() => return Err(replaced_status()),
-                _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
-            }
+                Some(Update::Full(map)) => {
+                    self.sent = map.revision;
+                    Some(sync_response::Msg::Full(map))
+                }
+                Some(Update::Delta(d))
+                    if first || !d.upserted.is_empty() || !d.removed.is_empty() =>
+                {
+                    self.sent = d.revision;
+                    Some(sync_response::Msg::Delta(d))
+                }
+                Some(Update::Delta(_)) => None,
+            });
         }
+    }
+
+    /// Takes the agent's acks and endpoint reports until its network changes (`true`) or the
+    /// session should end quietly (`false`).
+    async fn wait(
+        &mut self,
+        inbound: &mut Streaming<SyncRequest>,
+        tx: &Tx,
+    ) -> Result<bool, Status> {
+        let (ctl, id) = (self.ctl, self.id);
         loop {
             tokio::select! {
-                changed = changes.changed() => {
+                changed = self.changes.changed() => {
                     if changed.is_err() {
                         // The network is gone from the cache: the store decides what that means.
                         not_in_cache(ctl, id).await?;
-                        changes = ctl.cache.subscribe(&id.network_id);
+                        self.changes = ctl.cache.subscribe(&id.network_id);
                     }
-                    break;
+                    return Ok(true);
                 }
                 m = inbound.message() => match m {
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Ack(a)) })) => {
-                        if a.revision > sent || a.revision < 0 {
+                        if a.revision > self.sent || a.revision < 0 {
                             return Err(Status::invalid_argument(format!(
-                                "Ack for revision {} but this session sent revision {sent}",
-                                a.revision
+                                "Ack for revision {} but this session sent revision {}",
+                                a.revision, self.sent
                             )));
                         }
-                        ctl.sessions.ack(&id.peer_id, number, a.revision);
+                        ctl.sessions.ack(&id.peer_id, self.number, a.revision);
                     }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints).await?,
                     Ok(Some(_)) => return Err(Status::invalid_argument("unexpected Sync message")),
-                    Ok(None) => return Ok(()),
+                    Ok(None) => return Ok(false),
                     Err(s) => return Err(super::client_fault(s)),
                 },
-                _ = replaced.notified() => return Err(replaced_status()),
-                _ = tx.closed() => return Ok(()),
+                _ = self.replaced.notified() => return Err(replaced_status()),
+                _ = tx.closed() => return Ok(false),
                 _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
             }
         }
