@@ -129,6 +129,18 @@ fn removed_credential(network: &str, peer: &str) -> Vec<u8> {
     .encode_to_vec()
 }
 
+impl Controller {
+    /// The revision `key` was last written at; 0 when it does not exist (what
+    /// `Compare::unchanged(key, 0)` expects of an absent key).
+    pub(crate) async fn revision_of(&self, key: &str) -> Result<crate::store::Revision> {
+        Ok(self
+            .store
+            .get(key.as_bytes())
+            .await?
+            .map_or(0, |kv| kv.mod_revision))
+    }
+}
+
 pub(crate) fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
     Ok(M::decode(kv.value.as_slice())?)
 }

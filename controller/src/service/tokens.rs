@@ -45,53 +45,27 @@ impl Controller {
                 created_at_unix: now,
                 ..Default::default()
             };
-            let hash_key = keys::tokenhash(&secret.hash());
             // Active tokens are counted under a per-tenant version key the create is
             // conditioned on; the network must still exist when it commits.
-            let ver_key = keys::tokensver(&c.tenant);
-            let ver_rev = self
-                .store
-                .get(ver_key.as_bytes())
-                .await?
-                .map_or(0, |kv| kv.mod_revision);
-            let net_rev = self
-                .store
-                .get(keys::network(&c.tenant, &net.id).as_bytes())
-                .await?
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "network {} not found",
-                        canopy_proto::text::quoted(&net.name)
-                    ))
-                })?
-                .mod_revision;
-            let active = self.active_join_tokens(&c.tenant, now).await?;
-            check_token_quota(tenant.plan, active)?;
+            let ver_rev = self.revision_of(&keys::tokensver(&c.tenant)).await?;
+            let net_rev = self.revision_of(&keys::network(&c.tenant, &net.id)).await?;
+            if net_rev == 0 {
+                return Err(Error::NotFound(format!(
+                    "network {} not found",
+                    canopy_proto::text::quoted(&net.name)
+                )));
+            }
+            check_token_quota(tenant.plan, self.active_join_tokens(&c.tenant, now).await?)?;
+            let txn = Txn::new()
+                .when(tenant.compare)
+                .when(Compare::unchanged(
+                    keys::network(&c.tenant, &net.id),
+                    net_rev,
+                ))
+                .when(Compare::unchanged(keys::tokensver(&c.tenant), ver_rev));
             let r = self
                 .store
-                .txn(
-                    Txn::new()
-                        .when(tenant.compare)
-                        .when(Compare::unchanged(
-                            keys::network(&c.tenant, &net.id),
-                            net_rev,
-                        ))
-                        .when(Compare::unchanged(ver_key.clone(), ver_rev))
-                        .then(Op::put(ver_key, rec.id.clone()))
-                        .when(Compare::absent(hash_key.clone()))
-                        .then(Op::put(
-                            keys::token(&c.tenant, &rec.id),
-                            rec.encode_to_vec(),
-                        ))
-                        .then(Op::put(
-                            hash_key,
-                            IndexRecord {
-                                id: format!("{}/{}", c.tenant, rec.id),
-                                ..Default::default()
-                            }
-                            .encode_to_vec(),
-                        )),
-                )
+                .txn(token_writes(txn, &rec, &secret.hash()))
                 .await?;
             Ok(r.succeeded.then_some((rec, secret)))
         })
@@ -170,6 +144,23 @@ impl Controller {
         })
         .await
     }
+}
+
+/// A new token's writes: the record, its hash index (the hash still unused), and the tenant's
+/// token version bumped (so a racing create re-counts).
+fn token_writes(txn: Txn, rec: &JoinTokenRecord, hash: &[u8; 32]) -> Txn {
+    let hash_key = keys::tokenhash(hash);
+    let index = IndexRecord {
+        id: format!("{}/{}", rec.tenant_id, rec.id),
+        ..Default::default()
+    };
+    txn.then(Op::put(keys::tokensver(&rec.tenant_id), rec.id.clone()))
+        .when(Compare::absent(hash_key.clone()))
+        .then(Op::put(
+            keys::token(&rec.tenant_id, &rec.id),
+            rec.encode_to_vec(),
+        ))
+        .then(Op::put(hash_key, index.encode_to_vec()))
 }
 
 /// When a token made at `now` with `ttl_seconds` expires (0: never).
