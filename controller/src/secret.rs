@@ -25,6 +25,13 @@ impl Secret {
     pub fn hash(&self) -> [u8; 32] {
         canopy_proto::sha256(self.0.as_bytes())
     }
+
+    /// Whether this secret hashes to `stored`, compared in constant time: how long the
+    /// comparison takes says nothing about how much of the hash matched.
+    pub fn matches(&self, stored: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        stored.len() == 32 && bool::from(self.hash().as_slice().ct_eq(stored))
+    }
 }
 
 impl std::fmt::Debug for Secret {
@@ -58,6 +65,16 @@ pub fn new_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_matches_only_its_own_hash() {
+        let s = Secret::generate(API_TOKEN);
+        assert!(s.matches(&s.hash()));
+        let mut other = s.hash();
+        other[31] ^= 1;
+        assert!(!s.matches(&other));
+        assert!(!s.matches(&s.hash()[..31]), "a short hash never matches");
+    }
 
     #[test]
     fn secrets_are_unique_prefixed_and_never_debug_printed() {

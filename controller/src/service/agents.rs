@@ -24,7 +24,8 @@ impl Controller {
         if !bearer.starts_with(secret::CREDENTIAL) || bearer.len() > 128 {
             return Err(invalid());
         }
-        let hash = Secret::from_string(bearer.to_string()).hash();
+        let secret = Secret::from_string(bearer.to_string());
+        let hash = secret.hash();
         let kv = self
             .store
             .get(keys::credential(&hash).as_bytes())
@@ -43,7 +44,7 @@ impl Controller {
             .get(keys::peer(network_id, peer_id).as_bytes())
             .await?
             .ok_or_else(invalid)?;
-        if decode::<PeerRecord>(&peer)?.credential_hash != hash {
+        if !secret.matches(&decode::<PeerRecord>(&peer)?.credential_hash) {
             return Err(invalid());
         }
         Ok(AgentIdentity {

@@ -240,7 +240,9 @@ impl Controller {
                 .store
                 .get(keys::peer(&net.id, peer_id).as_bytes())
                 .await?
-            && decode::<PeerRecord>(&p)?.credential_hash == req.credential.hash()
+            && req
+                .credential
+                .matches(&decode::<PeerRecord>(&p)?.credential_hash)
         {
             tracing::info!(peer = %peer_id, network = %net.id, "enrollment retried; answering it again");
             let map = self.map_from_store(net, peer_id).await?;
