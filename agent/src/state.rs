@@ -11,8 +11,7 @@
 //! ```
 //! Every write is atomic (temp file + rename) and secret files are created 0600.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use canopy_proto::v1::NetworkMap;
@@ -222,17 +221,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    canopy_proto::files::write_atomic(path, data, mode).map_err(io)
 }
 
 #[cfg(test)]

@@ -1,10 +1,9 @@
 //! Small file helpers: secrets are written 0600 from the start (never chmod-after-write).
 
-use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
-/// Writes `data` to `path` with mode 0600, atomically (temp file + rename).
+/// Writes `data` to `path` with mode 0600, atomically ([`canopy_proto::files::write_atomic`]).
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     write_mode(path, data, 0o600)
 }
@@ -14,16 +13,7 @@ pub fn write_public(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 fn write_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    canopy_proto::files::write_atomic(path, data, mode)
 }
 
 pub fn read_string(path: &Path) -> std::io::Result<String> {
