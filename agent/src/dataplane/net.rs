@@ -73,6 +73,55 @@ impl Waiter {
     }
 }
 
+/// One send: bytes of the outbox buffer to one endpoint, segmented into datagrams of
+/// `segment` bytes (the last may be shorter) when it holds more than one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GsoRun {
+    pub to: SocketAddr,
+    pub bytes: std::ops::Range<usize>,
+    pub segment: Option<usize>,
+}
+
+/// Groups datagrams (endpoint, range of one buffer), in order, into sends: consecutive ones to
+/// the same endpoint, adjacent in the buffer, of one size (the last of a run may be shorter,
+/// and ends it), at most `max_segments` and [`MAX_SEGMENTED_BYTES`] per run, and only sizes up
+/// to [`MAX_SEGMENT`]; anything else is a send of its own. Pure: the rules GSO imposes, tested
+/// without a socket.
+pub fn gso_runs(
+    net: &[(SocketAddr, std::ops::Range<usize>)],
+    max_segments: usize,
+) -> impl Iterator<Item = GsoRun> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let (to, first) = (net.get(i)?.0, net[i].1.clone());
+        let size = first.len();
+        let mut end = first.end;
+        let mut j = i + 1;
+        while j < net.len() && j - i < max_segments && size <= MAX_SEGMENT {
+            let (t, r) = (net[j].0, &net[j].1);
+            if t != to
+                || r.start != end
+                || r.len() > size
+                || r.end - first.start > MAX_SEGMENTED_BYTES
+            {
+                break;
+            }
+            end = r.end;
+            j += 1;
+            if r.len() < size {
+                break; // a shorter datagram ends a run
+            }
+        }
+        let run = GsoRun {
+            to,
+            bytes: first.start..end,
+            segment: (j - i > 1).then_some(size),
+        };
+        i = j;
+        Some(run)
+    })
+}
+
 fn stopped() -> io::Error {
     io::Error::new(io::ErrorKind::Interrupted, "data plane stopped")
 }
@@ -176,46 +225,24 @@ impl NetSocket {
     /// Sends the outbox's datagrams in order: consecutive ones to the same endpoint, of one
     /// size (the last of a run may be shorter), go out as one segmented send.
     pub fn send(&self, out: &Outbox, stop: &AtomicBool) {
-        let net = &out.net;
         let max = self.state.max_gso_segments().max(1);
-        let mut i = 0;
-        while i < net.len() {
-            let (to, first) = (net[i].0, net[i].1.clone());
-            let size = first.len();
-            let mut end = first.end;
-            let mut j = i + 1;
-            while j < net.len() && j - i < max && size <= MAX_SEGMENT {
-                let (t, r) = (net[j].0, &net[j].1);
-                if t != to
-                    || r.start != end
-                    || r.len() > size
-                    || r.end - first.start > MAX_SEGMENTED_BYTES
-                {
-                    break;
-                }
-                end = r.end;
-                j += 1;
-                if r.len() < size {
-                    break; // a shorter datagram ends a run
-                }
-            }
-            let bytes = out.net_bytes(first.start..end);
-            let segment = (j - i > 1).then_some(size);
-            if let Err(e) = self.transmit(to, bytes, segment, stop) {
-                if segment.is_some() && self.state.max_gso_segments() == 1 {
-                    // The device refused segmentation (quinn-udp has now turned it off):
-                    // this run goes out one datagram at a time, later ones are built that way.
-                    tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
-                    for d in bytes.chunks(size) {
-                        if let Err(e) = self.transmit(to, d, None, stop) {
-                            tracing::debug!(%to, error = %e, "send failed");
+        for run in gso_runs(&out.net, max) {
+            let bytes = out.net_bytes(run.bytes.clone());
+            if let Err(e) = self.transmit(run.to, bytes, run.segment, stop) {
+                match run.segment {
+                    Some(size) if self.state.max_gso_segments() == 1 => {
+                        // The device refused segmentation (quinn-udp has now turned it off):
+                        // this run goes out one datagram at a time, later ones are built so.
+                        tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
+                        for d in bytes.chunks(size) {
+                            if let Err(e) = self.transmit(run.to, d, None, stop) {
+                                tracing::debug!(to = %run.to, error = %e, "send failed");
+                            }
                         }
                     }
-                } else {
-                    tracing::debug!(%to, error = %e, "send failed");
+                    _ => tracing::debug!(to = %run.to, error = %e, "send failed"),
                 }
             }
-            i = j;
         }
     }
 
@@ -287,4 +314,73 @@ fn v6_mapped(to: SocketAddr, v6_socket: bool) -> SocketAddr {
 /// The address a datagram came from, with IPv4-mapped IPv6 turned back into IPv4.
 pub fn canonical(from: SocketAddr) -> SocketAddr {
     SocketAddr::new(from.ip().to_canonical(), from.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    /// Datagrams of `sizes` laid end to end, to `to[i]`.
+    fn laid(to: &[u16], sizes: &[usize]) -> Vec<(SocketAddr, std::ops::Range<usize>)> {
+        let mut off = 0;
+        to.iter()
+            .zip(sizes)
+            .map(|(&p, &n)| {
+                off += n;
+                (at(p), off - n..off)
+            })
+            .collect()
+    }
+
+    fn runs(
+        net: &[(SocketAddr, std::ops::Range<usize>)],
+        max: usize,
+    ) -> Vec<(u16, usize, Option<usize>)> {
+        gso_runs(net, max)
+            .map(|r| (r.to.port(), r.bytes.len(), r.segment))
+            .collect()
+    }
+
+    #[test]
+    fn equal_datagrams_to_one_endpoint_go_as_one_segmented_send() {
+        let net = laid(&[1, 1, 1], &[1452, 1452, 1452]);
+        assert_eq!(runs(&net, 64), [(1, 3 * 1452, Some(1452))]);
+    }
+
+    #[test]
+    fn a_shorter_datagram_ends_a_run_and_a_longer_one_starts_the_next() {
+        let net = laid(&[1, 1, 1, 1], &[1000, 1000, 600, 1000]);
+        assert_eq!(runs(&net, 64), [(1, 2600, Some(1000)), (1, 1000, None)]);
+        let net = laid(&[1, 1], &[600, 1000]);
+        assert_eq!(runs(&net, 64), [(1, 600, None), (1, 1000, None)]);
+    }
+
+    #[test]
+    fn another_endpoint_a_gap_or_the_segment_cap_ends_a_run() {
+        let net = laid(&[1, 2, 2], &[100, 100, 100]);
+        assert_eq!(runs(&net, 64), [(1, 100, None), (2, 200, Some(100))]);
+        let mut gap = laid(&[1, 1], &[100, 100]);
+        gap[1].1 = 300..400;
+        assert_eq!(runs(&gap, 64), [(1, 100, None), (1, 100, None)]);
+        let net = laid(&[1; 5], &[100; 5]);
+        assert_eq!(
+            runs(&net, 2),
+            [(1, 200, Some(100)), (1, 200, Some(100)), (1, 100, None)]
+        );
+        assert_eq!(runs(&net, 1).len(), 5, "no GSO: one datagram per send");
+    }
+
+    #[test]
+    fn runs_stay_under_64_kib_and_big_datagrams_are_never_segmented() {
+        let net = laid(&[1; 60], &[1400; 60]);
+        let r = runs(&net, 64);
+        assert!(r.iter().all(|&(_, n, _)| n <= MAX_SEGMENTED_BYTES), "{r:?}");
+        assert_eq!(r.iter().map(|&(_, n, _)| n).sum::<usize>(), 60 * 1400);
+        let big = laid(&[1, 1], &[8032, 8032]);
+        assert_eq!(runs(&big, 64), [(1, 8032, None), (1, 8032, None)]);
+    }
 }
