@@ -9,21 +9,22 @@
 
 mod net;
 mod pump;
+mod sink;
 
-use std::collections::{BTreeSet, HashMap};
+pub use sink::{ControllerSink, MapPeers, map_addresses};
+
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use canopy_proto::v1::{NetworkDelta, NetworkMap, RemotePeer};
 use ipnetwork::IpNetwork;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::task::JoinHandle;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use crate::control::MapSink;
 use crate::engine::{Engine, PeerConfig};
 use crate::uapi;
 use net::NetSocket;
@@ -467,103 +468,4 @@ fn is_tunnel(iface: &str) -> bool {
             .join("type"),
     )
     .is_ok_and(|t| t.trim() == "65534")
-}
-
-/// Applies the controller's network maps to a [`Dataplane`].
-pub struct ControllerSink {
-    dp: Arc<Dataplane>,
-    /// peer id → public key, to turn a delta's removed ids into keys.
-    keys: HashMap<String, [u8; 32]>,
-    /// Endpoints last taken from the map per peer: a roamed endpoint is kept until the
-    /// controller reports different ones.
-    endpoints: HashMap<[u8; 32], Vec<String>>,
-}
-
-impl ControllerSink {
-    pub fn new(dp: Arc<Dataplane>) -> Self {
-        Self {
-            dp,
-            keys: HashMap::new(),
-            endpoints: HashMap::new(),
-        }
-    }
-
-    fn config(&mut self, p: &RemotePeer) -> Option<PeerConfig> {
-        let key: [u8; 32] = p.public_key.as_slice().try_into().ok()?;
-        let allowed_ips = p
-            .allowed_ips
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect();
-        let changed = self.endpoints.get(&key) != Some(&p.endpoints);
-        let endpoint = if changed {
-            p.endpoints.iter().find_map(|e| e.parse().ok())
-        } else {
-            None
-        };
-        self.endpoints.insert(key, p.endpoints.clone());
-        self.keys.insert(p.peer_id.clone(), key);
-        Some(PeerConfig {
-            public_key: key,
-            preshared_key: None,
-            endpoint,
-            allowed_ips,
-            persistent_keepalive: Some(MANAGED_KEEPALIVE),
-        })
-    }
-}
-
-impl MapSink for ControllerSink {
-    fn apply(
-        &mut self,
-        map: &NetworkMap,
-        delta: Option<&NetworkDelta>,
-    ) -> Result<(), crate::control::SinkError> {
-        let (set, remove): (Vec<PeerConfig>, Vec<[u8; 32]>) = match delta {
-            Some(d) => {
-                let remove = d
-                    .removed
-                    .iter()
-                    .filter_map(|id| self.keys.remove(id))
-                    .collect();
-                (
-                    d.upserted.iter().filter_map(|p| self.config(p)).collect(),
-                    remove,
-                )
-            }
-            None => {
-                let set: Vec<PeerConfig> =
-                    map.peers.iter().filter_map(|p| self.config(p)).collect();
-                let keep: BTreeSet<[u8; 32]> = set.iter().map(|p| p.public_key).collect();
-                let remove = self
-                    .dp
-                    .peer_keys()
-                    .into_iter()
-                    .filter(|k| !keep.contains(k))
-                    .collect();
-                self.keys.retain(|_, k| keep.contains(k));
-                (set, remove)
-            }
-        };
-        for k in &remove {
-            self.endpoints.remove(k);
-        }
-        Ok(self.dp.update_peers(set, &remove)?)
-    }
-}
-
-/// The interface addresses for a controller map: each own address with its network's prefix.
-pub fn map_addresses(map: &NetworkMap) -> Vec<IpNetwork> {
-    let cidrs: Vec<IpNetwork> = map.cidrs.iter().filter_map(|c| c.parse().ok()).collect();
-    map.addresses
-        .iter()
-        .filter_map(|a| a.parse::<IpNetwork>().ok())
-        .filter_map(|a| {
-            let prefix = cidrs
-                .iter()
-                .find(|c| c.contains(a.ip()))
-                .map_or(a.prefix(), |c| c.prefix());
-            IpNetwork::new(a.ip(), prefix).ok()
-        })
-        .collect()
 }

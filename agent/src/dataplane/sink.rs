@@ -1,0 +1,203 @@
+//! What the agent makes of the controller's maps: the peers for the engine ([`MapPeers`],
+//! pure) and the interface's addresses, and the [`MapSink`] that applies them to a
+//! [`Dataplane`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use canopy_proto::v1::{NetworkDelta, NetworkMap, RemotePeer};
+use ipnetwork::IpNetwork;
+
+use super::{Dataplane, MANAGED_KEEPALIVE};
+use crate::control::MapSink;
+use crate::engine::PeerConfig;
+
+/// Applies the controller's network maps to a [`Dataplane`].
+pub struct ControllerSink {
+    dp: Arc<Dataplane>,
+    peers: MapPeers,
+}
+
+impl ControllerSink {
+    pub fn new(dp: Arc<Dataplane>) -> Self {
+        Self {
+            dp,
+            peers: MapPeers::default(),
+        }
+    }
+}
+
+impl MapSink for ControllerSink {
+    fn apply(
+        &mut self,
+        map: &NetworkMap,
+        delta: Option<&NetworkDelta>,
+    ) -> Result<(), crate::control::SinkError> {
+        let (set, remove) = self.peers.changes(map, delta, &self.dp.peer_keys());
+        Ok(self.dp.update_peers(set, &remove)?)
+    }
+}
+
+/// Turns the controller's maps into peer changes for the engine: what to set and which keys to
+/// remove. Pure (it remembers only what earlier maps said), so its rules are tested alone.
+#[derive(Debug, Default)]
+pub struct MapPeers {
+    /// peer id → public key, to turn a delta's removed ids into keys.
+    keys: HashMap<String, [u8; 32]>,
+    /// Endpoints last taken from the map per peer: a roamed endpoint is kept until the
+    /// controller reports different ones.
+    endpoints: HashMap<[u8; 32], Vec<String>>,
+}
+
+impl MapPeers {
+    /// The changes `delta` makes (or, without one, the full `map` against the keys the
+    /// interface has now, `current`): peers to set, keys to remove.
+    pub fn changes(
+        &mut self,
+        map: &NetworkMap,
+        delta: Option<&NetworkDelta>,
+        current: &[[u8; 32]],
+    ) -> (Vec<PeerConfig>, Vec<[u8; 32]>) {
+        let (set, remove): (Vec<PeerConfig>, Vec<[u8; 32]>) = match delta {
+            Some(d) => {
+                let remove = d
+                    .removed
+                    .iter()
+                    .filter_map(|id| self.keys.remove(id))
+                    .collect();
+                let set = d.upserted.iter().filter_map(|p| self.config(p)).collect();
+                (set, remove)
+            }
+            None => {
+                let set: Vec<PeerConfig> =
+                    map.peers.iter().filter_map(|p| self.config(p)).collect();
+                let keep: BTreeSet<[u8; 32]> = set.iter().map(|p| p.public_key).collect();
+                let remove = current
+                    .iter()
+                    .filter(|k| !keep.contains(*k))
+                    .copied()
+                    .collect();
+                self.keys.retain(|_, k| keep.contains(k));
+                (set, remove)
+            }
+        };
+        for k in &remove {
+            self.endpoints.remove(k);
+        }
+        (set, remove)
+    }
+
+    /// A map peer as the engine takes it; `None` for a key that is not 32 bytes. The endpoint
+    /// is set only when the controller's list changed (else the engine keeps the one the
+    /// peer roamed to), as the first one that parses.
+    fn config(&mut self, p: &RemotePeer) -> Option<PeerConfig> {
+        let key: [u8; 32] = p.public_key.as_slice().try_into().ok()?;
+        let allowed_ips = p
+            .allowed_ips
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let changed = self.endpoints.get(&key) != Some(&p.endpoints);
+        let endpoint = if changed {
+            p.endpoints.iter().find_map(|e| e.parse().ok())
+        } else {
+            None
+        };
+        self.endpoints.insert(key, p.endpoints.clone());
+        self.keys.insert(p.peer_id.clone(), key);
+        Some(PeerConfig {
+            public_key: key,
+            preshared_key: None,
+            endpoint,
+            allowed_ips,
+            persistent_keepalive: Some(MANAGED_KEEPALIVE),
+        })
+    }
+}
+
+/// The interface addresses for a controller map: each own address with its network's prefix.
+pub fn map_addresses(map: &NetworkMap) -> Vec<IpNetwork> {
+    let cidrs: Vec<IpNetwork> = map.cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+    map.addresses
+        .iter()
+        .filter_map(|a| a.parse::<IpNetwork>().ok())
+        .filter_map(|a| {
+            let prefix = cidrs
+                .iter()
+                .find(|c| c.contains(a.ip()))
+                .map_or(a.prefix(), |c| c.prefix());
+            IpNetwork::new(a.ip(), prefix).ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: &str, key: u8, endpoints: &[&str]) -> RemotePeer {
+        RemotePeer {
+            peer_id: id.into(),
+            public_key: vec![key; 32],
+            allowed_ips: vec![format!("100.64.0.{key}/32")],
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn map(peers: Vec<RemotePeer>) -> NetworkMap {
+        NetworkMap {
+            peers,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_full_map_sets_its_peers_and_removes_the_others() {
+        let mut m = MapPeers::default();
+        let full = map(vec![peer("a", 1, &["192.0.2.1:1"]), peer("bad", 2, &[])]);
+        let mut full = full;
+        full.peers[1].public_key = vec![2; 5];
+        let (set, remove) = m.changes(&full, None, &[[1; 32], [9; 32]]);
+        assert_eq!(set.len(), 1, "a key that is not 32 bytes is skipped");
+        assert_eq!(set[0].public_key, [1; 32]);
+        assert_eq!(set[0].endpoint, Some("192.0.2.1:1".parse().unwrap()));
+        assert_eq!(set[0].allowed_ips, vec!["100.64.0.1/32".parse().unwrap()]);
+        assert_eq!(remove, vec![[9; 32]], "a key the map no longer has");
+    }
+
+    #[test]
+    fn an_unchanged_endpoint_list_leaves_a_roamed_endpoint_alone() {
+        let mut m = MapPeers::default();
+        let full = map(vec![peer("a", 1, &["nonsense", "192.0.2.1:1"])]);
+        let (set, _) = m.changes(&full, None, &[]);
+        assert_eq!(
+            set[0].endpoint,
+            Some("192.0.2.1:1".parse().unwrap()),
+            "the first that parses"
+        );
+        let (set, _) = m.changes(&full, None, &[[1; 32]]);
+        assert_eq!(set[0].endpoint, None, "same list: keep what the engine has");
+        let moved = map(vec![peer("a", 1, &["192.0.2.7:1"])]);
+        let delta = NetworkDelta {
+            upserted: moved.peers.clone(),
+            ..Default::default()
+        };
+        let (set, _) = m.changes(&moved, Some(&delta), &[[1; 32]]);
+        assert_eq!(set[0].endpoint, Some("192.0.2.7:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_delta_removes_peers_by_id() {
+        let mut m = MapPeers::default();
+        let full = map(vec![peer("a", 1, &[]), peer("b", 2, &[])]);
+        m.changes(&full, None, &[]);
+        let delta = NetworkDelta {
+            removed: vec!["b".into(), "unknown".into()],
+            ..Default::default()
+        };
+        let (set, remove) = m.changes(&full, Some(&delta), &[[1; 32], [2; 32]]);
+        assert!(set.is_empty());
+        assert_eq!(remove, vec![[2; 32]]);
+    }
+}
