@@ -4,6 +4,10 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
+/// A store revision (etcd's: one counter bumped by every committed write). 0 means "none".
+/// The domain speaks in revisions (a map's, a peer's), so the type lives here, not in `store`.
+pub type Revision = i64;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
     #[error(

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use canopy_proto::v1::{NetworkDelta, NetworkMap, NetworkRecord, PeerRecord, RemotePeer};
 
-use crate::store::Revision;
+use crate::model::Revision;
 
 /// Removed peers remembered per network, so agents resuming from an older revision can get a delta.
 const TOMBSTONES: usize = 1024;

@@ -1,5 +1,25 @@
-//! `canopy`: parses flags, sets up logging, runs [`canopy_controller::console::main`].
-use clap::Parser as _;
+//! `canopy`: `canopy serve` runs the controller ([`canopy_controller::server::cli`]); every
+//! other command is the console ([`canopy_controller::console`]). Parses flags, sets up
+//! logging, prints an error as one line.
+use canopy_controller::{console, server};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "canopy", version, about = "Canopy controller and console")]
+struct Cli {
+    #[command(flatten)]
+    globals: console::Globals,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller.
+    Serve(server::cli::ServeArgs),
+    #[command(flatten)]
+    Console(console::Command),
+}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -12,8 +32,12 @@ async fn main() -> std::process::ExitCode {
         // Colours only on a terminal: not in files, pipes or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = canopy_controller::console::Cli::parse();
-    match canopy_controller::console::main(cli).await {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => server::cli::serve(a).await,
+        Command::Console(c) => console::run(cli.globals, c).await,
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let msg = e

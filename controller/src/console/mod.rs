@@ -1,5 +1,6 @@
-//! The `canopy` command line: `serve` runs the controller; every other command is a console
-//! client of `ConsoleService` over gRPC + TLS.
+//! The `canopy` console: every command but `serve` (which is the server's, `server::cli`) is a
+//! client of `ConsoleService` over gRPC + TLS. It depends on the API (`canopy_proto`) and its
+//! own config only, never on the server, the store or the leader.
 //!
 //! Server, API token and trust come from flags, the environment (`CANOPY_SERVER`, `CANOPY_TOKEN`,
 //! `CANOPY_CA`) or the config file that `canopy login` writes (`~/.config/canopy/console.toml`,
@@ -17,23 +18,20 @@ use canopy_proto::v1::console_service_client::ConsoleServiceClient;
 use canopy_proto::v1::hosted_service_client::HostedServiceClient;
 use canopy_proto::v1::operator_service_client::OperatorServiceClient;
 use canopy_proto::v1::*;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-use crate::server::{self, ServeConfig, StoreSpec};
 pub use config::ConsoleConfig;
 
-#[derive(Parser, Debug)]
-#[command(name = "canopy", version, about = "Canopy controller and console")]
-pub struct Cli {
+/// Options every console command takes.
+#[derive(Args, Debug, Clone)]
+pub struct Globals {
     #[command(flatten)]
     conn: ConnOpts,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -53,9 +51,7 @@ pub struct ConnOpts {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
-    /// Run the controller.
-    Serve(ServeArgs),
+pub enum Command {
     /// Check the server and token, then save them (and the CA pin) to the console config.
     Login {
         /// Read the API token from this file (e.g. DATA/admin-token).
@@ -101,7 +97,7 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-enum OperatorCmd {
+pub enum OperatorCmd {
     /// Every tenant with its plan and usage.
     Tenants,
     /// Refuse a tenant's console calls (its agents keep their last map).
@@ -122,7 +118,7 @@ enum OperatorCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum ApiTokenCmd {
+pub enum ApiTokenCmd {
     /// Create an API token (shown once).
     Create {
         name: String,
@@ -137,7 +133,7 @@ enum ApiTokenCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum TenantCmd {
+pub enum TenantCmd {
     /// Create a tenant; prints its first API token (shown once).
     Signup {
         #[arg(long)]
@@ -151,53 +147,13 @@ enum TenantCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum PlanCmd {
+pub enum PlanCmd {
     /// Change to another plan (refused if what you have does not fit it).
     Set { plan: String },
 }
 
-#[derive(Args, Debug)]
-struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7443", env = "CANOPY_LISTEN")]
-    listen: std::net::SocketAddr,
-    /// Where the CA, certificates, admin token and embedded store live.
-    #[arg(long, default_value = "./canopy-data", env = "CANOPY_DATA_DIR")]
-    data_dir: PathBuf,
-    /// State store: embedded:PATH (default: embedded:DATA/store.redb) or
-    /// etcd://HOST:PORT[,HOST:PORT...] for several replicas (share DATA's CA files among them).
-    #[arg(long, env = "CANOPY_STORE")]
-    store: Option<StoreSpec>,
-    /// The URL agents use to reach this controller (default: https://<listen address>).
-    #[arg(long, env = "CANOPY_ADVERTISE")]
-    advertise: Option<String>,
-    /// Extra DNS names or IPs for the server certificate.
-    #[arg(long = "tls-san")]
-    tls_sans: Vec<String>,
-    /// New agent sessions accepted per second (and at once); more are told to retry later,
-    /// with jitter, so a reconnect storm is spread out.
-    #[arg(long, default_value_t = crate::service::DEFAULT_SESSION_STARTS)]
-    max_session_starts: u32,
-    /// Run as a hosted, multi-tenant service: sign-up is open, tenants get plans and quotas.
-    #[arg(long, env = "CANOPY_HOSTED")]
-    hosted: bool,
-    /// File holding the operator credential (for `canopy operator`); or set CANOPY_OPERATOR_TOKEN.
-    #[arg(long)]
-    operator_token_file: Option<PathBuf>,
-    /// Console requests per second per tenant (bursts of twice that).
-    #[arg(long, default_value_t = crate::service::DEFAULT_API_RATE)]
-    api_rate: u32,
-    /// Make a new admin API token for the self-managed tenant and write it to
-    /// DATA/admin-token (recovery when the old one was lost or revoked), then serve.
-    #[arg(long)]
-    reset_admin_token: bool,
-    /// Hosted sign-ups allowed per source address (IPv4, or IPv6 /64) per hour.
-    #[arg(long, default_value_t = crate::service::DEFAULT_SIGNUPS_PER_HOUR)]
-    signups_per_hour: u32,
-}
-
 #[derive(Subcommand, Debug)]
-enum NetworkCmd {
+pub enum NetworkCmd {
     /// Create a network: --cidr takes one IPv4 and/or one IPv6 CIDR.
     Create {
         name: String,
@@ -216,7 +172,7 @@ enum NetworkCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum TokenCmd {
+pub enum TokenCmd {
     /// Create a join token and print its join string (shown once).
     Create {
         #[arg(long)]
@@ -241,7 +197,7 @@ enum TokenCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum PeerCmd {
+pub enum PeerCmd {
     List {
         #[arg(long)]
         network: String,
@@ -255,11 +211,10 @@ enum PeerCmd {
     },
 }
 
-/// Runs the CLI. The binary prints an error as one line and exits non-zero.
-pub async fn main(cli: Cli) -> anyhow::Result<()> {
+/// Runs a console command. The binary prints an error as one line and exits non-zero.
+pub async fn run(cli: Globals, command: Command) -> anyhow::Result<()> {
     let json = cli.json;
-    match cli.command {
-        Command::Serve(a) => serve(a).await,
+    match command {
         Command::Login { token_file } => login(cli.conn, token_file).await,
         Command::Network(c) => network(&cli.conn, json, c).await,
         Command::Token(c) => token(&cli.conn, json, c).await,
@@ -286,61 +241,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             output::audit(json, &r.entries)
         }
     }
-}
-
-async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let config = ServeConfig {
-        listen: a.listen,
-        data_dir: a.data_dir,
-        store: a.store,
-        advertise: a.advertise,
-        tls_sans: a.tls_sans,
-        session_starts_per_sec: a.max_session_starts,
-        background: crate::leader::BackgroundConfig::default(),
-        hosted: a.hosted,
-        api_requests_per_sec: a.api_rate,
-        reset_admin_token: a.reset_admin_token,
-        signups_per_hour: a.signups_per_hour,
-        listener: crate::server::listener::ListenerLimits::default(),
-        operator_token: match &a.operator_token_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("reading operator token file {}", f.display()))?,
-            ),
-            None => std::env::var("CANOPY_OPERATOR_TOKEN").ok(),
-        },
-    };
-    let prepared = server::prepare(&config).await?;
-    let dd = prepared.data_dir.display();
-    if prepared.created_ca {
-        println!("canopy: first start: created a CA ({dd}/ca.pem)");
-    }
-    if prepared.new_admin_token.is_some() {
-        println!("canopy: created an admin API token ({dd}/admin-token, mode 0600)");
-    }
-    println!(
-        "canopy: controller at {}; point the console at it with:\n  canopy login --server {} --ca {dd}/ca.pem --token-file {dd}/admin-token",
-        prepared.controller.public_url, prepared.controller.public_url
-    );
-    server::serve(prepared, crate::console::shutdown_signal()).await?;
-    Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown requested");
 }
 
 /// Adds the bearer token to every call.

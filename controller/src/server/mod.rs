@@ -2,6 +2,7 @@
 //! call [`Controller`](crate::service::Controller) operations and map errors to statuses.
 
 mod agent;
+pub mod cli;
 mod console;
 mod hosted;
 pub mod listener;

@@ -18,8 +18,7 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-/// A store revision. 0 means "none".
-pub type Revision = i64;
+pub use crate::model::Revision;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyValue {

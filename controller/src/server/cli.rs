@@ -1,0 +1,105 @@
+//! `canopy serve`: the flags, the first-start messages, then the server until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{ServeConfig, StoreSpec};
+
+/// Flags of `canopy serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443", env = "CANOPY_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Where the CA, certificates, admin token and embedded store live.
+    #[arg(long, default_value = "./canopy-data", env = "CANOPY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// State store: embedded:PATH (default: embedded:DATA/store.redb) or
+    /// etcd://HOST:PORT[,HOST:PORT...] for several replicas (share DATA's CA files among them).
+    #[arg(long, env = "CANOPY_STORE")]
+    store: Option<StoreSpec>,
+    /// The URL agents use to reach this controller (default: https://<listen address>).
+    #[arg(long, env = "CANOPY_ADVERTISE")]
+    advertise: Option<String>,
+    /// Extra DNS names or IPs for the server certificate.
+    #[arg(long = "tls-san")]
+    tls_sans: Vec<String>,
+    /// New agent sessions accepted per second (and at once); more are told to retry later,
+    /// with jitter, so a reconnect storm is spread out.
+    #[arg(long, default_value_t = crate::service::DEFAULT_SESSION_STARTS)]
+    max_session_starts: u32,
+    /// Run as a hosted, multi-tenant service: sign-up is open, tenants get plans and quotas.
+    #[arg(long, env = "CANOPY_HOSTED")]
+    hosted: bool,
+    /// File holding the operator credential (for `canopy operator`); or set CANOPY_OPERATOR_TOKEN.
+    #[arg(long)]
+    operator_token_file: Option<PathBuf>,
+    /// Console requests per second per tenant (bursts of twice that).
+    #[arg(long, default_value_t = crate::service::DEFAULT_API_RATE)]
+    api_rate: u32,
+    /// Make a new admin API token for the self-managed tenant and write it to
+    /// DATA/admin-token (recovery when the old one was lost or revoked), then serve.
+    #[arg(long)]
+    reset_admin_token: bool,
+    /// Hosted sign-ups allowed per source address (IPv4, or IPv6 /64) per hour.
+    #[arg(long, default_value_t = crate::service::DEFAULT_SIGNUPS_PER_HOUR)]
+    signups_per_hour: u32,
+}
+
+/// Runs the controller until SIGINT or SIGTERM.
+pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        store: a.store,
+        advertise: a.advertise,
+        tls_sans: a.tls_sans,
+        session_starts_per_sec: a.max_session_starts,
+        background: crate::leader::BackgroundConfig::default(),
+        hosted: a.hosted,
+        api_requests_per_sec: a.api_rate,
+        reset_admin_token: a.reset_admin_token,
+        signups_per_hour: a.signups_per_hour,
+        listener: crate::server::listener::ListenerLimits::default(),
+        operator_token: match &a.operator_token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading operator token file {}", f.display()))?,
+            ),
+            None => std::env::var("CANOPY_OPERATOR_TOKEN").ok(),
+        },
+    };
+    let prepared = super::prepare(&config).await?;
+    let dd = prepared.data_dir.display();
+    if prepared.created_ca {
+        println!("canopy: first start: created a CA ({dd}/ca.pem)");
+    }
+    if prepared.new_admin_token.is_some() {
+        println!("canopy: created an admin API token ({dd}/admin-token, mode 0600)");
+    }
+    println!(
+        "canopy: controller at {}; point the console at it with:\n  canopy login --server {} --ca {dd}/ca.pem --token-file {dd}/admin-token",
+        prepared.controller.public_url, prepared.controller.public_url
+    );
+    super::serve(prepared, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}
