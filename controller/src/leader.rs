@@ -48,9 +48,10 @@ impl Default for BackgroundConfig {
     }
 }
 
-/// What this replica should do about the lease.
+/// What this replica should do about the lease next (not to be confused with a tenant's
+/// subscription plan, `plans::Plan`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Plan {
+pub enum LeaseStep {
     /// Take the lease: the record is absent (0) or expired (at this revision).
     Acquire(Revision),
     /// Renew our own lease (at this revision).
@@ -59,12 +60,12 @@ pub enum Plan {
     Follow,
 }
 
-pub fn plan(me: &str, current: Option<(&LeaderRecord, Revision)>, now_ms: i64) -> Plan {
+pub fn lease_step(me: &str, current: Option<(&LeaderRecord, Revision)>, now_ms: i64) -> LeaseStep {
     match current {
-        None => Plan::Acquire(0),
-        Some((r, rev)) if r.holder == me => Plan::Renew(rev),
-        Some((r, rev)) if r.expires_at_unix_ms <= now_ms => Plan::Acquire(rev),
-        Some(_) => Plan::Follow,
+        None => LeaseStep::Acquire(0),
+        Some((r, rev)) if r.holder == me => LeaseStep::Renew(rev),
+        Some((r, rev)) if r.expires_at_unix_ms <= now_ms => LeaseStep::Acquire(rev),
+        Some(_) => LeaseStep::Follow,
     }
 }
 
@@ -95,10 +96,11 @@ impl Elector {
                 kv.mod_revision,
             )
         });
-        let expected = match plan(&self.me, current.as_ref().map(|(r, rev)| (r, *rev)), now_ms) {
-            Plan::Acquire(rev) | Plan::Renew(rev) => rev,
-            Plan::Follow => return Ok(None),
-        };
+        let expected =
+            match lease_step(&self.me, current.as_ref().map(|(r, rev)| (r, *rev)), now_ms) {
+                LeaseStep::Acquire(rev) | LeaseStep::Renew(rev) => rev,
+                LeaseStep::Follow => return Ok(None),
+            };
         let rec = LeaderRecord {
             holder: self.me.clone(),
             expires_at_unix_ms: now_ms + self.lease.as_millis() as i64,
@@ -278,10 +280,19 @@ mod tests {
 
     #[test]
     fn the_lease_is_taken_when_free_or_expired_and_renewed_by_its_holder() {
-        assert_eq!(plan("a", None, 100), Plan::Acquire(0));
-        assert_eq!(plan("a", Some((&rec("a", 50), 7)), 100), Plan::Renew(7));
-        assert_eq!(plan("a", Some((&rec("b", 200), 7)), 100), Plan::Follow);
-        assert_eq!(plan("a", Some((&rec("b", 100), 7)), 100), Plan::Acquire(7));
+        assert_eq!(lease_step("a", None, 100), LeaseStep::Acquire(0));
+        assert_eq!(
+            lease_step("a", Some((&rec("a", 50), 7)), 100),
+            LeaseStep::Renew(7)
+        );
+        assert_eq!(
+            lease_step("a", Some((&rec("b", 200), 7)), 100),
+            LeaseStep::Follow
+        );
+        assert_eq!(
+            lease_step("a", Some((&rec("b", 100), 7)), 100),
+            LeaseStep::Acquire(7)
+        );
     }
 
     #[tokio::test]

@@ -12,34 +12,51 @@ pub struct Etcd {
     pub endpoint: String,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Two distinct free ports: both listeners are held until both are known (two calls that each
+/// bound and dropped one could return the same port twice).
+fn two_free_ports() -> (u16, u16) {
+    let bind = || TcpListener::bind("127.0.0.1:0").expect("free port");
+    let (a, b) = (bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().expect("local addr").port();
+    (port(&a), port(&b))
 }
 
 impl Etcd {
+    /// Starts etcd on two free ports; if another process took one of them before etcd bound
+    /// it (etcd then exits), tries again on new ports, three times at most.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ports = (free_port(), free_port());
-        let child = spawn(dir.path(), ports);
-        let etcd = Self {
-            child,
-            dir,
-            ports,
-            endpoint: format!("127.0.0.1:{}", ports.0),
-        };
-        etcd.wait_ready();
-        etcd
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ports = two_free_ports();
+            let child = spawn(dir.path(), ports);
+            let mut etcd = Self {
+                child,
+                dir,
+                ports,
+                endpoint: format!("127.0.0.1:{}", ports.0),
+            };
+            if etcd.ready() {
+                return etcd;
+            }
+            etcd.kill();
+        }
+        panic!("etcd did not start on free ports three times");
     }
 
-    fn wait_ready(&self) {
+    /// Waits until etcd answers on its client port; false if it exited or took over 20 s.
+    fn ready(&mut self) -> bool {
         let t = Instant::now();
         while std::net::TcpStream::connect(&self.endpoint).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
+            if t.elapsed() > Duration::from_secs(20) || !matches!(self.child.try_wait(), Ok(None)) {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        true
+    }
+
+    fn wait_ready(&mut self) {
+        assert!(self.ready(), "etcd did not start");
     }
 
     /// Stops etcd, to test how the controller behaves while it is away.

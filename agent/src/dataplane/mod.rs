@@ -1,5 +1,6 @@
-//! The I/O shell around the [`Engine`]: a TUN device and a UDP socket on tokio, a timer tick,
-//! the UAPI socket, and the interface's addresses and routes.
+//! The I/O shell around the [`Engine`]: a TUN device and a UDP socket driven by threads of
+//! their own (`pump`), a timer thread, the UAPI socket (on tokio), and the interface's
+//! addresses and routes.
 //!
 //! The TUN device runs with offloads (virtio-net headers: TSO/GRO, USO where the kernel has
 //! it) unless the kernel refuses or `CANOPY_TUN_OFFLOAD=0`; the socket batches and segments

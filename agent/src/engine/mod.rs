@@ -1,9 +1,9 @@
 //! Sans-IO WireGuard core: a peer table, allowed-IPs routing and one boringtun [`Tunn`] per peer.
 //!
-//! Packets go in (from the TUN device, from the network) in batches together with `now`;
-//! what to send and what to deliver comes out in an [`Outbox`] whose buffer is reused, so the
-//! steady state allocates nothing per packet. No sockets, no tokio: the I/O shell in
-//! `crate::dataplane` drives it.
+//! Packets go in (from the TUN device, from the network) in batches, and [`Engine::tick`]
+//! advances timers with `now`; what to send and what to deliver comes out in an [`Outbox`]
+//! whose buffer is reused, so the steady state allocates nothing per packet. No sockets, no
+//! tokio: the I/O shell in `crate::dataplane` drives it.
 //!
 //! Rules it enforces:
 //! - a decrypted packet whose inner source is not routed to the peer it came from is dropped
@@ -13,7 +13,11 @@
 //! - one handshake rate limiter is shared by all peers and reset each second of `now`; it sees
 //!   the sender's address, so cookie replies work under load.
 //!
-//! boringtun's noise timers read the system clock themselves; `now` paces everything else.
+//! Where the clock is read: boringtun 0.7 reads it inside each [`Tunn`] (handshake timestamps,
+//! session timers, its cookie rate limiter), which no caller can feed; the engine itself reads
+//! it only through `tick(now)` (the shared limiter's reset) and for the wall-clock time of a
+//! peer's last handshake that `wg show` reports. A simulated clock for the timers would mean
+//! boringtun's `mock-instant` feature, which must not reach the shipped binary.
 
 pub mod allowed_ips;
 

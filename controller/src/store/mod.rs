@@ -7,9 +7,11 @@
 //!   order; a revision older than the retained history answers [`StoreError::Compacted`], after
 //!   which the caller re-lists and watches from the listed revision + 1.
 //!
-//! Backends: [`embedded::EmbeddedStore`] (redb, the single-machine default). The [`conformance`]
+//! Backends: [`embedded::EmbeddedStore`] (redb, the single-machine default) and
+//! [`etcd::EtcdStore`] (several replicas on one etcd cluster). The `conformance`
 //! suite states the contract every backend must pass.
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
