@@ -185,6 +185,61 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
+/// The URL agents are told to use: `--advertise`, else https:// and the listen address
+/// (127.0.0.1 for an unspecified one).
+fn public_url(config: &ServeConfig, local_addr: SocketAddr) -> Result<String, ServeError> {
+    Ok(match &config.advertise {
+        Some(u) => {
+            canopy_proto::transport::ControllerUrl::parse(u)
+                .map_err(|_| ServeError::Advertise(u.clone()))?;
+            u.trim_end_matches('/').to_string()
+        }
+        None => {
+            let ip = if local_addr.ip().is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                local_addr.ip()
+            };
+            format!("https://{}", SocketAddr::new(ip, local_addr.port()))
+        }
+    })
+}
+
+/// The names the server certificate covers: loopback, the listen address, the advertised
+/// URL's host and every `--tls-san`.
+fn certificate_names(
+    config: &ServeConfig,
+    local_addr: SocketAddr,
+    public_url: &str,
+) -> Result<Vec<String>, ServeError> {
+    let url_host = canopy_proto::transport::ControllerUrl::parse(public_url)
+        .map_err(|_| ServeError::Advertise(public_url.to_string()))?
+        .host;
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !local_addr.ip().is_unspecified() {
+        names.push(local_addr.ip().to_string());
+    }
+    names.push(url_host);
+    names.extend(config.tls_sans.iter().cloned());
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
+    Ok(
+        match config
+            .store
+            .clone()
+            .unwrap_or_else(|| StoreSpec::Embedded(config.data_dir.join("store.redb")))
+        {
+            StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(&path)?),
+            StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(&endpoints).await?),
+            StoreSpec::Shared(s) => s.0,
+        },
+    )
+}
+
 /// Opens everything `canopy serve` needs and binds the listener.
 pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     let dd = |source| ServeError::DataDir {
@@ -205,34 +260,8 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         addr: config.listen,
         source,
     })?;
-    let public_url = match &config.advertise {
-        Some(u) => {
-            canopy_proto::transport::ControllerUrl::parse(u)
-                .map_err(|_| ServeError::Advertise(u.clone()))?;
-            u.trim_end_matches('/').to_string()
-        }
-        None => {
-            let ip = if local_addr.ip().is_unspecified() {
-                "127.0.0.1"
-                    .parse()
-                    .map_err(|_| ServeError::Setup("ip".into()))?
-            } else {
-                local_addr.ip()
-            };
-            format!("https://{}", SocketAddr::new(ip, local_addr.port()))
-        }
-    };
-    let url_host = canopy_proto::transport::ControllerUrl::parse(&public_url)
-        .map_err(|_| ServeError::Advertise(public_url.clone()))?
-        .host;
-    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    if !local_addr.ip().is_unspecified() {
-        names.push(local_addr.ip().to_string());
-    }
-    names.push(url_host);
-    names.extend(config.tls_sans.iter().cloned());
-    names.sort();
-    names.dedup();
+    let public_url = public_url(config, local_addr)?;
+    let names = certificate_names(config, local_addr, &public_url)?;
     // First start is race-free for replicas sharing a data dir: one creates the CA and the
     // admin token under this lock, the others wait and read them.
     let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock"))
@@ -240,15 +269,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         .map_err(dd)?;
     let tls = tls::load_or_create(&config.data_dir, &names)?;
 
-    let store: Arc<dyn Store> = match config
-        .store
-        .clone()
-        .unwrap_or_else(|| StoreSpec::Embedded(config.data_dir.join("store.redb")))
-    {
-        StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(&path)?),
-        StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(&endpoints).await?),
-        StoreSpec::Shared(s) => s.0,
-    };
+    let store = open_store(config).await?;
     let cache = Cache::start(store.clone()).await?;
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
     controller.set_session_start_rate(config.session_starts_per_sec);

@@ -127,53 +127,7 @@ impl EmbeddedStore {
             let rev = current + 1;
             let mut events = Vec::new();
             for op in &txn.ops {
-                match op {
-                    Op::Put { key, value } => {
-                        let (create, version) = match kv.get(key.as_slice()).map_err(err)? {
-                            Some(v) => {
-                                let (c, _, ver) = decode_header(v.value())?;
-                                (c, ver + 1)
-                            }
-                            None => (rev, 1),
-                        };
-                        let kvv = KeyValue {
-                            key: key.clone(),
-                            value: value.clone(),
-                            create_revision: create,
-                            mod_revision: rev,
-                            version,
-                        };
-                        kv.insert(key.as_slice(), encode_kv(&kvv).as_slice())
-                            .map_err(err)?;
-                        events.push(Event {
-                            kind: EventKind::Put,
-                            kv: kvv,
-                        });
-                    }
-                    Op::Delete { key } => {
-                        if kv.remove(key.as_slice()).map_err(err)?.is_some() {
-                            events.push(deleted(key.clone(), rev));
-                        }
-                    }
-                    Op::DeletePrefix { prefix } => {
-                        let keys: Vec<Vec<u8>> = {
-                            let iter = match prefix_end(prefix) {
-                                Some(end) => kv.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
-                                None => kv.range::<&[u8]>(prefix.as_slice()..),
-                            }
-                            .map_err(err)?;
-                            let mut keys = Vec::new();
-                            for item in iter {
-                                keys.push(item.map_err(err)?.0.value().to_vec());
-                            }
-                            keys
-                        };
-                        for key in keys {
-                            kv.remove(key.as_slice()).map_err(err)?;
-                            events.push(deleted(key, rev));
-                        }
-                    }
-                }
+                apply_op(&mut kv, op, rev, &mut events)?;
             }
             if events.is_empty() {
                 return Ok(TxnResult {
@@ -385,6 +339,60 @@ impl<'a> Reader<'a> {
                 .map_err(|_| StoreError::Corrupt("u32".into()))?,
         ))
     }
+}
+
+/// One write of a transaction at revision `rev`, with the watch events it makes.
+fn apply_op(
+    kv: &mut redb::Table<&[u8], &[u8]>,
+    op: &Op,
+    rev: Revision,
+    events: &mut Vec<Event>,
+) -> Result<(), StoreError> {
+    match op {
+        Op::Put { key, value } => {
+            let (create, version) = match kv.get(key.as_slice()).map_err(err)? {
+                Some(v) => {
+                    let (c, _, ver) = decode_header(v.value())?;
+                    (c, ver + 1)
+                }
+                None => (rev, 1),
+            };
+            let kvv = KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: create,
+                mod_revision: rev,
+                version,
+            };
+            kv.insert(key.as_slice(), encode_kv(&kvv).as_slice())
+                .map_err(err)?;
+            events.push(Event {
+                kind: EventKind::Put,
+                kv: kvv,
+            });
+        }
+        Op::Delete { key } => {
+            if kv.remove(key.as_slice()).map_err(err)?.is_some() {
+                events.push(deleted(key.clone(), rev));
+            }
+        }
+        Op::DeletePrefix { prefix } => {
+            let mut keys = Vec::new();
+            let iter = match prefix_end(prefix) {
+                Some(end) => kv.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
+                None => kv.range::<&[u8]>(prefix.as_slice()..),
+            }
+            .map_err(err)?;
+            for item in iter {
+                keys.push(item.map_err(err)?.0.value().to_vec());
+            }
+            for key in keys {
+                kv.remove(key.as_slice()).map_err(err)?;
+                events.push(deleted(key, rev));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Store for EmbeddedStore {

@@ -135,6 +135,31 @@ fn compacted_or_unavailable(e: etcd_client::Error, at: Revision) -> StoreError {
     }
 }
 
+/// A watch response's events as batches, one per revision, in order: one response may carry
+/// several revisions; one revision is never split.
+fn batches(resp: &etcd_client::WatchResponse) -> Vec<WatchBatch> {
+    let mut out: Vec<WatchBatch> = Vec::new();
+    for e in resp.events() {
+        let Some(k) = e.kv() else { continue };
+        let event = Event {
+            kind: match e.event_type() {
+                EventType::Put => EventKind::Put,
+                EventType::Delete => EventKind::Delete,
+            },
+            kv: kv(k),
+        };
+        let rev = k.mod_revision();
+        match out.last_mut() {
+            Some(b) if b.revision == rev => b.events.push(event),
+            _ => out.push(WatchBatch {
+                revision: rev,
+                events: vec![event],
+            }),
+        }
+    }
+    out
+}
+
 impl Store for EtcdStore {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
         async move {
@@ -256,37 +281,10 @@ impl Store for EtcdStore {
                         let _ = tx.send(Err(err)).await;
                         return;
                     }
-                    // One response may carry several revisions; one revision is never split.
-                    let mut batch: Option<WatchBatch> = None;
-                    for e in resp.events() {
-                        let Some(k) = e.kv() else { continue };
-                        let event = Event {
-                            kind: match e.event_type() {
-                                EventType::Put => EventKind::Put,
-                                EventType::Delete => EventKind::Delete,
-                            },
-                            kv: kv(k),
-                        };
-                        let rev = k.mod_revision();
-                        match &mut batch {
-                            Some(b) if b.revision == rev => b.events.push(event),
-                            _ => {
-                                if let Some(b) = batch.take()
-                                    && tx.send(Ok(b)).await.is_err()
-                                {
-                                    return;
-                                }
-                                batch = Some(WatchBatch {
-                                    revision: rev,
-                                    events: vec![event],
-                                });
-                            }
+                    for b in batches(&resp) {
+                        if tx.send(Ok(b)).await.is_err() {
+                            return;
                         }
-                    }
-                    if let Some(b) = batch
-                        && tx.send(Ok(b)).await.is_err()
-                    {
-                        return;
                     }
                 }
             });
