@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod netns;
+pub mod wg;
 
 use std::sync::Arc;
 use std::time::Duration;
