@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod etcd;
+pub mod hosted;
 pub mod netns;
 pub mod wg;
 
