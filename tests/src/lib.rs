@@ -5,6 +5,7 @@
 pub mod etcd;
 pub mod hosted;
 pub mod netns;
+pub mod overlay;
 pub mod wg;
 
 use std::sync::Arc;

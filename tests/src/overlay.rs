@@ -1,0 +1,103 @@
+//! Fixtures of the overlay tests: nodes with keys, wg-quick style files for `canopy-agent up`,
+//! starting agents in a lab's namespaces, and checks on what a transfer delivered.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use canopy_agent::keys::{self, PrivateKey};
+
+use crate::netns::{Lab, Transfer, bin};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Node {
+    pub key: PrivateKey,
+    pub iface: String,
+}
+
+pub fn node(lab: &Lab, name: &str) -> Node {
+    Node {
+        key: PrivateKey::generate(),
+        iface: format!("{}{name}", lab.id),
+    }
+}
+
+pub fn pubkey(n: &Node) -> String {
+    keys::encode(&n.key.public_key())
+}
+
+/// Writes `<iface>.conf` for a wg-quick style `canopy-agent up`.
+pub fn conf(dir: &Path, n: &Node, addr: &str, peers: &[(&Node, &str, &str)]) -> PathBuf {
+    let mut s = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = {addr}\nListenPort = 51820\n",
+        n.key.to_base64()
+    );
+    for (p, endpoint, allowed) in peers {
+        s += &format!(
+            "\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\nAllowedIPs = {allowed}\n",
+            pubkey(p)
+        );
+    }
+    let path = dir.join(format!("{}.conf", n.iface));
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+/// Configurations for A (host 1: 10.9.0.1, fd00:9::1) and B (host 2: .2, ::2), each the
+/// other's only peer.
+pub fn dual_stack_pair(dir: &Path, a: &Node, b: &Node) -> (PathBuf, PathBuf) {
+    let ca = conf(
+        dir,
+        a,
+        "10.9.0.1/24, fd00:9::1/64",
+        &[(b, "192.0.2.2:51820", "10.9.0.2/32, fd00:9::2/128")],
+    );
+    let cb = conf(
+        dir,
+        b,
+        "10.9.0.2/24, fd00:9::2/64",
+        &[(a, "192.0.2.1:51820", "10.9.0.1/32, fd00:9::1/128")],
+    );
+    (ca, cb)
+}
+
+/// Starts `canopy-agent up CONF` in `ns` (killed with the lab); returns its pid.
+pub fn up(lab: &Lab, ns: &str, conf: &Path, log: &Path) -> u32 {
+    up_with(lab, ns, conf, log, &[])
+}
+
+/// [`up`] with environment settings (`NAME=value`) for the agent.
+pub fn up_with(lab: &Lab, ns: &str, conf: &Path, log: &Path, env: &[&str]) -> u32 {
+    let agent = agent();
+    let mut cmd = vec!["env"];
+    cmd.extend(env);
+    cmd.extend([agent.as_str(), "up", conf.to_str().unwrap()]);
+    lab.spawn(ns, &cmd, log)
+}
+
+pub fn agent() -> String {
+    bin("canopy-agent").to_string_lossy().into_owned()
+}
+
+/// Every byte arrived, in order, and the sender never saw the tunnel reorder segments.
+pub fn assert_intact(t: &Transfer, what: &str) {
+    assert_eq!(t.sent, t.received, "{what}: data differs\n{}", t.log);
+    assert!(t.received_bytes > 0, "{what}: nothing arrived\n{}", t.log);
+    assert!(
+        t.reordering <= 3,
+        "{what}: the sender saw reordering {} (retransmits {})\n{}",
+        t.reordering,
+        t.retransmits,
+        t.log
+    );
+}
+
+/// Bytes the interface has received from the peer with public key `from` (`wg show transfer`).
+pub fn rx_from(lab: &Lab, ns: &str, iface: &str, from: &str) -> u64 {
+    lab.wg(ns, iface, "transfer")
+        .lines()
+        .find(|l| l.starts_with(from))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
