@@ -1,0 +1,193 @@
+//! The `controller` target: console and agent requests as protobuf bytes, run by a real
+//! controller on an embedded store.
+
+use std::sync::Arc;
+
+use crate::public;
+
+struct Ctl {
+    rt: tokio::runtime::Runtime,
+    ctl: canopy_controller::service::Controller,
+    _dir: tempfile::TempDir,
+}
+
+fn caller() -> canopy_controller::service::Caller {
+    canopy_controller::service::Caller {
+        tenant: canopy_controller::service::DEFAULT_TENANT.into(),
+        token_id: "fuzz".into(),
+        scope: canopy_controller::plans::Scope::Admin,
+        plan: canopy_controller::plans::Plan::SelfManaged,
+    }
+}
+
+fn new_controller() -> Ctl {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = rt.block_on(async {
+        let store: Arc<dyn canopy_controller::store::Store> = Arc::new(
+            canopy_controller::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb"))
+                .expect("store"),
+        );
+        let cache = canopy_controller::cache::Cache::start(store.clone())
+            .await
+            .expect("cache");
+        let ctl = canopy_controller::service::Controller::new(
+            store,
+            cache,
+            "https://127.0.0.1:7443".into(),
+            [0; 32],
+        );
+        // Something to act on: a network and a join token.
+        let c = caller();
+        let _ = ctl
+            .create_network(&c, "prod", &["100.64.0.0/16".into()])
+            .await;
+        ctl
+    });
+    Ctl { rt, ctl, _dir: dir }
+}
+
+/// The first byte picks the request type, the rest is that request's protobuf bytes; a
+/// message that does not decode is what tonic answers InvalidArgument for.
+pub(crate) fn controller(data: &[u8]) {
+    use canopy_proto::v1::*;
+    use prost::Message as _;
+    thread_local! {
+        static CTL: Ctl = new_controller();
+    }
+    let Some((&op, body)) = data.split_first() else {
+        return;
+    };
+    CTL.with(|h| {
+        let ctl = &h.ctl;
+        let c = caller();
+        h.rt.block_on(async {
+            match op % 9 {
+                0 => {
+                    if let Ok(r) = CreateNetworkRequest::decode(body) {
+                        let _ = ctl.create_network(&c, &r.name, &r.cidrs).await;
+                    }
+                }
+                1 => {
+                    if let Ok(r) = CreateJoinTokenRequest::decode(body) {
+                        let _ = ctl
+                            .create_join_token(&c, &r.network, r.max_uses, r.ttl_seconds, &r.tags)
+                            .await;
+                    }
+                }
+                2 => {
+                    if let Ok(r) = EnrollRequest::decode(body) {
+                        let _ = ctl
+                            .enroll(
+                                &r.join_token,
+                                &r.public_key,
+                                &r.hostname,
+                                r.listen_port,
+                                &r.credential,
+                            )
+                            .await;
+                    }
+                }
+                3 => {
+                    if let Ok(r) = ListPeersRequest::decode(body) {
+                        let _ = ctl.list_peers(&c, &r.network).await;
+                    }
+                }
+                4 => {
+                    if let Ok(r) = RemovePeerRequest::decode(body) {
+                        let _ = ctl.remove_peer(&c, &r.peer_id).await;
+                    }
+                }
+                5 => {
+                    if let Ok(r) = GetNetworkRequest::decode(body) {
+                        let _ = ctl.get_network(&c, &r.network).await;
+                    }
+                }
+                6 => {
+                    if let Ok(r) = CreateApiTokenRequest::decode(body) {
+                        let _ = ctl.create_api_token_for(&c, &r.name, &r.scope).await;
+                    }
+                }
+                7 => {
+                    if let Ok(r) = ListAuditRequest::decode(body) {
+                        let _ = ctl.list_audit(&c, r.limit, &r.action, &r.object).await;
+                    }
+                }
+                _ => {
+                    if let Ok(r) = RevokeJoinTokenRequest::decode(body) {
+                        let _ = ctl.revoke_join_token(&c, &r.token_id).await;
+                    }
+                }
+            }
+            // Every answer becomes a status the same way tonic would send it.
+            let _ = tonic_status_of(ctl.get_network(&c, "prod").await.err());
+        });
+    });
+}
+
+fn tonic_status_of(e: Option<canopy_controller::error::Error>) -> Option<usize> {
+    e.map(|e| {
+        let s: tonic::Status = e.into();
+        assert!(s.message().len() <= 1100, "status message over 1 KB");
+        s.message().len()
+    })
+}
+
+pub(crate) fn controller_seeds() -> Vec<Vec<u8>> {
+    use canopy_proto::v1::*;
+    use prost::Message as _;
+    let with = |op: u8, m: Vec<u8>| {
+        let mut v = vec![op];
+        v.extend(m);
+        v
+    };
+    vec![
+        with(
+            0,
+            CreateNetworkRequest {
+                name: "lab".into(),
+                cidrs: vec!["10.9.0.0/24".into(), "fd7a:9::/64".into()],
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            1,
+            CreateJoinTokenRequest {
+                network: "prod".into(),
+                max_uses: 2,
+                ttl_seconds: 60,
+                tags: vec!["web".into()],
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            2,
+            EnrollRequest {
+                join_token: "cjt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+                public_key: public(9).to_vec(),
+                hostname: "h".into(),
+                listen_port: 51820,
+                credential: String::new(),
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            3,
+            ListPeersRequest {
+                network: "prod".into(),
+            }
+            .encode_to_vec(),
+        ),
+        with(
+            6,
+            CreateApiTokenRequest {
+                name: "ci".into(),
+                scope: "read".into(),
+            }
+            .encode_to_vec(),
+        ),
+    ]
+}
