@@ -11,6 +11,34 @@ use canopy_proto::v1::hosted_service_client::HostedServiceClient;
 use canopy_proto::v1::*;
 use tonic::Code;
 
+use crate::etcd::Etcd;
+
+/// A real etcd and a data dir that hosted replicas share (each test makes its own).
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        Self {
+            etcd: Etcd::start(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A new `canopy serve --hosted` replica on the cluster.
+    pub async fn replica(&self) -> Running {
+        replica(self.dir.path(), &self.etcd.endpoint, true).await
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub const OPERATOR: &str = "op-secret-for-tests";
 
 pub async fn replica(data: &Path, etcd: &str, hosted: bool) -> Running {

@@ -5,17 +5,12 @@
 
 use canopy_proto::v1::*;
 use canopy_tests::TestAgent;
-use canopy_tests::etcd::Etcd;
 use canopy_tests::hosted::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (r1, r2) = (
-        replica(dir.path(), &etcd.endpoint, true).await,
-        replica(dir.path(), &etcd.endpoint, true).await,
-    );
+    let c = Cluster::new();
+    let (r1, r2) = (c.replica().await, c.replica().await);
     let (_, tok_a) = signup(&r1, "alpha", "team").await;
     let (_, tok_b) = signup(&r2, "beta", "team").await;
     // B's objects, made through replica 2.
@@ -273,9 +268,8 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_private_key_is_anywhere_in_the_store_after_enrollments() {
     use base64::Engine as _;
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (_, t) = signup(&r, "keys", "team").await;
     let mut c = console_as(&r, &t).await;
     c.create_network(net("n", "100.64.0.0/24")).await.unwrap();

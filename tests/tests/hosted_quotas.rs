@@ -8,15 +8,13 @@ use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::hosted_service_client::HostedServiceClient;
 use canopy_proto::v1::*;
 use canopy_tests::TestAgent;
-use canopy_tests::etcd::Etcd;
 use canopy_tests::hosted::*;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_up_plans_and_usage() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let mut h = hosted_client(&r).await;
     let bad = |org: &str, email: &str, plan: &str| SignUpRequest {
         org: org.into(),
@@ -79,8 +77,9 @@ async fn sign_up_plans_and_usage() {
     );
 
     // A self-managed controller has no sign-up.
-    let dir2 = tempfile::tempdir().unwrap();
-    let plain = replica(dir2.path(), &Etcd::start().endpoint, false).await;
+    // (Its etcd lives to the end of the test, not only to the end of the statement.)
+    let other = Cluster::new();
+    let plain = replica(other.dir.path(), &other.etcd.endpoint, false).await;
     let s = hosted_client(&plain)
         .await
         .sign_up(bad("x", "a@b.c", "free"))
@@ -92,12 +91,8 @@ async fn sign_up_plans_and_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_when_creates_race_through_two_replicas() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (r1, r2) = (
-        replica(dir.path(), &etcd.endpoint, true).await,
-        replica(dir.path(), &etcd.endpoint, true).await,
-    );
+    let c = Cluster::new();
+    let (r1, r2) = (c.replica().await, c.replica().await);
     let (_, t) = signup(&r1, "small", "free").await;
     let (c1, c2) = (console_as(&r1, &t).await, console_as(&r2, &t).await);
 
@@ -201,12 +196,8 @@ async fn quotas_hold_when_creates_race_through_two_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_change_racing_network_creates_never_leaves_more_than_the_plan_allows() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (r1, r2) = (
-        replica(dir.path(), &etcd.endpoint, true).await,
-        replica(dir.path(), &etcd.endpoint, true).await,
-    );
+    let c = Cluster::new();
+    let (r1, r2) = (c.replica().await, c.replica().await);
     let (mut downgraded, mut refused) = (0, 0);
     for trial in 0..12 {
         let (_, t) = signup(&r1, &format!("race{trial}"), "team").await;
@@ -263,9 +254,8 @@ async fn a_plan_change_racing_network_creates_never_leaves_more_than_the_plan_al
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_quota_counts_removals_and_concurrent_enrollments() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (_, t) = signup(&r, "counted", "free").await;
     let mut c = console_as(&r, &t).await;
     c.create_network(net("n", "100.64.0.0/24")).await.unwrap();

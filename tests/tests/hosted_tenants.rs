@@ -4,15 +4,13 @@
 
 use canopy_proto::v1::*;
 use canopy_tests::TestAgent;
-use canopy_tests::etcd::Etcd;
 use canopy_tests::hosted::*;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (tid, t) = signup(&r, "late-payer", "team").await;
     let mut c = console_as(&r, &t).await;
     c.create_network(net("n", "100.64.0.0/24")).await.unwrap();
@@ -69,9 +67,8 @@ async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operator_credential() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (gone, tg) = signup(&r, "gone", "team").await;
     let (kept, tk) = signup(&r, "kept", "free").await;
     for (t, cidr) in [(&tg, "100.64.0.0/24"), (&tk, "100.65.0.0/24")] {
@@ -163,9 +160,8 @@ async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operato
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (_, t) = signup(&r, "audited", "team").await;
     let (_, other) = signup(&r, "other", "team").await;
     let mut c = console_as(&r, &t).await;
@@ -267,12 +263,8 @@ async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_tenant_is_final_while_it_keeps_writing() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (r1, r2) = (
-        replica(dir.path(), &etcd.endpoint, true).await,
-        replica(dir.path(), &etcd.endpoint, true).await,
-    );
+    let c = Cluster::new();
+    let (r1, r2) = (c.replica().await, c.replica().await);
     for trial in 0..6 {
         let (tenant, t) = signup(&r1, &format!("doomed{trial}"), "business").await;
         let mut c = console_as(&r2, &t).await;

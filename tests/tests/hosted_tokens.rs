@@ -5,15 +5,13 @@
 
 use canopy_controller::server::{self, ServeConfig, StoreSpec};
 use canopy_proto::v1::*;
-use canopy_tests::etcd::Etcd;
 use canopy_tests::hosted::*;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_tokens_cannot_change_anything_and_revoked_tokens_stop_working() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (_, admin) = signup(&r, "scoped", "team").await;
     let mut a = console_as(&r, &admin).await;
     a.create_network(net("n", "10.0.0.0/24")).await.unwrap();
@@ -81,13 +79,12 @@ async fn read_only_tokens_cannot_change_anything_and_revoked_tokens_stop_working
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_tokens() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::new();
     let r = server::spawn(&ServeConfig {
-        store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),
+        store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
         hosted: true,
         api_requests_per_sec: 5,
-        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
     })
     .await
     .unwrap();
@@ -120,14 +117,13 @@ async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_to
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_tokens_share_one_rate_limit_and_api_tokens_are_capped_by_plan() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::new();
     let r = server::spawn(&ServeConfig {
-        store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),
+        store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
         hosted: true,
         api_requests_per_sec: 5,
         signups_per_hour: 3600,
-        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
     })
     .await
     .unwrap();
@@ -182,13 +178,12 @@ async fn a_tenants_tokens_share_one_rate_limit_and_api_tokens_are_capped_by_plan
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_sign_up_is_throttled_per_source_and_checks_email_addresses() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::new();
     let r = server::spawn(&ServeConfig {
-        store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),
+        store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
         hosted: true,
         operator_token: Some(OPERATOR.into()),
-        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
     })
     .await
     .unwrap();
@@ -239,9 +234,8 @@ async fn anonymous_sign_up_is_throttled_per_source_and_checks_email_addresses() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_admin_token_cannot_be_revoked_and_the_operator_can_reset_a_locked_out_tenant() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let r = replica(dir.path(), &etcd.endpoint, true).await;
+    let c = Cluster::new();
+    let r = c.replica().await;
     let (tenant, admin) = signup(&r, "careless", "team").await;
     let mut c = console_as(&r, &admin).await;
     let s = c
