@@ -216,6 +216,7 @@ pub async fn run(
     store: Arc<dyn Store>,
     me: String,
     cfg: BackgroundConfig,
+    clock: crate::clock::Clock,
     leading: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -228,7 +229,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = &mut shutdown => break,
         }
-        let now = now_ms();
+        let now = clock.now_ms();
         match elector.round(now).await {
             Ok(Some(f)) => {
                 if !leading.swap(true, Ordering::SeqCst) {

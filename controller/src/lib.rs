@@ -9,12 +9,14 @@
 //!   tokens, peers, enrollment, agents, tenants and plans, API tokens, audit);
 //! - [`server`]: tonic services, TLS, health, reflection; errors become statuses at this edge.
 //! - [`leader`]: election of the replica that runs background jobs, with fenced writes.
+//! - [`clock`]: wall-clock time for expiry, leases and timestamps (manual in tests).
 //! - [`txn`]: the one retry loop for read → decide → write operations (jittered backoff).
 //! - [`pacing`]: admission of new agent sessions (reconnect storms).
 //! - [`console`]: the CLI client. [`tls`], [`secret`], [`keys`], [`files`]: supporting pieces.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cache;
+pub mod clock;
 pub mod console;
 pub mod error;
 pub mod files;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use canopy_agent::control::{self, ControlClient, ControlError, NoDataPlane};
 use canopy_agent::keys::PrivateKey;
+use canopy_controller::clock::Clock;
 use canopy_controller::console::{self, Client};
 use canopy_controller::server::{self, Running, ServeConfig};
 use canopy_proto::join::JoinString;
@@ -24,6 +25,8 @@ pub struct TestController {
     pub dir: tempfile::TempDir,
     pub server: Running,
     rate: u32,
+    /// The controller's clock: the system's, or manual ([`TestController::with_manual_clock`]).
+    pub clock: Clock,
 }
 
 fn config(dir: &std::path::Path, port: u16) -> ServeConfig {
@@ -58,6 +61,25 @@ impl TestController {
             dir,
             server,
             rate: canopy_controller::service::DEFAULT_SESSION_STARTS,
+            clock: Clock::system(),
+        }
+    }
+
+    /// A controller whose time moves only with `clock.advance`: expiry without sleeping.
+    pub async fn with_manual_clock() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual();
+        let server = server::spawn(&ServeConfig {
+            clock: clock.clone(),
+            ..config(dir.path(), 0)
+        })
+        .await
+        .unwrap();
+        Self {
+            dir,
+            server,
+            rate: canopy_controller::service::DEFAULT_SESSION_STARTS,
+            clock,
         }
     }
 
@@ -67,7 +89,12 @@ impl TestController {
         let server = server::spawn(&config_with_rate(dir.path(), 0, rate))
             .await
             .unwrap();
-        Self { dir, server, rate }
+        Self {
+            dir,
+            server,
+            rate,
+            clock: Clock::system(),
+        }
     }
 
     /// Stops the controller and starts it again on the same data dir and port.
@@ -75,13 +102,17 @@ impl TestController {
         let port = self.server.local_addr.port();
         let rate = self.rate;
         self.server.stop().await.unwrap();
-        let server = server::spawn(&config_with_rate(self.dir.path(), port, rate))
-            .await
-            .unwrap();
+        let server = server::spawn(&ServeConfig {
+            clock: self.clock.clone(),
+            ..config_with_rate(self.dir.path(), port, rate)
+        })
+        .await
+        .unwrap();
         Self {
             dir: self.dir,
             server,
             rate,
+            clock: self.clock,
         }
     }
 

@@ -63,6 +63,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         reset_admin_token: a.reset_admin_token,
         signups_per_hour: a.signups_per_hour,
         listener: crate::server::listener::ListenerLimits::default(),
+        clock: crate::clock::Clock::system(),
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

@@ -114,6 +114,8 @@ pub struct ServeConfig {
     pub signups_per_hour: u32,
     /// TLS handshake deadline and how many may be in progress at once.
     pub listener: listener::ListenerLimits,
+    /// What "now" is (token expiry, leases, timestamps): the system's, or a test's.
+    pub clock: crate::clock::Clock,
 }
 
 impl ServeConfig {
@@ -133,6 +135,7 @@ impl ServeConfig {
             reset_admin_token: false,
             signups_per_hour: crate::service::DEFAULT_SIGNUPS_PER_HOUR,
             listener: listener::ListenerLimits::default(),
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -272,6 +275,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     let store = open_store(config).await?;
     let cache = Cache::start(store.clone()).await?;
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
+    controller.clock = config.clock.clone();
     controller.set_session_start_rate(config.session_starts_per_sec);
     controller.hosted = config.hosted;
     controller.set_api_rate(config.api_requests_per_sec);
@@ -352,6 +356,7 @@ pub async fn serve(
         ctl.store.clone(),
         replica,
         p.background.clone(),
+        ctl.clock.clone(),
         ctl.leading.clone(),
         async move {
             let _ = bg_stopped.await;

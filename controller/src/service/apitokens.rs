@@ -3,7 +3,7 @@
 use canopy_proto::v1::{ApiToken, ApiTokenRecord};
 use prost::Message as _;
 
-use super::{Caller, Controller, decode, now_unix};
+use super::{Caller, Controller, decode};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::plans::Scope;
@@ -25,6 +25,7 @@ fn token_view(r: &ApiTokenRecord) -> ApiToken {
 impl Controller {
     /// The ops to add an API token (its record, and its listing entry).
     pub(super) fn api_token_ops(
+        &self,
         tenant: &str,
         name: &str,
         scope: Scope,
@@ -35,7 +36,7 @@ impl Controller {
             tenant_id: tenant.to_string(),
             secret_hash: secret.hash().to_vec(),
             name: name.to_string(),
-            created_at_unix: now_unix(),
+            created_at_unix: self.now_unix(),
             scope: scope.name().to_string(),
         };
         let key = keys::apitoken(&secret.hash());
@@ -82,7 +83,7 @@ impl Controller {
                     guard.plan.name()
                 )));
             }
-            let (rec, secret, txn) = Self::api_token_ops(tenant, name, scope);
+            let (rec, secret, txn) = self.api_token_ops(tenant, name, scope);
             let ver = keys::apitokensver(tenant);
             let txn = txn
                 .when(guard.compare)

@@ -14,7 +14,7 @@ impl Controller {
     /// Records a change. Written after the change commits: an entry can be missing if the
     /// store fails in between, never present for a change that did not happen.
     pub async fn audit(&self, tenant: &str, actor: &str, action: &str, object: &str, detail: &str) {
-        let at = crate::leader::now_ms();
+        let at = self.clock.now_ms();
         let e = canopy_proto::v1::AuditEntry {
             at_unix_ms: at,
             actor: actor.to_string(),

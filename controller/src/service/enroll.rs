@@ -13,7 +13,7 @@ use prost::Message;
 use rand::seq::IndexedRandom as _;
 
 use super::tokens::check_token_usable;
-use super::{Controller, decode, now_unix};
+use super::{Controller, decode};
 use crate::error::{Error, Result};
 use crate::model;
 use crate::plans::Plan;
@@ -150,7 +150,7 @@ impl Controller {
                     .answer_again(req, net, &decode::<IndexRecord>(&kv)?.id)
                     .await;
             }
-            check_token_usable(&reads.token, now_unix())?;
+            check_token_usable(&reads.token, self.now_unix())?;
             // A credential the agent proposed must be new (a removed peer's, too).
             let cred_key = keys::credential(&req.credential.hash());
             if self.store.get(cred_key.as_bytes()).await?.is_some() {
@@ -183,7 +183,7 @@ impl Controller {
                 hostname: hostname.to_string(),
                 tags: reads.token.tags.clone(),
                 endpoints: Vec::new(),
-                created_at_unix: now_unix(),
+                created_at_unix: self.now_unix(),
                 credential_hash: req.credential.hash().to_vec(),
                 join_token_id: reads.token.id.clone(),
             };

@@ -7,7 +7,6 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use canopy_proto::v1::{ApiTokenRecord, IndexRecord};
 use prost::Message;
@@ -111,25 +110,25 @@ pub struct Controller {
     peer_starts: Arc<Mutex<crate::pacing::KeyedLimiter>>,
     /// Sign-ups per source address (IPv4 address or IPv6 /64) on this replica.
     signup_rate: Arc<Mutex<crate::pacing::KeyedLimiter>>,
-}
-
-pub(crate) fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    /// What "now" is for expiry and timestamps.
+    pub clock: crate::clock::Clock,
 }
 
 /// What a removed peer's credential entry becomes: still found by its hash, marked removed.
-fn removed_credential(network: &str, peer: &str) -> Vec<u8> {
+fn removed_credential(network: &str, peer: &str, at_unix: i64) -> Vec<u8> {
     IndexRecord {
         id: format!("{network}/{peer}"),
-        removed_at_unix: now_unix(),
+        removed_at_unix: at_unix,
     }
     .encode_to_vec()
 }
 
 impl Controller {
+    /// Seconds since the Unix epoch, by this controller's clock.
+    pub(crate) fn now_unix(&self) -> i64 {
+        self.clock.now_unix()
+    }
+
     /// The revision `key` was last written at; 0 when it does not exist (what
     /// `Compare::unchanged(key, 0)` expects of an absent key).
     pub(crate) async fn revision_of(&self, key: &str) -> Result<crate::store::Revision> {
@@ -171,6 +170,7 @@ impl Controller {
                 1_000_000,
             ))),
             signup_rate: Arc::new(Mutex::new(signup_limiter(DEFAULT_SIGNUPS_PER_HOUR))),
+            clock: crate::clock::Clock::system(),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,

@@ -4,7 +4,7 @@ use canopy_proto::v1::{IndexRecord, Network, NetworkRecord, PeerRecord};
 use ipnetwork::IpNetwork;
 use prost::Message;
 
-use super::{Caller, Controller, decode, now_unix, removed_credential};
+use super::{Caller, Controller, decode, removed_credential};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::model;
@@ -36,7 +36,7 @@ impl Controller {
                 tenant_id: c.tenant.clone(),
                 name: name.to_string(),
                 cidrs: nets.iter().map(|n| n.to_string()).collect(),
-                created_at_unix: now_unix(),
+                created_at_unix: self.now_unix(),
             };
             let name_key = keys::netname(&c.tenant, name);
             let r = self
@@ -155,7 +155,7 @@ impl Controller {
                 if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
                     txn = txn.then(Op::put(
                         keys::credential(&h),
-                        removed_credential(&net.id, &p.id),
+                        removed_credential(&net.id, &p.id, self.now_unix()),
                     ));
                 }
             }

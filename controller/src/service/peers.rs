@@ -65,7 +65,7 @@ impl Controller {
             if let Ok(h) = <[u8; 32]>::try_from(p.credential_hash.as_slice()) {
                 txn = txn.then(Op::put(
                     keys::credential(&h),
-                    removed_credential(&p.network_id, &p.id),
+                    removed_credential(&p.network_id, &p.id, self.now_unix()),
                 ));
             }
             if self.store.txn(txn).await?.succeeded {

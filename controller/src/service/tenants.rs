@@ -4,7 +4,7 @@
 use canopy_proto::v1::{ApiTokenRecord, NetworkUsage, Quotas, Subscription, TenantRecord, Usage};
 use prost::Message as _;
 
-use super::{Caller, Controller, decode, now_unix};
+use super::{Caller, Controller, decode};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::plans::{Plan, Scope};
@@ -98,10 +98,10 @@ impl Controller {
             email: email.to_string(),
             plan: plan.name().to_string(),
             suspended: false,
-            created_at_unix: now_unix(),
+            created_at_unix: self.now_unix(),
             deleted: false,
         };
-        let (rec, secret, mut txn) = Self::api_token_ops(&t.id, "admin", Scope::Admin);
+        let (rec, secret, mut txn) = self.api_token_ops(&t.id, "admin", Scope::Admin);
         txn = txn
             .then(Op::put(keys::apitokensver(&t.id), rec.id))
             .when(Compare::absent(keys::tenant(&t.id)))
@@ -222,7 +222,7 @@ impl Controller {
                 agents_online: online as u32,
             });
         }
-        let active = self.active_join_tokens(&c.tenant, now_unix()).await?;
+        let active = self.active_join_tokens(&c.tenant, self.now_unix()).await?;
         Ok(Usage {
             plan: plan.name().to_string(),
             quotas: Some(quotas(plan)),

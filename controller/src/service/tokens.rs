@@ -4,7 +4,7 @@ use canopy_proto::join::JoinString;
 use canopy_proto::v1::{IndexRecord, JoinToken, JoinTokenRecord};
 use prost::Message;
 
-use super::{Caller, Controller, decode, now_unix};
+use super::{Caller, Controller, decode};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::model;
@@ -33,7 +33,7 @@ impl Controller {
         let (rec, secret) = crate::txn::retry("create join token", |_| async move {
             let tenant = self.tenant_guard(&c.tenant).await?;
             let secret = Secret::generate(secret::JOIN_TOKEN);
-            let now = now_unix();
+            let now = self.now_unix();
             let rec = JoinTokenRecord {
                 id: secret::new_id("tok_"),
                 tenant_id: c.tenant.clone(),
