@@ -119,14 +119,32 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<TlsMaterial, TlsEr
     })
 }
 
-/// The DER of the first certificate in a PEM string.
+/// The DER of the first certificate in a PEM string (rustls-pki-types' PEM reader, as the
+/// listener and the console use).
 fn rustls_der(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_ca_pin_is_the_hash_of_the_first_certificate_and_garbage_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = super::load_or_create(dir.path(), &["localhost".into()]).unwrap();
+        let der = super::rustls_der(&t.ca_pem).unwrap();
+        assert_eq!(canopy_proto::sha256(&der), t.ca_sha256);
+        // The chain starts with the server's certificate, not the CA's.
+        let first = super::rustls_der(&t.server_chain_pem).unwrap();
+        assert_ne!(first, der);
+        assert!(super::rustls_der("no certificate here").is_none());
+        assert!(
+            super::rustls_der("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n")
+                .is_none()
+        );
+    }
 }
