@@ -179,10 +179,7 @@ async fn main() -> anyhow::Result<()> {
         for b in batch {
             let (enrollment, map) = b.await??;
             let mut c = ControlClient::new(enrollment, Some(map), None);
-            c.backoff = Backoff {
-                min: Duration::from_millis(100),
-                max: Duration::from_secs(2),
-            };
+            c.backoff = Backoff::equal(Duration::from_millis(100), Duration::from_secs(2));
             let client = Arc::new(c);
             let (c2, mut stop) = (client.clone(), stop_rx.clone());
             tokio::spawn(async move {

@@ -231,10 +231,7 @@ async fn main() -> anyhow::Result<()> {
     let mut real = Vec::new();
     for (e, m) in peers.iter().skip(200).take(100) {
         let mut c = ControlClient::new(e.clone(), Some(m.clone()), None);
-        c.backoff = Backoff {
-            min: Duration::from_millis(50),
-            max: Duration::from_secs(1),
-        };
+        c.backoff = Backoff::equal(Duration::from_millis(50), Duration::from_secs(1));
         let c = Arc::new(c);
         let c2 = c.clone();
         tokio::spawn(async move {

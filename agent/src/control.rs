@@ -18,7 +18,6 @@ use canopy_proto::v1::{
     Ack, Endpoints, EnrollRequest, Hello, NetworkDelta, NetworkMap, SyncRequest, sync_request,
     sync_response,
 };
-use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -123,29 +122,8 @@ pub async fn enroll_with(
     ))
 }
 
-/// Reconnect pacing: exponential from `min` to `max`, each delay jittered to 50–100 %.
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            min: Duration::from_millis(250),
-            max: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before attempt `n` (0-based) of a run of failures.
-    pub fn delay(&self, n: u32) -> Duration {
-        let base = self.min.saturating_mul(1u32 << n.min(16)).min(self.max);
-        base.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
-}
+/// Reconnect pacing: [`canopy_proto::backoff`], equal jitter, 250 ms doubling to 30 s.
+pub use canopy_proto::backoff::Backoff;
 
 /// What a client has received, for status output and benchmarks.
 #[derive(Debug, Default)]
@@ -455,29 +433,5 @@ fn classify(s: tonic::Status, me: &Enrollment) -> ControlError {
             ControlError::Removed
         }
         _ => ControlError::Refused(s),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let b = Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
-        for n in 0..40 {
-            let d = b.delay(n);
-            let base = Duration::from_millis(100)
-                .saturating_mul(1 << n.min(16))
-                .min(Duration::from_secs(2));
-            assert!(
-                d >= base / 2 && d <= base,
-                "attempt {n}: {d:?} not within [{:?}, {base:?}]",
-                base / 2
-            );
-        }
     }
 }

@@ -193,14 +193,18 @@ impl Cache {
     }
 
     async fn relist_until_ok(&self, store: &dyn Store) -> Revision {
-        let mut delay = Duration::from_millis(100);
+        let backoff = canopy_proto::backoff::Backoff::equal(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        );
+        let mut failures = 0;
         loop {
             match self.relist(store).await {
                 Ok(rev) => return rev,
                 Err(e) => {
                     tracing::warn!(error = %e, "re-list failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.delay(failures)).await;
+                    failures += 1;
                 }
             }
         }

@@ -10,6 +10,8 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use canopy_proto::backoff::Backoff;
+
 use crate::error::{Error, Result};
 
 /// How many attempts an operation gets, and for how long, before it answers Unavailable.
@@ -17,10 +19,9 @@ use crate::error::{Error, Result};
 pub struct Budget {
     pub attempts: usize,
     pub time: Duration,
-    /// The first pause; each later one may be up to twice the previous bound.
-    pub base: Duration,
-    /// The largest pause.
-    pub cap: Duration,
+    /// The pause before a retry: 200 µs doubling to 10 ms, drawn uniformly below that bound
+    /// ("full jitter"), so writers that collided do not collide again in step.
+    pub pause: Backoff,
 }
 
 impl Default for Budget {
@@ -28,19 +29,8 @@ impl Default for Budget {
         Self {
             attempts: 200,
             time: Duration::from_secs(10),
-            base: Duration::from_micros(200),
-            cap: Duration::from_millis(10),
+            pause: Backoff::full(Duration::from_micros(200), Duration::from_millis(10)),
         }
-    }
-}
-
-impl Budget {
-    /// The bound of the pause before attempt `n` (n ≥ 1): base · 2^(n-1), at most `cap`. The
-    /// pause itself is drawn uniformly below it ("full jitter"), so writers that collided do
-    /// not collide again in step.
-    pub fn pause_bound(&self, n: usize) -> Duration {
-        let shift = n.saturating_sub(1).min(20) as u32;
-        self.base.saturating_mul(1 << shift).min(self.cap)
     }
 }
 
@@ -59,16 +49,14 @@ where
     F: FnMut(usize) -> Fut,
     Fut: Future<Output = Result<Option<T>>>,
 {
-    use rand::Rng as _;
     let start = Instant::now();
     for n in 0..budget.attempts.max(1) {
         if n > 0 {
             if start.elapsed() >= budget.time {
                 break;
             }
-            let bound = budget.pause_bound(n);
-            let pause = rand::rng().random_range(Duration::ZERO..=bound);
-            tokio::time::sleep(pause).await;
+            let retry = u32::try_from(n - 1).unwrap_or(u32::MAX);
+            tokio::time::sleep(budget.pause.delay(retry)).await;
         }
         if let Some(v) = attempt(n).await? {
             if n > 0 {
@@ -90,11 +78,11 @@ mod tests {
 
     #[test]
     fn pauses_grow_to_the_cap() {
-        let b = Budget::default();
-        assert_eq!(b.pause_bound(1), Duration::from_micros(200));
-        assert_eq!(b.pause_bound(2), Duration::from_micros(400));
-        assert_eq!(b.pause_bound(5), Duration::from_micros(3200));
-        assert_eq!(b.pause_bound(50), b.cap);
+        let b = Budget::default().pause;
+        assert_eq!(b.bound(0), Duration::from_micros(200));
+        assert_eq!(b.bound(1), Duration::from_micros(400));
+        assert_eq!(b.bound(4), Duration::from_micros(3200));
+        assert_eq!(b.bound(50), Duration::from_millis(10));
     }
 
     #[tokio::test]

@@ -6,9 +6,11 @@
 //! - [`join`]: the join string (`canopy1:…`) that carries controller URL, token secret and CA pin.
 //! - [`text`]: escaping and clipping of untrusted text before it is printed or echoed.
 //! - [`transport`]: the client side of TLS: a gRPC channel that trusts a CA file or a CA pin.
+//! - [`backoff`]: exponential backoff with jitter, for every retry loop.
 //! - [`files`]: atomic file writes (the agent's state, the controller's keys and tokens).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod backoff;
 pub mod files;
 pub mod join;
 pub mod netmap;

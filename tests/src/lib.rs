@@ -200,10 +200,8 @@ impl TestAgent {
         let peer_id = enrollment.peer_id.clone();
         let mut client = ControlClient::new(enrollment, Some(map), None);
         client.controllers.extend(more_controllers.iter().cloned());
-        client.backoff = control::Backoff {
-            min: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        };
+        client.backoff =
+            control::Backoff::equal(Duration::from_millis(50), Duration::from_millis(500));
         let client = Arc::new(client);
         let maps = client.maps();
         let (stop, rx) = oneshot::channel::<()>();

@@ -380,10 +380,7 @@ async fn a_replica_that_refuses_the_credential_does_not_wipe_the_agent_only_a_re
     state.complete_enrollment(&e, &map).unwrap();
     let mut client = ControlClient::new(e.clone(), Some(map), Some(state.clone()));
     client.controllers = vec![wrong.url.clone()];
-    client.backoff = control::Backoff {
-        min: Duration::from_millis(20),
-        max: Duration::from_millis(100),
-    };
+    client.backoff = control::Backoff::equal(Duration::from_millis(20), Duration::from_millis(100));
     let client = Arc::new(client);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cl = client.clone();
