@@ -388,7 +388,8 @@ pub fn uapi(iface: &str, request: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// `get=1` without what moves (handshake times, counters) or is random (the port), with the
+/// `get=1` without what moves (handshake times, counters), is random (the port) or ends the
+/// answer (errno, the blank line), with the
 /// peers in key order and each peer's allowed IPs sorted (wireguard-go lists peers in map
 /// order and allowed IPs in trie order).
 pub fn normalized_get(iface: &str) -> String {
@@ -396,9 +397,16 @@ pub fn normalized_get(iface: &str) -> String {
     let mut head = Vec::new();
     let mut peers: Vec<Vec<String>> = Vec::new();
     for l in answer.lines() {
-        if ["last_handshake", "rx_bytes", "tx_bytes", "listen_port"]
-            .iter()
-            .any(|p| l.starts_with(p))
+        if [
+            "last_handshake",
+            "rx_bytes",
+            "tx_bytes",
+            "listen_port",
+            "errno=",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+            || l.is_empty()
         {
             continue;
         }
