@@ -181,9 +181,9 @@ fn first_start_creates_ca_and_admin_token_and_the_console_drives_the_controller(
     fails(
         &canopy(
             &home,
-            &["token", "create", "--network", "prod", "--ttl", "3w"],
+            &["token", "create", "--network", "prod", "--ttl", "3x"],
         ),
-        "unknown unit",
+        "unknown time unit",
     );
     fails(
         &canopy(

@@ -403,26 +403,14 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
     }
 }
 
-/// Parses `90`, `90s`, `30m`, `24h`, `7d`.
+/// Parses a duration: a number of seconds (`90`), or humantime's units (`90s`, `30m`, `24h`,
+/// `7d`, `2w`, `1h 30m`).
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow!("duration {s:?} is not like 30m, 24h or 7d"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => bail!("duration {s:?} has unknown unit {unit:?} (use s, m, h or d)"),
-    };
-    n.checked_mul(mult)
-        .map(Duration::from_secs)
-        .ok_or_else(|| anyhow!("duration {s:?} is too long"))
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| anyhow!("duration {s:?}: {e} (e.g. 30m, 24h, 7d)"))
 }
 
 #[cfg(test)]
@@ -434,7 +422,10 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
         assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
         assert_eq!(parse_duration("7d").unwrap().as_secs(), 604_800);
-        assert!(parse_duration("7w").is_err());
+        assert_eq!(parse_duration("1h 30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse_duration("2w").unwrap().as_secs(), 1_209_600);
+        assert!(parse_duration("7x").is_err());
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("").is_err());
     }
 }
