@@ -134,6 +134,8 @@ impl Elector {
 pub struct JobReport {
     pub tokens_deleted: usize,
     pub credentials_deleted: usize,
+    /// Tenants whose audit log had entries past their plan's retention (now deleted).
+    pub audit_pruned: usize,
 }
 
 /// Runs the background jobs as the leader holding `fence`. Each write is fenced.
@@ -208,7 +210,53 @@ pub async fn run_jobs(
             report.credentials_deleted += 1;
         }
     }
+    report.audit_pruned = prune_audit(store, fence, now_ms).await?;
     Ok(report)
+}
+
+/// Deletes each tenant's audit entries older than its plan keeps them: one ranged delete per
+/// tenant, from its first entry to the cutoff's key (keys sort by time), so the cost is the
+/// entries deleted, never a read of the log. The self-managed default tenant has no record.
+async fn prune_audit(store: &dyn Store, fence: Revision, now_ms: i64) -> Result<usize, StoreError> {
+    let tenants = store
+        .range(format!("{}tenants/", keys::ROOT).as_bytes())
+        .await?;
+    let mut plans: Vec<(String, crate::plans::Plan)> = tenants
+        .kvs
+        .iter()
+        .filter_map(|kv| canopy_proto::v1::TenantRecord::decode(kv.value.as_slice()).ok())
+        .map(|t| {
+            let plan = crate::plans::Plan::parse(&t.plan).unwrap_or(crate::plans::Plan::Free);
+            (t.id, plan)
+        })
+        .collect();
+    plans.push((
+        crate::service::DEFAULT_TENANT.to_string(),
+        crate::plans::Plan::SelfManaged,
+    ));
+    let mut pruned = 0;
+    for (tenant, plan) in plans {
+        let keep_ms = i64::from(plan.audit_retention_days()) * 86_400_000;
+        let cutoff = now_ms - keep_ms;
+        if cutoff <= 0 {
+            continue;
+        }
+        let first = format!("{}audit/{tenant}/", keys::ROOT);
+        let end = format!("{first}{cutoff:020}");
+        // Only write when there is something to delete: an idle log costs one small read.
+        let oldest = store.first_key(first.as_bytes()).await?;
+        if oldest.is_none_or(|k| k.as_slice() >= end.as_bytes()) {
+            continue;
+        }
+        let txn = Txn::new()
+            .when(Compare::unchanged(LEADER_KEY, fence))
+            .then(Op::delete_range(first, end));
+        if !store.txn(txn).await?.succeeded {
+            break; // deposed
+        }
+        pruned += 1;
+    }
+    Ok(pruned)
 }
 
 /// Elects and runs the jobs every tick until `shutdown`; releases the lease on the way out.
@@ -240,6 +288,7 @@ pub async fn run(
                     Ok(r) if r != JobReport::default() => tracing::info!(
                         tokens = r.tokens_deleted,
                         credentials = r.credentials_deleted,
+                        audit_logs = r.audit_pruned,
                         "background cleanup"
                     ),
                     Ok(_) => {}
@@ -516,5 +565,64 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn audit_entries_past_their_plans_retention_are_pruned_and_newer_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let now = 400 * 86_400_000i64;
+        let day = 86_400_000i64;
+        let free = canopy_proto::v1::TenantRecord {
+            id: "t_free".into(),
+            plan: "free".into(),
+            ..Default::default()
+        };
+        let mut txn = Txn::new().then(Op::put(keys::tenant("t_free"), free.encode_to_vec()));
+        // (tenant, age in days): free keeps 30 days, self-managed (default) 365.
+        for (tenant, age) in [
+            ("t_free", 31),
+            ("t_free", 29),
+            ("default", 366),
+            ("default", 300),
+        ] {
+            let at = now - age * day;
+            txn = txn.then(Op::put(
+                format!("{}audit/{tenant}/{at:020}-x", keys::ROOT),
+                "e",
+            ));
+        }
+        store.txn(txn).await.unwrap();
+        let e = Elector::new(store.clone(), "a".into(), Duration::from_secs(10));
+        let f = e.round(now).await.unwrap().unwrap();
+        let r = run_jobs(store.as_ref(), f, now, &BackgroundConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(r.audit_pruned, 2);
+        let left: Vec<i64> = store
+            .range(format!("{}audit/", keys::ROOT).as_bytes())
+            .await
+            .unwrap()
+            .kvs
+            .iter()
+            .map(|kv| {
+                let k = String::from_utf8(kv.key.clone()).unwrap();
+                let at: i64 = k.rsplit('/').next().unwrap()[..20].parse().unwrap();
+                (now - at) / day
+            })
+            .collect();
+        assert_eq!(
+            left,
+            vec![300, 29],
+            "default's 300-day entry, free's 29-day one"
+        );
+        // Nothing left to prune: no write at all.
+        let before = store.range(b"/").await.unwrap().revision;
+        let r = run_jobs(store.as_ref(), f, now, &BackgroundConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(r.audit_pruned, 0);
+        assert_eq!(store.range(b"/").await.unwrap().revision, before);
     }
 }

@@ -46,6 +46,15 @@ impl Plan {
         }
     }
 
+    /// How long the audit log keeps an entry (the leader prunes older ones).
+    pub fn audit_retention_days(self) -> u32 {
+        match self {
+            Plan::Free => 30,
+            Plan::Team => 90,
+            Plan::Business | Plan::SelfManaged => 365,
+        }
+    }
+
     pub fn quotas(self) -> Quotas {
         match self {
             Plan::Free => Quotas {

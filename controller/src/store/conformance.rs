@@ -238,6 +238,29 @@ pub async fn range_many_reads_only_its_prefixes_at_one_revision(s: Arc<dyn Store
     assert_eq!(r.revision, head.revision - 1, "the revision it read at");
 }
 
+/// A ranged delete removes exactly the keys from its start up to (not including) its end.
+pub async fn delete_range_removes_from_start_up_to_end(s: Arc<dyn Store>) {
+    for k in ["/r/a", "/r/b", "/r/c", "/r/d", "/r0"] {
+        s.txn(Txn::new().then(Op::put(k, k))).await.unwrap();
+    }
+    let r = s
+        .txn(Txn::new().then(Op::delete_range("/r/b", "/r/d")))
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    let left: Vec<_> = s
+        .range(b"/r")
+        .await
+        .unwrap()
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect();
+    assert_eq!(left, ["/r/a", "/r/d", "/r0"]);
+    assert_eq!(s.first_key(b"/r/").await.unwrap(), Some(b"/r/a".to_vec()));
+    assert_eq!(s.first_key(b"/nothing/").await.unwrap(), None);
+}
+
 /// Generates one `#[tokio::test]` per conformance check for a backend.
 /// `$make` is an async closure from a fresh temp dir to `(Arc<dyn Store>, guard)`; the guard
 /// (e.g. a store process) lives until the test ends.
@@ -258,6 +281,7 @@ macro_rules! store_conformance_tests {
             watch_from_compacted_revision_is_an_error,
             a_large_range_comes_back_whole_in_key_order,
             range_many_reads_only_its_prefixes_at_one_revision,
+            delete_range_removes_from_start_up_to_end,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

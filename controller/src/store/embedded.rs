@@ -377,20 +377,36 @@ fn apply_op(
             }
         }
         Op::DeletePrefix { prefix } => {
-            let mut keys = Vec::new();
-            let iter = match prefix_end(prefix) {
-                Some(end) => kv.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
-                None => kv.range::<&[u8]>(prefix.as_slice()..),
-            }
-            .map_err(err)?;
-            for item in iter {
-                keys.push(item.map_err(err)?.0.value().to_vec());
-            }
-            for key in keys {
-                kv.remove(key.as_slice()).map_err(err)?;
-                events.push(deleted(key, rev));
-            }
+            delete_range(kv, prefix, prefix_end(prefix).as_deref(), rev, events)?
         }
+        Op::DeleteRange { start, end } => delete_range(kv, start, Some(end), rev, events)?,
+    }
+    Ok(())
+}
+
+/// Removes every key from `start` up to `end` (excluded; `None`: to the last key).
+fn delete_range(
+    kv: &mut redb::Table<&[u8], &[u8]>,
+    start: &[u8],
+    end: Option<&[u8]>,
+    rev: Revision,
+    events: &mut Vec<Event>,
+) -> Result<(), StoreError> {
+    if end.is_some_and(|e| e <= start) {
+        return Ok(());
+    }
+    let mut keys = Vec::new();
+    let iter = match end {
+        Some(end) => kv.range::<&[u8]>(start..end),
+        None => kv.range::<&[u8]>(start..),
+    }
+    .map_err(err)?;
+    for item in iter {
+        keys.push(item.map_err(err)?.0.value().to_vec());
+    }
+    for key in keys {
+        kv.remove(key.as_slice()).map_err(err)?;
+        events.push(deleted(key, rev));
     }
     Ok(())
 }
@@ -409,6 +425,25 @@ impl Store for EmbeddedStore {
         prefixes: &'a [Vec<u8>],
     ) -> BoxFuture<'a, Result<RangeResult, StoreError>> {
         async move { self.read_ranges(prefixes) }.boxed()
+    }
+
+    fn first_key<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        async move {
+            let r = self.inner.db.begin_read().map_err(err)?;
+            let t = r.open_table(KV).map_err(err)?;
+            let mut iter = match prefix_end(prefix) {
+                Some(end) => t.range::<&[u8]>(prefix..end.as_slice()).map_err(err)?,
+                None => t.range::<&[u8]>(prefix..).map_err(err)?,
+            };
+            Ok(match iter.next() {
+                Some(item) => Some(item.map_err(err)?.0.value().to_vec()),
+                None => None,
+            })
+        }
+        .boxed()
     }
 
     fn txn(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResult, StoreError>> {

@@ -178,6 +178,26 @@ impl Store for EtcdStore {
         async move { self.paged_range(prefix, 0).await }.boxed()
     }
 
+    fn first_key<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        async move {
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_limit(1)
+                .with_keys_only();
+            let r = self
+                .client
+                .clone()
+                .get(prefix, Some(opts))
+                .await
+                .map_err(unavailable)?;
+            Ok(r.kvs().first().map(|k| k.key().to_vec()))
+        }
+        .boxed()
+    }
+
     fn range_many<'a>(
         &'a self,
         prefixes: &'a [Vec<u8>],
@@ -214,6 +234,10 @@ impl Store for EtcdStore {
                     Op::DeletePrefix { prefix } => {
                         TxnOp::delete(prefix.clone(), Some(DeleteOptions::new().with_prefix()))
                     }
+                    Op::DeleteRange { start, end } => TxnOp::delete(
+                        start.clone(),
+                        Some(DeleteOptions::new().with_range(end.clone())),
+                    ),
                 })
                 .collect();
             let r = self

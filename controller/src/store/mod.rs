@@ -57,9 +57,21 @@ impl Compare {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
-    DeletePrefix { prefix: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    DeletePrefix {
+        prefix: Vec<u8>,
+    },
+    /// Every key in `start..end` (end excluded), as etcd's ranged delete.
+    DeleteRange {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -75,6 +87,12 @@ impl Op {
     pub fn delete_prefix(prefix: impl Into<Vec<u8>>) -> Self {
         Op::DeletePrefix {
             prefix: prefix.into(),
+        }
+    }
+    pub fn delete_range(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
+        Op::DeleteRange {
+            start: start.into(),
+            end: end.into(),
         }
     }
 }
@@ -182,6 +200,22 @@ pub trait Store: Send + Sync + 'static {
             Err(StoreError::Unavailable(
                 "the store kept changing while it was read".into(),
             ))
+        }
+        .boxed()
+    }
+    /// The first key under `prefix`, if any, without reading the rest.
+    fn first_key<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        async move {
+            Ok(self
+                .range(prefix)
+                .await?
+                .kvs
+                .into_iter()
+                .next()
+                .map(|kv| kv.key))
         }
         .boxed()
     }
