@@ -256,10 +256,17 @@ async fn bare_interface(name: &str) -> anyhow::Result<()> {
         }
         tracing::info!(iface = %name, "interface deleted; stopping");
     };
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = gone => {}
-        _ = dp.deleted() => {}
+    let deleted = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = gone => true,
+        _ = dp.deleted() => true,
+    };
+    if deleted {
+        // Nothing left to tear down: exit now, which closes the socket at once, so a
+        // `wg-quick down; wg-quick up` can bind the same port right after (joining the
+        // forwarding threads first would hold it for up to their stop-check interval).
+        drop(dp);
+        return Ok(());
     }
     dp.stop().await;
     Ok(())

@@ -358,6 +358,16 @@ fn wg_quick_full_tunnel_with_save_config_and_hooks() {
         p.ip(1, &["addr", "add", "198.51.100.1/32", "dev", "lo"])?;
         // Host 0's own interface is replaced by one that wg-quick brings up.
         p.ip(0, &["link", "del", &p.ifaces[0]])?;
+        // Its process exits on the deletion and frees port 1 (within milliseconds, but under
+        // a loaded test run the next bind can be faster): wait for its UAPI socket to go.
+        let t = Instant::now();
+        while uapi_path(&p.ifaces[0]).exists() {
+            check(
+                t.elapsed() < WAIT,
+                "the old interface's process did not exit",
+            )?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let iface = format!("{}q0", lab.id);
         let marker = dir.join("hooks");
         let conf = dir.join(format!("{iface}.conf"));
