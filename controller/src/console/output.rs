@@ -16,25 +16,26 @@ macro_rules! say {
     };
 }
 
+/// An aligned table without borders (comfy-table: widths by display width, so a name with
+/// wide or combining characters does not skew the columns). Every cell is escaped first.
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
+    for line in render_table(header, &rows) {
+        println!("{line}");
     }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        say!("{}", s.join("  ").trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
+}
+
+fn render_table(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    use comfy_table::{CellAlignment, Table, presets::NOTHING};
+    let escape = |c: &str| canopy_proto::text::escape(c).into_owned();
+    let mut t = Table::new();
+    t.load_preset(NOTHING)
+        .set_header(header.iter().map(|h| escape(h)))
+        .add_rows(rows.iter().map(|r| r.iter().map(|c| escape(c))));
+    for col in t.column_iter_mut() {
+        col.set_cell_alignment(CellAlignment::Left);
+        col.set_padding((0, 2));
     }
+    t.lines().map(|l| l.trim_end().to_string()).collect()
 }
 
 fn print_json(v: Value) -> anyhow::Result<()> {
@@ -372,4 +373,41 @@ pub fn audit(json: bool, entries: &[AuditEntry]) -> anyhow::Result<()> {
             .collect(),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tables_align_by_display_width_and_escape_every_cell() {
+        let rows = vec![
+            vec!["web-1".to_string(), "100.64.0.1".to_string()],
+            vec!["東京".to_string(), "100.64.0.22".to_string()],
+            vec![
+                format!("evil{}[2J{}x", '\u{1b}', '\n'),
+                "100.64.0.3".to_string(),
+            ],
+        ];
+        let lines = super::render_table(&["HOST", "ADDRESS"], &rows);
+        assert_eq!(
+            lines.len(),
+            4,
+            "an embedded newline made no line of its own: {lines:?}"
+        );
+        assert!(lines[0].starts_with("HOST  ") && lines[1].starts_with("web-1  "));
+        // Two wide characters take four columns: the second column still lines up.
+        let at = col(&lines[0], "ADDRESS");
+        for l in &lines[1..] {
+            assert_eq!(col(l, "100.64"), at, "{lines:?}");
+        }
+        assert!(!lines.concat().contains('\u{1b}'), "{lines:?}");
+    }
+
+    /// The display column where `needle` starts (wide characters count two).
+    fn col(line: &str, needle: &str) -> usize {
+        let at = line.find(needle).unwrap();
+        line[..at]
+            .chars()
+            .map(|c| if c as u32 >= 0x1100 { 2 } else { 1 })
+            .sum()
+    }
 }
