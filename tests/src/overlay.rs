@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use canopy_agent::keys::{self, PrivateKey};
 
-use crate::netns::{Lab, Transfer, bin};
+use crate::netns::{Host, Lab, Transfer, bin};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -100,4 +100,43 @@ pub fn rx_from(lab: &Lab, ns: &str, iface: &str, from: &str) -> u64 {
         .find(|l| l.starts_with(from))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The two-node set-up most overlay tests start from: a lab with hosts 1 and 2, nodes A and B,
+/// and their dual-stack wg-quick files ([`dual_stack_pair`]), not started yet.
+pub struct Duo {
+    pub lab: Lab,
+    pub dir: tempfile::TempDir,
+    pub h1: Host,
+    pub h2: Host,
+    pub a: Node,
+    pub b: Node,
+    pub ca: PathBuf,
+    pub cb: PathBuf,
+}
+
+impl Duo {
+    pub fn new() -> Self {
+        let lab = Lab::new();
+        let dir = tempfile::tempdir().unwrap();
+        let (h1, h2) = (lab.host(1), lab.host(2));
+        let (a, b) = (node(&lab, "a"), node(&lab, "b"));
+        let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+        Self {
+            lab,
+            dir,
+            h1,
+            h2,
+            a,
+            b,
+            ca,
+            cb,
+        }
+    }
+}
+
+impl Default for Duo {
+    fn default() -> Self {
+        Self::new()
+    }
 }

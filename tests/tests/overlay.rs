@@ -10,11 +10,16 @@ use canopy_tests::overlay::*;
 
 #[test]
 fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    let Duo {
+        lab,
+        dir,
+        h1,
+        h2,
+        a,
+        b,
+        ca,
+        cb,
+    } = Duo::new();
     let pa = up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
     up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
     assert!(
@@ -131,11 +136,16 @@ fn a_wireguard_go_peer_interoperates_with_either_side_initiating() {
 
 #[test]
 fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_and_mixed() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    let Duo {
+        lab,
+        dir,
+        h1,
+        h2,
+        a: _,
+        b: _,
+        ca,
+        cb,
+    } = Duo::new();
     let path = |name: &str| dir.path().join(name);
     let (on, off) = (["CANOPY_TUN_OFFLOAD=1"], ["CANOPY_TUN_OFFLOAD=0"]);
     // Both with offloads: segmentation on one side, coalescing on the other, v4 and v6.
@@ -309,11 +319,16 @@ fn bulk_tcp_arrives_intact_over_an_ipv6_underlay() {
 
 #[test]
 fn udp_datagrams_keep_their_boundaries_and_content_through_the_offloaded_tunnel() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    let Duo {
+        lab,
+        dir,
+        h1,
+        h2,
+        a: _,
+        b: _,
+        ca,
+        cb,
+    } = Duo::new();
     for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
         up(&lab, &h.ns, c, &dir.path().join(log));
     }

@@ -140,11 +140,16 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
 /// refused and changes nothing.
 #[test]
 fn the_listen_port_changes_live_with_traffic_flowing() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    let Duo {
+        lab,
+        dir,
+        h1,
+        h2,
+        a,
+        b,
+        ca,
+        cb,
+    } = Duo::new();
     up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
     up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
     assert!(lab.ping(&h2.ns, "10.9.0.1", WAIT));
@@ -220,11 +225,16 @@ fn the_listen_port_changes_live_with_traffic_flowing() {
 /// and `wg-quick down` deletes the interface, which ends the agent.
 #[test]
 fn wg_quick_runs_canopy_agent_as_its_userspace_implementation() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let (ca, cb) = dual_stack_pair(dir.path(), &a, &b);
+    let Duo {
+        lab,
+        dir,
+        h1,
+        h2,
+        a,
+        b: _,
+        ca,
+        cb,
+    } = Duo::new();
     up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
     let impl_env = format!("WG_QUICK_USERSPACE_IMPLEMENTATION={}", agent());
     let quick = |verb: &str| {
