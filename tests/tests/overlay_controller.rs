@@ -83,26 +83,7 @@ fn joined_agents_ping_all_pairs_and_a_removed_peer_is_cut_off_without_disturbing
     let lab = Lab::new();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
-    let canopy = bin("canopy");
-    lab.spawn(
-        &lab.hub,
-        &[
-            canopy.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "192.0.2.254:7443",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &dir.path().join("serve.log"),
-    );
-    let con = Console {
-        lab: &lab,
-        data: &data,
-    };
-    wait_until("the controller", || {
-        data.join("admin-token").exists() && con.run(&["network", "list"]).status.success()
-    });
+    let con = controller(&lab, dir.path(), &data);
     con.ok(&[
         "network",
         "create",
