@@ -319,6 +319,12 @@ async fn join(
     hostname: Option<String>,
     iface: IfaceOpts,
 ) -> anyhow::Result<()> {
+    if iface.endpoints.len() > canopy_proto::MAX_ENDPOINTS {
+        bail!(
+            "at most {} --endpoint values (the controller keeps that many per peer)",
+            canopy_proto::MAX_ENDPOINTS
+        );
+    }
     let state = StateDir::open(dir)?;
     let key = state.private_key()?;
     let (enrollment, map) = enrolled(&state, &key, join_string, hostname).await?;

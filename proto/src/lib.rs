@@ -32,6 +32,9 @@ pub mod v1 {
 /// hostname and endpoints) well below it.
 pub const MAX_ANSWER_BYTES: usize = 64 << 20;
 
+/// The most underlay endpoints an agent reports (and the controller accepts) for one peer.
+pub const MAX_ENDPOINTS: usize = 8;
+
 /// SHA-256 of a byte string, as used for CA pins and stored secret hashes.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;

@@ -401,3 +401,60 @@ fn managed_agents_of_two_networks_share_a_host_from_the_systemd_template_with_no
     assert_eq!(port(0, 0), 40001);
     assert!(lab.ping(&hosts[0].ns, &addr(&st[&(1, 0)], 0), WAIT));
 }
+
+/// A host with more global addresses than a peer may report (bridges, many IPv6 addresses)
+/// still connects: the agent reports the first eight instead of being refused over and over.
+#[test]
+fn an_agent_on_a_host_with_many_addresses_reports_the_first_eight_and_connects() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller(&lab, dir.path(), &data);
+    con.ok(&["network", "create", "many", "--cidr", "100.64.11.0/24"]);
+    let join = con
+        .ok(&["token", "create", "--network", "many"])
+        .trim()
+        .to_string();
+    let h = lab.host(1);
+    for i in 1..=12 {
+        let out = lab.run(
+            &h.ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("198.18.0.{i}/32"),
+                "dev",
+                "lo",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let agent = bin("canopy-agent");
+    let state = dir.path().join("s");
+    lab.spawn(
+        &h.ns,
+        &[
+            agent.to_str().unwrap(),
+            "join",
+            &join,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--interface",
+            &format!("{}m", lab.id),
+        ],
+        &dir.path().join("agent.log"),
+    );
+    wait_until("the agent to be online with its endpoints", || {
+        let out = con.run(&["peer", "list", "--network", "many", "--json"]);
+        let peers: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        peers[0]["online"] == true
+            && peers[0]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 8)
+    });
+}

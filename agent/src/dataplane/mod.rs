@@ -457,6 +457,16 @@ pub fn local_endpoints(exclude: &str, port: u16) -> Vec<String> {
             eps.push(SocketAddr::new(ip, port).to_string());
         }
     }
+    // The controller takes at most this many (a host with many bridges and addresses has
+    // more): the first ones, in the order the kernel lists them.
+    if eps.len() > canopy_proto::MAX_ENDPOINTS {
+        tracing::debug!(
+            found = eps.len(),
+            kept = canopy_proto::MAX_ENDPOINTS,
+            "more local addresses than endpoints a peer may report"
+        );
+        eps.truncate(canopy_proto::MAX_ENDPOINTS);
+    }
     eps
 }
 

@@ -12,7 +12,7 @@ use crate::secret::{self, Secret};
 use crate::store::{Compare, Op, Revision, Txn};
 
 /// Endpoints an agent may report.
-const MAX_ENDPOINTS: usize = 8;
+const MAX_ENDPOINTS: usize = canopy_proto::MAX_ENDPOINTS;
 
 impl Controller {
     /// Checks an agent's Sync credential. A credential whose peer was removed answers
