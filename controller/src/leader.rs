@@ -134,8 +134,6 @@ impl Elector {
 pub struct JobReport {
     pub tokens_deleted: usize,
     pub credentials_deleted: usize,
-    /// Tenants whose audit log had entries past their plan's retention (now deleted).
-    pub audit_pruned: usize,
 }
 
 /// Runs the background jobs as the leader holding `fence`. Each write is fenced.
@@ -210,14 +208,21 @@ pub async fn run_jobs(
             report.credentials_deleted += 1;
         }
     }
-    report.audit_pruned = prune_audit(store, fence, now_ms).await?;
     Ok(report)
 }
+
+/// How often the leader prunes audit logs: retention is counted in days, and each pass costs
+/// one small read per tenant, so not every tick.
+const AUDIT_PRUNE_EVERY_MS: i64 = 3_600_000;
 
 /// Deletes each tenant's audit entries older than its plan keeps them: one ranged delete per
 /// tenant, from its first entry to the cutoff's key (keys sort by time), so the cost is the
 /// entries deleted, never a read of the log. The self-managed default tenant has no record.
-async fn prune_audit(store: &dyn Store, fence: Revision, now_ms: i64) -> Result<usize, StoreError> {
+pub async fn prune_audit(
+    store: &dyn Store,
+    fence: Revision,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
     let tenants = store
         .range(format!("{}tenants/", keys::ROOT).as_bytes())
         .await?;
@@ -272,6 +277,7 @@ pub async fn run(
     let elector = Elector::new(store.clone(), me, cfg.lease);
     let mut tick = tokio::time::interval(cfg.tick);
     let mut fence = None;
+    let mut next_audit_prune = 0i64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -288,11 +294,18 @@ pub async fn run(
                     Ok(r) if r != JobReport::default() => tracing::info!(
                         tokens = r.tokens_deleted,
                         credentials = r.credentials_deleted,
-                        audit_logs = r.audit_pruned,
                         "background cleanup"
                     ),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "background jobs failed"),
+                }
+                if now >= next_audit_prune {
+                    match prune_audit(store.as_ref(), f, now).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tenants = n, "audit logs pruned"),
+                        Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
+                    }
+                    next_audit_prune = now + AUDIT_PRUNE_EVERY_MS;
                 }
             }
             Ok(None) => {
@@ -596,10 +609,7 @@ mod tests {
         store.txn(txn).await.unwrap();
         let e = Elector::new(store.clone(), "a".into(), Duration::from_secs(10));
         let f = e.round(now).await.unwrap().unwrap();
-        let r = run_jobs(store.as_ref(), f, now, &BackgroundConfig::default())
-            .await
-            .unwrap();
-        assert_eq!(r.audit_pruned, 2);
+        assert_eq!(prune_audit(store.as_ref(), f, now).await.unwrap(), 2);
         let left: Vec<i64> = store
             .range(format!("{}audit/", keys::ROOT).as_bytes())
             .await
@@ -619,10 +629,7 @@ mod tests {
         );
         // Nothing left to prune: no write at all.
         let before = store.range(b"/").await.unwrap().revision;
-        let r = run_jobs(store.as_ref(), f, now, &BackgroundConfig::default())
-            .await
-            .unwrap();
-        assert_eq!(r.audit_pruned, 0);
+        assert_eq!(prune_audit(store.as_ref(), f, now).await.unwrap(), 0);
         assert_eq!(store.range(b"/").await.unwrap().revision, before);
     }
 }
