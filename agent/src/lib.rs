@@ -13,7 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
-pub mod engine;
+pub use canopy_engine as engine;
 pub mod keys;
 pub mod state;
 pub mod uapi;

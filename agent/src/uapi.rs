@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnetwork::IpNetwork;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
@@ -43,7 +43,8 @@ impl SetError {
 /// Renders the `get=1` answer (without the final `errno` line), key for key as wireguard-go
 /// does: no `private_key` line without a key (and the key as used, clamped), a
 /// `preshared_key` line for every peer (zero when none).
-pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32) -> String {
+/// Handshake ages become wall-clock times against `now`.
+pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32, now: SystemTime) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     if let Some(k) = engine.private_key() {
@@ -62,7 +63,8 @@ pub fn format_get(engine: &Engine, listen_port: u16, fwmark: u32) -> String {
             let _ = writeln!(s, "endpoint={ep}");
         }
         let (sec, nsec) = p
-            .last_handshake
+            .since_handshake
+            .and_then(|age| now.checked_sub(age))
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
         let _ = writeln!(
@@ -455,9 +457,9 @@ mod tests {
         ])
         .unwrap();
         req.apply(&mut e).unwrap();
-        let out = format_get(&e, 51820, 0);
+        let out = format_get(&e, 51820, 0, SystemTime::now());
         assert!(!out.contains("fwmark"), "no mark, no line");
-        assert!(format_get(&e, 51820, 0x1234).contains("fwmark=4660\n"));
+        assert!(format_get(&e, 51820, 0x1234, SystemTime::now()).contains("fwmark=4660\n"));
         assert_eq!(parse_set(["fwmark=4660"]).unwrap().fwmark, Some(0x1234));
         assert_eq!(parse_set(["fwmark=0x1234"]).unwrap().fwmark, Some(0x1234));
         assert_eq!(parse_set(["fwmark=0"]).unwrap().fwmark, Some(0));
@@ -499,7 +501,7 @@ mod tests {
             .unwrap()
             .apply(&mut e)
             .unwrap();
-        let out = format_get(&e, 1, 0);
+        let out = format_get(&e, 1, 0, SystemTime::now());
         assert!(!out.contains("private_key="), "{out}");
         assert!(out.contains(&format!(
             "public_key={K1}\npreshared_key={}\nprotocol_version=1\n",
@@ -508,7 +510,10 @@ mod tests {
         e.set_private_key([5; 32]);
         let key = e.private_key().unwrap();
         assert_eq!((key[0], key[31]), (0, 0x45), "clamped as X25519 uses it");
-        assert!(format_get(&e, 1, 0).contains(&format!("private_key={}", hex::encode(key))));
+        assert!(
+            format_get(&e, 1, 0, SystemTime::now())
+                .contains(&format!("private_key={}", hex::encode(key)))
+        );
     }
 
     /// A device that records what it was asked to apply.

@@ -19,6 +19,7 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 mod controller;
 mod mutation;
@@ -188,7 +189,7 @@ fn uapi_set(data: &[u8]) {
     if let Ok(req) = canopy_agent::uapi::parse_set(t.lines()) {
         let mut engine = Engine::new([1; 32]);
         let _ = req.apply(&mut engine);
-        let _ = canopy_agent::uapi::format_get(&engine, 51820, 0);
+        let _ = canopy_agent::uapi::format_get(&engine, 51820, 0, std::time::SystemTime::now());
     }
 }
 
@@ -257,7 +258,11 @@ fn engine_network(data: &[u8]) {
     E.with(|e| {
         let (engine, out) = &mut *e.borrow_mut();
         out.clear();
-        engine.handle_network(datagrams(data).into_iter().map(|d| (from, d)), out);
+        engine.handle_network(
+            Instant::now(),
+            datagrams(data).into_iter().map(|d| (from, d)),
+            out,
+        );
         let _ = out.net_packets().count();
         let _ = out.tun_packets().count();
     });
@@ -268,7 +273,7 @@ fn engine_network_seeds() -> Vec<Vec<u8>> {
     let mut b = engine_with_peer(2, 1, A_ADDR);
     let mut out = Outbox::default();
     let pkt = ipv4_packet([10, 0, 0, 2], [10, 0, 0, 1], b"hello");
-    b.handle_tun([pkt.as_slice()], &mut out);
+    b.handle_tun(Instant::now(), [pkt.as_slice()], &mut out);
     let mut seeds = Vec::new();
     for (_, d) in out.net_packets() {
         let mut s = vec![d.len().min(255) as u8];
@@ -313,11 +318,19 @@ fn shuttle(a: &mut Engine, b: &mut Engine, mut to_b: Vec<Vec<u8>>) -> (usize, us
             break;
         }
         out.clear();
-        b.handle_network(to_b.iter().map(|d| (a_from, d.as_slice())), &mut out);
+        b.handle_network(
+            Instant::now(),
+            to_b.iter().map(|d| (a_from, d.as_slice())),
+            &mut out,
+        );
         at_b += out.tun_packets().count();
         let from_b: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
         out.clear();
-        a.handle_network(to_a.iter().map(|d| (b_from, d.as_slice())), &mut out);
+        a.handle_network(
+            Instant::now(),
+            to_a.iter().map(|d| (b_from, d.as_slice())),
+            &mut out,
+        );
         at_a += out.tun_packets().count();
         to_b = out.net_packets().map(|(_, d)| d.to_vec()).collect();
         to_a = from_b;
@@ -353,7 +366,7 @@ pub fn tunnel_roundtrip(data: &[u8]) -> (usize, usize) {
             // Establish the session: a first packet starts the handshake.
             let mut out = Outbox::default();
             let hello = ipv4_packet([10, 0, 0, 1], [10, 0, 0, 2], b"hi");
-            a.handle_tun([hello.as_slice()], &mut out);
+            a.handle_tun(Instant::now(), [hello.as_slice()], &mut out);
             let first: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
             shuttle(&mut a, &mut b, first);
             (a, b)
@@ -363,12 +376,12 @@ pub fn tunnel_roundtrip(data: &[u8]) -> (usize, usize) {
         let (a, b) = &mut *p.borrow_mut();
         let mut out = Outbox::default();
         // A → B: whatever the TUN gave A, through the tunnel, into B's source checks.
-        a.handle_tun([data], &mut out);
+        a.handle_tun(Instant::now(), [data], &mut out);
         let sent: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
         let (_, at_b) = shuttle(a, b, sent);
         // B → A, the other direction.
         out.clear();
-        b.handle_tun([data], &mut out);
+        b.handle_tun(Instant::now(), [data], &mut out);
         let sent: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
         let (_, at_a) = shuttle(b, a, sent);
         (at_b, at_a)

@@ -164,6 +164,7 @@ impl uapi::Device for Shared {
             &self.engine(),
             self.port(),
             self.fwmark.load(Ordering::Relaxed),
+            std::time::SystemTime::now(),
         )
     }
     fn set(&self, mut req: uapi::SetRequest) -> Result<(), uapi::SetError> {
@@ -417,6 +418,9 @@ impl Dataplane {
         // the port is free as soon as this returns (`wg-quick down; wg-quick up` rebinds it).
         self.shared.socket().retire();
         let threads = std::mem::take(&mut self.threads);
+        for t in &threads {
+            t.thread().unpark();
+        }
         // The threads see the flag within their poll interval and drop the device and socket.
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {

@@ -25,7 +25,7 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::Shared;
 use super::net::{RECV_SLOT, Waiter, canonical};
-use crate::engine::{Outbox, TUN_HEADROOM};
+use crate::engine::{Outbox, TIMER_INTERVAL, TUN_HEADROOM};
 
 const _: () = assert!(TUN_HEADROOM >= VIRTIO_NET_HDR_LEN);
 
@@ -90,9 +90,11 @@ pub(super) fn tun_to_net(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
             }
         }
         out.clear();
-        shared
-            .engine()
-            .handle_tun((0..count).map(|i| &bufs[i][..sizes[i]]), &mut out);
+        shared.engine().handle_tun(
+            Instant::now(),
+            (0..count).map(|i| &bufs[i][..sizes[i]]),
+            &mut out,
+        );
         shared.socket().send(&out, stop);
     }
 }
@@ -130,9 +132,11 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
             } else {
                 m.stride
             };
-            shared
-                .engine()
-                .handle_network(data.chunks(stride).map(|d| (from, d)), &mut out);
+            shared.engine().handle_network(
+                Instant::now(),
+                data.chunks(stride).map(|d| (from, d)),
+                &mut out,
+            );
             if out.tun_buffers().len() >= IDEAL_BATCH_SIZE {
                 write_tun(&tun, &mut gro, &mut out);
             }
@@ -155,12 +159,21 @@ fn write_tun(tun: &SyncDevice, gro: &mut GROTable, out: &mut Outbox) {
     out.clear_tun();
 }
 
+/// Runs the engine's timers when it says they are due. With nothing to time (no key, no
+/// peers) it looks again after one interval; `Dataplane::stop` unparks it.
 pub(super) fn timers(shared: Arc<Shared>) {
     let mut out = Outbox::default();
     while !shared.stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
         out.clear();
-        shared.engine().tick(Instant::now(), &mut out);
+        let due = {
+            let mut engine = shared.engine();
+            engine.handle_timeout(Instant::now(), &mut out);
+            engine.poll_timeout()
+        };
         shared.socket().send(&out, &shared.stop);
+        let wait = due.map_or(TIMER_INTERVAL, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        std::thread::park_timeout(wait);
     }
 }

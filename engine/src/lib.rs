@@ -1,9 +1,11 @@
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 //! Sans-IO WireGuard core: a peer table, allowed-IPs routing and one boringtun [`Tunn`] per peer.
 //!
-//! Packets go in (from the TUN device, from the network) in batches, and [`Engine::tick`]
-//! advances timers with `now`; what to send and what to deliver comes out in an [`Outbox`]
-//! whose buffer is reused, so the steady state allocates nothing per packet. No sockets, no
-//! tokio: the I/O shell in `crate::dataplane` drives it.
+//! Packets go in (from the TUN device, from the network) in batches together with `now`;
+//! [`Engine::poll_timeout`] says when timers are next due and [`Engine::handle_timeout`] runs
+//! them. What to send and what to deliver comes out in an [`Outbox`] whose buffer is reused,
+//! so the steady state allocates nothing per packet. No sockets, no threads, no clock of its
+//! own: the I/O shell (`canopy_agent::dataplane`) drives it.
 //!
 //! Rules it enforces:
 //! - a decrypted packet whose inner source is not routed to the peer it came from is dropped
@@ -13,19 +15,23 @@
 //! - one handshake rate limiter is shared by all peers and reset each second of `now`; it sees
 //!   the sender's address, so cookie replies work under load.
 //!
-//! Where the clock is read: boringtun 0.7 reads it inside each [`Tunn`] (handshake timestamps,
-//! session timers, its cookie rate limiter), which no caller can feed; the engine itself reads
-//! it only through `tick(now)` (the shared limiter's reset) and for the wall-clock time of a
-//! peer's last handshake that `wg show` reports. A simulated clock for the timers would mean
-//! boringtun's `mock-instant` feature, which must not reach the shipped binary.
+//! Where the clock is read: the engine reads none. boringtun 0.7 reads its own monotonic clock
+//! inside each [`Tunn`] (handshake timestamps, session timers) and its cookie rate limiter, and
+//! keeps its deadlines to itself: it must be polled, which is what [`TIMER_INTERVAL`] and
+//! [`Engine::poll_timeout`] are for. That is the only clock under the engine; the timer tests
+//! in `engine/sim` replace it with boringtun's `mock-instant` feature, in a cargo workspace of
+//! their own so that feature never reaches a shipped binary. Ages (time since a handshake) come
+//! out as durations; the caller turns them into wall-clock times.
 
 pub mod allowed_ips;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -36,7 +42,13 @@ use ipnetwork::IpNetwork;
 use allowed_ips::AllowedIps;
 
 /// Handshake initiations per second before cookies are demanded.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// How often boringtun's timers (handshake retry, rekey, keepalives, session expiry) are
+/// checked while the engine has peers: boringtun keeps its deadlines internal and must be
+/// polled; 250 ms is what its own device uses.
+pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the handshake rate limiter counts before it starts again.
+const RATE_LIMIT_PERIOD: Duration = Duration::from_secs(1);
 /// Room boringtun needs beyond a packet: header + tag, and handshake messages (148 bytes).
 const OVERHEAD: usize = 256;
 
@@ -54,7 +66,8 @@ pub struct PeerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerStatus {
     pub config: PeerConfig,
-    pub last_handshake: Option<SystemTime>,
+    /// Time since the last completed handshake, by boringtun's clock.
+    pub since_handshake: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
@@ -187,7 +200,10 @@ pub struct Engine {
     routes: AllowedIps<u32>,
     limiter: Arc<RateLimiter>,
     next_index: u32,
+    /// When the rate limiter last started counting again.
     last_reset: Option<Instant>,
+    /// When timers are next due (none run yet: at once).
+    timers_due: Option<Instant>,
     pub drops: Drops,
 }
 
@@ -214,6 +230,7 @@ impl Engine {
             routes: AllowedIps::new(),
             next_index: 1,
             last_reset: None,
+            timers_due: None,
             drops: Drops::default(),
         }
     }
@@ -244,6 +261,7 @@ impl Engine {
         let configs: Vec<PeerConfig> = self.peers.values().map(|p| p.config.clone()).collect();
         *self = Self {
             drops: self.drops,
+            timers_due: self.timers_due,
             ..Self::new(private)
         };
         for c in configs {
@@ -347,7 +365,7 @@ impl Engine {
         let (since, tx, rx, _, _) = p.tunn.stats();
         Some(PeerStatus {
             config: p.config.clone(),
-            last_handshake: since.and_then(|d| SystemTime::now().checked_sub(d)),
+            since_handshake: since,
             rx_bytes: rx as u64,
             tx_bytes: tx as u64,
         })
@@ -359,12 +377,15 @@ impl Engine {
         v
     }
 
-    /// Encrypts packets read from the TUN device.
+    /// Encrypts packets read from the TUN device at `now`. (boringtun stamps and times its
+    /// sessions by its own clock; `now` moves the engine's rate-limit window.)
     pub fn handle_tun<'p>(
         &mut self,
+        now: Instant,
         packets: impl IntoIterator<Item = &'p [u8]>,
         out: &mut Outbox,
     ) {
+        self.advance(now);
         for pkt in packets {
             if !self.has_key {
                 self.drops.no_route += 1;
@@ -396,12 +417,14 @@ impl Engine {
         }
     }
 
-    /// Handles datagrams received from the network.
+    /// Handles datagrams received from the network at `now`.
     pub fn handle_network<'p>(
         &mut self,
+        now: Instant,
         datagrams: impl IntoIterator<Item = (SocketAddr, &'p [u8])>,
         out: &mut Outbox,
     ) {
+        self.advance(now);
         for (from, d) in datagrams {
             if !self.has_key {
                 self.drops.invalid += 1;
@@ -554,16 +577,37 @@ impl Engine {
         }
     }
 
-    /// Runs timers (handshake retries, keepalives, session expiry) and the rate-limiter reset.
-    /// Call every 100–250 ms.
-    pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
+    /// Starts a new rate-limit window once a second of `now` has passed.
+    fn advance(&mut self, now: Instant) {
+        self.timers_due.get_or_insert(now);
         if self
             .last_reset
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            .is_none_or(|t| now.saturating_duration_since(t) >= RATE_LIMIT_PERIOD)
         {
             self.limiter.reset_count();
             self.last_reset = Some(now);
         }
+    }
+
+    /// When [`Self::handle_timeout`] should next run: `None` while there is nothing to time (no
+    /// key, no peers, or no `now` given yet). A time in the past means at once (a peer was
+    /// added since the last run).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.has_key || self.peers.is_empty() {
+            return None;
+        }
+        self.timers_due
+    }
+
+    /// Runs what is due at `now`: boringtun's timers for every peer (handshake retries,
+    /// keepalives, rekeying, session expiry) and the rate limiter's window. Calls before the
+    /// deadline [`Self::poll_timeout`] gave do nothing.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Outbox) {
+        self.advance(now);
+        if self.timers_due.is_some_and(|due| now < due) {
+            return;
+        }
+        self.timers_due = Some(now + TIMER_INTERVAL);
         if !self.has_key {
             return;
         }

@@ -1,0 +1,140 @@
+//! Two engines talking through memory: no sockets, no clock but the one we pass. Timers
+//! (retry, rekey, keepalive, expiry, the rate-limit window) are tested under a simulated clock
+//! in `engine/sim`.
+
+use super::*;
+use crate::testing::*;
+
+#[test]
+fn packets_cross_both_ways_after_a_handshake_ipv4_and_ipv6() {
+    let mut p = Pair::new(&["10.0.0.2/32", "fd00::2/128"]);
+    let p1 = ipv4("10.0.0.1", "10.0.0.2", b"hello");
+    let p6 = ipv6("fd00::1", "fd00::2", b"hello6");
+    // The first packet triggers a handshake and is queued; it is delivered after the handshake.
+    let init = p.send_a(&[p1.clone(), p6.clone()]);
+    let (_, at_b) = p.exchange(vec![], init);
+    assert_eq!(at_b, vec![p1.clone(), p6.clone()]);
+    // Now B answers over the established session.
+    let reply = ipv4("10.0.0.2", "10.0.0.1", b"world");
+    let to_a = p.send_b(std::slice::from_ref(&reply));
+    let (at_a, _) = p.exchange(to_a, vec![]);
+    assert_eq!(at_a, vec![reply]);
+    let st = p.a.peer(&pubkey(key(2))).unwrap();
+    assert!(st.since_handshake.is_some() && st.tx_bytes > 0 && st.rx_bytes > 0);
+}
+
+#[test]
+fn a_packet_from_outside_the_peers_allowed_ips_is_dropped() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let init = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"ok")]);
+    let (at_a, _) = p.exchange(init, vec![]);
+    assert_eq!(at_a.len(), 1);
+    let spoofed = p.send_b(&[ipv4("10.0.0.99", "10.0.0.1", b"spoof")]);
+    let (at_a, _) = p.exchange(spoofed, vec![]);
+    assert!(at_a.is_empty());
+    assert_eq!(p.a.drops.spoofed, 1);
+}
+
+#[test]
+fn a_handshake_from_an_unknown_key_gets_no_answer() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let mut stranger = Engine::new(key(9));
+    stranger.set_peer(peer_of(key(1), A_ADDR, &["0.0.0.0/0"]));
+    let init = Pair::send(&mut stranger, p.now, &[ipv4("10.0.0.9", "10.0.0.1", b"hi")]);
+    assert_eq!(init.len(), 1);
+    let mut out = Outbox::default();
+    p.a.handle_network(
+        p.now,
+        [("192.0.2.9:1".parse().unwrap(), init[0].as_slice())],
+        &mut out,
+    );
+    assert!(out.net.is_empty() && out.tun_is_empty());
+    assert_eq!(p.a.drops.invalid, 1);
+}
+
+#[test]
+fn the_endpoint_follows_the_latest_authenticated_packet() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let init = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"x")]);
+    p.exchange(init, vec![]);
+    // B moves to a new address; its next packet comes from there.
+    let moved: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let pkt = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"y")]);
+    p.b_addr = moved;
+    let (at_a, _) = p.exchange(pkt, vec![]);
+    assert_eq!(at_a.len(), 1);
+    assert_eq!(
+        p.a.peer(&pubkey(key(2))).unwrap().config.endpoint,
+        Some(moved)
+    );
+    // And A now sends to the new address.
+    let mut out = Outbox::default();
+    p.a.handle_tun(
+        p.now,
+        [ipv4("10.0.0.1", "10.0.0.2", b"z").as_slice()],
+        &mut out,
+    );
+    assert_eq!(out.net[0].0, moved);
+    // A forged datagram from elsewhere does not move it.
+    let mut out = Outbox::default();
+    let forged = [4u8, 0, 0, 0]
+        .iter()
+        .chain([0u8; 60].iter())
+        .copied()
+        .collect::<Vec<_>>();
+    p.a.handle_network(
+        p.now,
+        [("203.0.113.1:1".parse().unwrap(), forged.as_slice())],
+        &mut out,
+    );
+    assert_eq!(
+        p.a.peer(&pubkey(key(2))).unwrap().config.endpoint,
+        Some(moved)
+    );
+}
+
+#[test]
+fn updating_allowed_ips_keeps_the_session_and_removing_a_peer_drops_its_routes() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let init = p.send_a(&[ipv4("10.0.0.1", "10.0.0.2", b"x")]);
+    p.exchange(vec![], init);
+    assert!(p.a.peer(&pubkey(key(2))).unwrap().since_handshake.is_some());
+    let mut cfg = p.a.peer(&pubkey(key(2))).unwrap().config;
+    cfg.allowed_ips.push(net("10.9.0.0/16"));
+    p.a.set_peer(cfg);
+    assert!(
+        p.a.peer(&pubkey(key(2))).unwrap().since_handshake.is_some(),
+        "session kept (a new session has no handshake yet)"
+    );
+    // Traffic to the new range goes out at once, over the same session (no new handshake).
+    let out = p.send_a(&[ipv4("10.0.0.1", "10.9.1.1", b"x")]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0][0], 4, "a data message, not a handshake initiation");
+    assert!(p.a.remove_peer(&pubkey(key(2))));
+    assert!(p.send_a(&[ipv4("10.0.0.1", "10.0.0.2", b"x")]).is_empty());
+    assert_eq!(p.a.drops.no_route, 1);
+}
+
+#[test]
+fn without_a_private_key_no_handshake_is_made_or_answered_and_setting_one_starts_them() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    p.a.set_private_key([0; 32]);
+    let pkt = ipv4("10.0.0.1", "10.0.0.2", b"hi");
+    assert!(
+        p.send_a(std::slice::from_ref(&pkt)).is_empty(),
+        "no initiation without a key"
+    );
+    // B initiates: A, keyless, does not answer.
+    let init = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"yo")]);
+    assert_eq!(init.len(), 1);
+    let mut out = Outbox::default();
+    p.a.handle_network(
+        p.now,
+        [(B_ADDR.parse().unwrap(), init[0].as_slice())],
+        &mut out,
+    );
+    assert_eq!(out.net_packets().count(), 0, "no response without a key");
+    // The key back (as `wg set private-key` does): A initiates again.
+    p.a.set_private_key(key(1));
+    assert_eq!(p.send_a(&[pkt]).len(), 1);
+}
