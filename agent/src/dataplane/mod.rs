@@ -4,21 +4,21 @@
 //!
 //! The TUN device runs with offloads (virtio-net headers: TSO/GRO, USO where the kernel has
 //! it) unless the kernel refuses or `CANOPY_TUN_OFFLOAD=0`; the socket batches and segments
-//! (`net`). The forwarding loops (`pump`) run on threads of their own. Addresses and routes
-//! are set with `ip` (iproute2), as wg-quick does; the interface and its routes vanish when
-//! the agent stops, because the TUN device is not persistent.
+//! (`net`). The forwarding loops (`pump`) run on threads of their own. Addresses, link state
+//! and routes are set through rtnetlink (`netlink`), the requests wg-quick makes with `ip`; the
+//! interface and its routes vanish when the agent stops, because the TUN device is not
+//! persistent.
 
 mod net;
+mod netlink;
 mod pump;
 mod sink;
 
 pub use sink::{ControllerSink, MapPeers, map_addresses};
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnetwork::IpNetwork;
@@ -43,8 +43,8 @@ pub enum DataplaneError {
     },
     #[error("binding UDP port {port}: {source}")]
     Udp { port: u16, source: std::io::Error },
-    #[error("ip {cmd}: {reason}")]
-    Ip { cmd: String, reason: String },
+    #[error("{op}: {source}")]
+    Netlink { op: String, source: std::io::Error },
     #[error("UAPI socket: {0}")]
     Uapi(std::io::Error),
     #[error("starting the forwarding threads: {0}")]
@@ -86,6 +86,8 @@ impl std::fmt::Debug for InterfaceSpec {
 struct Shared {
     engine: Mutex<Engine>,
     name: String,
+    /// The interface's index, for netlink requests.
+    index: u32,
     /// The UDP socket. A `listen_port` change binds a new one and swaps it in here; each
     /// forwarding thread takes the current one per batch (a thread waiting on the old one
     /// moves over within its stop-check interval).
@@ -135,15 +137,27 @@ impl Shared {
             })
             .collect();
         let mut have = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cmds = Vec::new();
-        for r in want.difference(&have) {
-            cmds.push(format!("route replace {r} dev {}", self.name));
+        let (add, del): (Vec<IpNetwork>, Vec<IpNetwork>) = (
+            want.difference(&have).copied().collect(),
+            have.difference(&want).copied().collect(),
+        );
+        for r in &add {
+            netlink::replace_route(self.index, *r).map_err(|source| DataplaneError::Netlink {
+                op: format!("route replace {r} dev {}", self.name),
+                source,
+            })?;
         }
-        for r in have.difference(&want) {
-            cmds.push(format!("route del {r} dev {}", self.name));
+        for r in &del {
+            match netlink::delete_route(self.index, *r) {
+                // Already gone (an address removed with its subnet route): what we wanted.
+                Err(e) if e.raw_os_error() == Some(libc_esrch()) => {}
+                r2 => r2.map_err(|source| DataplaneError::Netlink {
+                    op: format!("route del {r} dev {}", self.name),
+                    source,
+                })?,
+            }
         }
-        if !cmds.is_empty() {
-            ip_batch(&cmds)?;
+        if !add.is_empty() || !del.is_empty() {
             tracing::info!(iface = %self.name, routes = want.len(), "routes updated");
         }
         *have = want;
@@ -216,32 +230,9 @@ impl uapi::Device for Shared {
     }
 }
 
-/// Runs `ip -batch -` with the given commands.
-fn ip_batch(cmds: &[String]) -> Result<(), DataplaneError> {
-    let fail = |reason: String| DataplaneError::Ip {
-        cmd: cmds.join("; "),
-        reason,
-    };
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(e.to_string()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(cmds.join("\n").as_bytes())
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
+/// "No such process": the kernel's answer to deleting a route that is not there.
+fn libc_esrch() -> i32 {
+    nix::errno::Errno::ESRCH as i32
 }
 
 /// A running interface.
@@ -298,16 +289,7 @@ impl Dataplane {
             port: spec.listen_port,
             source,
         })?;
-        let mut cmds: Vec<String> = spec
-            .addresses
-            .iter()
-            .map(|a| match a {
-                IpNetwork::V4(_) => format!("addr add {a} dev {}", spec.name),
-                IpNetwork::V6(_) => format!("addr add {a} dev {} nodad", spec.name),
-            })
-            .collect();
-        cmds.push(format!("link set {} up", spec.name));
-        ip_batch(&cmds)?;
+        let index = configure_link(&spec)?;
 
         let listen_port = sock.port();
         let mut engine = Engine::new(spec.private_key);
@@ -318,6 +300,7 @@ impl Dataplane {
         let shared = Arc::new(Shared {
             engine: Mutex::new(engine),
             name: spec.name.clone(),
+            index,
             listen_port: listen_port.into(),
             sock: std::sync::RwLock::new(sock.clone()),
             fwmark: std::sync::atomic::AtomicU32::new(0),
@@ -440,27 +423,34 @@ impl Drop for Dataplane {
     }
 }
 
+/// Puts the interface's addresses on it and sets it up; returns its index.
+fn configure_link(spec: &InterfaceSpec) -> Result<u32, DataplaneError> {
+    let fail = |op: String| move |source| DataplaneError::Netlink { op, source };
+    let index = netlink::link_index(&spec.name).map_err(fail(format!("finding {}", spec.name)))?;
+    for a in &spec.addresses {
+        netlink::add_address(index, *a).map_err(fail(format!("addr add {a} dev {}", spec.name)))?;
+    }
+    netlink::set_up(index).map_err(fail(format!("link set {} up", spec.name)))?;
+    Ok(index)
+}
+
 /// This host's global addresses, as `ip:port` endpoints to report: not those of `exclude`,
 /// nor of any tunnel interface (TUN devices, WireGuard's, another overlay's): a peer that
 /// took one would send this overlay's datagrams through that tunnel, or nowhere.
 pub fn local_endpoints(exclude: &str, port: u16) -> Vec<String> {
-    let Ok(out) = Command::new("ip")
-        .args(["-o", "addr", "show", "scope", "global"])
-        .output()
-    else {
+    let (Ok(links), Ok(addresses)) = (netlink::links(), netlink::global_addresses()) else {
         return Vec::new();
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut eps = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 4 || f[1] == exclude || is_tunnel(f[1]) {
-            continue;
-        }
-        if let Some(Ok(ip)) = f[3].split('/').next().map(str::parse::<IpAddr>) {
-            eps.push(SocketAddr::new(ip, port).to_string());
-        }
-    }
+    let mut eps: Vec<String> = addresses
+        .into_iter()
+        .filter(|(index, _)| {
+            links
+                .iter()
+                .find(|l| l.index == *index)
+                .is_some_and(|l| l.name != exclude && !l.tunnel)
+        })
+        .map(|(_, ip)| SocketAddr::new(ip, port).to_string())
+        .collect();
     // The controller takes at most this many (a host with many bridges and addresses has
     // more): the first ones, in the order the kernel lists them.
     if eps.len() > canopy_proto::MAX_ENDPOINTS {
@@ -472,15 +462,4 @@ pub fn local_endpoints(exclude: &str, port: u16) -> Vec<String> {
         eps.truncate(canopy_proto::MAX_ENDPOINTS);
     }
     eps
-}
-
-/// Whether `iface` is a tunnel without a link layer (ARPHRD_NONE: TUN devices, WireGuard).
-fn is_tunnel(iface: &str) -> bool {
-    let name = iface.split('@').next().unwrap_or(iface);
-    std::fs::read_to_string(
-        std::path::Path::new("/sys/class/net")
-            .join(name)
-            .join("type"),
-    )
-    .is_ok_and(|t| t.trim() == "65534")
 }
