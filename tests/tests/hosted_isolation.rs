@@ -3,6 +3,7 @@
 //! Two replicas of `canopy serve --hosted` over a real etcd. Needs etcd (deploy/install-deps.sh).
 #![allow(clippy::unwrap_used)]
 
+use canopy_controller::console::Client;
 use canopy_proto::v1::*;
 use canopy_tests::TestAgent;
 use canopy_tests::hosted::*;
@@ -34,209 +35,30 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
 
     // A, through replica 1, with B's ids: every call answers like a missing object would.
     let mut a = console_as(&r1, &tok_a).await;
-    let cases: Vec<(&str, String, String)> = vec![
-        (
-            "get network",
-            missing(
-                "get",
-                a.get_network(GetNetworkRequest {
-                    network: nb.id.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "get",
-                a.get_network(GetNetworkRequest {
-                    network: "net_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "get network by name",
-            missing(
-                "name",
-                a.get_network(GetNetworkRequest {
-                    network: "shared-name".into(),
-                })
-                .await,
-            ),
-            missing(
-                "name",
-                a.get_network(GetNetworkRequest {
-                    network: "no-such-name".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "delete network",
-            missing(
-                "delete",
-                a.delete_network(DeleteNetworkRequest {
-                    network: nb.id.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "delete",
-                a.delete_network(DeleteNetworkRequest {
-                    network: "net_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "create join token",
-            missing("token", a.create_join_token(tok(&nb.id)).await),
-            missing(
-                "token",
-                a.create_join_token(tok("net_0000000000000000")).await,
-            ),
-        ),
-        (
-            "list join tokens",
-            missing(
-                "tokens",
-                a.list_join_tokens(ListJoinTokensRequest {
-                    network: nb.id.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "tokens",
-                a.list_join_tokens(ListJoinTokensRequest {
-                    network: "net_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "revoke join token",
-            missing(
-                "revoke",
-                a.revoke_join_token(RevokeJoinTokenRequest {
-                    token_id: tid.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "revoke",
-                a.revoke_join_token(RevokeJoinTokenRequest {
-                    token_id: "tok_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "list peers",
-            missing(
-                "peers",
-                a.list_peers(ListPeersRequest {
-                    network: nb.id.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "peers",
-                a.list_peers(ListPeersRequest {
-                    network: "net_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "get peer",
-            missing(
-                "peer",
-                a.get_peer(GetPeerRequest {
-                    peer_id: peer.peer_id.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "peer",
-                a.get_peer(GetPeerRequest {
-                    peer_id: "peer_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "remove peer",
-            missing(
-                "remove",
-                a.remove_peer(RemovePeerRequest {
-                    peer_id: peer.peer_id.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "remove",
-                a.remove_peer(RemovePeerRequest {
-                    peer_id: "peer_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
-        (
-            "revoke api token",
-            missing(
-                "api",
-                a.revoke_api_token(RevokeApiTokenRequest {
-                    token_id: aid.clone(),
-                })
-                .await,
-            ),
-            missing(
-                "api",
-                a.revoke_api_token(RevokeApiTokenRequest {
-                    token_id: "api_0000000000000000".into(),
-                })
-                .await,
-            ),
-        ),
+    let cases = [
+        (Call::GetNetwork, nb.id.as_str(), "net_0000000000000000"),
+        (Call::GetNetwork, "shared-name", "no-such-name"),
+        (Call::DeleteNetwork, &nb.id, "net_0000000000000000"),
+        (Call::CreateJoinToken, &nb.id, "net_0000000000000000"),
+        (Call::ListJoinTokens, &nb.id, "net_0000000000000000"),
+        (Call::RevokeJoinToken, &tid, "tok_0000000000000000"),
+        (Call::ListPeers, &nb.id, "net_0000000000000000"),
+        (Call::GetPeer, &peer.peer_id, "peer_0000000000000000"),
+        (Call::RemovePeer, &peer.peer_id, "peer_0000000000000000"),
+        (Call::RevokeApiToken, &aid, "api_0000000000000000"),
     ];
     for (what, theirs, absent) in cases {
-        let shape = |m: &str| {
-            m.split('"')
-                .enumerate()
-                .filter(|(i, _)| i % 2 == 0)
-                .map(|(_, p)| p.to_string())
-                .collect::<Vec<_>>()
-        };
+        let (theirs, absent) = (
+            call(&mut a, what, theirs).await,
+            call(&mut a, what, absent).await,
+        );
         assert_eq!(
             shape(&theirs),
             shape(&absent),
-            "{what}: {theirs:?} vs {absent:?}"
+            "{what:?}: {theirs:?} vs {absent:?}"
         );
     }
-    // Lists show none of B's objects.
-    assert!(
-        a.list_networks(ListNetworksRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .networks
-            .is_empty()
-    );
-    assert!(
-        a.list_join_tokens(ListJoinTokensRequest {
-            network: String::new()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .is_empty()
-    );
-    let a_tokens = a
-        .list_api_tokens(ListApiTokensRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens;
-    assert!(a_tokens.iter().all(|t| t.id != aid));
+    lists_show_nothing_of_theirs(&mut a, &aid).await;
     // And nothing of B's was touched.
     assert_eq!(
         b.list_peers(ListPeersRequest {
@@ -263,6 +85,91 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
         .await
         .unwrap();
     peer.stop().await;
+}
+
+/// The console calls that take an object id (or name).
+#[derive(Clone, Copy, Debug)]
+enum Call {
+    GetNetwork,
+    DeleteNetwork,
+    CreateJoinToken,
+    ListJoinTokens,
+    RevokeJoinToken,
+    ListPeers,
+    GetPeer,
+    RemovePeer,
+    RevokeApiToken,
+}
+
+/// The error message `call` gets for object `id` (which must not exist for this caller).
+async fn call(a: &mut Client, call: Call, id: &str) -> String {
+    let (what, id) = (format!("{call:?}"), id.to_string());
+    match call {
+        Call::GetNetwork => missing(
+            &what,
+            a.get_network(GetNetworkRequest { network: id }).await,
+        ),
+        Call::DeleteNetwork => missing(
+            &what,
+            a.delete_network(DeleteNetworkRequest { network: id }).await,
+        ),
+        Call::CreateJoinToken => missing(&what, a.create_join_token(tok(&id)).await),
+        Call::ListJoinTokens => missing(
+            &what,
+            a.list_join_tokens(ListJoinTokensRequest { network: id })
+                .await,
+        ),
+        Call::RevokeJoinToken => missing(
+            &what,
+            a.revoke_join_token(RevokeJoinTokenRequest { token_id: id })
+                .await,
+        ),
+        Call::ListPeers => missing(&what, a.list_peers(ListPeersRequest { network: id }).await),
+        Call::GetPeer => missing(&what, a.get_peer(GetPeerRequest { peer_id: id }).await),
+        Call::RemovePeer => missing(
+            &what,
+            a.remove_peer(RemovePeerRequest { peer_id: id }).await,
+        ),
+        Call::RevokeApiToken => missing(
+            &what,
+            a.revoke_api_token(RevokeApiTokenRequest { token_id: id })
+                .await,
+        ),
+    }
+}
+
+/// A message without its quoted parts (the ids), to compare two answers' shape.
+fn shape(m: &str) -> Vec<String> {
+    m.split('"')
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(_, p)| p.to_string())
+        .collect()
+}
+
+/// A's lists hold none of B's networks, join tokens or API token `their_api_token`.
+async fn lists_show_nothing_of_theirs(a: &mut Client, their_api_token: &str) {
+    let networks = a.list_networks(ListNetworksRequest {}).await.unwrap();
+    assert!(networks.into_inner().networks.is_empty());
+    let all = ListJoinTokensRequest {
+        network: String::new(),
+    };
+    assert!(
+        a.list_join_tokens(all)
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens
+            .is_empty()
+    );
+    let tokens = a.list_api_tokens(ListApiTokensRequest {}).await.unwrap();
+    assert!(
+        tokens
+            .into_inner()
+            .tokens
+            .iter()
+            .all(|t| t.id != their_api_token)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
