@@ -35,13 +35,8 @@ fn net(name: &str, cidrs: &[&str]) -> CreateNetworkRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_rejects_bad_networks_tokens_and_ids_without_writing() {
-    let c = TestController::start().await;
-    c.network("prod", &["100.64.0.0/16"]).await;
-    let mut con = c.console().await;
-    let rev = c.store_revision().await;
-
+/// Bad CIDRs, names and overlaps, with a network "prod" on 100.64.0.0/16 already there.
+async fn refuses_bad_networks(con: &mut canopy_controller::console::Client) {
     check(
         "bad cidr",
         con.create_network(net("a", &["100.64.0.0/33"])).await,
@@ -85,6 +80,10 @@ async fn console_rejects_bad_networks_tokens_and_ids_without_writing() {
         Code::AlreadyExists,
         "already exists",
     );
+}
+
+/// Unknown networks, tokens and peers, and bad tags.
+async fn refuses_unknown_ids_and_bad_tokens(con: &mut canopy_controller::console::Client) {
     check(
         "unknown net",
         con.get_network(GetNetworkRequest {
@@ -157,7 +156,17 @@ async fn console_rejects_bad_networks_tokens_and_ids_without_writing() {
         Code::InvalidArgument,
         "required",
     );
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_rejects_bad_networks_tokens_and_ids_without_writing() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/16"]).await;
+    let mut con = c.console().await;
+    let rev = c.store_revision().await;
+
+    refuses_bad_networks(&mut con).await;
+    refuses_unknown_ids_and_bad_tokens(&mut con).await;
     assert_eq!(c.store_revision().await, rev, "no rejected call may write");
 }
 
@@ -189,46 +198,78 @@ async fn console_calls_need_a_valid_api_token() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enrollment_refuses_bad_tokens_and_keys_without_writing() {
-    let c = TestController::with_manual_clock().await;
-    c.network("prod", &["100.64.0.0/24"]).await;
-    let mut con = c.console().await;
-    let mk = |max_uses: u32, ttl_seconds: u64| CreateJoinTokenRequest {
-        network: "prod".into(),
-        max_uses,
-        ttl_seconds,
-        tags: vec![],
+/// With a valid token `token` (a key [1; 32] already enrolled): short keys, a key that is
+/// already a peer, oversized requests.
+async fn refuses_bad_keys_and_sizes(
+    agent: &mut AgentServiceClient<tonic::transport::Channel>,
+    token: String,
+) {
+    let req = |key: Vec<u8>| enroll_request(token.clone(), key);
+    let short = agent.enroll(req(vec![2; 31])).await;
+    check(
+        "short key",
+        short,
+        Code::InvalidArgument,
+        "32 bytes, got 31",
+    );
+    let again = agent.enroll(req(vec![1; 32])).await;
+    check(
+        "same key again",
+        again,
+        Code::AlreadyExists,
+        "already a peer",
+    );
+    let huge = EnrollRequest {
+        hostname: "x".repeat(2 << 20),
+        ..req(vec![3; 32])
     };
-    let good = con
-        .create_join_token(mk(1, 3600))
-        .await
-        .unwrap()
-        .into_inner();
-    let expiring = con.create_join_token(mk(1, 1)).await.unwrap().into_inner();
-    let revoked = con
-        .create_join_token(mk(1, 3600))
-        .await
-        .unwrap()
-        .into_inner();
-    con.revoke_join_token(RevokeJoinTokenRequest {
-        token_id: revoked.token.unwrap().id,
-    })
-    .await
-    .unwrap();
-    let secret = |j: &str| JoinString::parse(j).unwrap().token;
+    check(
+        "oversized",
+        agent.enroll(huge).await,
+        Code::ResourceExhausted,
+        "limit",
+    );
+}
 
-    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
-        .await
-        .unwrap();
-    let mut agent = AgentServiceClient::new(ch);
-    let req = |token: String, key: Vec<u8>| EnrollRequest {
+async fn agent_client(c: &TestController) -> AgentServiceClient<tonic::transport::Channel> {
+    let trust = Trust::Pin(c.server.ca_sha256);
+    AgentServiceClient::new(transport::connect(&c.server.url, &trust).await.unwrap())
+}
+
+fn enroll_request(token: String, key: Vec<u8>) -> EnrollRequest {
+    EnrollRequest {
         join_token: token,
         public_key: key,
         hostname: "h".into(),
         listen_port: 0,
         credential: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_refuses_bad_tokens_and_keys_without_writing() {
+    let c = TestController::with_manual_clock().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let mut con = c.console().await;
+    let mk = |max_uses, ttl_seconds| CreateJoinTokenRequest {
+        network: "prod".into(),
+        max_uses,
+        ttl_seconds,
+        tags: vec![],
     };
+    let good = con.create_join_token(mk(1, 3600)).await.unwrap();
+    let expiring = con.create_join_token(mk(1, 1)).await.unwrap();
+    let revoked = con.create_join_token(mk(1, 3600)).await.unwrap();
+    let [good, expiring, revoked] = [good, expiring, revoked].map(|r| r.into_inner());
+    con.revoke_join_token(RevokeJoinTokenRequest {
+        token_id: revoked.token.clone().unwrap().id,
+    })
+    .await
+    .unwrap();
+    let secret = |j: &str| JoinString::parse(j).unwrap().token;
+
+    let mut agent = agent_client(&c).await;
+    let req = enroll_request;
     // Spend the good token once so it is used up.
     agent
         .enroll(req(secret(&good.join_string), vec![1; 32]))
@@ -237,74 +278,41 @@ async fn enrollment_refuses_bad_tokens_and_keys_without_writing() {
     c.clock.advance(Duration::from_secs(2)); // the 1 s token expires, without sleeping
     let rev = c.store_revision().await;
 
-    check(
-        "used up",
-        agent
-            .enroll(req(secret(&good.join_string), vec![2; 32]))
-            .await,
-        Code::PermissionDenied,
-        "used up (1 of 1 uses)",
-    );
-    check(
-        "expired",
-        agent
-            .enroll(req(secret(&expiring.join_string), vec![2; 32]))
-            .await,
-        Code::PermissionDenied,
-        "expired",
-    );
-    check(
-        "revoked",
-        agent
-            .enroll(req(secret(&revoked.join_string), vec![2; 32]))
-            .await,
-        Code::PermissionDenied,
-        "revoked",
-    );
-    check(
-        "unknown",
-        agent.enroll(req("cjt_unknown".into(), vec![2; 32])).await,
-        Code::Unauthenticated,
-        "not valid",
-    );
-    check(
-        "not a token",
-        agent.enroll(req("hello".into(), vec![2; 32])).await,
-        Code::Unauthenticated,
-        "not a join token",
-    );
+    let (used, old, gone) = [good, expiring, revoked]
+        .map(|t| secret(&t.join_string))
+        .into();
+    let cases = [
+        (
+            "used up",
+            used,
+            Code::PermissionDenied,
+            "used up (1 of 1 uses)",
+        ),
+        ("expired", old, Code::PermissionDenied, "expired"),
+        ("revoked", gone, Code::PermissionDenied, "revoked"),
+        (
+            "unknown",
+            "cjt_unknown".into(),
+            Code::Unauthenticated,
+            "not valid",
+        ),
+        (
+            "not a token",
+            "hello".into(),
+            Code::Unauthenticated,
+            "not a join token",
+        ),
+    ];
+    for (what, token, code, msg) in cases {
+        check(what, agent.enroll(req(token, vec![2; 32])).await, code, msg);
+    }
     let fresh = con
         .create_join_token(mk(0, 3600))
         .await
         .unwrap()
         .into_inner();
     let rev2 = c.store_revision().await;
-    check(
-        "short key",
-        agent
-            .enroll(req(secret(&fresh.join_string), vec![2; 31]))
-            .await,
-        Code::InvalidArgument,
-        "32 bytes, got 31",
-    );
-    check(
-        "same key again",
-        agent
-            .enroll(req(secret(&fresh.join_string), vec![1; 32]))
-            .await,
-        Code::AlreadyExists,
-        "already a peer",
-    );
-    let huge = EnrollRequest {
-        hostname: "x".repeat(2 << 20),
-        ..req(secret(&fresh.join_string), vec![3; 32])
-    };
-    check(
-        "oversized",
-        agent.enroll(huge).await,
-        Code::ResourceExhausted,
-        "limit",
-    );
+    refuses_bad_keys_and_sizes(&mut agent, secret(&fresh.join_string)).await;
 
     assert_eq!(
         rev2 - rev,
@@ -424,7 +432,7 @@ async fn a_python_grpcio_client_gets_reflection_and_clean_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn special_ranges_unusable_keys_endpoints_and_control_characters_are_refused() {
+async fn special_ranges_and_oversized_names_are_refused_by_the_console() {
     let c = TestController::start().await;
     c.network("prod", &["100.64.0.0/24"]).await;
     let mut con = c.console().await;
@@ -462,13 +470,15 @@ async fn special_ranges_unusable_keys_endpoints_and_control_characters_are_refus
         "at most 8 tags",
     );
     assert_eq!(c.store_revision().await, rev, "nothing was written");
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_keys_and_control_characters_are_refused_at_enrollment() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
     let join = c.token("prod", 0).await;
     let secret = JoinString::parse(&join).unwrap().token;
-    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
-        .await
-        .unwrap();
-    let mut agent = AgentServiceClient::new(ch);
+    let mut agent = agent_client(&c).await;
     let enroll = |key: Vec<u8>, hostname: &str| EnrollRequest {
         join_token: secret.clone(),
         public_key: key,
@@ -514,7 +524,14 @@ async fn special_ranges_unusable_keys_endpoints_and_control_characters_are_refus
         );
     }
     assert_eq!(c.store_revision().await, rev, "nothing was written");
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_endpoints_are_refused_on_sync() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let join = c.token("prod", 0).await;
+    let mut agent = agent_client(&c).await;
     let sync = |cred: &str, first: SyncRequest| {
         let mut r =
             tonic::Request::new(futures::stream::iter([first]).chain(futures::stream::pending()));
