@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use canopy_tests::netns::Lab;
 use canopy_tests::overlay::*;
+use canopy_tests::wg::uapi;
 
 #[test]
-fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
-    use std::io::{Read as _, Write as _};
+fn a_bad_wg_quick_file_is_refused_naming_its_line_and_leaves_no_interface() {
     let lab = Lab::new();
     let dir = tempfile::tempdir().unwrap();
     let h1 = lab.host(1);
@@ -25,36 +25,36 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
         err.contains("line 7: PublicKey: key is not valid base64"),
         "{err}"
     );
-    assert!(
-        !lab.run(&h1.ns, &["ip", "link", "show", &a.iface])
-            .status
-            .success(),
-        "no interface left behind"
-    );
+    let link = lab.run(&h1.ns, &["ip", "link", "show", &a.iface]);
+    assert!(!link.status.success(), "no interface left behind");
+}
 
-    let b = node(&lab, "b");
+/// Node `a` up in namespace `ns` from a wg-quick file with one peer, its UAPI socket there.
+fn one_node_up(lab: &Lab, ns: &str, dir: &Path) -> Node {
+    let (a, b) = (node(lab, "a"), node(lab, "b"));
     let ca = conf(
-        dir.path(),
+        dir,
         &a,
         "10.9.0.1/24",
         &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
     );
-    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
+    up(lab, ns, &ca, &dir.join("a.log"));
     let sock = format!("/var/run/wireguard/{}.sock", a.iface);
     let t = std::time::Instant::now();
     while !Path::new(&sock).exists() {
         assert!(t.elapsed() < WAIT, "agent did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    a
+}
+
+#[test]
+fn malformed_uapi_requests_change_nothing_and_a_valid_wg_set_applies_with_its_route() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = lab.host(1);
+    let a = one_node_up(&lab, &h1.ns, dir.path());
     let before = lab.wg(&h1.ns, &a.iface, "dump");
-    let raw = |req: &str| {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
-        r
-    };
     let k = hex::encode([3u8; 32]);
     for req in [
         format!("set=1\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n"),
@@ -64,74 +64,63 @@ fn bad_configs_and_malformed_uapi_requests_are_refused_and_change_nothing() {
         format!("set=1\nreplace_peers=true\npublic_key={k}\nbogus=1\n\n"),
         "frobnicate=1\n\n".to_string(),
     ] {
-        assert_eq!(raw(&req), "errno=-22\n\n", "{req:?}");
+        assert_eq!(uapi(&a.iface, &req), "errno=-22\n\n", "{req:?}");
     }
-    assert_eq!(
-        lab.wg(&h1.ns, &a.iface, "dump"),
-        before,
-        "refused requests changed nothing"
-    );
+    let after = lab.wg(&h1.ns, &a.iface, "dump");
+    assert_eq!(after, before, "refused requests changed nothing");
 
     // A valid `wg set` takes effect live, with its route.
-    let c = node(&lab, "c");
+    let c = pubkey(&node(&lab, "c"));
+    let set = [
+        "wg",
+        "set",
+        &a.iface,
+        "peer",
+        &c,
+        "allowed-ips",
+        "10.77.0.0/16",
+    ];
     let ok = lab.run(
         &h1.ns,
-        &[
-            "wg",
-            "set",
-            &a.iface,
-            "peer",
-            &pubkey(&c),
-            "allowed-ips",
-            "10.77.0.0/16",
-            "endpoint",
-            "192.0.2.3:51820",
-        ],
+        &[&set[..], &["endpoint", "192.0.2.3:51820"]].concat(),
     );
     assert!(
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(
-        lab.wg(&h1.ns, &a.iface, "allowed-ips")
-            .contains("10.77.0.0/16")
-    );
-    let routes = String::from_utf8_lossy(
-        &lab.run(&h1.ns, &["ip", "route", "show", "dev", &a.iface])
-            .stdout,
-    )
-    .into_owned();
+    let allowed = lab.wg(&h1.ns, &a.iface, "allowed-ips");
+    assert!(allowed.contains("10.77.0.0/16"));
+    let routes = lab.run(&h1.ns, &["ip", "route", "show", "dev", &a.iface]);
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
     assert!(routes.contains("10.77.0.0/16"), "{routes}");
+}
 
-    // fwmark, as wg-quick sets it for a full tunnel: on the socket, shown by `wg show`,
-    // cleared by 0; a set with a bad line besides it changes neither.
-    let wg_set = |args: &[&str]| {
-        let mut a = vec!["wg", "set", a.iface.as_str()];
-        a.extend_from_slice(args);
-        lab.run(&h1.ns, &a)
-    };
+/// fwmark, as wg-quick sets it for a full tunnel: on the socket, shown by `wg show`, cleared
+/// by 0; a set with a bad line besides it changes neither.
+#[test]
+fn the_fwmark_is_set_on_the_socket_live_and_cleared_by_zero() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = lab.host(1);
+    let a = one_node_up(&lab, &h1.ns, dir.path());
+    let wg_set =
+        |args: &[&str]| lab.run(&h1.ns, &[&["wg", "set", a.iface.as_str()], args].concat());
+    let fwmark = || lab.wg(&h1.ns, &a.iface, "fwmark").trim().to_string();
     assert!(wg_set(&["fwmark", "0x1234"]).status.success());
-    assert_eq!(lab.wg(&h1.ns, &a.iface, "fwmark").trim(), "0x1234");
-    let sockets = String::from_utf8_lossy(&lab.run(&h1.ns, &["ss", "-u", "-a", "-n", "-e"]).stdout)
-        .into_owned();
+    assert_eq!(fwmark(), "0x1234");
+    let sockets = lab.run(&h1.ns, &["ss", "-u", "-a", "-n", "-e"]);
+    let sockets = String::from_utf8_lossy(&sockets.stdout).into_owned();
     assert!(
         sockets.contains("fwmark:0x1234"),
         "SO_MARK on the socket: {sockets}"
     );
-    assert_eq!(
-        raw(&format!(
-            "set=1\nfwmark=7\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n"
-        )),
-        "errno=-22\n\n"
-    );
-    assert_eq!(
-        lab.wg(&h1.ns, &a.iface, "fwmark").trim(),
-        "0x1234",
-        "unchanged"
-    );
+    let k = hex::encode([3u8; 32]);
+    let bad = format!("set=1\nfwmark=7\npublic_key={k}\nallowed_ip=10.0.0.0/40\n\n");
+    assert_eq!(uapi(&a.iface, &bad), "errno=-22\n\n");
+    assert_eq!(fwmark(), "0x1234", "unchanged");
     assert!(wg_set(&["fwmark", "0"]).status.success());
-    assert_eq!(lab.wg(&h1.ns, &a.iface, "fwmark").trim(), "off");
+    assert_eq!(fwmark(), "off");
 }
 
 /// `wg set IFACE listen-port N` on a running interface, as the kernel and wireguard-go take
