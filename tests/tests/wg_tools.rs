@@ -248,6 +248,36 @@ fn a_private_key_change_handshakes_at_once() {
     });
 }
 
+/// Host 0's `wg show dump` without what moves (peers' handshake time and counters).
+fn stable_dump(p: &Pair) -> String {
+    p.show(0, "dump")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            if f.len() == 8 {
+                [&f[..4], &f[7..]].concat().join("\t")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `conf` with a thousand more peers of two allowed IPs each; their public keys, in order.
+fn with_a_thousand_peers(conf: &str) -> (String, Vec<String>) {
+    let mut big = conf.to_string();
+    let mut keys = Vec::new();
+    for n in 0..1000u32 {
+        let k = keys::encode(&PrivateKey::generate().public_key());
+        let (a, b) = (n / 256, n % 256);
+        big +=
+            &format!("\n[Peer]\nPublicKey = {k}\nAllowedIPs = 10.{a}.{b}.0/24, fd10:{n:x}::/64\n");
+        keys.push(k);
+    }
+    (big, keys)
+}
+
 /// `wg showconf` → `wg setconf` gives back the same configuration; `wg syncconf` applies only
 /// the difference (the unchanged peer keeps its session), `wg addconf` adds; then a thousand
 /// peers with two allowed IPs each, set and removed as a file.
@@ -258,22 +288,7 @@ fn a_thousand_peers_by_setconf_and_syncconf() {
         let iface = &p.ifaces[0];
         p.ping(0, &inner4(1), 56)?;
         let conf = p.wg(0, &["showconf", iface])?;
-        let dump = |p: &Pair| -> String {
-            // Without the handshake time and counters, which move.
-            p.show(0, "dump")
-                .lines()
-                .map(|l| {
-                    let f: Vec<&str> = l.split('\t').collect();
-                    // The peer lines' handshake time and counters move; the rest must not.
-                    if f.len() == 8 {
-                        [&f[..4], &f[7..]].concat().join("\t")
-                    } else {
-                        l.to_string()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let dump = stable_dump;
         let before = dump(&p);
         let file = dir.join("showconf.conf");
         std::fs::write(&file, &conf).unwrap();
@@ -285,17 +300,7 @@ fn a_thousand_peers_by_setconf_and_syncconf() {
         p.ping(0, &inner4(1), 56)?;
 
         // A thousand more peers, two allowed IPs each.
-        let mut big = conf.clone();
-        let mut extra = Vec::new();
-        for n in 0..1000u32 {
-            let k = keys::encode(&PrivateKey::generate().public_key());
-            big += &format!(
-                "\n[Peer]\nPublicKey = {k}\nAllowedIPs = 10.{}.{}.0/24, fd10:{n:x}::/64\n",
-                n / 256,
-                n % 256
-            );
-            extra.push(k);
-        }
+        let (big, extra) = with_a_thousand_peers(&conf);
         let big_file = dir.join("big.conf");
         std::fs::write(&big_file, &big).unwrap();
         let handshake = || {
@@ -331,18 +336,59 @@ fn a_thousand_peers_by_setconf_and_syncconf() {
         check(handshake() == hs, "and still left the session alone")?;
         // addconf adds without removing.
         let one = dir.join("one.conf");
-        std::fs::write(
-            &one,
-            format!(
-                "[Peer]\nPublicKey = {}\nAllowedIPs = 10.77.0.0/16\n",
-                extra[0]
-            ),
-        )
-        .unwrap();
+        let one_peer = format!(
+            "[Peer]\nPublicKey = {}\nAllowedIPs = 10.77.0.0/16\n",
+            extra[0]
+        );
+        std::fs::write(&one, one_peer).unwrap();
         p.wg(0, &["addconf", iface, one.to_str().unwrap()])?;
         check(p.show(0, "peers").lines().count() == 2, "addconf added one")?;
         p.ping(0, &inner6(1), 56)
     });
+}
+
+/// Host 0's wg-quick file for a full tunnel to host 1, with SaveConfig and hooks that append
+/// to `marker`.
+fn full_tunnel_conf(p: &Pair, marker: &std::path::Path) -> String {
+    format!(
+        "[Interface]\nPrivateKey = {}\nAddress = {}/24, {}/64\nListenPort = 1\nSaveConfig = true\n\
+         PostUp = echo up %i >> {m}\nPostDown = echo down %i >> {m}\n\n\
+         [Peer]\nPublicKey = {}\nPresharedKey = {}\nEndpoint = 192.0.2.2:2\nAllowedIPs = 0.0.0.0/0, ::/0\n",
+        p.keys[0].to_base64(),
+        inner4(0),
+        inner6(0),
+        p.public(1),
+        std::fs::read_to_string(&p.psk).unwrap().trim(),
+        m = marker.display(),
+    )
+}
+
+/// Deletes host 0's interface and waits for its process to exit and free port 1 (within
+/// milliseconds, but under a loaded test run the next bind can be faster).
+fn delete_host0_interface(p: &Pair) -> Step {
+    p.ip(0, &["link", "del", &p.ifaces[0]])?;
+    let t = Instant::now();
+    while uapi_path(&p.ifaces[0]).exists() {
+        check(
+            t.elapsed() < WAIT,
+            "the old interface's process did not exit",
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// After `wg-quick down`: its rules are gone, and so is the interface.
+fn wg_quick_cleaned_up(p: &Pair, iface: &str) -> Step {
+    let rules = p.ip(0, &["rule"])?;
+    check(
+        !rules.contains("51820"),
+        format!("wg-quick down removed its rules: {rules}"),
+    )?;
+    check(
+        p.ip(0, &["link", "show", iface]).is_err(),
+        "the interface is gone",
+    )
 }
 
 /// A full-tunnel wg-quick configuration (`AllowedIPs = 0.0.0.0/0, ::/0`): wg-quick sets a
@@ -357,35 +403,11 @@ fn wg_quick_full_tunnel_with_save_config_and_hooks() {
         // reached from host 0 only through the tunnel.
         p.ip(1, &["addr", "add", "198.51.100.1/32", "dev", "lo"])?;
         // Host 0's own interface is replaced by one that wg-quick brings up.
-        p.ip(0, &["link", "del", &p.ifaces[0]])?;
-        // Its process exits on the deletion and frees port 1 (within milliseconds, but under
-        // a loaded test run the next bind can be faster): wait for its UAPI socket to go.
-        let t = Instant::now();
-        while uapi_path(&p.ifaces[0]).exists() {
-            check(
-                t.elapsed() < WAIT,
-                "the old interface's process did not exit",
-            )?;
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        delete_host0_interface(&p)?;
         let iface = format!("{}q0", lab.id);
         let marker = dir.join("hooks");
         let conf = dir.join(format!("{iface}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "[Interface]\nPrivateKey = {}\nAddress = {}/24, {}/64\nListenPort = 1\nSaveConfig = true\n\
-                 PostUp = echo up %i >> {m}\nPostDown = echo down %i >> {m}\n\n\
-                 [Peer]\nPublicKey = {}\nPresharedKey = {}\nEndpoint = 192.0.2.2:2\nAllowedIPs = 0.0.0.0/0, ::/0\n",
-                p.keys[0].to_base64(),
-                inner4(0),
-                inner6(0),
-                p.public(1),
-                std::fs::read_to_string(&p.psk).unwrap().trim(),
-                m = marker.display(),
-            ),
-        )
-        .unwrap();
+        std::fs::write(&conf, full_tunnel_conf(&p, &marker)).unwrap();
         let quick = |verb: &str| -> Step {
             let mut cmd: Vec<String> = vec!["env".into()];
             cmd.extend(imp.wg_quick_env());
@@ -424,18 +446,16 @@ fn wg_quick_full_tunnel_with_save_config_and_hooks() {
         )?;
         // A peer added at runtime is saved on down.
         let extra = keys::encode(&PrivateKey::generate().public_key());
-        p.run(
-            0,
-            &[
-                "wg",
-                "set",
-                &iface,
-                "peer",
-                &extra,
-                "allowed-ips",
-                "10.99.0.0/16",
-            ],
-        )?;
+        let set = [
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            &extra,
+            "allowed-ips",
+            "10.99.0.0/16",
+        ];
+        p.run(0, &set)?;
         quick("down")?;
         let saved = std::fs::read_to_string(&conf).unwrap();
         check(
@@ -447,14 +467,6 @@ fn wg_quick_full_tunnel_with_save_config_and_hooks() {
             hooks == format!("up {iface}\ndown {iface}\n"),
             format!("PostUp and PostDown ran: {hooks:?}"),
         )?;
-        let rules = p.ip(0, &["rule"])?;
-        check(
-            !rules.contains("51820"),
-            format!("wg-quick down removed its rules: {rules}"),
-        )?;
-        check(
-            p.ip(0, &["link", "show", &iface]).is_err(),
-            "the interface is gone",
-        )
+        wg_quick_cleaned_up(&p, &iface)
     });
 }
