@@ -3,6 +3,7 @@
 //! Two replicas of `canopy serve --hosted` over a real etcd. Needs etcd (deploy/install-deps.sh).
 #![allow(clippy::unwrap_used)]
 
+use canopy_controller::console::Client;
 use canopy_proto::join::JoinString;
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::hosted_service_client::HostedServiceClient;
@@ -96,7 +97,13 @@ async fn quotas_hold_when_creates_race_through_two_replicas() {
     let (_, t) = signup(&r1, "small", "free").await;
     let (c1, c2) = (console_as(&r1, &t).await, console_as(&r2, &t).await);
 
-    // Free: 3 networks. Eight race for them through both replicas.
+    networks_race(&c1, &c2).await;
+    let joins = join_tokens_race(&c1, &c2).await;
+    peers_race(&joins[0], &r2.url).await;
+}
+
+/// Free: 3 networks. Eight race for them through both replicas.
+async fn networks_race(c1: &Client, c2: &Client) {
     let tasks: Vec<_> = (0..8)
         .map(|i| {
             let mut c = if i % 2 == 0 { c1.clone() } else { c2.clone() };
@@ -122,8 +129,10 @@ async fn quotas_hold_when_creates_race_through_two_replicas() {
         }
     }
     assert_eq!((ok, over), (3, 5));
+}
 
-    // Free: 5 active join tokens.
+/// Free: 5 active join tokens; eight race for them. The join strings made.
+async fn join_tokens_race(c1: &Client, c2: &Client) -> Vec<String> {
     let first = c1
         .clone()
         .list_networks(ListNetworksRequest {})
@@ -159,13 +168,16 @@ async fn quotas_hold_when_creates_race_through_two_replicas() {
         joins.len()
     );
 
-    // Free: 25 peers per network. Thirty race for them through both replicas.
-    let join = joins[0].clone();
+    joins
+}
+
+/// Free: 25 peers per network. Thirty race for them through both replicas.
+async fn peers_race(join: &str, second_url: &str) {
     let tasks: Vec<_> = (0..30)
         .map(|i| {
-            let mut j = canopy_proto::join::JoinString::parse(&join).unwrap();
+            let mut j = canopy_proto::join::JoinString::parse(join).unwrap();
             if i % 2 == 1 {
-                j.controller_url = r2.url.clone();
+                j.controller_url = second_url.to_string();
             }
             let j = j.encode();
             tokio::spawn(async move { TestAgent::join(&j, &format!("p{i}")).await })
