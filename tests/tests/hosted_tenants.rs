@@ -2,6 +2,8 @@
 //! Two replicas of `canopy serve --hosted` over a real etcd. Needs etcd (deploy/install-deps.sh).
 #![allow(clippy::unwrap_used)]
 
+use canopy_controller::console::Client;
+use canopy_controller::server::Running;
 use canopy_proto::v1::*;
 use canopy_tests::TestAgent;
 use canopy_tests::hosted::*;
@@ -93,12 +95,7 @@ async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operato
         "a tenant's API token is not the operator credential"
     );
     let mut op = operator(&r, OPERATOR).await;
-    let list = op
-        .list_tenants(ListTenantsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .tenants;
+    let list = tenants(&mut op).await;
     assert_eq!(list.len(), 2);
     assert!(list.iter().all(|t| t.networks == 1 && t.peers == 1));
 
@@ -110,13 +107,7 @@ async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operato
         .unwrap()
         .into_inner();
     assert_eq!((d.networks_deleted, d.peers_deleted), (1, 1));
-    let all = r.controller.store.range(b"/").await.unwrap();
-    let leftovers: Vec<String> = all
-        .kvs
-        .iter()
-        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
-        .filter(|k| k.contains(&gone))
-        .collect();
+    let leftovers = keys_mentioning(&r, &gone).await;
     assert!(
         leftovers.is_empty(),
         "nothing of the deleted tenant remains: {leftovers:?}"
@@ -139,12 +130,7 @@ async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operato
         1,
         "the other tenant is untouched"
     );
-    let list = op
-        .list_tenants(ListTenantsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .tenants;
+    let list = tenants(&mut op).await;
     assert_eq!(
         list.iter()
             .map(|t| t.subscription.clone().unwrap().tenant_id)
@@ -158,6 +144,25 @@ async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operato
     assert_eq!(s.code(), Code::NotFound);
 }
 
+async fn tenants(op: &mut Operator) -> Vec<TenantSummary> {
+    let list = op.list_tenants(ListTenantsRequest {}).await.unwrap();
+    list.into_inner().tenants
+}
+
+/// Every store key that contains `text`.
+async fn keys_mentioning(r: &Running, text: &str) -> Vec<String> {
+    let all = r.controller.store.range(b"/").await.unwrap();
+    all.kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .filter(|k| k.contains(text))
+        .collect()
+}
+
+async fn audit(c: &mut Client, req: ListAuditRequest) -> Vec<AuditEntry> {
+    c.list_audit(req).await.unwrap().into_inner().entries
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
     let c = Cluster::new();
@@ -165,14 +170,8 @@ async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
     let (_, t) = signup(&r, "audited", "team").await;
     let (_, other) = signup(&r, "other", "team").await;
     let mut c = console_as(&r, &t).await;
-    let admin_id = c
-        .list_api_tokens(ListApiTokensRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens[0]
-        .id
-        .clone();
+    let tokens = c.list_api_tokens(ListApiTokensRequest {}).await.unwrap();
+    let admin_id = tokens.into_inner().tokens[0].id.clone();
     let n = c
         .create_network(net("n", "100.64.0.0/24"))
         .await
@@ -190,12 +189,7 @@ async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
         .await
         .unwrap_err(); // refused: not audited
 
-    let all = c
-        .list_audit(ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let all = audit(&mut c, ListAuditRequest::default()).await;
     let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(
         actions,
@@ -217,47 +211,28 @@ async fn the_audit_log_says_who_did_what_to_which_object_newest_first() {
     );
     assert_eq!(all[3].object, n.id);
     assert!(all.windows(2).all(|w| w[0].at_unix_ms >= w[1].at_unix_ms));
-    let peers = c
-        .list_audit(ListAuditRequest {
-            action: "peer.".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(peers.len(), 2);
-    let about = c
-        .list_audit(ListAuditRequest {
-            object: n.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(about.len(), 1);
-    assert_eq!(
-        c.list_audit(ListAuditRequest {
-            limit: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .len(),
-        1
-    );
+    let by_action = ListAuditRequest {
+        action: "peer.".into(),
+        ..Default::default()
+    };
+    assert_eq!(audit(&mut c, by_action).await.len(), 2);
+    let by_object = ListAuditRequest {
+        object: n.id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(audit(&mut c, by_object).await.len(), 1);
+    let one = ListAuditRequest {
+        limit: 1,
+        ..Default::default()
+    };
+    assert_eq!(audit(&mut c, one).await.len(), 1);
     // Another tenant's log is its own.
-    let theirs = console_as(&r, &other)
-        .await
-        .list_audit(ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert!(theirs.is_empty());
+    let mut theirs = console_as(&r, &other).await;
+    assert!(
+        audit(&mut theirs, ListAuditRequest::default())
+            .await
+            .is_empty()
+    );
     a.stop().await;
 }
 
