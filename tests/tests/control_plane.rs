@@ -185,6 +185,34 @@ async fn a_removed_peers_address_is_freed_for_the_next_node() {
     a.stop().await;
 }
 
+/// Network "keep" (id `net`) is the only one, with its two enrollments counted and its two
+/// peers.
+async fn everything_is_still_there(c: &TestController, net: &str) {
+    let mut con = c.console().await;
+    let nets = con.list_networks(ListNetworksRequest {}).await.unwrap();
+    let ids: Vec<String> = nets
+        .into_inner()
+        .networks
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(ids, [net]);
+    let keep = || "keep".to_string();
+    let tokens = con
+        .list_join_tokens(ListJoinTokensRequest { network: keep() })
+        .await;
+    let uses: u32 = tokens
+        .unwrap()
+        .into_inner()
+        .tokens
+        .iter()
+        .map(|t| t.uses)
+        .sum();
+    assert_eq!(uses, 2, "both enrollments are still counted");
+    let peers = con.list_peers(ListPeersRequest { network: keep() }).await;
+    assert_eq!(peers.unwrap().into_inner().peers.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_restart_and_agents_resume_from_their_revision() {
     let c = TestController::start().await;
@@ -227,42 +255,7 @@ async fn state_survives_a_restart_and_agents_resume_from_their_revision() {
     );
 
     // Networks, tokens and peers are all still there.
-    let mut con = c.console().await;
-    let nets = con
-        .list_networks(ListNetworksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .networks;
-    assert_eq!(
-        nets.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
-        [net.as_str()]
-    );
-    assert_eq!(
-        con.list_join_tokens(ListJoinTokensRequest {
-            network: "keep".into()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .iter()
-        .map(|t| t.uses)
-        .sum::<u32>(),
-        2,
-        "both enrollments are still counted"
-    );
-    assert_eq!(
-        con.list_peers(ListPeersRequest {
-            network: "keep".into()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .peers
-        .len(),
-        2
-    );
+    everything_is_still_there(&c, &net).await;
 
     // And live pushes work after the restart.
     let mut d = TestAgent::join(&join, "d").await.unwrap();

@@ -333,47 +333,52 @@ async fn a_replica_whose_cache_lags_never_tells_a_new_agent_it_was_removed() {
     r.stop().await.unwrap();
 }
 
+/// A misconfigured replica: the same CA as `c` (so the pin holds) but an empty store of its
+/// own, in `dir`.
+async fn same_ca_empty_store(c: &TestController, dir: &std::path::Path) -> server::Running {
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(c.dir.path().join(f), dir.join(f)).unwrap();
+    }
+    let cfg = ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+    let wrong = server::spawn(&cfg).await.unwrap();
+    assert_eq!(wrong.ca_sha256, c.server.ca_sha256);
+    wrong
+}
+
+/// The credential an enrollment with `join` will use: the same on a retry with the same join
+/// string, another for another join string.
+fn pending_credential_kept_per_join_string(state: &StateDir, join: &str) -> String {
+    let pending = |j: &str| {
+        state
+            .pending_credential(j, control::new_credential)
+            .unwrap()
+    };
+    let credential = pending(join);
+    assert_eq!(
+        pending(join),
+        credential,
+        "a retry with the same join string keeps it"
+    );
+    assert_ne!(
+        pending("canopy1:another"),
+        credential,
+        "another join string gets a new one"
+    );
+    pending(join)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_refuses_the_credential_does_not_wipe_the_agent_only_a_removal_does() {
     let c = TestController::start().await;
     c.network("n", &["100.64.0.0/24"]).await;
     let join = JoinString::parse(&c.token("n", 0).await).unwrap();
-    // A misconfigured replica: the same CA (so the pin holds) but an empty store of its own.
     let wrong_dir = tempfile::tempdir().unwrap();
-    for f in ["ca.pem", "ca.key"] {
-        std::fs::copy(c.dir.path().join(f), wrong_dir.path().join(f)).unwrap();
-    }
-    let wrong = server::spawn(&ServeConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        wrong_dir.path().to_path_buf(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(wrong.ca_sha256, c.server.ca_sha256);
+    let wrong = same_ca_empty_store(&c, wrong_dir.path()).await;
 
     let state_dir = tempfile::tempdir().unwrap();
     let state = StateDir::open(state_dir.path()).unwrap();
     let key = state.private_key().unwrap();
-    let credential = state
-        .pending_credential(&join.encode(), control::new_credential)
-        .unwrap();
-    assert_eq!(
-        state
-            .pending_credential(&join.encode(), control::new_credential)
-            .unwrap(),
-        credential,
-        "a retry with the same join string keeps the credential"
-    );
-    assert_ne!(
-        state
-            .pending_credential("canopy1:another", control::new_credential)
-            .unwrap(),
-        credential,
-        "another join string gets a new one"
-    );
-    let credential = state
-        .pending_credential(&join.encode(), control::new_credential)
-        .unwrap();
+    let credential = pending_credential_kept_per_join_string(&state, &join.encode());
     let (e, map) = control::enroll_with(&join, key.public_key(), "victim", &credential)
         .await
         .unwrap();

@@ -242,6 +242,14 @@ fn joined_agents_ping_all_pairs_and_a_removed_peer_is_cut_off_without_disturbing
     let _ = pids;
 }
 
+/// Creates network `name` on `cidr` and a join token for it with `uses` uses: the join string.
+fn network_with_token(con: &Console, name: &str, cidr: &str, uses: u32) -> String {
+    con.ok(&["network", "create", name, "--cidr", cidr]);
+    let uses = uses.to_string();
+    let join = con.ok(&["token", "create", "--network", name, "--uses", &uses]);
+    join.trim().to_string()
+}
+
 /// Waits until the agent with state `state` sees one peer, with endpoints; its status.
 fn wait_for_one_peer(lab: &Lab, ns: &str, state: &Path) -> Value {
     wait_until("each agent to see its one peer with endpoints", || {
@@ -342,11 +350,8 @@ fn managed_agents_of_two_networks_share_a_host_from_the_systemd_template_with_no
     let con = controller(&lab, dir.path(), &data);
     let root = dir.path().join("root");
     std::fs::create_dir_all(root.join("etc")).unwrap();
-    let joins = [("blue", "100.64.8.0/24"), ("green", "100.64.9.0/24")].map(|(n, cidr)| {
-        con.ok(&["network", "create", n, "--cidr", cidr]);
-        let join = con.ok(&["token", "create", "--network", n, "--uses", "2"]);
-        join.trim().to_string()
-    });
+    let joins = [("blue", "100.64.8.0/24"), ("green", "100.64.9.0/24")]
+        .map(|(n, cidr)| network_with_token(&con, n, cidr, 2));
     let hosts = [lab.host(1), lab.host(2)];
     // Instance (host, network) → interface name.
     let iface = |h: usize, n: usize| format!("{}{}{}", lab.id, ["b", "g"][n], h);
@@ -376,15 +381,13 @@ fn managed_agents_of_two_networks_share_a_host_from_the_systemd_template_with_no
         assert!(a != b && a != 0 && b != 0, "host {h}: ports {a} and {b}");
     }
     for n in 0..2 {
-        let (to1, to0) = (addr(&st[&(1, n)], 0), addr(&st[&(0, n)], 0));
-        assert!(
-            lab.ping(&hosts[0].ns, &to1, WAIT),
-            "network {n}: host 0 → host 1"
-        );
-        assert!(
-            lab.ping(&hosts[1].ns, &to0, WAIT),
-            "network {n}: host 1 → host 0"
-        );
+        for (from, to) in [(0, 1), (1, 0)] {
+            let dst = addr(&st[&(to, n)], 0);
+            assert!(
+                lab.ping(&hosts[from].ns, &dst, WAIT),
+                "network {n}: {from} → {to}"
+            );
+        }
     }
 
     // A new port on host 0's blue interface: host 1 hears of it from the controller (its
