@@ -129,29 +129,209 @@ async fn all_apply(
     )
 }
 
+/// The sum of one counter over all agents.
+fn total(agents: &[Agent], counter: impl Fn(&control::SyncStats) -> u64) -> u64 {
+    agents.iter().map(|a| counter(&a.client.stats)).sum()
+}
+
+/// Enrolls and starts `n` agents with `join`, 32 enrollments at a time; they run until `stop`.
+async fn enroll_agents(
+    join: &JoinString,
+    n: usize,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Vec<Agent>> {
+    let mut agents = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|i| {
+                let (join, host) = (join.clone(), format!("n{i}"));
+                tokio::spawn(async move {
+                    control::enroll(&join, PrivateKey::generate().public_key(), &host).await
+                })
+            })
+            .collect();
+        for b in batch {
+            let (enrollment, map) = b.await??;
+            let mut c = ControlClient::new(enrollment, Some(map), None);
+            c.backoff = Backoff::equal(Duration::from_millis(100), Duration::from_secs(2));
+            let client = Arc::new(c);
+            let (c2, mut stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let until = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                let _ = c2.run(&mut NoDataPlane, until).await;
+            });
+            agents.push(Agent { client });
+        }
+    }
+    Ok(agents)
+}
+
+/// What the timed changes measured.
+struct Changes {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    /// Share of one core the process used meanwhile.
+    cpu: f64,
+}
+
+/// `count` times: a new peer enrolls (every agent must see it), then it is removed (every
+/// agent must see that). Latencies sorted.
+async fn timed_changes(
+    ctl: &canopy_controller::service::Controller,
+    caller: &canopy_controller::service::Caller,
+    join: &JoinString,
+    agents: &[Agent],
+    count: usize,
+    limit: Duration,
+    cache_at: impl Fn() -> i64 + Clone,
+) -> anyhow::Result<Changes> {
+    let (cpu0, t) = (cpu_seconds(), Instant::now());
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    for k in 0..count {
+        let t0 = Instant::now();
+        let key = PrivateKey::generate().public_key();
+        let (e, _) = control::enroll(join, key, &format!("x{k}")).await?;
+        let id = e.peer_id.clone();
+        let what = format!("peer {id} to be added");
+        let pred = move |m: &canopy_proto::v1::NetworkMap| m.peers.iter().any(|p| p.peer_id == id);
+        add.extend(all_apply(agents, t0, limit, &what, cache_at.clone(), pred).await?);
+        let t0 = Instant::now();
+        ctl.remove_peer(caller, &e.peer_id).await?;
+        let id = e.peer_id.clone();
+        let what = format!("peer {id} to be removed");
+        let pred = move |m: &canopy_proto::v1::NetworkMap| m.peers.iter().all(|p| p.peer_id != id);
+        del.extend(all_apply(agents, t0, limit, &what, cache_at.clone(), pred).await?);
+    }
+    add.sort();
+    del.sort();
+    let cpu = (cpu_seconds() - cpu0) / t.elapsed().as_secs_f64();
+    Ok(Changes { add, del, cpu })
+}
+
+/// Waits until every agent has connected again since `connects_before` was taken.
+async fn all_reconnected(
+    agents: &[Agent],
+    connects_before: &[u64],
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let back = agents
+            .iter()
+            .zip(connects_before)
+            .filter(|(a, c)| {
+                a.client.stats.connects.load(Relaxed) > **c && *a.client.connected().borrow()
+            })
+            .count();
+        if back == agents.len() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {back} of {} agents reconnected",
+            agents.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Peak resident set of this process, as /proc says it (kB).
+fn peak_rss_kb() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The figures of one run.
+struct Report {
+    initial: Duration,
+    changes: Changes,
+    bytes_per_change: f64,
+    full_map_bytes: usize,
+    reconnect: Duration,
+    full_maps_resent: u64,
+}
+
+fn print_report(args: &Args, r: &Report) {
+    let (n, c) = (args.agents, &r.changes);
+    let line = |what: &str, l: &[Duration]| {
+        let max = *l.last().unwrap_or(&Duration::ZERO);
+        println!(
+            "  {what} → all applied   p50 {}  p99 {}  max {}",
+            ms(pct(l, 0.5)),
+            ms(pct(l, 0.99)),
+            ms(max)
+        );
+    };
+    println!(
+        "convergence: {n} agents, {} changes, {} store",
+        args.changes * 2,
+        args.store
+    );
+    println!("  initial enroll + converge     {}", ms(r.initial));
+    line("peer added   ", &c.add);
+    line("peer removed ", &c.del);
+    println!(
+        "  bytes per agent per change    {:.0} B (full map at this size: {} B)",
+        r.bytes_per_change, r.full_map_bytes
+    );
+    println!(
+        "  restart → all {n} reconnected  {} ({} full maps resent)",
+        ms(r.reconnect),
+        r.full_maps_resent
+    );
+    println!(
+        "  process peak RSS              {} kB (controller + all agents)",
+        peak_rss_kb()
+    );
+    println!(
+        "  CPU during the changes        {:.0} % of one core (controller + all agents)",
+        c.cpu * 100.0
+    );
+}
+
+/// The controller's configuration for store `store` in `dir`; for etcd, the etcd process too
+/// (stopped on drop).
+fn serve_config(
+    store: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(ServeConfig, Option<canopy_tests::etcd::Etcd>)> {
+    let mut cfg = ServeConfig::new("127.0.0.1:0".parse()?, dir.to_path_buf());
+    match store {
+        "embedded" => Ok((cfg, None)),
+        "etcd" => {
+            let etcd = canopy_tests::etcd::Etcd::start();
+            cfg.store = Some(server::StoreSpec::Etcd(vec![etcd.endpoint.clone()]));
+            Ok((cfg, Some(etcd)))
+        }
+        _ => anyhow::bail!("--store is embedded or etcd"),
+    }
+}
+
+/// Logs warnings (agents that lose or cannot reach the controller) to stderr; CANOPY_LOG sets
+/// more.
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Warnings (agents that lose or cannot reach the controller) go to stderr; CANOPY_LOG
-    // sets more.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let limit = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir()?;
-    let etcd = (args.store == "etcd").then(canopy_tests::etcd::Etcd::start);
-    let mut cfg = ServeConfig::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
-    if let Some(e) = &etcd {
-        cfg.store = Some(canopy_controller::server::StoreSpec::Etcd(vec![
-            e.endpoint.clone(),
-        ]));
-    } else {
-        anyhow::ensure!(args.store == "embedded", "--store is embedded or etcd");
-    }
+    let (cfg, _etcd) = serve_config(&args.store, dir.path())?;
     let srv = server::spawn(&cfg).await?;
     let port = srv.local_addr.port();
     let ctl = srv.controller.clone();
@@ -163,98 +343,29 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let join = JoinString::parse(&join)?;
 
-    // Enroll and start N agents, 32 enrollments at a time.
     let t_enroll = Instant::now();
-    let mut agents = Vec::with_capacity(args.agents);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    for chunk in (0..args.agents).collect::<Vec<_>>().chunks(32) {
-        let mut batch = Vec::new();
-        for i in chunk {
-            let join = join.clone();
-            let host = format!("n{i}");
-            batch.push(tokio::spawn(async move {
-                control::enroll(&join, PrivateKey::generate().public_key(), &host).await
-            }));
-        }
-        for b in batch {
-            let (enrollment, map) = b.await??;
-            let mut c = ControlClient::new(enrollment, Some(map), None);
-            c.backoff = Backoff::equal(Duration::from_millis(100), Duration::from_secs(2));
-            let client = Arc::new(c);
-            let (c2, mut stop) = (client.clone(), stop_rx.clone());
-            tokio::spawn(async move {
-                let _ = c2
-                    .run(&mut NoDataPlane, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-            });
-            agents.push(Agent { client });
-        }
-    }
+    let agents = enroll_agents(&join, args.agents, &stop_rx).await?;
     let n = args.agents;
     let cache = ctl.cache.clone();
     let cache_at = move || cache.applied();
+    let what = format!("all {n} agents to see {} peers", n - 1);
     all_apply(
         &agents,
         t_enroll,
         limit,
-        &format!("all {n} agents to see {} peers", n - 1),
+        &what,
         cache_at.clone(),
         move |m| m.peers.len() == n - 1,
     )
     .await?;
     let initial = t_enroll.elapsed();
-    let bytes_before: u64 = agents
-        .iter()
-        .map(|a| a.client.stats.bytes.load(Relaxed))
-        .sum();
 
-    // Timed changes: a new peer enrolls (every agent must see it), then it is removed.
-    let cpu0 = cpu_seconds();
-    let t_changes = Instant::now();
-    let mut add_lat = Vec::new();
-    let mut del_lat = Vec::new();
-    for k in 0..args.changes {
-        let t0 = Instant::now();
-        let (e, _) =
-            control::enroll(&join, PrivateKey::generate().public_key(), &format!("x{k}")).await?;
-        let id = e.peer_id.clone();
-        add_lat.extend(
-            all_apply(
-                &agents,
-                t0,
-                limit,
-                &format!("peer {} to be added", e.peer_id),
-                cache_at.clone(),
-                move |m| m.peers.iter().any(|p| p.peer_id == id),
-            )
-            .await?,
-        );
-        let t0 = Instant::now();
-        ctl.remove_peer(&caller, &e.peer_id).await?;
-        let id = e.peer_id.clone();
-        del_lat.extend(
-            all_apply(
-                &agents,
-                t0,
-                limit,
-                &format!("peer {} to be removed", e.peer_id),
-                cache_at.clone(),
-                move |m| m.peers.iter().all(|p| p.peer_id != id),
-            )
-            .await?,
-        );
-    }
-    let change_cpu = (cpu_seconds() - cpu0) / t_changes.elapsed().as_secs_f64();
-    let bytes_after: u64 = agents
-        .iter()
-        .map(|a| a.client.stats.bytes.load(Relaxed))
-        .sum();
-    let full_before: u64 = agents
-        .iter()
-        .map(|a| a.client.stats.full_maps.load(Relaxed))
-        .sum();
+    let bytes_before = total(&agents, |s| s.bytes.load(Relaxed));
+    let changes =
+        timed_changes(&ctl, &caller, &join, &agents, args.changes, limit, cache_at).await?;
+    let bytes = total(&agents, |s| s.bytes.load(Relaxed)) - bytes_before;
+    let full_before = total(&agents, |s| s.full_maps.load(Relaxed));
 
     // Restart the controller on the same data dir and port: time until all N are back.
     let connects_before: Vec<u64> = agents
@@ -264,83 +375,27 @@ async fn main() -> anyhow::Result<()> {
     drop(ctl); // our handle on the controller would keep its store open
     srv.stop().await?;
     let t_restart = Instant::now();
-    let srv = server::spawn(&ServeConfig {
-        listen: format!("127.0.0.1:{port}").parse()?,
-        ..cfg
-    })
-    .await?;
-    let deadline = Instant::now() + limit;
-    loop {
-        let back = agents
-            .iter()
-            .zip(&connects_before)
-            .filter(|(a, c)| {
-                a.client.stats.connects.load(Relaxed) > **c && *a.client.connected().borrow()
-            })
-            .count();
-        if back == n {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {back} of {n} agents reconnected"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let listen = format!("127.0.0.1:{port}").parse()?;
+    let srv = server::spawn(&ServeConfig { listen, ..cfg }).await?;
+    all_reconnected(&agents, &connects_before, limit).await?;
     let reconnect = t_restart.elapsed();
-    let full_after: u64 = agents
-        .iter()
-        .map(|a| a.client.stats.full_maps.load(Relaxed))
-        .sum();
 
-    add_lat.sort();
-    del_lat.sort();
-    let changes = (2 * args.changes) as u64;
-    let rss = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .find(|l| l.starts_with("VmHWM"))
-        .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        .unwrap_or_default();
-    println!(
-        "convergence: {n} agents, {} changes, {} store",
-        args.changes * 2,
-        args.store
-    );
-    println!("  initial enroll + converge     {}", ms(initial));
-    println!(
-        "  peer added    → all applied   p50 {}  p99 {}  max {}",
-        ms(pct(&add_lat, 0.5)),
-        ms(pct(&add_lat, 0.99)),
-        ms(*add_lat.last().unwrap_or(&Duration::ZERO))
-    );
-    println!(
-        "  peer removed  → all applied   p50 {}  p99 {}  max {}",
-        ms(pct(&del_lat, 0.5)),
-        ms(pct(&del_lat, 0.99)),
-        ms(*del_lat.last().unwrap_or(&Duration::ZERO))
-    );
-    println!(
-        "  bytes per agent per change    {:.0} B (full map at this size: {} B)",
-        (bytes_after - bytes_before) as f64 / (changes * n as u64) as f64,
-        agents[0]
-            .client
-            .maps()
-            .borrow()
-            .as_ref()
-            .map_or(0, prost::Message::encoded_len)
-    );
-    println!(
-        "  restart → all {n} reconnected  {} ({} full maps resent)",
-        ms(reconnect),
-        full_after - full_before
-    );
-    println!(
-        "  process peak RSS              {} kB (controller + all agents)",
-        rss
-    );
-    println!(
-        "  CPU during the changes        {:.0} % of one core (controller + all agents)",
-        change_cpu * 100.0
+    let full_map_bytes = agents[0]
+        .client
+        .maps()
+        .borrow()
+        .as_ref()
+        .map_or(0, prost::Message::encoded_len);
+    print_report(
+        &args,
+        &Report {
+            initial,
+            bytes_per_change: bytes as f64 / (2 * args.changes * n) as f64,
+            full_map_bytes,
+            reconnect,
+            full_maps_resent: total(&agents, |s| s.full_maps.load(Relaxed)) - full_before,
+            changes,
+        },
     );
     let _ = stop_tx.send(true);
     srv.stop().await?;
