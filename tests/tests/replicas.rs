@@ -39,6 +39,25 @@ async fn console(r: &Running) -> Client {
     .unwrap()
 }
 
+/// An etcd and a data dir (dropped last), two replicas on them, and the first one's console
+/// with network `name` on `cidr`.
+async fn two_replicas_with_network(
+    name: &str,
+    cidr: &str,
+) -> ((Etcd, tempfile::TempDir), Running, Running, Client) {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), &etcd.endpoint).await;
+    let b = replica(dir.path(), &etcd.endpoint).await;
+    let mut ca = console(&a).await;
+    let req = CreateNetworkRequest {
+        name: name.into(),
+        cidrs: vec![cidr.into()],
+    };
+    ca.create_network(req).await.unwrap();
+    ((etcd, dir), a, b, ca)
+}
+
 /// The join string with its controller URL pointed at another replica.
 fn via(join: &str, r: &Running) -> String {
     let mut j = JoinString::parse(join).unwrap();
@@ -70,19 +89,7 @@ async fn token(c: &mut Client, network: &str, max_uses: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_through_one_replica_reaches_agents_on_another_within_a_second() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        replica(dir.path(), &etcd.endpoint).await,
-        replica(dir.path(), &etcd.endpoint).await,
-    );
-    let mut ca = console(&a).await;
-    ca.create_network(CreateNetworkRequest {
-        name: "ha".into(),
-        cidrs: vec!["100.64.0.0/24".into()],
-    })
-    .await
-    .unwrap();
+    let (_cluster, _a, b, mut ca) = two_replicas_with_network("ha", "100.64.0.0/24").await;
     let join = token(&mut ca, "ha", 0).await;
 
     // One agent follows replica B; another enrolls through replica A.
@@ -120,19 +127,7 @@ async fn a_change_through_one_replica_reaches_agents_on_another_within_a_second(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollments_racing_through_two_replicas_stay_unique_and_single_use_tokens_stay_single() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        replica(dir.path(), &etcd.endpoint).await,
-        replica(dir.path(), &etcd.endpoint).await,
-    );
-    let mut ca = console(&a).await;
-    ca.create_network(CreateNetworkRequest {
-        name: "race".into(),
-        cidrs: vec!["100.64.0.0/28".into()],
-    })
-    .await
-    .unwrap();
+    let (_cluster, _a, b, mut ca) = two_replicas_with_network("race", "100.64.0.0/28").await;
 
     let once = token(&mut ca, "race", 1).await;
     let tasks: Vec<_> = (0..20)
@@ -195,19 +190,7 @@ async fn enrollments_racing_through_two_replicas_stay_unique_and_single_use_toke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_fails_over_to_another_replica_when_its_replica_dies() {
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        replica(dir.path(), &etcd.endpoint).await,
-        replica(dir.path(), &etcd.endpoint).await,
-    );
-    let mut ca = console(&a).await;
-    ca.create_network(CreateNetworkRequest {
-        name: "fo".into(),
-        cidrs: vec!["100.64.0.0/24".into()],
-    })
-    .await
-    .unwrap();
+    let (_cluster, a, b, mut ca) = two_replicas_with_network("fo", "100.64.0.0/24").await;
     let join = token(&mut ca, "fo", 0).await;
     let mut agent = TestAgent::join_with(&join, "x", std::slice::from_ref(&b.url))
         .await
