@@ -81,6 +81,18 @@ pub fn agent() -> String {
 }
 
 /// Every byte arrived, in order, and the sender never saw the tunnel reorder segments.
+/// A TCP transfer of `mb` MiB from namespace `from` to `addr` in `to` arrives intact.
+pub fn transfer_intact(lab: &Lab, from: &str, to: &str, addr: &str, mb: usize, what: &str) {
+    assert_intact(&lab.tcp_transfer(from, to, addr, mb), what);
+}
+
+/// Brings up each (host, wg-quick file), logging to `a.log`, `b.log`, … in `dir`.
+pub fn up_both(lab: &Lab, nodes: [(&Host, &PathBuf); 2], dir: &Path) {
+    for ((h, conf), log) in nodes.into_iter().zip(["a.log", "b.log"]) {
+        up(lab, &h.ns, conf, &dir.join(log));
+    }
+}
+
 pub fn assert_intact(t: &Transfer, what: &str) {
     assert_eq!(t.sent, t.received, "{what}: data differs\n{}", t.log);
     assert!(t.received_bytes > 0, "{what}: nothing arrived\n{}", t.log);

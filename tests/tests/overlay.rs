@@ -124,12 +124,20 @@ fn a_wireguard_go_peer_interoperates_with_either_side_initiating() {
     );
     // Bulk TCP both ways: canopy's offloaded segments reach wireguard-go as plain packets, and
     // wireguard-go's packets are coalesced on canopy's side.
-    assert_intact(
-        &lab.tcp_transfer(&h1.ns, &h2.ns, "10.9.0.2", 16),
+    transfer_intact(
+        &lab,
+        &h1.ns,
+        &h2.ns,
+        "10.9.0.2",
+        16,
         "canopy → wireguard-go",
     );
-    assert_intact(
-        &lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 16),
+    transfer_intact(
+        &lab,
+        &h2.ns,
+        &h1.ns,
+        "10.9.0.1",
+        16,
         "wireguard-go → canopy",
     );
 }
@@ -154,14 +162,8 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up");
     let log = std::fs::read_to_string(dir.path().join("a-on.log")).unwrap();
     assert!(log.contains("offload=true"), "offloads are on: {log}");
-    assert_intact(
-        &lab.tcp_transfer(&h1.ns, &h2.ns, "10.9.0.2", 32),
-        "IPv4, offloads on",
-    );
-    assert_intact(
-        &lab.tcp_transfer(&h2.ns, &h1.ns, "fd00:9::1", 32),
-        "IPv6, offloads on",
-    );
+    transfer_intact(&lab, &h1.ns, &h2.ns, "10.9.0.2", 32, "IPv4, offloads on");
+    transfer_intact(&lab, &h2.ns, &h1.ns, "fd00:9::1", 32, "IPv6, offloads on");
     // Both directions at once, each side encrypting and decrypting concurrently.
     std::thread::scope(|s| {
         let there = s.spawn(|| lab.tcp_transfer(&h1.ns, &h2.ns, "10.9.0.2", 32));
@@ -176,12 +178,20 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up again");
     let log = std::fs::read_to_string(dir.path().join("a-off.log")).unwrap();
     assert!(log.contains("offload=false"), "offloads are off: {log}");
-    assert_intact(
-        &lab.tcp_transfer(&h1.ns, &h2.ns, "fd00:9::2", 16),
+    transfer_intact(
+        &lab,
+        &h1.ns,
+        &h2.ns,
+        "fd00:9::2",
+        16,
         "IPv6, plain → offloaded",
     );
-    assert_intact(
-        &lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 16),
+    transfer_intact(
+        &lab,
+        &h2.ns,
+        &h1.ns,
+        "10.9.0.1",
+        16,
         "IPv4, offloaded → plain",
     );
 }
@@ -301,20 +311,12 @@ fn bulk_tcp_arrives_intact_over_an_ipv6_underlay() {
         "10.9.0.2/24",
         &[(&a, "[fd00:192::1]:51820", "10.9.0.1/32")],
     );
-    for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
-        up(&lab, &h.ns, c, &dir.path().join(log));
-    }
+    up_both(&lab, [(&h1, &ca), (&h2, &cb)], dir.path());
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up over IPv6");
     let eps = lab.wg(&h1.ns, &a.iface, "endpoints");
     assert!(eps.contains("[fd00:192::2]:51820"), "{eps}");
-    assert_intact(
-        &lab.tcp_transfer(&h1.ns, &h2.ns, "10.9.0.2", 32),
-        "A → B over IPv6",
-    );
-    assert_intact(
-        &lab.tcp_transfer(&h2.ns, &h1.ns, "10.9.0.1", 32),
-        "B → A over IPv6",
-    );
+    transfer_intact(&lab, &h1.ns, &h2.ns, "10.9.0.2", 32, "A → B over IPv6");
+    transfer_intact(&lab, &h2.ns, &h1.ns, "10.9.0.1", 32, "B → A over IPv6");
 }
 
 #[test]
@@ -329,9 +331,7 @@ fn udp_datagrams_keep_their_boundaries_and_content_through_the_offloaded_tunnel(
         ca,
         cb,
     } = Duo::new();
-    for (h, c, log) in [(&h1, &ca, "a.log"), (&h2, &cb, "b.log")] {
-        up(&lab, &h.ns, c, &dir.path().join(log));
-    }
+    up_both(&lab, [(&h1, &ca), (&h2, &cb)], dir.path());
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT), "tunnel up");
     // Full-size datagrams: 1420 (MTU) minus the IPv4 + UDP or IPv6 + UDP headers.
     for (to, max_len, what) in [("10.9.0.2", 1392, "IPv4"), ("fd00:9::2", 1372, "IPv6")] {
