@@ -139,6 +139,15 @@ impl TestController {
             .revision
     }
 
+    /// The peers of network `network`, as the console lists them.
+    pub async fn peers(&self, network: &str) -> Vec<Peer> {
+        let req = ListPeersRequest {
+            network: network.into(),
+        };
+        let list = self.console().await.list_peers(req).await.unwrap();
+        list.into_inner().peers
+    }
+
     /// Creates a network and returns its id.
     pub async fn network(&self, name: &str, cidrs: &[&str]) -> String {
         let req = CreateNetworkRequest {

@@ -147,6 +147,29 @@ impl Duo {
     }
 }
 
+impl Duo {
+    /// IPv4 only: A is 10.9.0.1 routing `b_at_a` to B, B is 10.9.0.2 routing `a_at_b` to A,
+    /// over the hosts' IPv4 addresses; both brought up.
+    pub fn v4_up(b_at_a: &str, a_at_b: &str) -> Self {
+        let mut d = Self::new();
+        let dir = d.dir.path();
+        d.ca = conf(
+            dir,
+            &d.a,
+            "10.9.0.1/24",
+            &[(&d.b, "192.0.2.2:51820", b_at_a)],
+        );
+        d.cb = conf(
+            dir,
+            &d.b,
+            "10.9.0.2/24",
+            &[(&d.a, "192.0.2.1:51820", a_at_b)],
+        );
+        up_both(&d.lab, [(&d.h1, &d.ca), (&d.h2, &d.cb)], dir);
+        d
+    }
+}
+
 impl Default for Duo {
     fn default() -> Self {
         Self::new()

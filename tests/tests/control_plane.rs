@@ -67,16 +67,7 @@ async fn enrolled_agents_see_each_other_and_a_removed_peer_is_pushed_out_within_
     assert!(id.is_err(), "a removed peer's credential must stop working");
 
     // The console shows the others online at the revision they acknowledged.
-    let peers = c
-        .console()
-        .await
-        .list_peers(ListPeersRequest {
-            network: "prod".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .peers;
+    let peers = c.peers("prod").await;
     assert_eq!(peers.len(), 2);
     a.stop().await;
     d.stop().await;
@@ -108,16 +99,7 @@ async fn a_single_use_token_raced_by_20_enrollments_yields_exactly_one_peer() {
         }
     }
     assert_eq!(ok, 1);
-    let peers = c
-        .console()
-        .await
-        .list_peers(ListPeersRequest {
-            network: "race".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .peers;
+    let peers = c.peers("race").await;
     assert_eq!(peers.len(), 1);
 }
 

@@ -195,16 +195,7 @@ async fn an_ack_for_a_revision_never_sent_ends_the_session_and_is_not_recorded()
     let end = s.message().await.unwrap_err();
     assert_eq!(end.code(), Code::InvalidArgument);
     assert!(end.message().contains("9000000000000"), "{}", end.message());
-    let peers = c
-        .console()
-        .await
-        .list_peers(ListPeersRequest {
-            network: "n".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .peers;
+    let peers = c.peers("n").await;
     assert!(peers.iter().all(|p| p.acked_revision <= rev), "{peers:?}");
 }
 
@@ -450,16 +441,7 @@ async fn an_enrollment_whose_answer_was_lost_is_given_back_on_retry() {
         .await
         .unwrap_err();
     assert!(format!("{err}").contains("already a peer"), "{err}");
-    let peers = c
-        .console()
-        .await
-        .list_peers(ListPeersRequest {
-            network: "n".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .peers;
+    let peers = c.peers("n").await;
     assert_eq!(peers.len(), 1);
 }
 

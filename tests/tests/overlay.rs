@@ -198,25 +198,16 @@ fn bulk_tcp_arrives_intact_and_in_order_over_ipv4_and_ipv6_with_offloads_on_off_
 
 #[test]
 fn a_packet_with_a_source_outside_the_peers_allowed_ips_is_not_delivered() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
     // A accepts only 10.9.0.2 from B; B sends all of 10.9.0.0/24 to A.
-    let ca = conf(
-        dir.path(),
-        &a,
-        "10.9.0.1/24",
-        &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
-    );
-    let cb = conf(
-        dir.path(),
-        &b,
-        "10.9.0.2/24",
-        &[(&a, "192.0.2.1:51820", "10.9.0.0/24")],
-    );
-    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
-    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
+    let Duo {
+        lab,
+        dir: _dir,
+        h1,
+        h2,
+        a,
+        b,
+        ..
+    } = Duo::v4_up("10.9.0.2/32", "10.9.0.0/24");
     assert!(
         lab.ping_from(&h2.ns, Some("10.9.0.2"), "10.9.0.1", WAIT),
         "the allowed source gets through"
@@ -245,24 +236,14 @@ fn a_packet_with_a_source_outside_the_peers_allowed_ips_is_not_delivered() {
 
 #[test]
 fn traffic_resumes_when_a_peer_changes_its_underlay_address() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (h1, h2) = (lab.host(1), lab.host(2));
-    let (a, b) = (node(&lab, "a"), node(&lab, "b"));
-    let ca = conf(
-        dir.path(),
-        &a,
-        "10.9.0.1/24",
-        &[(&b, "192.0.2.2:51820", "10.9.0.2/32")],
-    );
-    let cb = conf(
-        dir.path(),
-        &b,
-        "10.9.0.2/24",
-        &[(&a, "192.0.2.1:51820", "10.9.0.1/32")],
-    );
-    up(&lab, &h1.ns, &ca, &dir.path().join("a.log"));
-    up(&lab, &h2.ns, &cb, &dir.path().join("b.log"));
+    let Duo {
+        lab,
+        dir: _dir,
+        h1,
+        h2,
+        a,
+        ..
+    } = Duo::v4_up("10.9.0.2/32", "10.9.0.1/32");
     assert!(lab.ping(&h1.ns, "10.9.0.2", WAIT));
     // B moves to a new underlay address; nobody reconfigures anything.
     lab.run(&h2.ns, &["ip", "addr", "flush", "dev", &h2.dev]);
