@@ -88,6 +88,13 @@ pub fn net(name: &str, cidr: &str) -> CreateNetworkRequest {
     }
 }
 
+/// Creates network `name` on `cidr` and an unlimited join token for it: the join string.
+pub async fn network_and_join(c: &mut Client, name: &str, cidr: &str) -> String {
+    c.create_network(net(name, cidr)).await.unwrap();
+    let token = c.create_join_token(tok(name)).await.unwrap();
+    token.into_inner().join_string
+}
+
 pub fn tok(network: &str) -> CreateJoinTokenRequest {
     CreateJoinTokenRequest {
         network: network.into(),

@@ -179,13 +179,7 @@ async fn no_private_key_is_anywhere_in_the_store_after_enrollments() {
     let r = c.replica().await;
     let (_, t) = signup(&r, "keys", "team").await;
     let mut c = console_as(&r, &t).await;
-    c.create_network(net("n", "100.64.0.0/24")).await.unwrap();
-    let join = c
-        .create_join_token(tok("n"))
-        .await
-        .unwrap()
-        .into_inner()
-        .join_string;
+    let join = network_and_join(&mut c, "n", "100.64.0.0/24").await;
     let mut agents = Vec::new();
     for i in 0..5 {
         agents.push(TestAgent::join(&join, &format!("k{i}")).await.unwrap());

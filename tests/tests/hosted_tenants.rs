@@ -15,13 +15,7 @@ async fn a_suspended_tenant_is_refused_but_its_agents_keep_their_map() {
     let r = c.replica().await;
     let (tid, t) = signup(&r, "late-payer", "team").await;
     let mut c = console_as(&r, &t).await;
-    c.create_network(net("n", "100.64.0.0/24")).await.unwrap();
-    let join = c
-        .create_join_token(tok("n"))
-        .await
-        .unwrap()
-        .into_inner()
-        .join_string;
+    let join = network_and_join(&mut c, "n", "100.64.0.0/24").await;
     let mut x = TestAgent::join(&join, "x").await.unwrap();
     let _y = TestAgent::join(&join, "y").await.unwrap();
     assert!(
@@ -75,13 +69,7 @@ async fn the_operator_lists_and_deletes_tenants_and_a_tenant_token_is_no_operato
     let (kept, tk) = signup(&r, "kept", "free").await;
     for (t, cidr) in [(&tg, "100.64.0.0/24"), (&tk, "100.65.0.0/24")] {
         let mut c = console_as(&r, t).await;
-        c.create_network(net("n", cidr)).await.unwrap();
-        let join = c
-            .create_join_token(tok("n"))
-            .await
-            .unwrap()
-            .into_inner()
-            .join_string;
+        let join = network_and_join(&mut c, "n", cidr).await;
         TestAgent::join(&join, "a").await.unwrap().stop().await;
     }
     let s = operator(&r, &tk)
@@ -243,13 +231,7 @@ async fn deleting_a_tenant_is_final_while_it_keeps_writing() {
     for trial in 0..6 {
         let (tenant, t) = signup(&r1, &format!("doomed{trial}"), "business").await;
         let mut c = console_as(&r2, &t).await;
-        c.create_network(net("n0", "10.0.0.0/24")).await.unwrap();
-        let join = c
-            .create_join_token(tok("n0"))
-            .await
-            .unwrap()
-            .into_inner()
-            .join_string;
+        let join = network_and_join(&mut c, "n0", "10.0.0.0/24").await;
         // The tenant keeps creating networks and join tokens while the operator deletes it.
         let writer = tokio::spawn(async move {
             for i in 1..40 {
