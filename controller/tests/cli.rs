@@ -89,6 +89,14 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// `--server URL --token TOKEN --ca CA`, as a console invocation starts.
+fn connection_args(url: &str, token: &str, ca: &std::path::Path) -> Vec<String> {
+    let ca = ca.to_str().unwrap();
+    ["--server", url, "--token", token.trim(), "--ca", ca]
+        .map(String::from)
+        .to_vec()
+}
+
 #[test]
 fn first_start_creates_ca_and_admin_token_and_the_console_drives_the_controller() {
     let tmp = tempfile::tempdir().unwrap();
@@ -257,16 +265,7 @@ fn serve_stops_promptly_on_sigterm_and_keeps_its_state() {
     let mut s = serve(&data);
     let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let ca = data.join("ca.pem");
-    let conn = |url: &str| {
-        vec![
-            "--server".to_string(),
-            url.to_string(),
-            "--token".into(),
-            token.trim().into(),
-            "--ca".into(),
-            ca.to_str().unwrap().into(),
-        ]
-    };
+    let conn = |url: &str| connection_args(url, &token, &ca);
     let mut args = conn(&s.url);
     args.extend(["network", "create", "kept", "--cidr", "10.20.0.0/24"].map(String::from));
     ok(&canopy(
@@ -401,16 +400,7 @@ fn the_last_admin_token_stays_and_reset_admin_token_recovers_a_lost_one() {
     let s = serve(&data);
     let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let ca = data.join("ca.pem");
-    let conn = |url: &str, token: &str| {
-        vec![
-            "--server".to_string(),
-            url.to_string(),
-            "--token".into(),
-            token.trim().into(),
-            "--ca".into(),
-            ca.to_str().unwrap().into(),
-        ]
-    };
+    let conn = |url: &str, token: &str| connection_args(url, token, &ca);
     let run = |url: &str, token: &str, rest: &[&str]| {
         let mut a = conn(url, token);
         a.extend(rest.iter().map(|s| s.to_string()));

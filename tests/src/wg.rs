@@ -177,27 +177,10 @@ impl<'a> Pair<'a> {
                     &format!("192.0.2.{}:{}", j + 1, j + 1),
                 ],
             )?;
-            pair.ip(
-                i,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/24", inner4(i)),
-                    "dev",
-                    &pair.ifaces[i],
-                ],
-            )?;
-            pair.ip(
-                i,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/64", inner6(i)),
-                    "dev",
-                    &pair.ifaces[i],
-                    "nodad",
-                ],
-            )?;
+            let dev = pair.ifaces[i].as_str();
+            let (v4, v6) = (format!("{}/24", inner4(i)), format!("{}/64", inner6(i)));
+            pair.ip(i, &["addr", "add", &v4, "dev", dev])?;
+            pair.ip(i, &["addr", "add", &v6, "dev", dev, "nodad"])?;
             pair.ip(i, &["link", "set", &pair.ifaces[i], "up"])?;
         }
         Ok(pair)

@@ -444,25 +444,51 @@ mod tests {
             Error::Unauthenticated(_) => "unauthenticated",
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            code(check_request("cjt_x", &key, "web-1", 70000, "")),
-            "invalid"
-        );
-        assert_eq!(
-            code(check_request("cat_x", &key, "web-1", 0, "")),
-            "unauthenticated"
-        );
-        assert_eq!(
-            code(check_request("cjt_x", &key, "web 1", 0, "")),
-            "invalid"
-        );
-        assert_eq!(
-            code(check_request("cjt_x", &key, "web-1", 0, "cpc_short")),
-            "invalid"
-        );
-        assert_eq!(
-            code(check_request("cjt_x", &[0u8; 5], "web-1", 0, "")),
-            "invalid"
-        );
+        let short_key: &[u8] = &[0u8; 5];
+        // (what, token, key, hostname, port, credential, the answer's kind)
+        type Case<'a> = (&'a str, &'a str, &'a [u8], &'a str, u32, &'a str, &'a str);
+        let refused: [Case; 5] = [
+            (
+                "port out of range",
+                "cjt_x",
+                &key,
+                "web-1",
+                70000,
+                "",
+                "invalid",
+            ),
+            (
+                "an API token",
+                "cat_x",
+                &key,
+                "web-1",
+                0,
+                "",
+                "unauthenticated",
+            ),
+            (
+                "a space in the hostname",
+                "cjt_x",
+                &key,
+                "web 1",
+                0,
+                "",
+                "invalid",
+            ),
+            (
+                "a short credential",
+                "cjt_x",
+                &key,
+                "web-1",
+                0,
+                "cpc_short",
+                "invalid",
+            ),
+            ("a short key", "cjt_x", short_key, "web-1", 0, "", "invalid"),
+        ];
+        for (what, token, key, host, port, cred, expected) in refused {
+            let got = code(check_request(token, key, host, port, cred));
+            assert_eq!(got, expected, "{what}");
+        }
     }
 }
