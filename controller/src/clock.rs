@@ -1,13 +1,23 @@
-//! Wall-clock time for the controller's decisions: token expiry, lease expiry, retention, audit
-//! and record timestamps. Read in one place, so a test moves time instead of sleeping for it.
+//! Time for the controller's decisions: wall-clock time for token expiry, lease expiry,
+//! retention, audit and record timestamps; monotonic time for rate limits and session pacing.
+//! Read in one place, so a test moves time instead of sleeping for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The system clock, or (for tests) a manual one that moves only when told.
 #[derive(Clone, Debug, Default)]
-pub struct Clock(Option<Arc<AtomicI64>>);
+pub struct Clock(Option<Arc<Manual>>);
+
+#[derive(Debug)]
+struct Manual {
+    /// Milliseconds since the Unix epoch now.
+    ms: AtomicI64,
+    /// Where it started: the wall-clock time and the monotonic instant it stands for.
+    start_ms: i64,
+    start: Instant,
+}
 
 impl Clock {
     pub fn system() -> Self {
@@ -16,22 +26,38 @@ impl Clock {
 
     /// A manual clock starting at the system's time now.
     pub fn manual() -> Self {
-        Self(Some(Arc::new(AtomicI64::new(system_ms()))))
+        let start_ms = system_ms();
+        Self(Some(Arc::new(Manual {
+            ms: AtomicI64::new(start_ms),
+            start_ms,
+            start: Instant::now(),
+        })))
     }
 
     /// Moves a manual clock forward (a system clock ignores this).
     pub fn advance(&self, by: Duration) {
-        if let Some(ms) = &self.0 {
+        if let Some(m) = &self.0 {
             let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-            ms.fetch_add(by, Ordering::SeqCst);
+            m.ms.fetch_add(by, Ordering::SeqCst);
         }
     }
 
     /// Milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> i64 {
         match &self.0 {
-            Some(ms) => ms.load(Ordering::SeqCst),
+            Some(m) => m.ms.load(Ordering::SeqCst),
             None => system_ms(),
+        }
+    }
+
+    /// Monotonic time, for rate limits and pacing: a manual clock's moves with it.
+    pub fn instant(&self) -> Instant {
+        match &self.0 {
+            Some(m) => {
+                let moved = m.ms.load(Ordering::SeqCst).saturating_sub(m.start_ms);
+                m.start + Duration::from_millis(u64::try_from(moved).unwrap_or(0))
+            }
+            None => Instant::now(),
         }
     }
 
@@ -61,6 +87,13 @@ mod tests {
         other.advance(Duration::from_millis(1500));
         assert_eq!(c.now_ms(), t + 1500);
         assert_eq!(c.now_unix(), (t + 1500).div_euclid(1000));
+        let i = c.instant();
+        other.advance(Duration::from_secs(2));
+        assert_eq!(
+            c.instant() - i,
+            Duration::from_secs(2),
+            "monotonic time moves along"
+        );
         let sys = Clock::system();
         sys.advance(Duration::from_secs(3600));
         assert!(

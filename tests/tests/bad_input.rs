@@ -566,6 +566,5 @@ async fn unroutable_endpoints_are_refused_on_sync() {
             "{endpoint}: {}",
             s.message()
         );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
 }

@@ -80,10 +80,13 @@ async fn read_only_tokens_cannot_change_anything_and_revoked_tokens_stop_working
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_tokens() {
     let c = Cluster::new();
+    // Time moves only when told: the rate limit's budget is exact.
+    let clock = canopy_controller::clock::Clock::manual();
     let r = server::spawn(&ServeConfig {
         store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
         hosted: true,
         api_requests_per_sec: 5,
+        clock: clock.clone(),
         ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
     })
     .await
@@ -107,7 +110,15 @@ async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_to
             }
         }
     }
-    assert!(ok >= 10 && limited > 0, "ok {ok}, limited {limited}");
+    assert_eq!(
+        (ok, limited),
+        (10, 30),
+        "a burst of twice the rate, then nothing"
+    );
+    clock.advance(std::time::Duration::from_secs(1));
+    busy.list_networks(ListNetworksRequest {})
+        .await
+        .expect("a second later the bucket has refilled");
     console_as(&r, &t2)
         .await
         .list_networks(ListNetworksRequest {})
@@ -118,11 +129,14 @@ async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_to
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_tokens_share_one_rate_limit_and_api_tokens_are_capped_by_plan() {
     let c = Cluster::new();
+    // Time moves only when told: the rate limit's budget is exact.
+    let clock = canopy_controller::clock::Clock::manual();
     let r = server::spawn(&ServeConfig {
         store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
         hosted: true,
         api_requests_per_sec: 5,
         signups_per_hour: 3600,
+        clock: clock.clone(),
         ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
     })
     .await
@@ -157,7 +171,7 @@ async fn a_tenants_tokens_share_one_rate_limit_and_api_tokens_are_capped_by_plan
         s.message()
     );
     // Spreading requests over the tenant's five tokens buys no more than one token's budget.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    clock.advance(std::time::Duration::from_secs(3)); // the bucket is full again
     let mut clients = vec![a];
     for t in &tokens {
         clients.push(console_as(&r, t).await);
@@ -172,8 +186,8 @@ async fn a_tenants_tokens_share_one_rate_limit_and_api_tokens_are_capped_by_plan
             }
         }
     }
-    // 50 requests in well under a second: a burst of 10 and a few refills, not 5 × that.
-    assert!(ok <= 20 && limited >= 30, "ok {ok}, limited {limited}");
+    // 50 requests at one instant: one burst of 10 for the tenant, not 5 × that.
+    assert_eq!((ok, limited), (10, 40));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

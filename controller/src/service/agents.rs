@@ -115,7 +115,7 @@ impl Controller {
     /// a loop is paced on its own, without spending other agents' admission budget.
     pub fn admit_peer_session(&self, peer: &str) -> Result<(), std::time::Duration> {
         let mut g = self.peer_starts.lock().unwrap_or_else(|e| e.into_inner());
-        g.admit(peer, std::time::Instant::now())
+        g.admit(peer, self.clock.instant())
     }
 
     /// The next update for an agent at `base`, or `None` if the cache has no such peer.

@@ -194,7 +194,7 @@ impl Controller {
     pub fn check_rate(&self, c: &Caller) -> Result<()> {
         let mut g = self.api_rate.lock().unwrap_or_else(|e| e.into_inner());
         let rate = self.api_rate_per_sec;
-        g.admit(&c.tenant, std::time::Instant::now()).map_err(|_| {
+        g.admit(&c.tenant, self.clock.instant()).map_err(|_| {
             Error::ResourceExhausted(format!(
                 "rate limit: {rate} requests per second per tenant; retry shortly"
             ))
@@ -212,7 +212,7 @@ impl Controller {
             None => "unknown".into(),
         };
         let mut g = self.signup_rate.lock().unwrap_or_else(|e| e.into_inner());
-        g.admit(&key, std::time::Instant::now()).map_err(|wait| {
+        g.admit(&key, self.clock.instant()).map_err(|wait| {
             Error::ResourceExhausted(format!(
                 "too many sign-ups from this address; retry in {} s",
                 wait.as_secs().max(1)
@@ -236,7 +236,7 @@ impl Controller {
     pub fn admit_session(&self) -> Result<(), std::time::Duration> {
         use rand::Rng as _;
         let mut b = self.admission.lock().unwrap_or_else(|e| e.into_inner());
-        b.admit(std::time::Instant::now())
+        b.admit(self.clock.instant())
             .map_err(|due| b.retry_after(due, rand::rng().random_range(0.0..1.0)))
     }
 
