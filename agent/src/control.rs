@@ -135,6 +135,9 @@ pub struct SyncStats {
     pub bytes: AtomicU64,
     /// Times the controller asked this client to come back later.
     pub paced: AtomicU64,
+    /// Sessions that failed (refused, unreachable, a map this host could not apply); each is
+    /// retried after a backoff.
+    pub failures: AtomicU64,
 }
 
 pub struct ControlClient {
@@ -257,10 +260,12 @@ impl ControlClient {
                     // with the next map, the interface keeps what it had.
                     tracing::warn!(error = %e, attempt = failures + 1, "could not apply the network map; retrying");
                     failures = failures.saturating_add(1);
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(%url, error = %e, attempt = failures + 1, "controller session failed; keeping the last map");
                     failures = failures.saturating_add(1);
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     next += 1;
                 }
             }

@@ -386,7 +386,15 @@ async fn a_replica_that_refuses_the_credential_does_not_wipe_the_agent_only_a_re
         })
         .await
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Refused again and again (not once): it keeps trying and keeps its state.
+    let t = std::time::Instant::now();
+    while client.stats.failures.load(Ordering::Relaxed) < 5 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent stopped trying"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         !task.is_finished(),
         "the agent gave up on an Unauthenticated"
