@@ -27,6 +27,7 @@ pub mod model;
 pub mod netmap;
 pub mod pacing;
 pub mod plans;
+pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -1,0 +1,148 @@
+//! A policy and a network's peers → one peer's own part: the peers it may exchange packets
+//! with (either direction; the others are left out of its map) and the inbound rules that
+//! apply to it, with sources still as selectors (the map carries every visible peer's id and
+//! tags, so the agent resolves them). A part costs O(rules + visible peers) to build, so a
+//! policy or tag change rebuilds each agent's part on its own and sends what differs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use ipnetwork::IpNetwork;
+
+use super::eval::PeerView;
+use super::{Policy, PortRange, Proto, Selector};
+
+/// A rule as the receiving peer enforces it: packets from peers matching `from` (any, a tag,
+/// a peer id), of `proto` to `ports` (empty: all), to `dst` (empty: any of its addresses).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Inbound {
+    pub from: Vec<Selector>,
+    pub proto: Proto,
+    pub ports: Vec<PortRange>,
+    pub dst: Vec<IpNetwork>,
+}
+
+/// One peer's part of the policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerPart {
+    /// Ids of the peers it may exchange packets with.
+    pub visible: BTreeSet<String>,
+    /// What others may open on it, in rule order.
+    pub inbound: Vec<Inbound>,
+}
+
+/// The network's peers indexed for selector lookups.
+#[derive(Debug)]
+pub struct Peers<'a> {
+    all: Vec<PeerView<'a>>,
+    by_tag: HashMap<&'a str, Vec<usize>>,
+    by_id: HashMap<&'a str, usize>,
+}
+
+impl<'a> Peers<'a> {
+    pub fn new(all: Vec<PeerView<'a>>) -> Self {
+        let mut by_tag: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut by_id = HashMap::new();
+        for (i, p) in all.iter().enumerate() {
+            by_id.insert(p.id, i);
+            for t in p.tags {
+                by_tag.entry(t.as_str()).or_default().push(i);
+            }
+        }
+        Self { all, by_tag, by_id }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&PeerView<'a>> {
+        self.by_id.get(id).map(|&i| &self.all[i])
+    }
+
+    /// Adds the ids of the peers `s` selects to `out`; true when it selects every peer.
+    fn select(&self, s: &Selector, out: &mut BTreeSet<String>) -> bool {
+        let mut add = |i: usize| {
+            out.insert(self.all[i].id.to_string());
+        };
+        match s {
+            Selector::Any => return true,
+            Selector::Tag(t) => self
+                .by_tag
+                .get(t.as_str())
+                .into_iter()
+                .flatten()
+                .for_each(|&i| add(i)),
+            Selector::Peer(id) => self
+                .by_id
+                .get(id.as_str())
+                .into_iter()
+                .for_each(|&i| add(i)),
+            Selector::Cidr(net) => (0..self.all.len())
+                .filter(|&i| self.all[i].addresses.iter().any(|a| net.contains(a.ip())))
+                .for_each(add),
+        }
+        false
+    }
+}
+
+/// Whether selector `s` (of a rule's `from`, or a `to` other than a CIDR) takes `p`.
+fn takes(s: &Selector, p: &PeerView<'_>) -> bool {
+    match s {
+        Selector::Any => true,
+        Selector::Tag(t) => p.tags.iter().any(|x| x == t),
+        Selector::Peer(id) => p.id == id,
+        Selector::Cidr(net) => p.addresses.iter().any(|a| net.contains(a.ip())),
+    }
+}
+
+/// `me`'s part of `policy` among `peers` (`me` may be one of them; it never sees itself).
+pub fn part(policy: &Policy, peers: &Peers<'_>, me: &PeerView<'_>) -> PeerPart {
+    let mut visible = BTreeSet::new();
+    let mut everyone = false;
+    let mut inbound = Vec::new();
+    for r in &policy.rules {
+        // The CIDRs of `to` that take me restrict the destination; any other selector that
+        // takes me takes all my addresses.
+        let mut whole = false;
+        let mut dst = Vec::new();
+        for s in &r.to {
+            match s {
+                Selector::Cidr(net) if takes(s, me) => dst.push(*net),
+                _ if takes(s, me) => whole = true,
+                _ => {}
+            }
+        }
+        if whole || !dst.is_empty() {
+            inbound.push(Inbound {
+                from: r.from.clone(),
+                proto: r.proto,
+                ports: r.ports.clone(),
+                dst: if whole { Vec::new() } else { dst },
+            });
+            for s in &r.from {
+                everyone |= peers.select(s, &mut visible);
+            }
+        }
+        if r.from.iter().any(|s| takes(s, me)) {
+            for s in &r.to {
+                everyone |= peers.select(s, &mut visible);
+            }
+        }
+    }
+    if everyone {
+        visible = peers.all.iter().map(|p| p.id.to_string()).collect();
+    }
+    visible.remove(me.id);
+    inbound.dedup();
+    PeerPart { visible, inbound }
+}
+
+impl PeerPart {
+    /// Whether this part lets `from` open `pkt` (`from` must be visible): what the agent does
+    /// for the first packet of a flow.
+    pub fn admits(&self, from: &PeerView<'_>, pkt: &super::eval::Packet) -> bool {
+        self.visible.contains(from.id)
+            && self.inbound.iter().any(|r| {
+                r.from.iter().any(|s| takes(s, from))
+                    && r.proto.covers(pkt.proto)
+                    && (r.ports.is_empty() || r.ports.iter().any(|p| p.contains(pkt.port)))
+                    && (r.dst.is_empty() || r.dst.iter().any(|n| n.contains(pkt.dst)))
+            })
+    }
+}
