@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use canopy_proto::v1::{NetworkRecord, PeerRecord};
+use canopy_proto::v1::{NetworkRecord, PeerRecord, PolicyRecord};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -113,12 +113,29 @@ impl Cache {
         }
     }
 
-    /// Loads the networks, peers and peer-deletion markers at one revision (nothing else: the
-    /// audit log, credentials and tokens stay in the store); returns that revision.
+    /// A stored policy as the maps use it. One that does not parse (written by a newer
+    /// version, or damaged) is counted and logged, and allows nothing: a policy fails closed.
+    fn policy(&self, key: &[u8], value: &[u8]) -> crate::policy::Policy {
+        let deny_all = crate::policy::Policy::deny_all;
+        let Some(rec) = self.decode::<PolicyRecord>(key, value) else {
+            return deny_all();
+        };
+        crate::policy::parse(&rec.text).unwrap_or_else(|e| {
+            self.inner
+                .undecodable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(network = %rec.network_id, error = %e, "a stored policy does not parse; it allows nothing");
+            deny_all()
+        })
+    }
+
+    /// Loads the networks, peers, policies and peer-deletion markers at one revision (nothing
+    /// else: the audit log, credentials and tokens stay in the store); returns that revision.
     async fn relist(&self, store: &dyn Store) -> Result<Revision, StoreError> {
         let prefixes = [
             format!("{}networks/", keys::ROOT).into_bytes(),
             keys::ALL_PEERS.as_bytes().to_vec(),
+            keys::ALL_POLICIES.as_bytes().to_vec(),
             format!("{}netdel/", keys::ROOT).into_bytes(),
         ];
         let nets = store.range_many(&prefixes).await?;
@@ -151,6 +168,11 @@ impl Cache {
                 && let Some(p) = self.decode::<PeerRecord>(&kv.key, &kv.value)
             {
                 s.put_peer(p, kv.mod_revision);
+            }
+            if let Some(net) = keys::parse_policy(&kv.key)
+                && let Some(s) = fresh.get_mut(net)
+            {
+                s.set_policy(Some(self.policy(&kv.key, &kv.value)), kv.mod_revision);
             }
         }
         let mut st = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
@@ -240,6 +262,15 @@ impl Cache {
                         }
                         EventKind::Delete => s.delete_peer(peer, rev),
                     }
+                }
+                touched.push(net.to_string());
+            } else if let Some(net) = keys::parse_policy(&e.kv.key) {
+                if let Some(s) = st.networks.get_mut(net) {
+                    let policy = match e.kind {
+                        EventKind::Put => Some(self.policy(&e.kv.key, &e.kv.value)),
+                        EventKind::Delete => None,
+                    };
+                    s.set_policy(policy, rev);
                 }
                 touched.push(net.to_string());
             }

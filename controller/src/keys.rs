@@ -6,6 +6,8 @@
 //! netnames/<tenant>/<name>           IndexRecord(network id): names are unique per tenant
 //! netsver/<tenant>                   bumped by every network create/delete (guards CIDR overlap)
 //! peers/<network>/<peer>             PeerRecord
+//! policies/<network>                 PolicyRecord: the network's access policy (none: allow-all);
+//!                                    its mod revision is the version `--if-revision` checks
 //! netdel/<network>                   bumped with every peer deletion: after a re-list, deltas
 //!                                    are exact from its revision on (no deletion is unknown)
 //! ipam/<network>/<address>           IndexRecord(peer id): an address is claimed create-if-absent
@@ -27,7 +29,8 @@
 //!                                    term; fences the leader's writes)
 //! ```
 //!
-//! The cache lists and follows only `networks/`, `peers/` and `netdel/` (what maps are made of).
+//! The cache lists and follows only `networks/`, `peers/`, `policies/` and `netdel/` (what maps
+//! are made of).
 
 pub const ROOT: &str = "/canopy/v1/";
 
@@ -102,6 +105,15 @@ pub fn netpeers(network: &str) -> String {
 }
 
 /// Splits `/canopy/v1/peers/<network>/<peer>` into its ids.
+pub const ALL_POLICIES: &str = "/canopy/v1/policies/";
+pub fn policy(network: &str) -> String {
+    format!("{ALL_POLICIES}{network}")
+}
+/// The network id of a `policies/` key.
+pub fn parse_policy(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key).ok()?.strip_prefix(ALL_POLICIES)
+}
+
 pub fn parse_peer(key: &[u8]) -> Option<(&str, &str)> {
     let rest = std::str::from_utf8(key).ok()?.strip_prefix(ALL_PEERS)?;
     rest.split_once('/')

@@ -55,6 +55,15 @@ impl Plan {
         }
     }
 
+    /// Rules in one network's access policy.
+    pub fn policy_rules(self) -> u32 {
+        match self {
+            Plan::Free => 20,
+            Plan::Team => 200,
+            Plan::Business | Plan::SelfManaged => crate::policy::MAX_RULES as u32,
+        }
+    }
+
     pub fn quotas(self) -> Quotas {
         match self {
             Plan::Free => Quotas {

@@ -65,7 +65,7 @@ pub(crate) fn controller(data: &[u8]) {
         let ctl = &h.ctl;
         let c = caller();
         h.rt.block_on(async {
-            match op % 9 {
+            match op % 11 {
                 0 => {
                     if let Ok(r) = CreateNetworkRequest::decode(body) {
                         let _ = ctl.create_network(&c, &r.name, &r.cidrs).await;
@@ -109,6 +109,19 @@ pub(crate) fn controller(data: &[u8]) {
                 6 => {
                     if let Ok(r) = CreateApiTokenRequest::decode(body) {
                         let _ = ctl.create_api_token_for(&c, &r.name, &r.scope).await;
+                    }
+                }
+                9 => {
+                    if let Ok(r) = SetPolicyRequest::decode(body) {
+                        let text = (!r.remove).then_some(r.text.as_str());
+                        let _ = ctl.set_policy(&c, &r.network, text, r.if_revision).await;
+                    }
+                }
+                10 => {
+                    if let Ok(r) = TestPolicyRequest::decode(body) {
+                        let _ = ctl
+                            .test_policy(&c, &r.network, &r.from, &r.to, &r.proto, r.port)
+                            .await;
                     }
                 }
                 7 => {

@@ -114,6 +114,22 @@ pub const TARGETS: &[Target] = &[
         ],
     },
     Target {
+        name: "policy",
+        run: policy,
+        seeds: policy_seeds,
+        dictionary: &[
+            "[[rule]]\n",
+            "from = [\"*\"]\n",
+            "to = [\"tag:a\"]\n",
+            "tags = [\"a\", \"b\"]\n",
+            "[groups]\n",
+            "proto = \"tcp\"\n",
+            "ports = [\"1-65535\"]\n",
+            "group:",
+            "100.64.0.0/24",
+        ],
+    },
+    Target {
         name: "controller",
         run: controller,
         seeds: controller_seeds,
@@ -157,6 +173,49 @@ fn join_seeds() -> Vec<Vec<u8>> {
 }
 
 // ----- wg-quick -----
+
+// ----- policy -----
+
+/// A policy document: checked, then compiled for every peer of a small network and tested
+/// against the evaluator (a parse that succeeds must compile without panicking).
+fn policy(data: &[u8]) {
+    use canopy_controller::policy::{self, compile, eval};
+    let Ok(p) = policy::parse(&text(data)) else {
+        return;
+    };
+    let tags: Vec<Vec<String>> = vec![vec!["a".into()], vec!["b".into()], vec![]];
+    let addrs: Vec<Vec<ipnetwork::IpNetwork>> = (1..=3)
+        .map(|i| vec![format!("100.64.0.{i}/32").parse().expect("cidr")])
+        .collect();
+    let ids = ["peer_1", "peer_2", "peer_3"];
+    let views: Vec<eval::PeerView> = (0..3)
+        .map(|i| eval::PeerView {
+            id: ids[i],
+            tags: &tags[i],
+            addresses: &addrs[i],
+        })
+        .collect();
+    let peers = compile::Peers::new(views.clone());
+    for me in &views {
+        let part = compile::part(&p, &peers, me);
+        for other in &views {
+            let pkt = eval::Packet {
+                proto: policy::Proto::Tcp,
+                port: 22,
+                dst: me.addresses[0].ip(),
+            };
+            let naive = eval::allows(Some(&p), other, me, &pkt).allowed();
+            assert_eq!(part.admits(other, &pkt), naive && other.id != me.id);
+        }
+    }
+}
+
+fn policy_seeds() -> Vec<Vec<u8>> {
+    vec![
+        b"tags = [\"a\", \"b\"]\n[groups]\nab = [\"a\", \"b\"]\n[[rule]]\nname = \"x\"\nfrom = [\"tag:a\"]\nto = [\"group:ab\", \"100.64.0.0/30\"]\nproto = \"tcp\"\nports = [\"22\", \"8000-8100\"]\n".to_vec(),
+        b"[[rule]]\nfrom = [\"*\"]\nto = [\"peer_2\"]\n".to_vec(),
+    ]
+}
 
 fn wg_quick(data: &[u8]) {
     let _ = canopy_agent::config::parse(&text(data));

@@ -30,6 +30,9 @@ pub fn apply_delta(map: &mut NetworkMap, delta: &NetworkDelta) -> Result<(), Rev
             Err(i) => map.peers.insert(i, u.clone()),
         }
     }
+    if delta.policy_changed {
+        map.policy.clone_from(&delta.policy);
+    }
     map.revision = delta.revision;
     Ok(())
 }

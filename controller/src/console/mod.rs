@@ -9,8 +9,10 @@
 mod account;
 mod config;
 mod output;
+mod policy;
 
 pub use account::{ApiTokenCmd, OperatorCmd, PlanCmd, TenantCmd};
+pub use policy::PolicyCmd;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,6 +70,9 @@ pub enum Command {
     /// Peers (enrolled nodes).
     #[command(subcommand)]
     Peer(PeerCmd),
+    /// A network's access policy: who may open what on whom.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// API tokens of your tenant (admin or read scope).
     #[command(subcommand)]
     Apitoken(ApiTokenCmd),
@@ -164,6 +169,7 @@ pub async fn run(cli: Globals, command: Command) -> anyhow::Result<()> {
         Command::Network(c) => network(&cli.conn, json, c).await,
         Command::Token(c) => token(&cli.conn, json, c).await,
         Command::Peer(c) => peer(&cli.conn, json, c).await,
+        Command::Policy(c) => policy::policy(&cli.conn, json, c).await,
         Command::Apitoken(c) => account::apitoken(&cli.conn, json, c).await,
         Command::Tenant(c) => account::tenant(&cli.conn, json, c).await,
         Command::Plan { set } => account::plan(&cli.conn, json, set).await,

@@ -30,7 +30,30 @@ pub struct PeerPart {
     pub inbound: Vec<Inbound>,
 }
 
-/// The network's peers indexed for selector lookups.
+/// Where the compiler finds peers by selector: the cache's network state, or [`Peers`].
+pub trait Directory {
+    /// Every peer's id.
+    fn ids(&self) -> Vec<&str>;
+    /// The ids of the peers with tag `tag`.
+    fn tagged(&self, tag: &str) -> Vec<&str>;
+    fn has(&self, id: &str) -> bool;
+    /// The ids of the peers with an address inside `net`.
+    fn inside(&self, net: &IpNetwork) -> Vec<&str>;
+}
+
+/// Adds the ids of the peers `s` selects to `out`; true when it selects every peer.
+fn select(dir: &dyn Directory, s: &Selector, out: &mut BTreeSet<String>) -> bool {
+    let ids = match s {
+        Selector::Any => return true,
+        Selector::Tag(t) => dir.tagged(t),
+        Selector::Peer(id) => dir.has(id).then_some(id.as_str()).into_iter().collect(),
+        Selector::Cidr(net) => dir.inside(net),
+    };
+    out.extend(ids.into_iter().map(str::to_string));
+    false
+}
+
+/// A list of peers indexed for selector lookups.
 #[derive(Debug)]
 pub struct Peers<'a> {
     all: Vec<PeerView<'a>>,
@@ -54,30 +77,22 @@ impl<'a> Peers<'a> {
     pub fn get(&self, id: &str) -> Option<&PeerView<'a>> {
         self.by_id.get(id).map(|&i| &self.all[i])
     }
+}
 
-    /// Adds the ids of the peers `s` selects to `out`; true when it selects every peer.
-    fn select(&self, s: &Selector, out: &mut BTreeSet<String>) -> bool {
-        let mut add = |i: usize| {
-            out.insert(self.all[i].id.to_string());
-        };
-        match s {
-            Selector::Any => return true,
-            Selector::Tag(t) => self
-                .by_tag
-                .get(t.as_str())
-                .into_iter()
-                .flatten()
-                .for_each(|&i| add(i)),
-            Selector::Peer(id) => self
-                .by_id
-                .get(id.as_str())
-                .into_iter()
-                .for_each(|&i| add(i)),
-            Selector::Cidr(net) => (0..self.all.len())
-                .filter(|&i| self.all[i].addresses.iter().any(|a| net.contains(a.ip())))
-                .for_each(add),
-        }
-        false
+impl Directory for Peers<'_> {
+    fn ids(&self) -> Vec<&str> {
+        self.all.iter().map(|p| p.id).collect()
+    }
+    fn tagged(&self, tag: &str) -> Vec<&str> {
+        let found = self.by_tag.get(tag).map(Vec::as_slice).unwrap_or_default();
+        found.iter().map(|&i| self.all[i].id).collect()
+    }
+    fn has(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+    fn inside(&self, net: &IpNetwork) -> Vec<&str> {
+        let inside = |p: &&PeerView<'_>| p.addresses.iter().any(|a| net.contains(a.ip()));
+        self.all.iter().filter(inside).map(|p| p.id).collect()
     }
 }
 
@@ -91,8 +106,21 @@ fn takes(s: &Selector, p: &PeerView<'_>) -> bool {
     }
 }
 
-/// `me`'s part of `policy` among `peers` (`me` may be one of them; it never sees itself).
-pub fn part(policy: &Policy, peers: &Peers<'_>, me: &PeerView<'_>) -> PeerPart {
+/// Whether `a` and `b` may exchange packets at all (a rule lets one open something on the
+/// other): O(rules), for the one peer a change is about.
+pub fn sees(policy: &Policy, a: &PeerView<'_>, b: &PeerView<'_>) -> bool {
+    a.id != b.id
+        && policy.rules.iter().any(|r| {
+            let one_way = |x: &PeerView<'_>, y: &PeerView<'_>| {
+                r.from.iter().any(|s| takes(s, x)) && r.to.iter().any(|s| takes(s, y))
+            };
+            one_way(a, b) || one_way(b, a)
+        })
+}
+
+/// `me`'s part of `policy` among the peers of `dir` (`me` may be one of them; it never sees
+/// itself).
+pub fn part(policy: &Policy, dir: &dyn Directory, me: &PeerView<'_>) -> PeerPart {
     let mut visible = BTreeSet::new();
     let mut everyone = false;
     let mut inbound = Vec::new();
@@ -116,17 +144,17 @@ pub fn part(policy: &Policy, peers: &Peers<'_>, me: &PeerView<'_>) -> PeerPart {
                 dst: if whole { Vec::new() } else { dst },
             });
             for s in &r.from {
-                everyone |= peers.select(s, &mut visible);
+                everyone |= select(dir, s, &mut visible);
             }
         }
         if r.from.iter().any(|s| takes(s, me)) {
             for s in &r.to {
-                everyone |= peers.select(s, &mut visible);
+                everyone |= select(dir, s, &mut visible);
             }
         }
     }
     if everyone {
-        visible = peers.all.iter().map(|p| p.id.to_string()).collect();
+        visible = dir.ids().into_iter().map(str::to_string).collect();
     }
     visible.remove(me.id);
     inbound.dedup();

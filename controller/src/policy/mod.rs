@@ -47,6 +47,17 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+impl Policy {
+    /// A policy with no rules: nothing is allowed.
+    pub fn deny_all() -> Self {
+        Self {
+            tags: BTreeSet::new(),
+            groups: BTreeMap::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     /// The rule's name, or "rule N" (1-based).

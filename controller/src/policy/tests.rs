@@ -1,6 +1,6 @@
 use proptest::prelude::*;
 
-use super::compile::{Peers, part};
+use super::compile::{Peers, part, sees};
 use super::eval::{Packet, PeerView, Verdict, allows, explain};
 use super::*;
 
@@ -285,10 +285,12 @@ proptest! {
                         any_way |= naive || allows(Some(&policy), q, p, &back).allowed();
                     }
                 }
-                // Every peer an allowed packet needs is visible (either direction).
+                // Every peer an allowed packet needs is visible (either direction), and the
+                // pairwise check agrees with the whole part.
                 if any_way {
                     prop_assert!(mine.visible.contains(p.id), "{} should see {}\n{}", q.id, p.id, text);
                 }
+                prop_assert_eq!(sees(&policy, q, p), mine.visible.contains(p.id), "{} / {}\n{}", q.id, p.id, text);
             }
         }
     }

@@ -190,4 +190,38 @@ impl ConsoleService for ConsoleApi {
                 .await?,
         }))
     }
+
+    async fn get_policy(&self, req: Request<GetPolicyRequest>) -> R<Policy> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(
+            self.ctl.get_policy(&c, &req.into_inner().network).await?,
+        ))
+    }
+
+    async fn set_policy(&self, req: Request<SetPolicyRequest>) -> R<Policy> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let text = (!r.remove).then_some(r.text.as_str());
+        let (p, diff) = self
+            .ctl
+            .set_policy(&c, &r.network, text, r.if_revision)
+            .await?;
+        let action = if r.remove {
+            "policy.remove"
+        } else {
+            "policy.update"
+        };
+        self.audit(&c, action, &p.network_id, &diff).await;
+        Ok(Response::new(p))
+    }
+
+    async fn test_policy(&self, req: Request<TestPolicyRequest>) -> R<TestPolicyResponse> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.ctl
+                .test_policy(&c, &r.network, &r.from, &r.to, &r.proto, r.port)
+                .await?,
+        ))
+    }
 }

@@ -17,6 +17,7 @@ mod audit;
 mod enroll;
 mod networks;
 mod peers;
+mod policy;
 mod sessions;
 mod tenants;
 mod tokens;

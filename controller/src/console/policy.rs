@@ -1,0 +1,148 @@
+//! `canopy policy`: a network's access policy, kept as a file (in git) and set whole.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use canopy_proto::v1::*;
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{ConnOpts, client, output, reply};
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Print a network's policy document (nothing when it has none: every peer reaches every
+    /// other).
+    Get { network: String },
+    /// Set a network's policy from a TOML file (`-`: standard input). From then on nothing is
+    /// allowed but what its rules allow, and replies.
+    Set {
+        network: String,
+        file: PathBuf,
+        /// Refuse if the policy changed since this revision (`canopy policy get --json`); 0:
+        /// only if the network has none yet.
+        #[arg(long)]
+        if_revision: Option<i64>,
+    },
+    /// Remove a network's policy: every peer reaches every other again.
+    Remove {
+        network: String,
+        #[arg(long)]
+        if_revision: Option<i64>,
+    },
+    /// Whether one peer may open a port on another, and which rule allows it or why none
+    /// does. Exits 1 when it may not.
+    Test {
+        network: String,
+        /// Peer id or hostname.
+        #[arg(long)]
+        from: String,
+        /// Peer id or hostname.
+        #[arg(long)]
+        to: String,
+        /// tcp, udp or icmp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long, default_value_t = 0)]
+        port: u32,
+    },
+}
+
+fn policy_json(p: &Policy) -> serde_json::Value {
+    json!({
+        "network_id": p.network_id,
+        "revision": p.revision,
+        "updated_at": p.updated_at_unix,
+        "updated_by": p.updated_by,
+        "text": p.text,
+    })
+}
+
+fn read_document(file: &PathBuf) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
+pub async fn policy(conn: &ConnOpts, json: bool, c: PolicyCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        PolicyCmd::Get { network } => {
+            let p = reply(cl.get_policy(GetPolicyRequest { network }).await)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&policy_json(&p))?);
+            } else if p.revision == 0 {
+                eprintln!("no policy: every peer reaches every other");
+            } else {
+                // Checked TOML: no control characters but tabs and line ends.
+                print!("{}", p.text);
+            }
+            Ok(())
+        }
+        PolicyCmd::Set {
+            network,
+            file,
+            if_revision,
+        } => {
+            let text = read_document(&file)?;
+            let req = SetPolicyRequest {
+                network,
+                text,
+                remove: false,
+                if_revision,
+            };
+            let p = reply(cl.set_policy(req).await)?;
+            let msg = format!("policy of {} set (revision {})", p.network_id, p.revision);
+            output::done(json, &msg, policy_json(&p))
+        }
+        PolicyCmd::Remove {
+            network,
+            if_revision,
+        } => {
+            let req = SetPolicyRequest {
+                network,
+                remove: true,
+                if_revision,
+                ..Default::default()
+            };
+            let p = reply(cl.set_policy(req).await)?;
+            let msg = format!(
+                "policy of {} removed: every peer reaches every other",
+                p.network_id
+            );
+            output::done(json, &msg, policy_json(&p))
+        }
+        PolicyCmd::Test {
+            network,
+            from,
+            to,
+            proto,
+            port,
+        } => {
+            let req = TestPolicyRequest {
+                network,
+                from,
+                to,
+                proto,
+                port,
+            };
+            let r = reply(cl.test_policy(req).await)?;
+            if json {
+                let v = json!({"allowed": r.allowed, "rule": r.rule, "line": r.line, "explanation": r.explanation});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", if r.allowed { "allowed" } else { "denied" });
+                for line in &r.explanation {
+                    println!("  {}", canopy_proto::text::escape(line));
+                }
+            }
+            if !r.allowed {
+                bail!("not allowed");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Access policy through the API: set whole and versioned, explained by `TestPolicy`, and
+//! compiled into each agent's map (only the peers it may talk to, and its inbound rules).
+//! In-process controller on the embedded store, real gRPC and TLS on loopback.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use canopy_proto::v1::*;
+use canopy_tests::{TestAgent, TestController};
+use tonic::Code;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+const POLICY: &str = r#"tags = ["web", "db"]
+
+[[rule]]
+name = "web reaches the database"
+from = ["tag:web"]
+to = ["tag:db"]
+proto = "tcp"
+ports = ["5432"]
+"#;
+
+async fn tagged_token(c: &TestController, network: &str, tag: &str) -> String {
+    let req = CreateJoinTokenRequest {
+        network: network.into(),
+        max_uses: 0,
+        ttl_seconds: 3600,
+        tags: vec![tag.into()],
+    };
+    let r = c.console().await.create_join_token(req).await.unwrap();
+    r.into_inner().join_string
+}
+
+fn set(network: &str, text: &str, if_revision: Option<i64>) -> SetPolicyRequest {
+    SetPolicyRequest {
+        network: network.into(),
+        text: text.into(),
+        remove: false,
+        if_revision,
+    }
+}
+
+fn ids(m: &NetworkMap) -> Vec<String> {
+    m.peers.iter().map(|p| p.hostname.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_is_checked_whole_versioned_and_audited() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let mut con = c.console().await;
+    let rev = c.store_revision().await;
+    let bad = "tags = [\"web\"]\n\n[[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\n";
+    let s = con.set_policy(set("prod", bad, None)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(
+        s.message()
+            .contains("line 5, rule 1: to: tag \"db\" is not declared"),
+        "{}",
+        s.message()
+    );
+    assert_eq!(
+        c.store_revision().await,
+        rev,
+        "a refused policy writes nothing"
+    );
+
+    let none = con
+        .get_policy(GetPolicyRequest {
+            network: "prod".into(),
+        })
+        .await;
+    assert_eq!(none.unwrap().into_inner().revision, 0, "no policy yet");
+    let p = con
+        .set_policy(set("prod", POLICY, Some(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.revision > 0);
+    let got = con
+        .get_policy(GetPolicyRequest {
+            network: "prod".into(),
+        })
+        .await;
+    let got = got.unwrap().into_inner();
+    assert_eq!((got.text.as_str(), got.revision), (POLICY, p.revision));
+    // A writer that read an older version is refused; the current one goes through.
+    let stale = con
+        .set_policy(set("prod", POLICY, Some(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        stale.code(),
+        Code::FailedPrecondition,
+        "{}",
+        stale.message()
+    );
+    let edited = POLICY.replace("5432", "5432\", \"5433");
+    let p2 = con
+        .set_policy(set("prod", &edited, Some(p.revision)))
+        .await
+        .unwrap();
+    assert!(p2.into_inner().revision > p.revision);
+    let audit = con.list_audit(ListAuditRequest {
+        action: "policy.".into(),
+        ..Default::default()
+    });
+    let entries = audit.await.unwrap().into_inner().entries;
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries[0]
+            .detail
+            .contains("-ports = [\"5432\"]\n+ports = [\"5432\", \"5433\"]"),
+        "{:?}",
+        entries[0].detail
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() {
+    let c = TestController::start().await;
+    c.network("prod", &["100.64.0.0/24"]).await;
+    let (web_join, db_join) = (
+        tagged_token(&c, "prod", "web").await,
+        tagged_token(&c, "prod", "db").await,
+    );
+    let mut web = TestAgent::join(&web_join, "web").await.unwrap();
+    let mut db = TestAgent::join(&db_join, "db").await.unwrap();
+    let mut lone = TestAgent::join(&c.token("prod", 0).await, "lone")
+        .await
+        .unwrap();
+    assert!(
+        lone.wait_map(SECOND, |m| m.peers.len() == 2).await,
+        "no policy: all see all"
+    );
+    assert!(lone.map().policy.is_none());
+
+    let mut con = c.console().await;
+    con.set_policy(set("prod", POLICY, None)).await.unwrap();
+    assert!(
+        lone.wait_map(SECOND, |m| m.peers.is_empty() && m.policy.is_some())
+            .await
+    );
+    assert!(
+        web.wait_map(SECOND, |m| ids(m) == ["db"]).await,
+        "{:?}",
+        ids(&web.map())
+    );
+    assert!(db.wait_map(SECOND, |m| ids(m) == ["web"]).await);
+    let rules = db.map().policy.unwrap().inbound;
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        (rules[0].from_tags.clone(), rules[0].proto),
+        (vec!["web".to_string()], Protocol::Tcp as i32)
+    );
+    assert_eq!(
+        (rules[0].ports[0].first, rules[0].ports[0].last),
+        (5432, 5432)
+    );
+    assert!(
+        web.map().policy.unwrap().inbound.is_empty(),
+        "nobody may open anything on web"
+    );
+    // Those changes reached the agents as deltas (no map was resent whole).
+    let full = |a: &TestAgent| {
+        a.client
+            .stats
+            .full_maps
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!((full(&web), full(&db), full(&lone)), (0, 0, 0));
+
+    let why = con.test_policy(TestPolicyRequest {
+        network: "prod".into(),
+        from: "web".into(),
+        to: "db".into(),
+        proto: "tcp".into(),
+        port: 5432,
+    });
+    let why = why.await.unwrap().into_inner();
+    assert!(
+        why.allowed && why.rule == "web reaches the database" && why.line == 3,
+        "{why:?}"
+    );
+    let no = con.test_policy(TestPolicyRequest {
+        network: "prod".into(),
+        from: "db".into(),
+        to: "web".into(),
+        proto: "tcp".into(),
+        port: 22,
+    });
+    let no = no.await.unwrap().into_inner();
+    assert!(
+        !no.allowed && no.explanation[0].starts_with("no rule has `from` matching"),
+        "{no:?}"
+    );
+
+    // Removing the policy: everyone sees everyone again, without a policy part.
+    let remove = SetPolicyRequest {
+        network: "prod".into(),
+        remove: true,
+        ..Default::default()
+    };
+    con.set_policy(remove).await.unwrap();
+    assert!(
+        lone.wait_map(SECOND, |m| m.peers.len() == 2 && m.policy.is_none())
+            .await
+    );
+    for a in [web, db, lone] {
+        a.stop().await;
+    }
+}
