@@ -24,6 +24,7 @@
 //! out as durations; the caller turns them into wall-clock times.
 
 pub mod allowed_ips;
+pub mod filter;
 mod outbox;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -40,6 +41,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnetwork::IpNetwork;
 
 use allowed_ips::AllowedIps;
+use filter::{Allow, Conntrack};
 pub use outbox::{Outbox, TUN_HEADROOM};
 
 /// Handshake initiations per second before cookies are demanded.
@@ -69,6 +71,8 @@ pub struct PeerStatus {
     pub config: PeerConfig,
     /// Time since the last completed handshake, by boringtun's clock.
     pub since_handshake: Option<Duration>,
+    /// Packets from this peer the access policy refused.
+    pub policy_drops: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
@@ -82,11 +86,16 @@ pub struct Drops {
     pub no_route: u64,
     /// Datagrams that failed to parse, authenticate or decrypt, or came from unknown keys.
     pub invalid: u64,
+    /// Decrypted packets the access policy refused (not a reply, no rule allows them).
+    pub policy: u64,
 }
 
 struct Peer {
     tunn: Tunn,
     config: PeerConfig,
+    /// What it may open on this node, while a policy is in force.
+    inbound: Arc<[Allow]>,
+    policy_drops: u64,
 }
 
 pub struct Engine {
@@ -104,6 +113,11 @@ pub struct Engine {
     last_reset: Option<Instant>,
     /// When timers are next due (none run yet: at once).
     timers_due: Option<Instant>,
+    /// The time of the batch being handled.
+    now: Option<Instant>,
+    /// The access policy's rules by peer key; `None`: no policy, every packet passes.
+    policy: Option<HashMap<[u8; 32], Arc<[Allow]>>>,
+    conntrack: Conntrack,
     pub drops: Drops,
 }
 
@@ -131,6 +145,9 @@ impl Engine {
             next_index: 1,
             last_reset: None,
             timers_due: None,
+            now: None,
+            policy: None,
+            conntrack: Conntrack::default(),
             drops: Drops::default(),
         }
     }
@@ -162,6 +179,7 @@ impl Engine {
         *self = Self {
             drops: self.drops,
             timers_due: self.timers_due,
+            policy: self.policy.take(),
             ..Self::new(private)
         };
         for c in configs {
@@ -208,11 +226,14 @@ impl Engine {
                     Some(self.limiter.clone()),
                 );
                 self.by_key.insert(config.public_key, idx);
+                let inbound = self.rules_of(&config.public_key);
                 self.peers.insert(
                     idx,
                     Peer {
                         tunn,
                         config: config.clone(),
+                        inbound,
+                        policy_drops: 0,
                     },
                 );
                 idx
@@ -253,7 +274,28 @@ impl Engine {
                 self.routes.remove_if(net, &idx);
             }
         }
+        self.conntrack.forget_peer(idx);
         true
+    }
+
+    /// Puts an access policy in force: each peer (by public key) may open only what its rules
+    /// allow on this node (a peer without rules: nothing), and replies to this node's own
+    /// flows always pass. `None` lifts it: every packet passes, as without a controller.
+    /// Rules change at once for every packet that follows, established flows included.
+    pub fn set_policy(&mut self, policy: Option<HashMap<[u8; 32], Vec<Allow>>>) {
+        self.policy = policy.map(|m| m.into_iter().map(|(k, v)| (k, v.into())).collect());
+        let keys: Vec<(u32, [u8; 32])> = self.by_key.iter().map(|(k, i)| (*i, *k)).collect();
+        for (idx, key) in keys {
+            let rules = self.rules_of(&key);
+            if let Some(p) = self.peers.get_mut(&idx) {
+                p.inbound = rules;
+            }
+        }
+    }
+
+    fn rules_of(&self, key: &[u8; 32]) -> Arc<[Allow]> {
+        let rules = self.policy.as_ref().and_then(|m| m.get(key));
+        rules.cloned().unwrap_or_else(|| Arc::from(Vec::new()))
     }
 
     pub fn peer_keys(&self) -> Vec<[u8; 32]> {
@@ -266,6 +308,7 @@ impl Engine {
         Some(PeerStatus {
             config: p.config.clone(),
             since_handshake: since,
+            policy_drops: p.policy_drops,
             rx_bytes: rx as u64,
             tx_bytes: tx as u64,
         })
@@ -306,6 +349,11 @@ impl Engine {
                 self.drops.no_route += 1;
                 continue;
             };
+            if self.policy.is_some()
+                && let (Some(f), Some(now)) = (filter::flow(pkt), self.now)
+            {
+                self.conntrack.outbound(idx, &f, now);
+            }
             let off = out.grow(pkt.len() + OVERHEAD);
             match peer.tunn.encapsulate(pkt, &mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
@@ -449,12 +497,28 @@ impl Engine {
 
     /// Keeps the packet just decrypted from peer `idx` if its source is routed to that peer
     /// (anti-spoofing), else drops it.
+    /// Then, under a policy, only if it is a reply or the peer's rules allow it.
     fn deliver(&mut self, idx: u32, src: IpAddr, n: usize, out: &mut Outbox) {
-        if self.routes.lookup(src) == Some(&idx) {
-            out.push_tun(n);
-        } else {
+        if self.routes.lookup(src) != Some(&idx) {
             self.drops.spoofed += 1;
+            return;
         }
+        if self.policy.is_some() && !self.admitted(idx, out.pending_tun(n)) {
+            self.drops.policy += 1;
+            if let Some(p) = self.peers.get_mut(&idx) {
+                p.policy_drops += 1;
+            }
+            return;
+        }
+        out.push_tun(n);
+    }
+
+    fn admitted(&mut self, idx: u32, pkt: &[u8]) -> bool {
+        let (Some(f), Some(now), Some(peer)) = (filter::flow(pkt), self.now, self.peers.get(&idx))
+        else {
+            return false;
+        };
+        filter::admits(&mut self.conntrack, idx, &peer.inbound, &f, now)
     }
 
     /// Sends the packets boringtun queued while a handshake was pending.
@@ -479,6 +543,7 @@ impl Engine {
 
     /// Starts a new rate-limit window once a second of `now` has passed.
     fn advance(&mut self, now: Instant) {
+        self.now = Some(now);
         self.timers_due.get_or_insert(now);
         if self
             .last_reset
@@ -508,6 +573,7 @@ impl Engine {
             return;
         }
         self.timers_due = Some(now + TIMER_INTERVAL);
+        self.conntrack.maybe_sweep(now);
         if !self.has_key {
             return;
         }

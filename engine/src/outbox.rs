@@ -99,6 +99,11 @@ impl Outbox {
         b
     }
     /// Keeps the packet of `n` bytes written into the buffer [`Self::next_tun`] gave.
+    /// The packet decrypted into the next buffer, not yet kept.
+    pub(crate) fn pending_tun(&self, n: usize) -> &[u8] {
+        &self.tun[self.tun_count][TUN_HEADROOM..TUN_HEADROOM + n]
+    }
+
     pub(crate) fn push_tun(&mut self, n: usize) {
         self.tun[self.tun_count].truncate(TUN_HEADROOM + n);
         self.tun_count += 1;

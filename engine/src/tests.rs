@@ -138,3 +138,44 @@ fn without_a_private_key_no_handshake_is_made_or_answered_and_setting_one_starts
     p.a.set_private_key(key(1));
     assert_eq!(p.send_a(&[pkt]).len(), 1);
 }
+
+/// A UDP datagram from port `sport` to `dport`.
+fn udp4(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = sport.to_be_bytes().to_vec();
+    l4.extend(dport.to_be_bytes());
+    l4.extend([0, 12, 0, 0, b'h', b'i', b'!', b'!']);
+    ipv4(src, dst, &l4)
+}
+
+#[test]
+fn under_a_policy_a_peer_opens_only_what_its_rules_allow_and_replies_pass() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    p.connect();
+    let dns = filter::Allow {
+        proto: filter::Proto::Udp,
+        ports: vec![(53, 53)],
+        dst: vec![],
+    };
+    p.a.set_policy(Some([(pubkey(key(2)), vec![dns])].into_iter().collect()));
+    // B opens port 53 on A: allowed; port 22: refused and counted against B.
+    let ok = udp4("10.0.0.2", "10.0.0.1", 40000, 53);
+    let to_a = p.send_b(std::slice::from_ref(&ok));
+    assert_eq!(p.exchange(to_a, vec![]).0, vec![ok.clone()]);
+    let to_a = p.send_b(&[udp4("10.0.0.2", "10.0.0.1", 40000, 22)]);
+    assert!(p.exchange(to_a, vec![]).0.is_empty());
+    assert_eq!(p.a.drops.policy, 1);
+    assert_eq!(p.a.peer(&pubkey(key(2))).unwrap().policy_drops, 1);
+    // A opens port 9000 on B: B's answer from 9000 is a reply, so it passes.
+    p.send_a(&[udp4("10.0.0.1", "10.0.0.2", 41000, 9000)]);
+    let answer = udp4("10.0.0.2", "10.0.0.1", 9000, 41000);
+    let to_a = p.send_b(std::slice::from_ref(&answer));
+    assert_eq!(p.exchange(to_a, vec![]).0, vec![answer]);
+    // The rule gone: even port 53 is refused at once. The policy lifted: everything passes.
+    p.a.set_policy(Some(HashMap::new()));
+    let to_a = p.send_b(std::slice::from_ref(&ok));
+    assert!(p.exchange(to_a, vec![]).0.is_empty());
+    p.a.set_policy(None);
+    let any = udp4("10.0.0.2", "10.0.0.1", 1, 2);
+    let to_a = p.send_b(std::slice::from_ref(&any));
+    assert_eq!(p.exchange(to_a, vec![]).0, vec![any]);
+}

@@ -14,9 +14,9 @@ mod netlink;
 mod pump;
 mod sink;
 
-pub use sink::{ControllerSink, MapPeers, map_addresses};
+pub use sink::{ControllerSink, MapPeers, map_addresses, policy_rules};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -380,6 +380,11 @@ impl Dataplane {
 
     pub fn peer_keys(&self) -> Vec<[u8; 32]> {
         self.shared.engine().peer_keys()
+    }
+
+    /// Puts the access policy's per-peer rules in force (`None`: no policy).
+    pub fn set_policy(&self, rules: Option<HashMap<[u8; 32], Vec<crate::engine::filter::Allow>>>) {
+        self.shared.engine().set_policy(rules);
     }
 
     /// Stops forwarding; the interface disappears with the TUN device.

@@ -5,12 +5,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use canopy_proto::v1::{NetworkDelta, NetworkMap, RemotePeer};
+use canopy_proto::v1::{InboundRule, NetworkDelta, NetworkMap, Protocol, RemotePeer};
 use ipnetwork::IpNetwork;
 
 use super::{Dataplane, MANAGED_KEEPALIVE};
 use crate::control::MapSink;
 use crate::engine::PeerConfig;
+use crate::engine::filter::{Allow, Proto};
 
 /// Applies the controller's network maps to a [`Dataplane`].
 pub struct ControllerSink {
@@ -34,7 +35,9 @@ impl MapSink for ControllerSink {
         delta: Option<&NetworkDelta>,
     ) -> Result<(), crate::control::SinkError> {
         let (set, remove) = self.peers.changes(map, delta, &self.dp.peer_keys());
-        Ok(self.dp.update_peers(set, &remove)?)
+        self.dp.update_peers(set, &remove)?;
+        self.dp.set_policy(policy_rules(map));
+        Ok(())
     }
 }
 
@@ -113,6 +116,51 @@ impl MapPeers {
             persistent_keepalive: Some(MANAGED_KEEPALIVE),
         })
     }
+}
+
+/// What each peer of `map` may open on this node, by public key; `None` when the network has
+/// no policy. A rule names its sources as "any", tags or peer ids: the map's peers are matched
+/// against them here.
+pub fn policy_rules(map: &NetworkMap) -> Option<HashMap<[u8; 32], Vec<Allow>>> {
+    let part = map.policy.as_ref()?;
+    let takes = |r: &InboundRule, p: &RemotePeer| {
+        r.from_any
+            || r.from_peers.contains(&p.peer_id)
+            || r.from_tags.iter().any(|t| p.tags.contains(t))
+    };
+    // A rule this agent cannot read (a protocol from a newer controller) allows nothing.
+    let allow = |r: &InboundRule| {
+        let proto = match Protocol::try_from(r.proto).ok()? {
+            Protocol::Any => Proto::Any,
+            Protocol::Tcp => Proto::Tcp,
+            Protocol::Udp => Proto::Udp,
+            Protocol::Icmp => Proto::Icmp,
+        };
+        let port = |n: u32| u16::try_from(n).ok();
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| Some((port(p.first)?, port(p.last)?)));
+        let dst = r.dst.iter().map(|d| d.parse().ok());
+        Some(Allow {
+            proto,
+            ports: ports.collect::<Option<_>>()?,
+            dst: dst.collect::<Option<_>>()?,
+        })
+    };
+    let mut out = HashMap::new();
+    for p in &map.peers {
+        let Ok(key) = <[u8; 32]>::try_from(p.public_key.as_slice()) else {
+            continue;
+        };
+        let rules = part
+            .inbound
+            .iter()
+            .filter(|r| takes(r, p))
+            .filter_map(allow);
+        out.insert(key, rules.collect());
+    }
+    Some(out)
 }
 
 /// The interface addresses for a controller map: each own address with its network's prefix.
@@ -199,5 +247,40 @@ mod tests {
         let (set, remove) = m.changes(&full, Some(&delta), &[[1; 32], [2; 32]]);
         assert!(set.is_empty());
         assert_eq!(remove, vec![[2; 32]]);
+    }
+
+    #[test]
+    fn policy_rules_go_to_the_peers_they_name_and_unreadable_rules_allow_nothing() {
+        use canopy_proto::v1::{PolicyPart, PortRange};
+        let mut web = peer("peer_web", 1, &[]);
+        web.tags = vec!["web".into()];
+        let other = peer("peer_other", 2, &[]);
+        let mut m = map(vec![web, other]);
+        assert!(policy_rules(&m).is_none(), "no policy: nothing to enforce");
+        let rule = |tags: &[&str], proto: Protocol| InboundRule {
+            from_tags: tags.iter().map(|t| t.to_string()).collect(),
+            proto: proto as i32,
+            ports: vec![PortRange {
+                first: 5432,
+                last: 5432,
+            }],
+            ..Default::default()
+        };
+        let mut unknown = rule(&["web"], Protocol::Tcp);
+        unknown.proto = 99;
+        m.policy = Some(PolicyPart {
+            inbound: vec![
+                rule(&["web"], Protocol::Tcp),
+                unknown,
+                rule(&["db"], Protocol::Udp),
+            ],
+        });
+        let rules = policy_rules(&m).unwrap();
+        assert_eq!(rules[&[1u8; 32]].len(), 1, "web: its one readable rule");
+        assert_eq!(rules[&[1u8; 32]][0].ports, vec![(5432, 5432)]);
+        assert!(
+            rules[&[2u8; 32]].is_empty(),
+            "a peer no rule names may open nothing"
+        );
     }
 }

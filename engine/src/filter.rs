@@ -1,0 +1,390 @@
+//! The access policy in the data path: what a peer may open on this node ([`Allow`] rules, per
+//! peer), and a connection tracker for the flows this node opened, whose replies always pass.
+//! Sans-IO: packets and `now` in, a verdict out.
+//!
+//! Inbound packets (decrypted, from a peer) pass when they belong to a flow this node opened
+//! (tracked when its first packet went out) or when one of the sending peer's rules allows
+//! them; nothing is remembered for flows others open, so a rule removed stops its flows at the
+//! next packet. ICMP errors pass (they open nothing and carry path MTU news). Non-first IPv4
+//! fragments carry no ports: only a rule without ports lets them in.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+
+/// Flows tracked at most; beyond, new outbound flows go untracked (their replies are dropped
+/// unless a rule allows them) until old ones expire.
+pub const MAX_FLOWS: usize = 65_536;
+/// How long a flow lives without a packet.
+const TCP_IDLE: Duration = Duration::from_secs(300);
+const UDP_IDLE: Duration = Duration::from_secs(60);
+const ICMP_IDLE: Duration = Duration::from_secs(30);
+/// How often expired flows are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// What a peer may open on this node: packets of `proto` to `ports` (inclusive ranges; none:
+/// every port) at one of `dst` (none: any address of this node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allow {
+    pub proto: Proto,
+    pub ports: Vec<(u16, u16)>,
+    pub dst: Vec<IpNetwork>,
+}
+
+impl Allow {
+    fn admits(&self, f: &Flow) -> bool {
+        let proto = match self.proto {
+            Proto::Any => true,
+            Proto::Tcp => f.proto == TCP,
+            Proto::Udp => f.proto == UDP,
+            Proto::Icmp => f.proto == ICMP || f.proto == ICMPV6,
+        };
+        proto
+            && (self.ports.is_empty()
+                || (f.has_ports
+                    && self
+                        .ports
+                        .iter()
+                        .any(|&(a, b)| (a..=b).contains(&f.dst_port))))
+            && (self.dst.is_empty() || self.dst.iter().any(|n| n.contains(f.dst)))
+    }
+}
+
+/// The addressing of one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// False for a non-first fragment and protocols without ports.
+    pub has_ports: bool,
+    /// An ICMP error (destination unreachable, time exceeded, packet too big, …).
+    pub icmp_error: bool,
+}
+
+/// Reads a packet's flow; `None` for one too short or not IP.
+pub fn flow(pkt: &[u8]) -> Option<Flow> {
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let proto = pkt[9];
+            let src = IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]));
+            let dst = IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]));
+            let first_fragment = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff == 0;
+            let l4 = if first_fragment { pkt.get(ihl..) } else { None };
+            Some(with_l4(proto, src, dst, l4))
+        }
+        6 if pkt.len() >= 40 => {
+            let src: [u8; 16] = pkt[8..24].try_into().ok()?;
+            let dst: [u8; 16] = pkt[24..40].try_into().ok()?;
+            let (src, dst) = (
+                IpAddr::V6(Ipv6Addr::from(src)),
+                IpAddr::V6(Ipv6Addr::from(dst)),
+            );
+            Some(with_l4(pkt[6], src, dst, pkt.get(40..)))
+        }
+        _ => None,
+    }
+}
+
+fn with_l4(proto: u8, src: IpAddr, dst: IpAddr, l4: Option<&[u8]>) -> Flow {
+    let mut f = Flow {
+        proto,
+        src,
+        dst,
+        src_port: 0,
+        dst_port: 0,
+        has_ports: false,
+        icmp_error: false,
+    };
+    let Some(l4) = l4 else {
+        return f;
+    };
+    match proto {
+        TCP | UDP if l4.len() >= 4 => {
+            f.src_port = u16::from_be_bytes([l4[0], l4[1]]);
+            f.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
+            f.has_ports = true;
+        }
+        ICMP | ICMPV6 if l4.len() >= 8 => {
+            let t = l4[0];
+            f.icmp_error = if proto == ICMP {
+                matches!(t, 3 | 11 | 12)
+            } else {
+                t < 128
+            };
+            // Echo request and reply: the identifier stands for both ports.
+            if matches!((proto, t), (ICMP, 0 | 8) | (ICMPV6, 128 | 129)) {
+                f.src_port = u16::from_be_bytes([l4[4], l4[5]]);
+                f.dst_port = f.src_port;
+            }
+        }
+        _ => {}
+    }
+    f
+}
+
+/// A flow as seen from this node: the peer, the protocol, this node's end and the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    peer: u32,
+    proto: u8,
+    local: IpAddr,
+    remote: IpAddr,
+    local_port: u16,
+    remote_port: u16,
+}
+
+/// A fast hasher for flow keys (the addresses come from authenticated peers' packets or this
+/// node's own; a flood of distinct keys is bounded by [`MAX_FLOWS`]).
+#[derive(Default)]
+struct FlowHasher(u64);
+
+impl Hasher for FlowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+}
+
+/// The flows this node opened, by peer, until they go idle.
+#[derive(Debug, Default)]
+pub struct Conntrack {
+    flows: HashMap<Key, Instant, BuildHasherDefault<FlowHasher>>,
+    last_sweep: Option<Instant>,
+}
+
+fn idle(proto: u8) -> Duration {
+    match proto {
+        TCP => TCP_IDLE,
+        UDP => UDP_IDLE,
+        _ => ICMP_IDLE,
+    }
+}
+
+impl Conntrack {
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Records a packet this node sends to `peer`: its flow's replies pass until it goes idle.
+    pub fn outbound(&mut self, peer: u32, f: &Flow, now: Instant) {
+        let key = Key {
+            peer,
+            proto: f.proto,
+            local: f.src,
+            remote: f.dst,
+            local_port: f.src_port,
+            remote_port: f.dst_port,
+        };
+        let until = now + idle(f.proto);
+        if let Some(t) = self.flows.get_mut(&key) {
+            *t = until;
+            return;
+        }
+        if self.flows.len() >= MAX_FLOWS {
+            self.sweep(now);
+            if self.flows.len() >= MAX_FLOWS {
+                return;
+            }
+        }
+        self.flows.insert(key, until);
+    }
+
+    /// Whether a packet from `peer` is a reply in a flow this node opened.
+    pub fn is_reply(&mut self, peer: u32, f: &Flow, now: Instant) -> bool {
+        let key = Key {
+            peer,
+            proto: f.proto,
+            local: f.dst,
+            remote: f.src,
+            local_port: f.dst_port,
+            remote_port: f.src_port,
+        };
+        match self.flows.get_mut(&key) {
+            Some(t) if *t > now => {
+                *t = now + idle(f.proto);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets idle flows, at most once per [`SWEEP_EVERY`] unless `now` forces it by being
+    /// called when full.
+    pub fn maybe_sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY)
+        {
+            self.sweep(now);
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.flows.retain(|_, t| *t > now);
+        self.last_sweep = Some(now);
+    }
+
+    /// Forgets every flow of `peer` (removed, or its key changed).
+    pub fn forget_peer(&mut self, peer: u32) {
+        self.flows.retain(|k, _| k.peer != peer);
+    }
+}
+
+/// Whether an inbound packet `f` from `peer` passes: a reply, an ICMP error, or allowed by one
+/// of the peer's `rules`.
+pub fn admits(ct: &mut Conntrack, peer: u32, rules: &[Allow], f: &Flow, now: Instant) -> bool {
+    f.icmp_error || ct.is_reply(peer, f, now) || rules.iter().any(|r| r.admits(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ipv4, ipv6};
+
+    fn tcp4(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+        let mut l4 = sport.to_be_bytes().to_vec();
+        l4.extend(dport.to_be_bytes());
+        l4.extend([0u8; 16]);
+        let mut p = ipv4(src, dst, &l4);
+        p[9] = TCP;
+        p
+    }
+
+    fn ping4(src: &str, dst: &str, kind: u8, id: u16) -> Vec<u8> {
+        let mut l4 = vec![kind, 0, 0, 0];
+        l4.extend(id.to_be_bytes());
+        l4.extend([0, 1]);
+        let mut p = ipv4(src, dst, &l4);
+        p[9] = ICMP;
+        p
+    }
+
+    #[test]
+    fn flows_are_read_from_ipv4_and_ipv6_tcp_udp_and_icmp() {
+        let f = flow(&tcp4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
+        assert_eq!(
+            (f.proto, f.src_port, f.dst_port, f.has_ports),
+            (TCP, 40000, 5432, true)
+        );
+        let mut l4 = 53u16.to_be_bytes().to_vec();
+        l4.extend(5353u16.to_be_bytes());
+        l4.extend([0u8; 4]);
+        let f = flow(&ipv6("fd00::1", "fd00::2", &l4)).unwrap();
+        assert_eq!(
+            (f.proto, f.src_port, f.dst_port),
+            (UDP, 53, 5353),
+            "ipv6() builds UDP"
+        );
+        let f = flow(&ping4("10.0.0.1", "10.0.0.2", 8, 77)).unwrap();
+        assert_eq!((f.proto, f.src_port, f.icmp_error), (ICMP, 77, false));
+        assert!(
+            flow(&ping4("10.0.0.1", "10.0.0.2", 3, 0))
+                .unwrap()
+                .icmp_error
+        );
+        let mut frag = tcp4("10.0.0.1", "10.0.0.2", 1, 2);
+        frag[7] = 10; // fragment offset 80 bytes: no ports here
+        assert!(!flow(&frag).unwrap().has_ports);
+        assert!(flow(&[0x45, 0, 0]).is_none() && flow(&[0x10; 40]).is_none());
+    }
+
+    #[test]
+    fn replies_to_flows_this_node_opened_pass_and_others_need_a_rule() {
+        let now = Instant::now();
+        let mut ct = Conntrack::default();
+        let web_to_db = flow(&tcp4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
+        let reply = flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 40000)).unwrap();
+        assert!(!admits(&mut ct, 7, &[], &reply, now), "nothing opened yet");
+        ct.outbound(7, &web_to_db, now);
+        assert!(admits(&mut ct, 7, &[], &reply, now));
+        assert!(
+            !admits(&mut ct, 8, &[], &reply, now),
+            "the same packet from another peer"
+        );
+        let db_opens = flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 22)).unwrap();
+        assert!(!admits(&mut ct, 7, &[], &db_opens, now));
+        let ssh = Allow {
+            proto: Proto::Tcp,
+            ports: vec![(22, 22)],
+            dst: vec![],
+        };
+        assert!(admits(&mut ct, 7, std::slice::from_ref(&ssh), &db_opens, now));
+        let elsewhere = Allow {
+            dst: vec!["10.0.0.9/32".parse().unwrap()],
+            ..ssh
+        };
+        assert!(!admits(&mut ct, 7, &[elsewhere], &db_opens, now));
+        // Idle past its timeout, the flow is gone.
+        assert!(!admits(
+            &mut ct,
+            7,
+            &[],
+            &reply,
+            now + TCP_IDLE + Duration::from_secs(1)
+        ));
+        // Pings: the echo id ties the reply to the request.
+        ct.outbound(7, &flow(&ping4("10.0.0.1", "10.0.0.2", 8, 5)).unwrap(), now);
+        assert!(admits(
+            &mut ct,
+            7,
+            &[],
+            &flow(&ping4("10.0.0.2", "10.0.0.1", 0, 5)).unwrap(),
+            now
+        ));
+        assert!(!admits(
+            &mut ct,
+            7,
+            &[],
+            &flow(&ping4("10.0.0.2", "10.0.0.1", 8, 5)).unwrap(),
+            now + ICMP_IDLE * 2
+        ));
+    }
+
+    #[test]
+    fn the_tracker_holds_a_bounded_number_of_flows() {
+        let now = Instant::now();
+        let mut ct = Conntrack::default();
+        for i in 0..(MAX_FLOWS + 100) {
+            let port = u16::try_from(i % 65_000).unwrap();
+            let host = format!("10.1.{}.{}", i / 65_000, 1);
+            ct.outbound(1, &flow(&tcp4("10.0.0.1", &host, port, 80)).unwrap(), now);
+        }
+        assert_eq!(ct.len(), MAX_FLOWS);
+        // Once they are idle, a sweep makes room.
+        let later = now + TCP_IDLE * 2;
+        ct.outbound(
+            1,
+            &flow(&tcp4("10.0.0.1", "10.9.9.9", 1, 80)).unwrap(),
+            later,
+        );
+        assert_eq!(ct.len(), 1);
+    }
+}
