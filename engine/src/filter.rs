@@ -336,7 +336,13 @@ mod tests {
             ports: vec![(22, 22)],
             dst: vec![],
         };
-        assert!(admits(&mut ct, 7, std::slice::from_ref(&ssh), &db_opens, now));
+        assert!(admits(
+            &mut ct,
+            7,
+            std::slice::from_ref(&ssh),
+            &db_opens,
+            now
+        ));
         let elsewhere = Allow {
             dst: vec!["10.0.0.9/32".parse().unwrap()],
             ..ssh

@@ -2,6 +2,7 @@
 //! the real control client in this process, all over real gRPC on loopback.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod controller;
 pub mod etcd;
 pub mod hosted;
 pub mod netns;

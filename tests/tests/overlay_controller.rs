@@ -5,78 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use canopy_tests::controller::*;
 use canopy_tests::netns::{Lab, bin};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(15);
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-struct Console<'a> {
-    lab: &'a Lab,
-    data: &'a Path,
-}
-
-impl Console<'_> {
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        let token = std::fs::read_to_string(self.data.join("admin-token")).unwrap_or_default();
-        let ca = self.data.join("ca.pem");
-        let canopy = bin("canopy");
-        let mut cmd = vec![
-            canopy.to_str().unwrap(),
-            "--server",
-            "https://192.0.2.254:7443",
-            "--token",
-            token.trim(),
-            "--ca",
-            ca.to_str().unwrap(),
-        ];
-        cmd.extend_from_slice(args);
-        self.lab.run(&self.lab.hub, &cmd)
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "canopy {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-}
-
-fn status(lab: &Lab, ns: &str, state: &Path) -> Option<Value> {
-    let agent = bin("canopy-agent");
-    let o = lab.run(
-        ns,
-        &[
-            agent.to_str().unwrap(),
-            "status",
-            "--json",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    );
-    o.status
-        .success()
-        .then(|| serde_json::from_slice(&o.stdout).unwrap())
-}
-
-fn addr(s: &Value, i: usize) -> String {
-    s["addresses"][i]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// Three agents joined to one dual-stack network, each in a host namespace of its own.
 struct Three<'a> {
@@ -242,14 +173,6 @@ fn joined_agents_ping_all_pairs_and_a_removed_peer_is_cut_off_without_disturbing
     let _ = pids;
 }
 
-/// Creates network `name` on `cidr` and a join token for it with `uses` uses: the join string.
-fn network_with_token(con: &Console, name: &str, cidr: &str, uses: u32) -> String {
-    con.ok(&["network", "create", name, "--cidr", cidr]);
-    let uses = uses.to_string();
-    let join = con.ok(&["token", "create", "--network", name, "--uses", &uses]);
-    join.trim().to_string()
-}
-
 /// Waits until the agent with state `state` sees one peer, with endpoints; its status.
 fn wait_for_one_peer(lab: &Lab, ns: &str, state: &Path) -> Value {
     wait_until("each agent to see its one peer with endpoints", || {
@@ -269,28 +192,6 @@ fn has_endpoint_port(s: &Value, port: u16) -> bool {
         .unwrap()
         .iter()
         .any(|e| e.as_str().unwrap().ends_with(&format!(":{port}")))
-}
-
-/// Starts `canopy serve` in the lab's hub and returns a console for it.
-fn controller<'a>(lab: &'a Lab, dir: &Path, data: &'a Path) -> Console<'a> {
-    let canopy = bin("canopy");
-    lab.spawn(
-        &lab.hub,
-        &[
-            canopy.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "192.0.2.254:7443",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &dir.join("serve.log"),
-    );
-    let con = Console { lab, data };
-    wait_until("the controller", || {
-        data.join("admin-token").exists() && con.run(&["network", "list"]).status.success()
-    });
-    con
 }
 
 fn listen_port(lab: &Lab, ns: &str, iface: &str) -> u16 {

@@ -1,0 +1,113 @@
+//! A controller in a lab: `canopy serve` in the hub namespace, the `canopy` console driving it
+//! as a user would, and `canopy-agent status` read from a host namespace.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::{Lab, bin};
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `canopy` console, as a user runs it in the hub.
+pub struct Console<'a> {
+    lab: &'a Lab,
+    data: &'a Path,
+}
+
+impl Console<'_> {
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        let token = std::fs::read_to_string(self.data.join("admin-token")).unwrap_or_default();
+        let ca = self.data.join("ca.pem");
+        let canopy = bin("canopy");
+        let mut cmd = vec![
+            canopy.to_str().unwrap(),
+            "--server",
+            "https://192.0.2.254:7443",
+            "--token",
+            token.trim(),
+            "--ca",
+            ca.to_str().unwrap(),
+        ];
+        cmd.extend_from_slice(args);
+        self.lab.run(&self.lab.hub, &cmd)
+    }
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "canopy {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+/// `canopy-agent status --json` for the agent with state dir `state`; `None` when it fails.
+pub fn status(lab: &Lab, ns: &str, state: &Path) -> Option<Value> {
+    let agent = bin("canopy-agent");
+    let o = lab.run(
+        ns,
+        &[
+            agent.to_str().unwrap(),
+            "status",
+            "--json",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    o.status
+        .success()
+        .then(|| serde_json::from_slice(&o.stdout).unwrap())
+}
+
+/// Address `i` of an agent's status, without its prefix length.
+pub fn addr(s: &Value, i: usize) -> String {
+    s["addresses"][i]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Starts `canopy serve` in the lab's hub and returns a console for it.
+pub fn controller<'a>(lab: &'a Lab, dir: &Path, data: &'a Path) -> Console<'a> {
+    let canopy = bin("canopy");
+    lab.spawn(
+        &lab.hub,
+        &[
+            canopy.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "192.0.2.254:7443",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &dir.join("serve.log"),
+    );
+    let con = Console { lab, data };
+    wait_until("the controller", || {
+        data.join("admin-token").exists() && con.run(&["network", "list"]).status.success()
+    });
+    con
+}
+
+/// Creates network `name` on `cidr` and a join token for it with `uses` uses: the join string.
+pub fn network_with_token(con: &Console, name: &str, cidr: &str, uses: u32) -> String {
+    con.ok(&["network", "create", name, "--cidr", cidr]);
+    let uses = uses.to_string();
+    let join = con.ok(&["token", "create", "--network", name, "--uses", &uses]);
+    join.trim().to_string()
+}
