@@ -165,6 +165,14 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 "allowed_ips": p.allowed_ips,
                 "endpoints": p.endpoints,
             })).collect::<Vec<_>>(),
+            "policy": map.policy.as_ref().map(|part| part.inbound.iter().map(|r| serde_json::json!({
+                "from_any": r.from_any,
+                "from_tags": r.from_tags,
+                "from_peers": r.from_peers,
+                "proto": canopy_proto::v1::Protocol::try_from(r.proto).map_or("unknown", |p| p.as_str_name()),
+                "ports": r.ports.iter().map(|p| format!("{}-{}", p.first, p.last)).collect::<Vec<_>>(),
+                "dst": r.dst,
+            })).collect::<Vec<_>>()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -125,6 +125,11 @@ pub async fn enroll_with(
 /// Reconnect pacing: [`canopy_proto::backoff`], equal jitter, 250 ms doubling to 30 s.
 pub use canopy_proto::backoff::Backoff;
 
+/// Whether a delta changes what the node does (peers, or its policy part), beyond the revision.
+fn changes_anything(d: &NetworkDelta) -> bool {
+    !(d.upserted.is_empty() && d.removed.is_empty()) || d.policy_changed
+}
+
 /// What a client has received, for status output and benchmarks.
 #[derive(Debug, Default)]
 pub struct SyncStats {
@@ -396,10 +401,10 @@ impl ControlClient {
                 result = Err(ControlError::Protocol(e.to_string()));
                 return false;
             }
-            !(delta.upserted.is_empty() && delta.removed.is_empty())
+            changes_anything(&delta)
         });
         result?;
-        if delta.upserted.is_empty() && delta.removed.is_empty() {
+        if !changes_anything(&delta) {
             return Ok(delta.revision);
         }
         let map = self.map.borrow();

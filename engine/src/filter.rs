@@ -3,10 +3,12 @@
 //! Sans-IO: packets and `now` in, a verdict out.
 //!
 //! Inbound packets (decrypted, from a peer) pass when they belong to a flow this node opened
-//! (tracked when its first packet went out) or when one of the sending peer's rules allows
-//! them; nothing is remembered for flows others open, so a rule removed stops its flows at the
-//! next packet. ICMP errors pass (they open nothing and carry path MTU news). Non-first IPv4
-//! fragments carry no ports: only a rule without ports lets them in.
+//! or when one of the sending peer's rules allows them. A flow is this node's when its first
+//! packet went out: a TCP SYN, or a UDP/ICMP packet that does not answer a flow the peer
+//! opened (those are remembered as the peer's, so this node's answers never turn them into
+//! its own). A peer's flows are checked against its rules at every packet, so a rule removed
+//! stops them at the next one. ICMP errors pass (they open nothing and carry path MTU news).
+//! Non-first IPv4 fragments carry no ports: only a rule without ports lets them in.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -78,6 +80,8 @@ pub struct Flow {
     pub has_ports: bool,
     /// An ICMP error (destination unreachable, time exceeded, packet too big, …).
     pub icmp_error: bool,
+    /// A TCP SYN without ACK: the first packet of a connection.
+    pub syn: bool,
 }
 
 /// Reads a packet's flow; `None` for one too short or not IP.
@@ -114,6 +118,7 @@ fn with_l4(proto: u8, src: IpAddr, dst: IpAddr, l4: Option<&[u8]>) -> Flow {
         dst_port: 0,
         has_ports: false,
         icmp_error: false,
+        syn: false,
     };
     let Some(l4) = l4 else {
         return f;
@@ -123,6 +128,8 @@ fn with_l4(proto: u8, src: IpAddr, dst: IpAddr, l4: Option<&[u8]>) -> Flow {
             f.src_port = u16::from_be_bytes([l4[0], l4[1]]);
             f.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
             f.has_ports = true;
+            // SYN set, ACK clear.
+            f.syn = proto == TCP && l4.get(13).is_some_and(|b| b & 0x12 == 0x02);
         }
         ICMP | ICMPV6 if l4.len() >= 8 => {
             let t = l4[0];
@@ -169,10 +176,17 @@ impl Hasher for FlowHasher {
     }
 }
 
-/// The flows this node opened, by peer, until they go idle.
+/// Who sent a flow's first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Peer,
+}
+
+/// Flows by peer, with who opened them, until they go idle.
 #[derive(Debug, Default)]
 pub struct Conntrack {
-    flows: HashMap<Key, Instant, BuildHasherDefault<FlowHasher>>,
+    flows: HashMap<Key, (Instant, Origin), BuildHasherDefault<FlowHasher>>,
     last_sweep: Option<Instant>,
 }
 
@@ -193,7 +207,9 @@ impl Conntrack {
         self.flows.is_empty()
     }
 
-    /// Records a packet this node sends to `peer`: its flow's replies pass until it goes idle.
+    /// Records a packet this node sends to `peer`. It opens a flow (whose replies then pass
+    /// until it goes idle) unless it answers one: a TCP packet other than a SYN never opens
+    /// one, nor does a packet in a flow the peer opened.
     pub fn outbound(&mut self, peer: u32, f: &Flow, now: Instant) {
         let key = Key {
             peer,
@@ -204,35 +220,56 @@ impl Conntrack {
             remote_port: f.dst_port,
         };
         let until = now + idle(f.proto);
-        if let Some(t) = self.flows.get_mut(&key) {
+        if let Some((t, _)) = self.flows.get_mut(&key) {
             *t = until;
             return;
         }
+        if f.proto == TCP && !f.syn {
+            return;
+        }
+        self.insert(key, until, Origin::Local, now);
+    }
+
+    fn insert(&mut self, key: Key, until: Instant, origin: Origin, now: Instant) {
         if self.flows.len() >= MAX_FLOWS {
             self.sweep(now);
             if self.flows.len() >= MAX_FLOWS {
                 return;
             }
         }
-        self.flows.insert(key, until);
+        self.flows.insert(key, (until, origin));
     }
 
-    /// Whether a packet from `peer` is a reply in a flow this node opened.
-    pub fn is_reply(&mut self, peer: u32, f: &Flow, now: Instant) -> bool {
-        let key = Key {
+    fn key_of_inbound(peer: u32, f: &Flow) -> Key {
+        Key {
             peer,
             proto: f.proto,
             local: f.dst,
             remote: f.src,
             local_port: f.dst_port,
             remote_port: f.src_port,
-        };
-        match self.flows.get_mut(&key) {
-            Some(t) if *t > now => {
+        }
+    }
+
+    /// Whether a packet from `peer` is a reply in a flow this node opened.
+    pub fn is_reply(&mut self, peer: u32, f: &Flow, now: Instant) -> bool {
+        match self.flows.get_mut(&Self::key_of_inbound(peer, f)) {
+            Some((t, Origin::Local)) if *t > now => {
                 *t = now + idle(f.proto);
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Records a packet from `peer` that a rule let in: the flow is the peer's, so this
+    /// node's answers do not make it this node's.
+    pub fn admitted(&mut self, peer: u32, f: &Flow, now: Instant) {
+        let key = Self::key_of_inbound(peer, f);
+        let until = now + idle(f.proto);
+        match self.flows.get_mut(&key) {
+            Some((t, _)) => *t = until,
+            None => self.insert(key, until, Origin::Peer, now),
         }
     }
 
@@ -248,7 +285,7 @@ impl Conntrack {
     }
 
     fn sweep(&mut self, now: Instant) {
-        self.flows.retain(|_, t| *t > now);
+        self.flows.retain(|_, (t, _)| *t > now);
         self.last_sweep = Some(now);
     }
 
@@ -261,7 +298,14 @@ impl Conntrack {
 /// Whether an inbound packet `f` from `peer` passes: a reply, an ICMP error, or allowed by one
 /// of the peer's `rules`.
 pub fn admits(ct: &mut Conntrack, peer: u32, rules: &[Allow], f: &Flow, now: Instant) -> bool {
-    f.icmp_error || ct.is_reply(peer, f, now) || rules.iter().any(|r| r.admits(f))
+    if f.icmp_error || ct.is_reply(peer, f, now) {
+        return true;
+    }
+    let allowed = rules.iter().any(|r| r.admits(f));
+    if allowed {
+        ct.admitted(peer, f, now);
+    }
+    allowed
 }
 
 #[cfg(test)]
@@ -270,9 +314,18 @@ mod tests {
     use crate::testing::{ipv4, ipv6};
 
     fn tcp4(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+        segment(src, dst, sport, dport, 0x10) // ACK
+    }
+
+    fn syn4(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+        segment(src, dst, sport, dport, 0x02)
+    }
+
+    fn segment(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
         let mut l4 = sport.to_be_bytes().to_vec();
         l4.extend(dport.to_be_bytes());
         l4.extend([0u8; 16]);
+        l4[13] = flags;
         let mut p = ipv4(src, dst, &l4);
         p[9] = TCP;
         p
@@ -320,7 +373,7 @@ mod tests {
     fn replies_to_flows_this_node_opened_pass_and_others_need_a_rule() {
         let now = Instant::now();
         let mut ct = Conntrack::default();
-        let web_to_db = flow(&tcp4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
+        let web_to_db = flow(&syn4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
         let reply = flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 40000)).unwrap();
         assert!(!admits(&mut ct, 7, &[], &reply, now), "nothing opened yet");
         ct.outbound(7, &web_to_db, now);
@@ -375,20 +428,62 @@ mod tests {
     }
 
     #[test]
+    fn answering_a_peers_flow_never_makes_it_this_nodes_own() {
+        let now = Instant::now();
+        let mut ct = Conntrack::default();
+        let pg = Allow {
+            proto: Proto::Any,
+            ports: vec![(5432, 5432)],
+            dst: vec![],
+        };
+        // TCP: the peer's SYN is let in by the rule; this node's answers are not SYNs.
+        let syn = flow(&syn4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
+        assert!(admits(&mut ct, 7, std::slice::from_ref(&pg), &syn, now));
+        ct.outbound(
+            7,
+            &flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 40000)).unwrap(),
+            now,
+        );
+        let next = flow(&tcp4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
+        assert!(
+            !admits(&mut ct, 7, &[], &next, now),
+            "without the rule, the flow stops"
+        );
+        // UDP: the same, by remembering the peer opened it.
+        let mut udp = syn;
+        udp.proto = UDP;
+        assert!(admits(&mut ct, 7, std::slice::from_ref(&pg), &udp, now));
+        let answer = Flow {
+            src: udp.dst,
+            dst: udp.src,
+            src_port: udp.dst_port,
+            dst_port: udp.src_port,
+            ..udp
+        };
+        ct.outbound(7, &answer, now);
+        assert!(!admits(&mut ct, 7, &[], &udp, now));
+        // A mid-stream TCP packet this node sends opens nothing either.
+        let stray = flow(&tcp4("10.0.0.2", "10.0.0.3", 1000, 2000)).unwrap();
+        ct.outbound(7, &stray, now);
+        let back = flow(&tcp4("10.0.0.3", "10.0.0.2", 2000, 1000)).unwrap();
+        assert!(!admits(&mut ct, 7, &[], &back, now));
+    }
+
+    #[test]
     fn the_tracker_holds_a_bounded_number_of_flows() {
         let now = Instant::now();
         let mut ct = Conntrack::default();
         for i in 0..(MAX_FLOWS + 100) {
             let port = u16::try_from(i % 65_000).unwrap();
             let host = format!("10.1.{}.{}", i / 65_000, 1);
-            ct.outbound(1, &flow(&tcp4("10.0.0.1", &host, port, 80)).unwrap(), now);
+            ct.outbound(1, &flow(&syn4("10.0.0.1", &host, port, 80)).unwrap(), now);
         }
         assert_eq!(ct.len(), MAX_FLOWS);
         // Once they are idle, a sweep makes room.
         let later = now + TCP_IDLE * 2;
         ct.outbound(
             1,
-            &flow(&tcp4("10.0.0.1", "10.9.9.9", 1, 80)).unwrap(),
+            &flow(&syn4("10.0.0.1", "10.9.9.9", 1, 80)).unwrap(),
             later,
         );
         assert_eq!(ct.len(), 1);

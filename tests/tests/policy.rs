@@ -196,6 +196,20 @@ async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() 
         "{no:?}"
     );
 
+    // A change of ports only (no peer gains or loses another) still reaches db at once.
+    con.set_policy(set("prod", &POLICY.replace("5432", "5433"), None))
+        .await
+        .unwrap();
+    let port_is = |m: &NetworkMap, p: u32| {
+        m.policy
+            .as_ref()
+            .is_some_and(|x| x.inbound[0].ports[0].first == p)
+    };
+    assert!(
+        db.wait_map(SECOND, |m| port_is(m, 5433)).await,
+        "a policy-only delta"
+    );
+
     // Removing the policy: everyone sees everyone again, without a policy part.
     let remove = SetPolicyRequest {
         network: "prod".into(),

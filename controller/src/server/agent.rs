@@ -240,7 +240,10 @@ impl Live<'_> {
                     Some(sync_response::Msg::Full(map))
                 }
                 Some(Update::Delta(d))
-                    if first || !d.upserted.is_empty() || !d.removed.is_empty() =>
+                    if first
+                        || !d.upserted.is_empty()
+                        || !d.removed.is_empty()
+                        || d.policy_changed =>
                 {
                     self.sent = d.revision;
                     Some(sync_response::Msg::Delta(d))
