@@ -5,6 +5,10 @@
 #   - UDP packets per second at 1400-byte datagrams with under 0.1 % loss (rate search);
 #   - ping round trip at idle and under a TCP load, and what the tunnel adds to raw veth's.
 # Prints a table and the ratios. Needs root.
+# Two more paths put Canopy behind its controller (`canopy serve` in A, both agents joined):
+# `managed` without a policy and `policy` with a 100-rule access policy whose rules all name
+# the sending peer, 99 of them for other ports (the worst case for the per-packet check);
+#   ONLY="managed policy" bash benches/dataplane.sh
 #   RUNS=5 SECONDS_PER_RUN=5 ONLY="raw canopy" bash benches/dataplane.sh
 # CANOPY_AGENT=path runs that canopy-agent binary instead of this tree's (an older build, to
 # compare before and after a change, each against wireguard-go in its own run).
@@ -15,6 +19,8 @@ RUNS=${RUNS:-5}; SECS=${SECONDS_PER_RUN:-5}; ONLY=${ONLY:-raw canopy wggo bt}
 UDP_PROBES=${UDP_PROBES:-8}; UDP_SECS=${UDP_SECONDS:-3}
 bash deploy/install-deps.sh
 [ -n "${CANOPY_AGENT:-}" ] || cargo build --quiet --release -p canopy-agent
+[[ " $ONLY " != *" managed "* && " $ONLY " != *" policy "* ]] || cargo build --quiet --release -p canopy-controller
+canopy=$PWD/target/release/canopy
 tools=$PWD/target/bench-tools
 [ -x "$tools/bin/boringtun-cli" ] || cargo install --quiet boringtun-cli --version 0.7.1 --locked --root "$tools"
 agent=${CANOPY_AGENT:-$PWD/target/release/canopy-agent}
@@ -117,6 +123,35 @@ run_userspace() {  # tag port command... (each implementation gets its own names
   ip netns exec $A ping -c 1 -W 2 10.9.0.2 > /dev/null
 }
 
+# A network of two joined agents (web in A, db in B) on a controller in A; with $1 = policy,
+# a 100-rule policy first. Sets $to to db's overlay address (no subshell: its processes go in
+# $pids).
+run_managed() {
+  local data=$work/ctl-$1
+  ip netns exec $A "$canopy" serve --listen 192.0.2.1:7443 --data-dir "$data" > "$work/serve-$1.log" 2>&1 & pids+=($!)
+  for _ in $(seq 100); do [ -s "$data/admin-token" ] && break; sleep 0.1; done
+  local con=("$canopy" --server https://192.0.2.1:7443 --token "$(cat "$data/admin-token")" --ca "$data/ca.pem")
+  for _ in $(seq 50); do ip netns exec $A "${con[@]}" network list > /dev/null 2>&1 && break; sleep 0.1; done
+  ip netns exec $A "${con[@]}" network create bench --cidr 100.64.0.0/24 > /dev/null
+  if [ "$1" = policy ]; then
+    { echo 'tags = ["web", "db"]'
+      for i in $(seq 1 99); do printf '[[rule]]\nfrom = ["tag:web"]\nto = ["tag:db"]\nproto = "tcp"\nports = ["%d"]\n' $((10000 + i)); done
+      printf '[[rule]]\nname = "the benchmark traffic"\nfrom = ["tag:web"]\nto = ["tag:db"]\n'; } > "$work/policy.toml"
+    ip netns exec $A "${con[@]}" policy set bench "$work/policy.toml" > /dev/null
+  fi
+  local jw jd
+  jw=$(ip netns exec $A "${con[@]}" token create --network bench --tag web)
+  jd=$(ip netns exec $A "${con[@]}" token create --network bench --tag db)
+  ip netns exec $A env CANOPY_LOG=warn "$agent" join "$jw" --state-dir "$work/$1-a" --interface ${p}${1:0:1}a > "$work/$1-a.log" 2>&1 & pids+=($!)
+  ip netns exec $B env CANOPY_LOG=warn "$agent" join "$jd" --state-dir "$work/$1-b" --interface ${p}${1:0:1}b > "$work/$1-b.log" 2>&1 & pids+=($!)
+  to=""
+  for _ in $(seq 100); do
+    to=$(ip netns exec $B "$agent" status --json --state-dir "$work/$1-b" 2>/dev/null | py "import json,sys; print(json.load(sys.stdin)['addresses'][0].split('/')[0])" 2>/dev/null) && [ -n "$to" ] && break
+    sleep 0.1
+  done
+  for _ in $(seq 50); do ip netns exec $A ping -c 1 -W 1 "$to" > /dev/null 2>&1 && break; done
+}
+
 for k in $ONLY; do
   echo "measuring $k..." >&2
   case $k in
@@ -130,12 +165,13 @@ for k in $ONLY; do
       ip netns exec $A ping -c 1 -W 2 10.9.0.2 > /dev/null
       measure canopy 10.9.0.2; stop_all ;;
     wggo) run_userspace g 51821 wireguard-go -f; measure wggo 10.9.0.2; stop_all ;;
+    managed|policy) run_managed $k; measure $k "$to"; stop_all ;;
     bt) WG_SUDO=1 run_userspace t 51822 "$tools/bin/boringtun-cli" --foreground --disable-drop-privileges
         measure bt 10.9.0.2; stop_all ;;
   esac
 done
 
-name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; esac; }
+name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; managed) echo "canopy managed";; policy) echo "canopy policy";; esac; }
 ratio() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)/float(b):.2f}' if a and b and float(b) else '-')"; }
 added() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)-float(b):+.3f}' if a and b else '-')"; }
 echo
@@ -144,6 +180,12 @@ printf '%-14s %8s %8s %8s %8s %10s %9s %9s\n' "path" "tcp1" "tcp1 -R" "tcp4" "tc
 for k in $ONLY; do
   printf '%-14s %8s %8s %8s %8s %10s %9s %9s\n' "$(name $k)" "${res[$k.t1]}" "${res[$k.t1r]}" "${res[$k.t4]}" "${res[$k.t4r]}" "${res[$k.pps]}" "${res[$k.ping]}" "${res[$k.pingl]}"
 done
+if [[ " $ONLY " == *" managed "* && " $ONLY " == *" policy "* ]]; then
+  echo
+  echo "policy vs managed (100 rules / none)"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "ratio" "$(ratio policy.t1 managed.t1)" "$(ratio policy.t1r managed.t1r)" "$(ratio policy.t4 managed.t4)" "$(ratio policy.t4r managed.t4r)" "$(ratio policy.pps managed.pps)"
+fi
 if [[ " $ONLY " == *" canopy "* ]]; then
   echo
   echo "canopy ratios"

@@ -50,7 +50,8 @@ pub struct Allow {
 }
 
 impl Allow {
-    fn admits(&self, f: &Flow) -> bool {
+    /// Whether this rule lets `f` in (the reference [`Rules`] is tested against).
+    pub fn admits(&self, f: &Flow) -> bool {
         let proto = match self.proto {
             Proto::Any => true,
             Proto::Tcp => f.proto == TCP,
@@ -65,6 +66,106 @@ impl Allow {
                         .iter()
                         .any(|&(a, b)| (a..=b).contains(&f.dst_port))))
             && (self.dst.is_empty() || self.dst.iter().any(|n| n.contains(f.dst)))
+    }
+}
+
+/// Ports as sorted, merged inclusive ranges: a lookup is a binary search.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum Ports {
+    #[default]
+    Closed,
+    All,
+    Some(Vec<(u16, u16)>),
+}
+
+impl Ports {
+    fn open(&mut self, ranges: &[(u16, u16)]) {
+        if ranges.is_empty() {
+            *self = Ports::All;
+            return;
+        }
+        match self {
+            Ports::All => {}
+            Ports::Closed => *self = Ports::Some(ranges.to_vec()),
+            Ports::Some(v) => v.extend_from_slice(ranges),
+        }
+    }
+
+    fn merge(&mut self) {
+        if let Ports::Some(v) = self {
+            v.sort_unstable();
+            let mut out: Vec<(u16, u16)> = Vec::with_capacity(v.len());
+            for &(a, b) in v.iter() {
+                match out.last_mut() {
+                    Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+                    _ => out.push((a, b)),
+                }
+            }
+            *v = out;
+        }
+    }
+
+    fn admits(&self, f: &Flow) -> bool {
+        match self {
+            Ports::Closed => false,
+            Ports::All => true,
+            Ports::Some(v) => {
+                f.has_ports && {
+                    let i = v.partition_point(|&(_, b)| b < f.dst_port);
+                    v.get(i).is_some_and(|&(a, _)| a <= f.dst_port)
+                }
+            }
+        }
+    }
+}
+
+/// One peer's rules, compiled for the per-packet check: by protocol, ports merged into sorted
+/// ranges (a binary search, however many rules); only rules limited to some of this node's
+/// addresses stay a list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    everything: bool,
+    tcp: Ports,
+    udp: Ports,
+    icmp: bool,
+    by_address: Vec<Allow>,
+}
+
+impl Rules {
+    pub fn new(rules: &[Allow]) -> Self {
+        let mut r = Rules::default();
+        for a in rules {
+            if !a.dst.is_empty() {
+                r.by_address.push(a.clone());
+                continue;
+            }
+            match a.proto {
+                Proto::Any if a.ports.is_empty() => r.everything = true,
+                Proto::Any => {
+                    r.tcp.open(&a.ports);
+                    r.udp.open(&a.ports);
+                }
+                Proto::Tcp => r.tcp.open(&a.ports),
+                Proto::Udp => r.udp.open(&a.ports),
+                // ICMP has no ports: a rule that names some admits nothing.
+                Proto::Icmp => r.icmp |= a.ports.is_empty(),
+            }
+        }
+        r.tcp.merge();
+        r.udp.merge();
+        r
+    }
+
+    /// Whether some rule lets `f` in.
+    pub fn admits(&self, f: &Flow) -> bool {
+        let quick = self.everything
+            || match f.proto {
+                TCP => self.tcp.admits(f),
+                UDP => self.udp.admits(f),
+                ICMP | ICMPV6 => self.icmp,
+                _ => false,
+            };
+        quick || self.by_address.iter().any(|a| a.admits(f))
     }
 }
 
@@ -295,17 +396,20 @@ impl Conntrack {
     }
 }
 
-/// Whether an inbound packet `f` from `peer` passes: a reply, an ICMP error, or allowed by one
-/// of the peer's `rules`.
-pub fn admits(ct: &mut Conntrack, peer: u32, rules: &[Allow], f: &Flow, now: Instant) -> bool {
-    if f.icmp_error || ct.is_reply(peer, f, now) {
+/// Whether an inbound packet `f` from `peer` passes: an ICMP error, allowed by one of the
+/// peer's `rules` (then remembered as the peer's flow), or a reply to one this node opened.
+pub fn admits(ct: &mut Conntrack, peer: u32, rules: &Rules, f: &Flow, now: Instant) -> bool {
+    if f.icmp_error {
         return true;
     }
-    let allowed = rules.iter().any(|r| r.admits(f));
-    if allowed {
-        ct.admitted(peer, f, now);
+    if rules.admits(f) {
+        // A TCP flow is never this node's unless it sent the SYN: nothing to remember.
+        if f.proto != TCP {
+            ct.admitted(peer, f, now);
+        }
+        return true;
     }
-    allowed
+    ct.is_reply(peer, f, now)
 }
 
 #[cfg(test)]
@@ -338,6 +442,47 @@ mod tests {
         let mut p = ipv4(src, dst, &l4);
         p[9] = ICMP;
         p
+    }
+
+    fn none() -> Rules {
+        Rules::new(&[])
+    }
+
+    proptest::proptest! {
+        /// The compiled rules let in exactly what checking each rule would.
+        #[test]
+        fn compiled_rules_admit_what_the_rules_admit(
+            rules in proptest::collection::vec(
+                (0..4usize, proptest::collection::vec((0u16..60, 0u16..8), 0..3), proptest::bool::ANY),
+                0..6,
+            ),
+            probes in proptest::collection::vec((0..4usize, 0u16..70, proptest::bool::ANY, proptest::bool::ANY), 1..40),
+        ) {
+            let protos = [Proto::Any, Proto::Tcp, Proto::Udp, Proto::Icmp];
+            let rules: Vec<Allow> = rules
+                .into_iter()
+                .map(|(p, ports, narrow)| Allow {
+                    proto: protos[p],
+                    ports: ports.into_iter().map(|(a, n)| (a, a + n)).collect(),
+                    dst: if narrow { vec!["10.0.0.1/32".parse().unwrap()] } else { vec![] },
+                })
+                .collect();
+            let compiled = Rules::new(&rules);
+            for (p, port, has_ports, to_one) in probes {
+                let f = Flow {
+                    proto: [TCP, UDP, ICMP, 47][p],
+                    src: "10.0.0.9".parse().unwrap(),
+                    dst: if to_one { "10.0.0.1" } else { "10.0.0.2" }.parse().unwrap(),
+                    src_port: 1,
+                    dst_port: port,
+                    // Only TCP and UDP packets carry ports (a non-first fragment does not).
+                    has_ports: has_ports && p < 2,
+                    icmp_error: false,
+                    syn: false,
+                };
+                proptest::prop_assert_eq!(compiled.admits(&f), rules.iter().any(|r| r.admits(&f)), "{:?} {:?}", f, rules);
+            }
+        }
     }
 
     #[test]
@@ -375,15 +520,18 @@ mod tests {
         let mut ct = Conntrack::default();
         let web_to_db = flow(&syn4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
         let reply = flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 40000)).unwrap();
-        assert!(!admits(&mut ct, 7, &[], &reply, now), "nothing opened yet");
-        ct.outbound(7, &web_to_db, now);
-        assert!(admits(&mut ct, 7, &[], &reply, now));
         assert!(
-            !admits(&mut ct, 8, &[], &reply, now),
+            !admits(&mut ct, 7, &none(), &reply, now),
+            "nothing opened yet"
+        );
+        ct.outbound(7, &web_to_db, now);
+        assert!(admits(&mut ct, 7, &none(), &reply, now));
+        assert!(
+            !admits(&mut ct, 8, &none(), &reply, now),
             "the same packet from another peer"
         );
         let db_opens = flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 22)).unwrap();
-        assert!(!admits(&mut ct, 7, &[], &db_opens, now));
+        assert!(!admits(&mut ct, 7, &none(), &db_opens, now));
         let ssh = Allow {
             proto: Proto::Tcp,
             ports: vec![(22, 22)],
@@ -392,7 +540,7 @@ mod tests {
         assert!(admits(
             &mut ct,
             7,
-            std::slice::from_ref(&ssh),
+            &Rules::new(std::slice::from_ref(&ssh)),
             &db_opens,
             now
         ));
@@ -400,12 +548,18 @@ mod tests {
             dst: vec!["10.0.0.9/32".parse().unwrap()],
             ..ssh
         };
-        assert!(!admits(&mut ct, 7, &[elsewhere], &db_opens, now));
+        assert!(!admits(
+            &mut ct,
+            7,
+            &Rules::new(&[elsewhere]),
+            &db_opens,
+            now
+        ));
         // Idle past its timeout, the flow is gone.
         assert!(!admits(
             &mut ct,
             7,
-            &[],
+            &none(),
             &reply,
             now + TCP_IDLE + Duration::from_secs(1)
         ));
@@ -414,14 +568,14 @@ mod tests {
         assert!(admits(
             &mut ct,
             7,
-            &[],
+            &none(),
             &flow(&ping4("10.0.0.2", "10.0.0.1", 0, 5)).unwrap(),
             now
         ));
         assert!(!admits(
             &mut ct,
             7,
-            &[],
+            &none(),
             &flow(&ping4("10.0.0.2", "10.0.0.1", 8, 5)).unwrap(),
             now + ICMP_IDLE * 2
         ));
@@ -438,7 +592,13 @@ mod tests {
         };
         // TCP: the peer's SYN is let in by the rule; this node's answers are not SYNs.
         let syn = flow(&syn4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
-        assert!(admits(&mut ct, 7, std::slice::from_ref(&pg), &syn, now));
+        assert!(admits(
+            &mut ct,
+            7,
+            &Rules::new(std::slice::from_ref(&pg)),
+            &syn,
+            now
+        ));
         ct.outbound(
             7,
             &flow(&tcp4("10.0.0.2", "10.0.0.1", 5432, 40000)).unwrap(),
@@ -446,13 +606,19 @@ mod tests {
         );
         let next = flow(&tcp4("10.0.0.1", "10.0.0.2", 40000, 5432)).unwrap();
         assert!(
-            !admits(&mut ct, 7, &[], &next, now),
+            !admits(&mut ct, 7, &none(), &next, now),
             "without the rule, the flow stops"
         );
         // UDP: the same, by remembering the peer opened it.
         let mut udp = syn;
         udp.proto = UDP;
-        assert!(admits(&mut ct, 7, std::slice::from_ref(&pg), &udp, now));
+        assert!(admits(
+            &mut ct,
+            7,
+            &Rules::new(std::slice::from_ref(&pg)),
+            &udp,
+            now
+        ));
         let answer = Flow {
             src: udp.dst,
             dst: udp.src,
@@ -461,12 +627,12 @@ mod tests {
             ..udp
         };
         ct.outbound(7, &answer, now);
-        assert!(!admits(&mut ct, 7, &[], &udp, now));
+        assert!(!admits(&mut ct, 7, &none(), &udp, now));
         // A mid-stream TCP packet this node sends opens nothing either.
         let stray = flow(&tcp4("10.0.0.2", "10.0.0.3", 1000, 2000)).unwrap();
         ct.outbound(7, &stray, now);
         let back = flow(&tcp4("10.0.0.3", "10.0.0.2", 2000, 1000)).unwrap();
-        assert!(!admits(&mut ct, 7, &[], &back, now));
+        assert!(!admits(&mut ct, 7, &none(), &back, now));
     }
 
     #[test]

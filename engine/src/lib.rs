@@ -41,7 +41,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnetwork::IpNetwork;
 
 use allowed_ips::AllowedIps;
-use filter::{Allow, Conntrack};
+use filter::{Allow, Conntrack, Rules};
 pub use outbox::{Outbox, TUN_HEADROOM};
 
 /// Handshake initiations per second before cookies are demanded.
@@ -94,7 +94,7 @@ struct Peer {
     tunn: Tunn,
     config: PeerConfig,
     /// What it may open on this node, while a policy is in force.
-    inbound: Arc<[Allow]>,
+    inbound: Arc<Rules>,
     policy_drops: u64,
 }
 
@@ -116,7 +116,7 @@ pub struct Engine {
     /// The time of the batch being handled.
     now: Option<Instant>,
     /// The access policy's rules by peer key; `None`: no policy, every packet passes.
-    policy: Option<HashMap<[u8; 32], Arc<[Allow]>>>,
+    policy: Option<HashMap<[u8; 32], Arc<Rules>>>,
     conntrack: Conntrack,
     pub drops: Drops,
 }
@@ -283,7 +283,8 @@ impl Engine {
     /// flows always pass. `None` lifts it: every packet passes, as without a controller.
     /// Rules change at once for every packet that follows, established flows included.
     pub fn set_policy(&mut self, policy: Option<HashMap<[u8; 32], Vec<Allow>>>) {
-        self.policy = policy.map(|m| m.into_iter().map(|(k, v)| (k, v.into())).collect());
+        let compile = |(k, v): ([u8; 32], Vec<Allow>)| (k, Arc::new(Rules::new(&v)));
+        self.policy = policy.map(|m| m.into_iter().map(compile).collect());
         let keys: Vec<(u32, [u8; 32])> = self.by_key.iter().map(|(k, i)| (*i, *k)).collect();
         for (idx, key) in keys {
             let rules = self.rules_of(&key);
@@ -293,9 +294,9 @@ impl Engine {
         }
     }
 
-    fn rules_of(&self, key: &[u8; 32]) -> Arc<[Allow]> {
+    fn rules_of(&self, key: &[u8; 32]) -> Arc<Rules> {
         let rules = self.policy.as_ref().and_then(|m| m.get(key));
-        rules.cloned().unwrap_or_else(|| Arc::from(Vec::new()))
+        rules.cloned().unwrap_or_default()
     }
 
     pub fn peer_keys(&self) -> Vec<[u8; 32]> {
