@@ -31,6 +31,46 @@ struct Args {
     /// embedded, or etcd (starts /usr/bin/etcd on a free loopback port for the run).
     #[arg(long, default_value = "embedded")]
     store: String,
+    /// Run under an access policy of this many rules (every agent tagged web and db; all but
+    /// the last rule name ports, the last lets everyone reach everyone), and time policy
+    /// changes too.
+    #[arg(long, default_value_t = 0)]
+    policy_rules: usize,
+}
+
+/// A policy of `rules` rules: web → db on one port each (shifted by `shift`), then `*` → `*`.
+fn bench_policy(rules: usize, shift: usize) -> String {
+    let mut text = String::from("tags = [\"web\", \"db\"]\n");
+    for i in 1..rules {
+        let port = 10_000 + i + shift;
+        text += &format!(
+            "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
+        );
+    }
+    text + "[[rule]]\nname = \"everyone\"\nfrom = [\"*\"]\nto = [\"*\"]\n"
+}
+
+/// `count` policy changes (the ports shift by one each time): how long until every agent has
+/// applied each, sorted.
+async fn policy_changes(
+    ctl: &canopy_controller::service::Controller,
+    caller: &canopy_controller::service::Caller,
+    agents: &[Agent],
+    (rules, count): (usize, usize),
+    limit: Duration,
+    cache_at: impl Fn() -> i64 + Clone,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut lat = Vec::new();
+    for k in 0..count {
+        let t0 = Instant::now();
+        let text = bench_policy(rules, k + 1);
+        let (p, _) = ctl.set_policy(caller, "bench", Some(&text), None).await?;
+        let what = format!("policy revision {}", p.revision);
+        let pred = move |m: &canopy_proto::v1::NetworkMap| m.revision >= p.revision;
+        lat.extend(all_apply(agents, t0, limit, &what, cache_at.clone(), pred).await?);
+    }
+    lat.sort();
+    Ok(lat)
 }
 
 /// CPU seconds this process has used (user + system), from /proc/self/stat.
@@ -256,6 +296,8 @@ struct Report {
     full_map_bytes: usize,
     reconnect: Duration,
     full_maps_resent: u64,
+    /// Policy change → all applied, when run under a policy.
+    policy: Vec<Duration>,
 }
 
 fn print_report(args: &Args, r: &Report) {
@@ -277,6 +319,10 @@ fn print_report(args: &Args, r: &Report) {
     println!("  initial enroll + converge     {}", ms(r.initial));
     line("peer added   ", &c.add);
     line("peer removed ", &c.del);
+    if args.policy_rules > 0 {
+        println!("  under a {}-rule policy", args.policy_rules);
+        line("policy change", &r.policy);
+    }
     println!(
         "  bytes per agent per change    {:.0} B (full map at this size: {} B)",
         r.bytes_per_change, r.full_map_bytes
@@ -325,6 +371,52 @@ fn init_logging() {
         .init();
 }
 
+/// The admin's handle on `srv`, a network "bench" (under a policy of `rules` rules, if any)
+/// and a join string for it that tags its peers web and db.
+async fn prepare(
+    srv: &server::Running,
+    rules: usize,
+) -> anyhow::Result<(
+    canopy_controller::service::Controller,
+    canopy_controller::service::Caller,
+    JoinString,
+)> {
+    let ctl = srv.controller.clone();
+    let caller = ctl.authenticate_console(&srv.admin_token).await?;
+    ctl.create_network(&caller, "bench", &["100.64.0.0/10".into()])
+        .await?;
+    if rules > 0 {
+        let text = bench_policy(rules, 0);
+        ctl.set_policy(&caller, "bench", Some(&text), None).await?;
+    }
+    let tags = ["web".to_string(), "db".to_string()];
+    let (_, join) = ctl
+        .create_join_token(&caller, "bench", 0, 3600, &tags)
+        .await?;
+    Ok((ctl, caller, JoinString::parse(&join)?))
+}
+
+/// Stops the controller and starts it again on the same data dir and port: the new one, and
+/// the time until every agent is back.
+async fn restart(
+    srv: server::Running,
+    cfg: ServeConfig,
+    agents: &[Agent],
+    limit: Duration,
+) -> anyhow::Result<(server::Running, Duration)> {
+    let port = srv.local_addr.port();
+    let connects_before: Vec<u64> = agents
+        .iter()
+        .map(|a| a.client.stats.connects.load(Relaxed))
+        .collect();
+    srv.stop().await?;
+    let t = Instant::now();
+    let listen = format!("127.0.0.1:{port}").parse()?;
+    let srv = server::spawn(&ServeConfig { listen, ..cfg }).await?;
+    all_reconnected(agents, &connects_before, limit).await?;
+    Ok((srv, t.elapsed()))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -333,15 +425,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (cfg, _etcd) = serve_config(&args.store, dir.path())?;
     let srv = server::spawn(&cfg).await?;
-    let port = srv.local_addr.port();
-    let ctl = srv.controller.clone();
-    let caller = ctl.authenticate_console(&srv.admin_token).await?;
-    ctl.create_network(&caller, "bench", &["100.64.0.0/10".into()])
-        .await?;
-    let (_, join) = ctl
-        .create_join_token(&caller, "bench", 0, 3600, &[])
-        .await?;
-    let join = JoinString::parse(&join)?;
+    let (ctl, caller, join) = prepare(&srv, args.policy_rules).await?;
 
     let t_enroll = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -362,23 +446,34 @@ async fn main() -> anyhow::Result<()> {
     let initial = t_enroll.elapsed();
 
     let bytes_before = total(&agents, |s| s.bytes.load(Relaxed));
-    let changes =
-        timed_changes(&ctl, &caller, &join, &agents, args.changes, limit, cache_at).await?;
+    let changes = timed_changes(
+        &ctl,
+        &caller,
+        &join,
+        &agents,
+        args.changes,
+        limit,
+        cache_at.clone(),
+    )
+    .await?;
     let bytes = total(&agents, |s| s.bytes.load(Relaxed)) - bytes_before;
+    let policy = match args.policy_rules {
+        0 => Vec::new(),
+        rules => {
+            policy_changes(
+                &ctl,
+                &caller,
+                &agents,
+                (rules, args.changes),
+                limit,
+                cache_at,
+            )
+            .await?
+        }
+    };
     let full_before = total(&agents, |s| s.full_maps.load(Relaxed));
-
-    // Restart the controller on the same data dir and port: time until all N are back.
-    let connects_before: Vec<u64> = agents
-        .iter()
-        .map(|a| a.client.stats.connects.load(Relaxed))
-        .collect();
     drop(ctl); // our handle on the controller would keep its store open
-    srv.stop().await?;
-    let t_restart = Instant::now();
-    let listen = format!("127.0.0.1:{port}").parse()?;
-    let srv = server::spawn(&ServeConfig { listen, ..cfg }).await?;
-    all_reconnected(&agents, &connects_before, limit).await?;
-    let reconnect = t_restart.elapsed();
+    let (srv, reconnect) = restart(srv, cfg, &agents, limit).await?;
 
     let full_map_bytes = agents[0]
         .client
@@ -395,6 +490,7 @@ async fn main() -> anyhow::Result<()> {
             reconnect,
             full_maps_resent: total(&agents, |s| s.full_maps.load(Relaxed)) - full_before,
             changes,
+            policy,
         },
     );
     let _ = stop_tx.send(true);

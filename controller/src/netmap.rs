@@ -11,7 +11,7 @@ use canopy_proto::v1::{
 use ipnetwork::IpNetwork;
 
 use crate::model::Revision;
-use crate::policy::compile::{self, Directory, Inbound};
+use crate::policy::compile::{self, Directory, Inbound, Visible};
 use crate::policy::eval::PeerView;
 use crate::policy::{Policy, Proto, Selector};
 
@@ -178,16 +178,19 @@ impl NetState {
         self.revision = self.revision.max(rev);
     }
 
-    /// The ids `me` may exchange packets with under `policy` (all others without one).
-    fn visible(&self, policy: Option<&Policy>, me: &Entry) -> BTreeSet<String> {
+    /// Who `me` may exchange packets with under `policy` (everyone without one).
+    fn visible(&self, policy: Option<&Policy>, me: &Entry) -> Visible {
         match policy {
             Some(p) => compile::part(p, self, &me.view()).visible,
-            None => self
-                .peers
-                .keys()
-                .filter(|id| **id != me.record.id)
-                .cloned()
-                .collect(),
+            None => Visible::All,
+        }
+    }
+
+    /// The ids `v` names, but `me`.
+    fn ids_of(&self, v: Visible, me: &str) -> BTreeSet<String> {
+        match v {
+            Visible::All => self.peers.keys().filter(|id| *id != me).cloned().collect(),
+            Visible::Some(ids) => ids,
         }
     }
 
@@ -202,7 +205,8 @@ impl NetState {
             }
             Some(p) => {
                 let part = compile::part(p, self, &me.view());
-                let visible = part.visible.iter().filter_map(|id| self.peers.get(id));
+                let ids = self.ids_of(part.visible, self_id);
+                let visible = ids.iter().filter_map(|id| self.peers.get(id));
                 (
                     visible.map(|e| remote(&e.record)).collect(),
                     Some(policy_part(&part.inbound)),
@@ -262,11 +266,15 @@ impl NetState {
             // Peers unchanged since `base` that the new policy shows or hides.
             let before = self.visible(pol.previous.as_deref(), me);
             let now = self.visible(current, me);
-            let unchanged = |id: &&String| self.peers.get(*id).is_some_and(|q| q.rev <= base);
-            for id in now.difference(&before).filter(unchanged) {
-                upserted.push(remote(&self.peers[id].record));
+            // Everyone before and after (the common case of a "*" rule): nothing to compare.
+            if before != Visible::All || now != Visible::All {
+                let (before, now) = (self.ids_of(before, self_id), self.ids_of(now, self_id));
+                let unchanged = |id: &&String| self.peers.get(*id).is_some_and(|q| q.rev <= base);
+                for id in now.difference(&before).filter(unchanged) {
+                    upserted.push(remote(&self.peers[id].record));
+                }
+                removed.extend(before.difference(&now).filter(unchanged).cloned());
             }
-            removed.extend(before.difference(&now).filter(unchanged).cloned());
         }
         let policy = match (policy_changed, current) {
             (true, Some(p)) => Some(policy_part(&compile::part(p, self, &me.view()).inbound)),

@@ -21,11 +21,19 @@ pub struct Inbound {
     pub dst: Vec<IpNetwork>,
 }
 
+/// The peers one peer may exchange packets with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Visible {
+    /// Every peer (a rule about it names "*" on the other side).
+    All,
+    Some(BTreeSet<String>),
+}
+
 /// One peer's part of the policy.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerPart {
-    /// Ids of the peers it may exchange packets with.
-    pub visible: BTreeSet<String>,
+    pub me: String,
+    pub visible: Visible,
     /// What others may open on it, in rule order.
     pub inbound: Vec<Inbound>,
 }
@@ -41,16 +49,15 @@ pub trait Directory {
     fn inside(&self, net: &IpNetwork) -> Vec<&str>;
 }
 
-/// Adds the ids of the peers `s` selects to `out`; true when it selects every peer.
-fn select(dir: &dyn Directory, s: &Selector, out: &mut BTreeSet<String>) -> bool {
+/// Adds the ids of the peers `s` selects to `out`.
+fn select(dir: &dyn Directory, s: &Selector, out: &mut BTreeSet<String>) {
     let ids = match s {
-        Selector::Any => return true,
+        Selector::Any => dir.ids(),
         Selector::Tag(t) => dir.tagged(t),
         Selector::Peer(id) => dir.has(id).then_some(id.as_str()).into_iter().collect(),
         Selector::Cidr(net) => dir.inside(net),
     };
     out.extend(ids.into_iter().map(str::to_string));
-    false
 }
 
 /// A list of peers indexed for selector lookups.
@@ -119,10 +126,10 @@ pub fn sees(policy: &Policy, a: &PeerView<'_>, b: &PeerView<'_>) -> bool {
 }
 
 /// `me`'s part of `policy` among the peers of `dir` (`me` may be one of them; it never sees
-/// itself).
+/// itself). Each distinct selector is looked up once, and none when one is "*": the cost is
+/// O(rules + visible peers), not O(rules × peers).
 pub fn part(policy: &Policy, dir: &dyn Directory, me: &PeerView<'_>) -> PeerPart {
-    let mut visible = BTreeSet::new();
-    let mut everyone = false;
+    let mut sources: BTreeSet<&Selector> = BTreeSet::new();
     let mut inbound = Vec::new();
     for r in &policy.rules {
         // The CIDRs of `to` that take me restrict the destination; any other selector that
@@ -143,29 +150,57 @@ pub fn part(policy: &Policy, dir: &dyn Directory, me: &PeerView<'_>) -> PeerPart
                 ports: r.ports.clone(),
                 dst: if whole { Vec::new() } else { dst },
             });
-            for s in &r.from {
-                everyone |= select(dir, s, &mut visible);
-            }
+            sources.extend(r.from.iter());
         }
         if r.from.iter().any(|s| takes(s, me)) {
-            for s in &r.to {
-                everyone |= select(dir, s, &mut visible);
-            }
+            sources.extend(r.to.iter());
         }
     }
-    if everyone {
-        visible = dir.ids().into_iter().map(str::to_string).collect();
-    }
-    visible.remove(me.id);
     inbound.dedup();
-    PeerPart { visible, inbound }
+    let visible = if sources.contains(&Selector::Any) {
+        Visible::All
+    } else {
+        let mut ids = BTreeSet::new();
+        for s in sources {
+            select(dir, s, &mut ids);
+        }
+        ids.remove(me.id);
+        Visible::Some(ids)
+    };
+    PeerPart {
+        me: me.id.to_string(),
+        visible,
+        inbound,
+    }
 }
 
 impl PeerPart {
+    /// Whether it may exchange packets with peer `id`.
+    pub fn sees(&self, id: &str) -> bool {
+        id != self.me
+            && match &self.visible {
+                Visible::All => true,
+                Visible::Some(ids) => ids.contains(id),
+            }
+    }
+
+    /// The ids of the peers of `dir` it may exchange packets with.
+    pub fn ids(&self, dir: &dyn Directory) -> BTreeSet<String> {
+        match &self.visible {
+            Visible::All => dir
+                .ids()
+                .into_iter()
+                .filter(|id| *id != self.me)
+                .map(str::to_string)
+                .collect(),
+            Visible::Some(ids) => ids.clone(),
+        }
+    }
+
     /// Whether this part lets `from` open `pkt` (`from` must be visible): what the agent does
     /// for the first packet of a flow.
     pub fn admits(&self, from: &PeerView<'_>, pkt: &super::eval::Packet) -> bool {
-        self.visible.contains(from.id)
+        self.sees(from.id)
             && self.inbound.iter().any(|r| {
                 r.from.iter().any(|s| takes(s, from))
                     && r.proto.covers(pkt.proto)

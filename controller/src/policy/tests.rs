@@ -166,11 +166,13 @@ fn a_peers_part_lists_only_peers_it_may_talk_to_and_rules_about_it() {
         .collect();
     let peers = Peers::new(views.clone());
     let web = part(&p, &peers, &views[0]);
-    let visible: Vec<&str> = web.visible.iter().map(String::as_str).collect();
+    let ids = web.ids(&peers);
+    let visible: Vec<&str> = ids.iter().map(String::as_str).collect();
     assert_eq!(visible, ["peer_cache", "peer_db", "peer_ops"]);
     assert_eq!(web.inbound.len(), 1, "only the ops rule is about web");
     let lone = part(&p, &peers, &views[3]);
-    let visible: Vec<&str> = lone.visible.iter().map(String::as_str).collect();
+    let ids = lone.ids(&peers);
+    let visible: Vec<&str> = ids.iter().map(String::as_str).collect();
     assert_eq!(
         visible,
         ["peer_ops"],
@@ -272,7 +274,7 @@ proptest! {
             let mine = part(&policy, &peers, q);
             for (pi, p) in views.iter().enumerate() {
                 if pi == qi {
-                    prop_assert!(!mine.visible.contains(p.id));
+                    prop_assert!(!mine.sees(p.id));
                     continue;
                 }
                 let mut any_way = false;
@@ -288,9 +290,9 @@ proptest! {
                 // Every peer an allowed packet needs is visible (either direction), and the
                 // pairwise check agrees with the whole part.
                 if any_way {
-                    prop_assert!(mine.visible.contains(p.id), "{} should see {}\n{}", q.id, p.id, text);
+                    prop_assert!(mine.sees(p.id), "{} should see {}\n{}", q.id, p.id, text);
                 }
-                prop_assert_eq!(sees(&policy, q, p), mine.visible.contains(p.id), "{} / {}\n{}", q.id, p.id, text);
+                prop_assert_eq!(sees(&policy, q, p), mine.sees(p.id), "{} / {}\n{}", q.id, p.id, text);
             }
         }
     }
