@@ -65,7 +65,7 @@ pub(crate) fn controller(data: &[u8]) {
         let ctl = &h.ctl;
         let c = caller();
         h.rt.block_on(async {
-            match op % 11 {
+            match op % 12 {
                 0 => {
                     if let Ok(r) = CreateNetworkRequest::decode(body) {
                         let _ = ctl.create_network(&c, &r.name, &r.cidrs).await;
@@ -115,6 +115,11 @@ pub(crate) fn controller(data: &[u8]) {
                     if let Ok(r) = SetPolicyRequest::decode(body) {
                         let text = (!r.remove).then_some(r.text.as_str());
                         let _ = ctl.set_policy(&c, &r.network, text, r.if_revision).await;
+                    }
+                }
+                11 => {
+                    if let Ok(r) = TagPeerRequest::decode(body) {
+                        let _ = ctl.tag_peer(&c, &r.peer_id, &r.add, &r.remove).await;
                     }
                 }
                 10 => {

@@ -41,8 +41,11 @@ fn set(network: &str, text: &str, if_revision: Option<i64>) -> SetPolicyRequest 
     }
 }
 
+/// The hostnames in a map, sorted.
 fn ids(m: &NetworkMap) -> Vec<String> {
-    m.peers.iter().map(|p| p.hostname.clone()).collect()
+    let mut names: Vec<String> = m.peers.iter().map(|p| p.hostname.clone()).collect();
+    names.sort();
+    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,6 +198,33 @@ async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() 
         !no.allowed && no.explanation[0].starts_with("no rule has `from` matching"),
         "{no:?}"
     );
+
+    // An admin tags lone as web: it now reaches db (and db sees it); agents cannot do this.
+    let tag = TagPeerRequest {
+        peer_id: lone.peer_id.clone(),
+        add: vec!["web".into()],
+        remove: vec![],
+    };
+    let p = con.tag_peer(tag).await.unwrap().into_inner();
+    assert_eq!(p.tags, ["web"]);
+    assert!(
+        lone.wait_map(SECOND, |m| ids(m) == ["db"]).await,
+        "{:?}",
+        ids(&lone.map())
+    );
+    assert!(
+        db.wait_map(SECOND, |m| ids(m) == ["lone", "web"]).await,
+        "{:?}",
+        ids(&db.map())
+    );
+    let untag = TagPeerRequest {
+        peer_id: lone.peer_id.clone(),
+        add: vec![],
+        remove: vec!["web".into()],
+    };
+    con.tag_peer(untag).await.unwrap();
+    assert!(lone.wait_map(SECOND, |m| m.peers.is_empty()).await);
+    assert!(db.wait_map(SECOND, |m| ids(m) == ["web"]).await);
 
     // A change of ports only (no peer gains or loses another) still reaches db at once.
     con.set_policy(set("prod", &POLICY.replace("5432", "5433"), None))

@@ -159,6 +159,13 @@ pub enum PeerCmd {
     Remove {
         peer_id: String,
     },
+    /// Add and remove tags: `canopy peer tag PEER +db -web` (what access policies name).
+    Tag {
+        peer_id: String,
+        /// +TAG adds, -TAG removes.
+        #[arg(required = true, allow_hyphen_values = true)]
+        changes: Vec<String>,
+    },
 }
 
 /// Runs a console command. The binary prints an error as one line and exits non-zero.
@@ -391,6 +398,23 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
         }
         PeerCmd::Get { peer_id } => {
             let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;
+            output::peers(json, &[p])
+        }
+        PeerCmd::Tag { peer_id, changes } => {
+            let (mut add, mut remove) = (Vec::new(), Vec::new());
+            for c in changes {
+                match (c.strip_prefix('+'), c.strip_prefix('-')) {
+                    (Some(t), _) => add.push(t.to_string()),
+                    (_, Some(t)) => remove.push(t.to_string()),
+                    _ => bail!("tag change {c:?}: write +TAG to add or -TAG to remove"),
+                }
+            }
+            let req = TagPeerRequest {
+                peer_id,
+                add,
+                remove,
+            };
+            let p = reply(cl.tag_peer(req).await)?;
             output::peers(json, &[p])
         }
         PeerCmd::Remove { peer_id } => {

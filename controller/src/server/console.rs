@@ -191,6 +191,20 @@ impl ConsoleService for ConsoleApi {
         }))
     }
 
+    async fn tag_peer(&self, req: Request<TagPeerRequest>) -> R<Peer> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let p = self.ctl.tag_peer(&c, &r.peer_id, &r.add, &r.remove).await?;
+        let changes: Vec<String> = r
+            .add
+            .iter()
+            .map(|t| format!("+{t}"))
+            .chain(r.remove.iter().map(|t| format!("-{t}")))
+            .collect();
+        self.audit(&c, "peer.tag", &p.id, &changes.join(" ")).await;
+        Ok(Response::new(p))
+    }
+
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> R<Policy> {
         let c = self.caller(&req).await?;
         Ok(Response::new(

@@ -1,4 +1,4 @@
-//! Peers as the console sees them: list, get, remove.
+//! Peers as the console sees them: list, get, tag, remove.
 
 use std::net::IpAddr;
 
@@ -9,6 +9,21 @@ use super::{Caller, Controller, decode, removed_credential};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::store::{Compare, Op, Revision, Txn};
+
+/// `tags` with `remove` taken out and `add` put in (once each, in order).
+pub(super) fn retag(tags: &[String], add: &[String], remove: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = tags
+        .iter()
+        .filter(|t| !remove.contains(t))
+        .cloned()
+        .collect();
+    for t in add {
+        if !out.contains(t) {
+            out.push(t.clone());
+        }
+    }
+    out
+}
 
 impl Controller {
     pub async fn list_peers(&self, c: &Caller, network: &str) -> Result<Vec<Peer>> {
@@ -43,6 +58,34 @@ impl Controller {
 
     pub async fn get_peer(&self, c: &Caller, peer_id: &str) -> Result<Peer> {
         Ok(self.peer_view(&self.find_peer(c, peer_id).await?.0))
+    }
+
+    /// Adds and removes tags of a peer (an admin's word: agents cannot claim tags). Its
+    /// network's policy applies to the new tags at once; agents whose part changes get it.
+    pub async fn tag_peer(
+        &self,
+        c: &Caller,
+        peer_id: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<Peer> {
+        c.require_admin()?;
+        crate::model::validate_tags(add)?;
+        crate::txn::retry("tag peer", |_| async move {
+            let (mut p, rev) = self.find_peer(c, peer_id).await?;
+            p.tags = retag(&p.tags, add, remove);
+            crate::model::validate_tags(&p.tags)?;
+            let key = keys::peer(&p.network_id, &p.id);
+            let txn = Txn::new()
+                .when(Compare::unchanged(key.clone(), rev))
+                .then(Op::put(key, prost::Message::encode_to_vec(&p)));
+            if self.store.txn(txn).await?.succeeded {
+                tracing::info!(peer = %p.id, tags = ?p.tags, "peer tagged");
+                return Ok(Some(self.peer_view(&p)));
+            }
+            Ok(None)
+        })
+        .await
     }
 
     /// Removes a peer: frees its addresses and invalidates its credential in one transaction.
@@ -99,4 +142,27 @@ fn ip_sort_key(addrs: &[String]) -> Vec<IpAddr> {
         .iter()
         .filter_map(|a| a.parse::<IpNetwork>().ok().map(|n| n.ip()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|t| t.to_string()).collect()
+    }
+
+    #[test]
+    fn retagging_removes_then_adds_each_tag_once() {
+        assert_eq!(
+            retag(&v(&["web", "db"]), &v(&["ops", "web"]), &v(&["db"])),
+            v(&["web", "ops"])
+        );
+        assert_eq!(
+            retag(&v(&["a"]), &v(&["a"]), &v(&["a"])),
+            v(&["a"]),
+            "removed, then added back"
+        );
+        assert!(retag(&v(&["a"]), &[], &v(&["a", "zz"])).is_empty());
+    }
 }
