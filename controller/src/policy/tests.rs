@@ -297,3 +297,14 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_readme_policy_example_parses_and_its_test_output_is_true() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("# prod.policy.toml").unwrap();
+    let end = start + readme[start..].find("```").unwrap();
+    let p = parse(&readme[start..end]).unwrap();
+    assert_eq!(p.rules.len(), 2);
+    let claim = format!("allowed by {} (line {})", p.rules[0].name, p.rules[0].line);
+    assert!(readme.contains(&claim), "README should say {claim:?}");
+}
