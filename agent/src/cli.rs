@@ -149,6 +149,12 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     };
     let key = state.private_key()?;
     let map = state.map()?.unwrap_or_default();
+    let counters = state.counters().ok().flatten().unwrap_or_default();
+    let denied = |p: &canopy_proto::v1::RemotePeer| {
+        counters["policy_by_peer"][keys::encode(&p.public_key)]
+            .as_u64()
+            .unwrap_or(0)
+    };
     if json {
         let v = serde_json::json!({
             "peer_id": e.peer_id,
@@ -164,7 +170,14 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 "public_key": keys::encode(&p.public_key),
                 "allowed_ips": p.allowed_ips,
                 "endpoints": p.endpoints,
+                "denied_by_policy": denied(p),
             })).collect::<Vec<_>>(),
+            "dropped": {
+                "policy": counters["policy"].as_u64().unwrap_or(0),
+                "spoofed": counters["spoofed"].as_u64().unwrap_or(0),
+                "no_route": counters["no_route"].as_u64().unwrap_or(0),
+                "invalid": counters["invalid"].as_u64().unwrap_or(0),
+            },
             "policy": map.policy.as_ref().map(|part| part.inbound.iter().map(|r| serde_json::json!({
                 "from_any": r.from_any,
                 "from_tags": r.from_tags,
@@ -186,7 +199,7 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     say!("peers:      {}", map.peers.len());
     for p in &map.peers {
         say!(
-            "  {:<22} {:<16} {:<34} {}",
+            "  {:<22} {:<16} {:<34} {}{}",
             p.peer_id,
             p.hostname,
             p.allowed_ips.join(","),
@@ -194,7 +207,18 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 "-".to_string()
             } else {
                 p.endpoints.join(",")
+            },
+            match denied(p) {
+                0 => String::new(),
+                n => format!("  ({n} packets denied by policy)"),
             }
+        );
+    }
+    if let Some(part) = &map.policy {
+        say!(
+            "policy:     {} inbound rules; dropped by policy {}",
+            part.inbound.len(),
+            counters["policy"].as_u64().unwrap_or(0)
         );
     }
     Ok(())
@@ -453,6 +477,9 @@ async fn follow_endpoints(
     loop {
         tick.tick().await;
         n = n.wrapping_add(1);
+        if n.is_multiple_of(5) {
+            save_counters(&dp, &state);
+        }
         let now = dp.listen_port();
         if now == port && !n.is_multiple_of(10) {
             continue;
@@ -476,6 +503,26 @@ async fn follow_endpoints(
             }
             changed
         });
+    }
+}
+
+/// Writes the engine's drop counters to the state dir (every few seconds), where
+/// `canopy-agent status` reads them.
+fn save_counters(dp: &Dataplane, state: &StateDir) {
+    let (drops, peers) = dp.counters();
+    let per_peer: serde_json::Map<String, serde_json::Value> = peers
+        .iter()
+        .map(|(k, n)| (keys::encode(k), serde_json::json!(n)))
+        .collect();
+    let v = serde_json::json!({
+        "policy": drops.policy,
+        "spoofed": drops.spoofed,
+        "no_route": drops.no_route,
+        "invalid": drops.invalid,
+        "policy_by_peer": per_peer,
+    });
+    if let Err(e) = state.save_counters(&v) {
+        tracing::debug!(error = %e, "could not save the counters");
     }
 }
 

@@ -214,6 +214,21 @@ impl StateDir {
     pub fn save_map(&self, map: &NetworkMap) -> Result<(), StateError> {
         write_atomic(&self.dir.join("map.pb"), &map.encode_to_vec(), 0o600)
     }
+
+    /// The running agent's packet counters (JSON), for `canopy-agent status`.
+    pub fn save_counters(&self, json: &serde_json::Value) -> Result<(), StateError> {
+        write_atomic(
+            &self.dir.join("counters.json"),
+            json.to_string().as_bytes(),
+            0o600,
+        )
+    }
+
+    pub fn counters(&self) -> Result<Option<serde_json::Value>, StateError> {
+        self.read_optional("counters.json", |b| {
+            serde_json::from_slice::<serde_json::Value>(b)
+        })
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {

@@ -382,6 +382,17 @@ impl Dataplane {
         self.shared.engine().peer_keys()
     }
 
+    /// Packets the engine refused, by reason, and per peer (by key) those the policy refused.
+    pub fn counters(&self) -> (crate::engine::Drops, Vec<([u8; 32], u64)>) {
+        let e = self.shared.engine();
+        let peers = e
+            .peers()
+            .iter()
+            .map(|p| (p.config.public_key, p.policy_drops))
+            .collect();
+        (e.drops, peers)
+    }
+
     /// Puts the access policy's per-peer rules in force (`None`: no policy).
     pub fn set_policy(&self, rules: Option<HashMap<[u8; 32], Vec<crate::engine::filter::Allow>>>) {
         self.shared.engine().set_policy(rules);
