@@ -139,6 +139,52 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `canopy-agent status --json`: the enrollment, the map as last applied, the node's inbound
+/// rules and what the running agent last counted (packets dropped, by reason and by peer).
+fn status_json(
+    e: &crate::state::Enrollment,
+    public_key: &[u8; 32],
+    map: &canopy_proto::v1::NetworkMap,
+    counters: &serde_json::Value,
+) -> serde_json::Value {
+    let denied = |p: &canopy_proto::v1::RemotePeer| {
+        counters["policy_by_peer"][keys::encode(&p.public_key)]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    serde_json::json!({
+        "peer_id": e.peer_id,
+        "network_id": e.network_id,
+        "network": map.network_name,
+        "controller": e.controller_url,
+        "public_key": keys::encode(public_key),
+        "addresses": map.addresses,
+        "revision": map.revision,
+        "peers": map.peers.iter().map(|p| serde_json::json!({
+            "peer_id": p.peer_id,
+            "hostname": p.hostname,
+            "public_key": keys::encode(&p.public_key),
+            "allowed_ips": p.allowed_ips,
+            "endpoints": p.endpoints,
+            "denied_by_policy": denied(p),
+        })).collect::<Vec<_>>(),
+        "dropped": {
+            "policy": counters["policy"].as_u64().unwrap_or(0),
+            "spoofed": counters["spoofed"].as_u64().unwrap_or(0),
+            "no_route": counters["no_route"].as_u64().unwrap_or(0),
+            "invalid": counters["invalid"].as_u64().unwrap_or(0),
+        },
+        "policy": map.policy.as_ref().map(|part| part.inbound.iter().map(|r| serde_json::json!({
+            "from_any": r.from_any,
+            "from_tags": r.from_tags,
+            "from_peers": r.from_peers,
+            "proto": canopy_proto::v1::Protocol::try_from(r.proto).map_or("unknown", |p| p.as_str_name()),
+            "ports": r.ports.iter().map(|p| format!("{}-{}", p.first, p.last)).collect::<Vec<_>>(),
+            "dst": r.dst,
+        })).collect::<Vec<_>>()),
+    })
+}
+
 fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let state = StateDir::open(dir)?;
     let Some(e) = state.enrollment()? else {
@@ -156,37 +202,7 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             .unwrap_or(0)
     };
     if json {
-        let v = serde_json::json!({
-            "peer_id": e.peer_id,
-            "network_id": e.network_id,
-            "network": map.network_name,
-            "controller": e.controller_url,
-            "public_key": keys::encode(&key.public_key()),
-            "addresses": map.addresses,
-            "revision": map.revision,
-            "peers": map.peers.iter().map(|p| serde_json::json!({
-                "peer_id": p.peer_id,
-                "hostname": p.hostname,
-                "public_key": keys::encode(&p.public_key),
-                "allowed_ips": p.allowed_ips,
-                "endpoints": p.endpoints,
-                "denied_by_policy": denied(p),
-            })).collect::<Vec<_>>(),
-            "dropped": {
-                "policy": counters["policy"].as_u64().unwrap_or(0),
-                "spoofed": counters["spoofed"].as_u64().unwrap_or(0),
-                "no_route": counters["no_route"].as_u64().unwrap_or(0),
-                "invalid": counters["invalid"].as_u64().unwrap_or(0),
-            },
-            "policy": map.policy.as_ref().map(|part| part.inbound.iter().map(|r| serde_json::json!({
-                "from_any": r.from_any,
-                "from_tags": r.from_tags,
-                "from_peers": r.from_peers,
-                "proto": canopy_proto::v1::Protocol::try_from(r.proto).map_or("unknown", |p| p.as_str_name()),
-                "ports": r.ports.iter().map(|p| format!("{}-{}", p.first, p.last)).collect::<Vec<_>>(),
-                "dst": r.dst,
-            })).collect::<Vec<_>>()),
-        });
+        let v = status_json(&e, &key.public_key(), &map, &counters);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }

@@ -50,11 +50,110 @@ fn new_controller() -> Ctl {
     Ctl { rt, ctl, _dir: dir }
 }
 
+/// Requests 0-5: networks, join tokens, enrollment, peers.
+async fn call_first(
+    ctl: &canopy_controller::service::Controller,
+    c: &canopy_controller::service::Caller,
+    op: u8,
+    body: &[u8],
+) {
+    use canopy_proto::v1::*;
+    use prost::Message as _;
+    match op {
+        0 => {
+            if let Ok(r) = CreateNetworkRequest::decode(body) {
+                let _ = ctl.create_network(c, &r.name, &r.cidrs).await;
+            }
+        }
+        1 => {
+            if let Ok(r) = CreateJoinTokenRequest::decode(body) {
+                let _ = ctl
+                    .create_join_token(c, &r.network, r.max_uses, r.ttl_seconds, &r.tags)
+                    .await;
+            }
+        }
+        2 => {
+            if let Ok(r) = EnrollRequest::decode(body) {
+                let _ = ctl
+                    .enroll(
+                        &r.join_token,
+                        &r.public_key,
+                        &r.hostname,
+                        r.listen_port,
+                        &r.credential,
+                    )
+                    .await;
+            }
+        }
+        3 => {
+            if let Ok(r) = ListPeersRequest::decode(body) {
+                let _ = ctl.list_peers(c, &r.network).await;
+            }
+        }
+        4 => {
+            if let Ok(r) = RemovePeerRequest::decode(body) {
+                let _ = ctl.remove_peer(c, &r.peer_id).await;
+            }
+        }
+        5 => {
+            if let Ok(r) = GetNetworkRequest::decode(body) {
+                let _ = ctl.get_network(c, &r.network).await;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Requests 6-11: API tokens, audit, policy, tags, revocation.
+async fn call_second(
+    ctl: &canopy_controller::service::Controller,
+    c: &canopy_controller::service::Caller,
+    op: u8,
+    body: &[u8],
+) {
+    use canopy_proto::v1::*;
+    use prost::Message as _;
+    match op {
+        6 => {
+            if let Ok(r) = CreateApiTokenRequest::decode(body) {
+                let _ = ctl.create_api_token_for(c, &r.name, &r.scope).await;
+            }
+        }
+        9 => {
+            if let Ok(r) = SetPolicyRequest::decode(body) {
+                let text = (!r.remove).then_some(r.text.as_str());
+                let _ = ctl.set_policy(c, &r.network, text, r.if_revision).await;
+            }
+        }
+        11 => {
+            if let Ok(r) = TagPeerRequest::decode(body) {
+                let _ = ctl.tag_peer(c, &r.peer_id, &r.add, &r.remove).await;
+            }
+        }
+        10 => {
+            if let Ok(r) = TestPolicyRequest::decode(body) {
+                let _ = ctl
+                    .test_policy(c, &r.network, &r.from, &r.to, &r.proto, r.port)
+                    .await;
+            }
+        }
+        7 => {
+            if let Ok(r) = ListAuditRequest::decode(body) {
+                let _ = ctl.list_audit(c, r.limit, &r.action, &r.object).await;
+            }
+        }
+        8 => {
+            if let Ok(r) = RevokeJoinTokenRequest::decode(body) {
+                let _ = ctl.revoke_join_token(c, &r.token_id).await;
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The first byte picks the request type, the rest is that request's protobuf bytes; a
 /// message that does not decode is what tonic answers InvalidArgument for.
 pub(crate) fn controller(data: &[u8]) {
-    use canopy_proto::v1::*;
-    use prost::Message as _;
     thread_local! {
         static CTL: Ctl = new_controller();
     }
@@ -65,80 +164,11 @@ pub(crate) fn controller(data: &[u8]) {
         let ctl = &h.ctl;
         let c = caller();
         h.rt.block_on(async {
-            match op % 12 {
-                0 => {
-                    if let Ok(r) = CreateNetworkRequest::decode(body) {
-                        let _ = ctl.create_network(&c, &r.name, &r.cidrs).await;
-                    }
-                }
-                1 => {
-                    if let Ok(r) = CreateJoinTokenRequest::decode(body) {
-                        let _ = ctl
-                            .create_join_token(&c, &r.network, r.max_uses, r.ttl_seconds, &r.tags)
-                            .await;
-                    }
-                }
-                2 => {
-                    if let Ok(r) = EnrollRequest::decode(body) {
-                        let _ = ctl
-                            .enroll(
-                                &r.join_token,
-                                &r.public_key,
-                                &r.hostname,
-                                r.listen_port,
-                                &r.credential,
-                            )
-                            .await;
-                    }
-                }
-                3 => {
-                    if let Ok(r) = ListPeersRequest::decode(body) {
-                        let _ = ctl.list_peers(&c, &r.network).await;
-                    }
-                }
-                4 => {
-                    if let Ok(r) = RemovePeerRequest::decode(body) {
-                        let _ = ctl.remove_peer(&c, &r.peer_id).await;
-                    }
-                }
-                5 => {
-                    if let Ok(r) = GetNetworkRequest::decode(body) {
-                        let _ = ctl.get_network(&c, &r.network).await;
-                    }
-                }
-                6 => {
-                    if let Ok(r) = CreateApiTokenRequest::decode(body) {
-                        let _ = ctl.create_api_token_for(&c, &r.name, &r.scope).await;
-                    }
-                }
-                9 => {
-                    if let Ok(r) = SetPolicyRequest::decode(body) {
-                        let text = (!r.remove).then_some(r.text.as_str());
-                        let _ = ctl.set_policy(&c, &r.network, text, r.if_revision).await;
-                    }
-                }
-                11 => {
-                    if let Ok(r) = TagPeerRequest::decode(body) {
-                        let _ = ctl.tag_peer(&c, &r.peer_id, &r.add, &r.remove).await;
-                    }
-                }
-                10 => {
-                    if let Ok(r) = TestPolicyRequest::decode(body) {
-                        let _ = ctl
-                            .test_policy(&c, &r.network, &r.from, &r.to, &r.proto, r.port)
-                            .await;
-                    }
-                }
-                7 => {
-                    if let Ok(r) = ListAuditRequest::decode(body) {
-                        let _ = ctl.list_audit(&c, r.limit, &r.action, &r.object).await;
-                    }
-                }
-                _ => {
-                    if let Ok(r) = RevokeJoinTokenRequest::decode(body) {
-                        let _ = ctl.revoke_join_token(&c, &r.token_id).await;
-                    }
-                }
+            let op = op % 12;
+            if op < 6 {
+                call_first(ctl, &c, op, body).await;
+            } else {
+                call_second(ctl, &c, op, body).await;
             }
             // Every answer becomes a status the same way tonic would send it.
             let _ = tonic_status_of(ctl.get_network(&c, "prod").await.err());

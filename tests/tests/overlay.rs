@@ -55,6 +55,46 @@ fn two_agents_from_wg_quick_files_ping_over_ipv4_and_ipv6_and_wg_show_works() {
     assert!(!routes.contains("10.9.0."), "routes removed: {routes}");
 }
 
+/// wireguard-go as node `g` in namespace `ns` (10.9.0.2, port 51820), configured with `wg`
+/// for one peer: `a` at 192.0.2.1:51820, 10.9.0.1.
+fn wireguard_go_peer(lab: &Lab, ns: &str, dir: &Path, g: &Node, a: &Node) {
+    lab.spawn(ns, &["wireguard-go", "-f", &g.iface], &dir.join("wggo.log"));
+    let keyfile = dir.join("g.key");
+    std::fs::write(&keyfile, g.key.to_base64()).unwrap();
+    let sock = format!("/var/run/wireguard/{}.sock", g.iface);
+    let t = std::time::Instant::now();
+    while !Path::new(&sock).exists() {
+        assert!(t.elapsed() < WAIT, "wireguard-go did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = keyfile.to_str().unwrap();
+    let peer = [
+        "peer",
+        &pubkey(a),
+        "endpoint",
+        "192.0.2.1:51820",
+        "allowed-ips",
+        "10.9.0.1/32",
+    ];
+    let set = [
+        "wg",
+        "set",
+        &g.iface,
+        "private-key",
+        key,
+        "listen-port",
+        "51820",
+    ];
+    let set = lab.run(ns, &[&set[..], &peer[..]].concat());
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    lab.run(ns, &["ip", "addr", "add", "10.9.0.2/24", "dev", &g.iface]);
+    lab.run(ns, &["ip", "link", "set", &g.iface, "up"]);
+}
+
 #[test]
 fn a_wireguard_go_peer_interoperates_with_either_side_initiating() {
     let lab = Lab::new();
@@ -68,47 +108,7 @@ fn a_wireguard_go_peer_interoperates_with_either_side_initiating() {
         &[(&g, "192.0.2.2:51820", "10.9.0.2/32")],
     );
     // wireguard-go, configured with wg, in the second namespace.
-    lab.spawn(
-        &h2.ns,
-        &["wireguard-go", "-f", &g.iface],
-        &dir.path().join("wggo.log"),
-    );
-    let keyfile = dir.path().join("g.key");
-    std::fs::write(&keyfile, g.key.to_base64()).unwrap();
-    let sock = format!("/var/run/wireguard/{}.sock", g.iface);
-    let t = std::time::Instant::now();
-    while !Path::new(&sock).exists() {
-        assert!(t.elapsed() < WAIT, "wireguard-go did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let set = lab.run(
-        &h2.ns,
-        &[
-            "wg",
-            "set",
-            &g.iface,
-            "private-key",
-            keyfile.to_str().unwrap(),
-            "listen-port",
-            "51820",
-            "peer",
-            &pubkey(&a),
-            "endpoint",
-            "192.0.2.1:51820",
-            "allowed-ips",
-            "10.9.0.1/32",
-        ],
-    );
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
-    lab.run(
-        &h2.ns,
-        &["ip", "addr", "add", "10.9.0.2/24", "dev", &g.iface],
-    );
-    lab.run(&h2.ns, &["ip", "link", "set", &g.iface, "up"]);
+    wireguard_go_peer(&lab, &h2.ns, dir.path(), &g, &a);
 
     // wireguard-go initiates.
     let pid = up(&lab, &h1.ns, &ca, &dir.path().join("a1.log"));

@@ -120,16 +120,17 @@ async fn a_policy_is_checked_whole_versioned_and_audited() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() {
+/// A controller with network "prod" and three agents: web and db (tagged so) and lone (no
+/// tags), all seeing each other (no policy yet).
+async fn three() -> (TestController, [TestAgent; 3]) {
     let c = TestController::start().await;
     c.network("prod", &["100.64.0.0/24"]).await;
     let (web_join, db_join) = (
         tagged_token(&c, "prod", "web").await,
         tagged_token(&c, "prod", "db").await,
     );
-    let mut web = TestAgent::join(&web_join, "web").await.unwrap();
-    let mut db = TestAgent::join(&db_join, "db").await.unwrap();
+    let web = TestAgent::join(&web_join, "web").await.unwrap();
+    let db = TestAgent::join(&db_join, "db").await.unwrap();
     let mut lone = TestAgent::join(&c.token("prod", 0).await, "lone")
         .await
         .unwrap();
@@ -139,6 +140,12 @@ async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() 
     );
     assert!(lone.map().policy.is_none());
 
+    (c, [web, db, lone])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() {
+    let (c, [mut web, mut db, mut lone]) = three().await;
     let mut con = c.console().await;
     con.set_policy(set("prod", POLICY, None)).await.unwrap();
     assert!(
@@ -174,6 +181,27 @@ async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() 
     };
     assert_eq!((full(&web), full(&db), full(&lone)), (0, 0, 0));
 
+    // Removing the policy: everyone sees everyone again, without a policy part.
+    let remove = SetPolicyRequest {
+        network: "prod".into(),
+        remove: true,
+        ..Default::default()
+    };
+    con.set_policy(remove).await.unwrap();
+    assert!(
+        lone.wait_map(SECOND, |m| m.peers.len() == 2 && m.policy.is_none())
+            .await
+    );
+    for a in [web, db, lone] {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_policy_says_which_rule_allows_or_why_none_does() {
+    let (c, agents) = three().await;
+    let mut con = c.console().await;
+    con.set_policy(set("prod", POLICY, None)).await.unwrap();
     let why = con.test_policy(TestPolicyRequest {
         network: "prod".into(),
         from: "web".into(),
@@ -199,6 +227,17 @@ async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() 
         "{no:?}"
     );
 
+    for a in agents {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_change_or_a_ports_only_change_reaches_the_agents_it_concerns() {
+    let (c, [web, mut db, mut lone]) = three().await;
+    let mut con = c.console().await;
+    con.set_policy(set("prod", POLICY, None)).await.unwrap();
+    assert!(db.wait_map(SECOND, |m| ids(m) == ["web"]).await);
     // An admin tags lone as web: it now reaches db (and db sees it); agents cannot do this.
     let tag = TagPeerRequest {
         peer_id: lone.peer_id.clone(),
@@ -240,17 +279,6 @@ async fn each_agent_gets_only_the_peers_it_may_talk_to_and_the_rules_about_it() 
         "a policy-only delta"
     );
 
-    // Removing the policy: everyone sees everyone again, without a policy part.
-    let remove = SetPolicyRequest {
-        network: "prod".into(),
-        remove: true,
-        ..Default::default()
-    };
-    con.set_policy(remove).await.unwrap();
-    assert!(
-        lone.wait_map(SECOND, |m| m.peers.len() == 2 && m.policy.is_none())
-            .await
-    );
     for a in [web, db, lone] {
         a.stop().await;
     }
