@@ -9,6 +9,18 @@ pub mod netns;
 pub mod overlay;
 pub mod wg;
 
+/// The access policy the policy tests start from: web may open tcp/5432 on db, nothing else
+/// (rule 1 starts on line 3).
+pub const WEB_DB_POLICY: &str = r#"tags = ["web", "db"]
+
+[[rule]]
+name = "web reaches the database"
+from = ["tag:web"]
+to = ["tag:db"]
+proto = "tcp"
+ports = ["5432"]
+"#;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -9,15 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use canopy_tests::controller::*;
 use canopy_tests::netns::{Host, Lab, bin};
 
-const POLICY: &str = r#"tags = ["web", "db"]
-
-[[rule]]
-name = "web reaches the database"
-from = ["tag:web"]
-to = ["tag:db"]
-proto = "tcp"
-ports = ["5432"]
-"#;
+use canopy_tests::WEB_DB_POLICY as POLICY;
 
 /// An echo server on `ports` (TCP, every address): what it reads it writes back.
 const ECHO: &str = r#"

@@ -11,15 +11,7 @@ use tonic::Code;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-const POLICY: &str = r#"tags = ["web", "db"]
-
-[[rule]]
-name = "web reaches the database"
-from = ["tag:web"]
-to = ["tag:db"]
-proto = "tcp"
-ports = ["5432"]
-"#;
+use canopy_tests::WEB_DB_POLICY as POLICY;
 
 async fn tagged_token(c: &TestController, network: &str, tag: &str) -> String {
     let req = CreateJoinTokenRequest {
