@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use canopy_proto::v1::{NetworkRecord, PeerRecord, PolicyRecord};
+use canopy_proto::v1::{NetworkRecord, PeerRecord, PolicyRecord, RouteRecord};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -136,6 +136,7 @@ impl Cache {
             format!("{}networks/", keys::ROOT).into_bytes(),
             keys::ALL_PEERS.as_bytes().to_vec(),
             keys::ALL_POLICIES.as_bytes().to_vec(),
+            keys::ALL_ROUTES.as_bytes().to_vec(),
             format!("{}netdel/", keys::ROOT).into_bytes(),
         ];
         let nets = store.range_many(&prefixes).await?;
@@ -173,6 +174,12 @@ impl Cache {
                 && let Some(s) = fresh.get_mut(net)
             {
                 s.set_policy(Some(self.policy(&kv.key, &kv.value)), kv.mod_revision);
+            }
+            if let Some((net, _)) = keys::parse_route(&kv.key)
+                && let Some(s) = fresh.get_mut(net)
+                && let Some(r) = self.decode::<RouteRecord>(&kv.key, &kv.value)
+            {
+                s.put_route(r, kv.mod_revision);
             }
         }
         let mut st = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
@@ -264,6 +271,18 @@ impl Cache {
                     }
                 }
                 touched.push(net.to_string());
+            } else if let Some((net, id)) = keys::parse_route(&e.kv.key) {
+                if let Some(s) = st.networks.get_mut(net) {
+                    match e.kind {
+                        EventKind::Put => {
+                            if let Some(r) = self.decode::<RouteRecord>(&e.kv.key, &e.kv.value) {
+                                s.put_route(r, rev);
+                            }
+                        }
+                        EventKind::Delete => s.delete_route(id, rev),
+                    }
+                }
+                touched.push(net.to_string());
             } else if let Some(net) = keys::parse_policy(&e.kv.key) {
                 if let Some(s) = st.networks.get_mut(net) {
                     let policy = match e.kind {
@@ -285,6 +304,12 @@ impl Cache {
             .retain(|id, tx| tx.receiver_count() > 0 || touched.contains(id));
         self.inner.applied.send_replace(rev);
         drop(st);
+    }
+
+    /// Whether route `id` of `network` carries its prefix now.
+    pub fn route_is_primary(&self, network: &str, id: &str) -> bool {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network).is_some_and(|s| s.is_primary(id))
     }
 
     /// The store revision the cache reflects.

@@ -6,6 +6,7 @@
 //! netnames/<tenant>/<name>           IndexRecord(network id): names are unique per tenant
 //! netsver/<tenant>                   bumped by every network create/delete (guards CIDR overlap)
 //! peers/<network>/<peer>             PeerRecord
+//! routes/<network>/<route>           RouteRecord: a prefix behind a gateway peer
 //! policies/<network>                 PolicyRecord: the network's access policy (none: allow-all);
 //!                                    its mod revision is the version `--if-revision` checks
 //! netdel/<network>                   bumped with every peer deletion: after a re-list, deltas
@@ -29,8 +30,8 @@
 //!                                    term; fences the leader's writes)
 //! ```
 //!
-//! The cache lists and follows only `networks/`, `peers/`, `policies/` and `netdel/` (what maps
-//! are made of).
+//! The cache lists and follows only `networks/`, `peers/`, `routes/`, `policies/` and `netdel/`
+//! (what maps are made of).
 
 pub const ROOT: &str = "/canopy/v1/";
 
@@ -105,6 +106,21 @@ pub fn netpeers(network: &str) -> String {
 }
 
 /// Splits `/canopy/v1/peers/<network>/<peer>` into its ids.
+pub const ALL_ROUTES: &str = "/canopy/v1/routes/";
+pub fn routes(network: &str) -> String {
+    format!("{ALL_ROUTES}{network}/")
+}
+pub fn route(network: &str, id: &str) -> String {
+    format!("{ALL_ROUTES}{network}/{id}")
+}
+/// The network and route ids of a `routes/` key.
+pub fn parse_route(key: &[u8]) -> Option<(&str, &str)> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(ALL_ROUTES)?
+        .split_once('/')
+}
+
 pub const ALL_POLICIES: &str = "/canopy/v1/policies/";
 pub fn policy(network: &str) -> String {
     format!("{ALL_POLICIES}{network}")

@@ -12,7 +12,7 @@ mod output;
 mod policy;
 
 pub use account::{ApiTokenCmd, OperatorCmd, PlanCmd, TenantCmd};
-pub use policy::PolicyCmd;
+pub use policy::{PolicyCmd, RouteCmd};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -73,6 +73,9 @@ pub enum Command {
     /// A network's access policy: who may open what on whom.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Routes to sites behind gateway peers.
+    #[command(subcommand)]
+    Route(RouteCmd),
     /// API tokens of your tenant (admin or read scope).
     #[command(subcommand)]
     Apitoken(ApiTokenCmd),
@@ -177,6 +180,7 @@ pub async fn run(cli: Globals, command: Command) -> anyhow::Result<()> {
         Command::Token(c) => token(&cli.conn, json, c).await,
         Command::Peer(c) => peer(&cli.conn, json, c).await,
         Command::Policy(c) => policy::policy(&cli.conn, json, c).await,
+        Command::Route(c) => policy::route(&cli.conn, json, c).await,
         Command::Apitoken(c) => account::apitoken(&cli.conn, json, c).await,
         Command::Tenant(c) => account::tenant(&cli.conn, json, c).await,
         Command::Plan { set } => account::plan(&cli.conn, json, set).await,

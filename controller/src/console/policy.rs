@@ -1,4 +1,5 @@
-//! `canopy policy`: a network's access policy, kept as a file (in git) and set whole.
+//! `canopy policy`: a network's access policy, kept as a file (in git) and set whole; and
+//! `canopy route`: prefixes behind gateway peers.
 
 use std::path::PathBuf;
 
@@ -143,6 +144,63 @@ pub async fn policy(conn: &ConnOpts, json: bool, c: PolicyCmd) -> anyhow::Result
                 bail!("not allowed");
             }
             Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RouteCmd {
+    /// Route PREFIX (a site's subnet) through peer --peer, its gateway: every peer of the
+    /// network sends it there. A second gateway for the same prefix stands by.
+    Advertise {
+        #[arg(long)]
+        peer: String,
+        prefix: String,
+    },
+    List {
+        #[arg(long)]
+        network: String,
+    },
+    /// Withdraw a route: peers stop sending its prefix through that gateway at once.
+    Remove { route_id: String },
+}
+
+fn route_json(r: &Route) -> serde_json::Value {
+    json!({"id": r.id, "network_id": r.network_id, "peer_id": r.peer_id, "prefix": r.prefix, "primary": r.primary})
+}
+
+fn print_routes(json: bool, routes: &[Route]) -> anyhow::Result<()> {
+    if json {
+        let v: Vec<serde_json::Value> = routes.iter().map(route_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for r in routes {
+        let role = if r.primary { "primary" } else { "standby" };
+        println!("{}  {}  via {}  {role}", r.id, r.prefix, r.peer_id);
+    }
+    Ok(())
+}
+
+pub async fn route(conn: &ConnOpts, json: bool, c: RouteCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        RouteCmd::Advertise { peer, prefix } => {
+            let req = AdvertiseRouteRequest {
+                peer_id: peer,
+                prefix,
+            };
+            let r = reply(cl.advertise_route(req).await)?;
+            print_routes(json, &[r])
+        }
+        RouteCmd::List { network } => {
+            let r = reply(cl.list_routes(ListRoutesRequest { network }).await)?;
+            print_routes(json, &r.routes)
+        }
+        RouteCmd::Remove { route_id } => {
+            let r = reply(cl.remove_route(RemoveRouteRequest { route_id }).await)?;
+            let msg = format!("removed route {} ({} via {})", r.id, r.prefix, r.peer_id);
+            output::done(json, &msg, route_json(&r))
         }
     }
 }

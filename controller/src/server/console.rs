@@ -191,6 +191,32 @@ impl ConsoleService for ConsoleApi {
         }))
     }
 
+    async fn advertise_route(&self, req: Request<AdvertiseRouteRequest>) -> R<Route> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let route = self.ctl.advertise_route(&c, &r.peer_id, &r.prefix).await?;
+        let detail = format!("{} via {}", route.prefix, route.peer_id);
+        self.audit(&c, "route.advertise", &route.id, &detail).await;
+        Ok(Response::new(route))
+    }
+
+    async fn list_routes(&self, req: Request<ListRoutesRequest>) -> R<ListRoutesResponse> {
+        let c = self.caller(&req).await?;
+        let routes = self.ctl.list_routes(&c, &req.into_inner().network).await?;
+        Ok(Response::new(ListRoutesResponse { routes }))
+    }
+
+    async fn remove_route(&self, req: Request<RemoveRouteRequest>) -> R<Route> {
+        let c = self.caller(&req).await?;
+        let route = self
+            .ctl
+            .remove_route(&c, &req.into_inner().route_id)
+            .await?;
+        let detail = format!("{} via {}", route.prefix, route.peer_id);
+        self.audit(&c, "route.remove", &route.id, &detail).await;
+        Ok(Response::new(route))
+    }
+
     async fn tag_peer(&self, req: Request<TagPeerRequest>) -> R<Peer> {
         let c = self.caller(&req).await?;
         let r = req.into_inner();

@@ -18,6 +18,7 @@ mod enroll;
 mod networks;
 mod peers;
 mod policy;
+mod routes;
 mod sessions;
 mod tenants;
 mod tokens;

@@ -37,7 +37,11 @@ impl Controller {
         Ok(out)
     }
 
-    async fn find_peer(&self, c: &Caller, peer_id: &str) -> Result<(PeerRecord, Revision)> {
+    pub(super) async fn find_peer(
+        &self,
+        c: &Caller,
+        peer_id: &str,
+    ) -> Result<(PeerRecord, Revision)> {
         if peer_id.is_empty() {
             return Err(Error::InvalidArgument("peer id is required".into()));
         }
@@ -94,6 +98,10 @@ impl Controller {
         c.require_admin()?;
         crate::txn::retry("remove peer", |_| async move {
             let (p, rev) = self.find_peer(c, peer_id).await?;
+            let routes = self
+                .store
+                .range(keys::routes(&p.network_id).as_bytes())
+                .await?;
             let mut txn = Txn::new()
                 .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
@@ -110,6 +118,13 @@ impl Controller {
                     keys::credential(&h),
                     removed_credential(&p.network_id, &p.id, self.now_unix()),
                 ));
+            }
+            // The routes it carried go with it.
+            for kv in &routes.kvs {
+                let r: canopy_proto::v1::RouteRecord = decode(kv)?;
+                if r.peer_id == p.id {
+                    txn = txn.then(Op::delete(keys::route(&p.network_id, &r.id)));
+                }
             }
             if self.store.txn(txn).await?.succeeded {
                 tracing::info!(peer = %p.id, network = %p.network_id, "peer removed");

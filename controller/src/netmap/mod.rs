@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use canopy_proto::v1::{
     InboundRule, NetworkDelta, NetworkMap, NetworkRecord, PeerRecord, PolicyPart, RemotePeer,
+    RouteRecord,
 };
 use ipnetwork::IpNetwork;
 
@@ -21,9 +22,11 @@ const TOMBSTONES: usize = 1024;
 #[derive(Clone, Debug, Default)]
 struct Entry {
     record: PeerRecord,
-    /// The revision that last changed the record, and the one that last changed its tags.
+    /// The revision that last changed the record (or the routes it carries), the one that
+    /// last changed its tags, and the one that last changed the routes it carries.
     rev: Revision,
     tags_rev: Revision,
+    routes_rev: Revision,
     addresses: Vec<IpNetwork>,
 }
 
@@ -63,6 +66,7 @@ pub struct NetState {
     /// The last revision that changed this network's membership or policy.
     pub revision: Revision,
     policy: Policies,
+    routes: BTreeMap<String, RouteRecord>,
 }
 
 /// What an agent holding `base` needs next.
@@ -113,12 +117,13 @@ impl NetState {
 
     pub fn put_peer(&mut self, peer: PeerRecord, rev: Revision) {
         let id = peer.id.clone();
-        let mut tags_rev = rev;
+        let (mut tags_rev, mut routes_rev) = (rev, 0);
         if let Some(old) = self.peers.remove(&id) {
             self.by_revision.remove(&(old.rev, id.clone()));
             if old.record.tags == peer.tags {
                 tags_rev = old.tags_rev;
             }
+            routes_rev = old.routes_rev;
             for t in &old.record.tags {
                 self.untag(t, &id);
             }
@@ -135,6 +140,7 @@ impl NetState {
             record: peer,
             rev,
             tags_rev,
+            routes_rev,
             addresses,
         };
         self.peers.insert(id.clone(), entry);
@@ -152,6 +158,7 @@ impl NetState {
     }
 
     pub fn delete_peer(&mut self, id: &str, rev: Revision) {
+        let before = (!self.routes.is_empty()).then(|| self.primaries());
         if let Some(old) = self.peers.remove(id) {
             self.by_revision.remove(&(old.rev, id.to_string()));
             for t in &old.record.tags {
@@ -164,7 +171,94 @@ impl NetState {
                 self.delta_floor = self.delta_floor.max(r);
             }
             self.revision = self.revision.max(rev);
+            // Another gateway may take over its prefixes.
+            if let Some(before) = before {
+                self.routes_changed(&before, rev);
+            }
         }
+    }
+
+    /// Adds (or replaces) a route at revision `rev`.
+    pub fn put_route(&mut self, route: RouteRecord, rev: Revision) {
+        let before = self.primaries();
+        self.routes.insert(route.id.clone(), route);
+        self.routes_changed(&before, rev);
+    }
+
+    pub fn delete_route(&mut self, id: &str, rev: Revision) {
+        let before = self.primaries();
+        if self.routes.remove(id).is_some() {
+            self.routes_changed(&before, rev);
+        }
+    }
+
+    /// The routes in force: per prefix, the oldest route (then the lowest id) whose gateway is
+    /// a peer. Pure over the state, so every replica picks the same.
+    fn primaries(&self) -> BTreeMap<String, (String, String)> {
+        let mut best: BTreeMap<String, &RouteRecord> = BTreeMap::new();
+        for r in self
+            .routes
+            .values()
+            .filter(|r| self.peers.contains_key(&r.peer_id))
+        {
+            let key = (r.created_at_unix, &r.id);
+            match best.get(&r.prefix) {
+                Some(b) if (b.created_at_unix, &b.id) <= key => {}
+                _ => {
+                    best.insert(r.prefix.clone(), r);
+                }
+            }
+        }
+        best.into_iter()
+            .map(|(p, r)| (p, (r.peer_id.clone(), r.id.clone())))
+            .collect()
+    }
+
+    /// Whether route `id` carries its prefix now.
+    pub fn is_primary(&self, id: &str) -> bool {
+        self.primaries().values().any(|(_, r)| r == id)
+    }
+
+    /// The prefixes `peer` carries now.
+    fn routes_of(&self, peer: &str) -> Vec<String> {
+        let p = self.primaries();
+        p.into_iter()
+            .filter(|(_, (g, _))| g == peer)
+            .map(|(prefix, _)| prefix)
+            .collect()
+    }
+
+    /// Marks the gateways whose primary routes changed as changed at `rev`: their entries in
+    /// every map (allowed IPs) and their own maps (the routes they forward) follow.
+    fn routes_changed(&mut self, before: &BTreeMap<String, (String, String)>, rev: Revision) {
+        let after = self.primaries();
+        let mut gateways = BTreeSet::new();
+        for prefix in before.keys().chain(after.keys()) {
+            let (b, a) = (
+                before.get(prefix).map(|x| &x.0),
+                after.get(prefix).map(|x| &x.0),
+            );
+            if b != a {
+                gateways.extend(b.cloned());
+                gateways.extend(a.cloned());
+            }
+        }
+        for id in gateways {
+            if let Some(e) = self.peers.get_mut(&id) {
+                self.by_revision.remove(&(e.rev, id.clone()));
+                e.rev = rev;
+                e.routes_rev = rev;
+                self.by_revision.insert((rev, id));
+            }
+        }
+        self.revision = self.revision.max(rev);
+    }
+
+    /// A peer as other peers' maps carry it: its addresses and the prefixes it carries.
+    fn remote(&self, p: &PeerRecord) -> RemotePeer {
+        let mut r = remote(p);
+        r.allowed_ips.extend(self.routes_of(&p.id));
+        r
     }
 
     /// The network's policy from revision `rev` on (`None`: no policy, everyone reaches
@@ -201,14 +295,14 @@ impl NetState {
         let (peers, policy) = match current {
             None => {
                 let others = self.peers.values().filter(|e| e.record.id != self_id);
-                (others.map(|e| remote(&e.record)).collect(), None)
+                (others.map(|e| self.remote(&e.record)).collect(), None)
             }
             Some(p) => {
                 let part = compile::part(p, self, &me.view());
                 let ids = self.ids_of(part.visible, self_id);
                 let visible = ids.iter().filter_map(|id| self.peers.get(id));
                 (
-                    visible.map(|e| remote(&e.record)).collect(),
+                    visible.map(|e| self.remote(&e.record)).collect(),
                     Some(policy_part(&part.inbound)),
                 )
             }
@@ -222,6 +316,7 @@ impl NetState {
             cidrs: self.network.cidrs.clone(),
             peers,
             policy,
+            routes: self.routes_of(self_id),
         })
     }
 
@@ -237,7 +332,9 @@ impl NetState {
             // More than one policy change since `base`: what it holds is not remembered.
             || (policy_changed && pol.previous_rev > base)
             // Its own tags changed under a policy: its whole part may have.
-            || (me.tags_rev > base && (pol.current.is_some() || policy_changed));
+            || (me.tags_rev > base && (pol.current.is_some() || policy_changed))
+            // The routes it forwards changed: a full map says which.
+            || me.routes_rev > base;
         if full {
             return self.full_map(self_id, at).map(Update::Full);
         }
@@ -247,7 +344,7 @@ impl NetState {
         let mut removed = Vec::new();
         for (_, id) in self.by_revision.range((base + 1, String::new())..) {
             match self.peers.get(id) {
-                Some(q) if id != self_id && sees(q) => upserted.push(remote(&q.record)),
+                Some(q) if id != self_id && sees(q) => upserted.push(self.remote(&q.record)),
                 // Hidden now. Unless the policy or its tags changed, it was hidden at `base`
                 // too: nothing to say (an endpoint change of a peer it cannot see is silent).
                 Some(q) if id != self_id && (policy_changed || q.tags_rev > base) => {
@@ -271,7 +368,7 @@ impl NetState {
                 let (before, now) = (self.ids_of(before, self_id), self.ids_of(now, self_id));
                 let unchanged = |id: &&String| self.peers.get(*id).is_some_and(|q| q.rev <= base);
                 for id in now.difference(&before).filter(unchanged) {
-                    upserted.push(remote(&self.peers[id].record));
+                    upserted.push(self.remote(&self.peers[id].record));
                 }
                 removed.extend(before.difference(&now).filter(unchanged).cloned());
             }
@@ -339,189 +436,4 @@ fn policy_part(inbound: &[Inbound]) -> PolicyPart {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use canopy_proto::netmap::apply_delta;
-    use proptest::prelude::*;
-
-    fn peer(i: u8, endpoint_gen: u8) -> PeerRecord {
-        PeerRecord {
-            id: format!("peer_{i:02}"),
-            public_key: vec![i; 32],
-            addresses: vec![format!("100.64.0.{}/32", u16::from(i) + 1)],
-            endpoints: vec![format!("192.0.2.{i}:{}", 51820 + u16::from(endpoint_gen))],
-            ..Default::default()
-        }
-    }
-
-    #[derive(Clone, Debug)]
-    enum Change {
-        Put(u8, u8),
-        Delete(u8),
-        /// Peer i's tags become those of the bits (of a, b, c); i = 0 is the agent itself.
-        Tag(u8, u8),
-        /// The policy becomes POLICIES[i], or none.
-        Policy(Option<usize>),
-    }
-
-    const POLICIES: [&str; 4] = [
-        "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"tag:a\"]\nto = [\"tag:b\"]\nproto = \"tcp\"\nports = [\"5432\"]\n",
-        "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"tag:c\"]\n",
-        "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"peer_00\", \"tag:b\"]\nto = [\"100.64.0.0/29\"]\nproto = \"icmp\"\n",
-        "",
-    ];
-
-    fn change() -> impl Strategy<Value = Change> {
-        prop_oneof![
-            (1u8..12, 0u8..3).prop_map(|(i, g)| Change::Put(i, g)),
-            (1u8..12).prop_map(Change::Delete),
-            (0u8..12, 0u8..8).prop_map(|(i, t)| Change::Tag(i, t)),
-            proptest::option::of(0..POLICIES.len()).prop_map(Change::Policy),
-        ]
-    }
-
-    fn apply(s: &mut NetState, c: &Change, rev: Revision) {
-        match c {
-            Change::Put(i, g) => {
-                let mut p = peer(*i, *g);
-                p.tags = s
-                    .peer(&p.id)
-                    .map(|old| old.tags.clone())
-                    .unwrap_or_default();
-                s.put_peer(p, rev);
-            }
-            Change::Delete(i) => s.delete_peer(&format!("peer_{i:02}"), rev),
-            Change::Tag(i, bits) => {
-                if let Some(mut p) = s.peer(&format!("peer_{i:02}")).cloned() {
-                    p.tags = ["a", "b", "c"]
-                        .iter()
-                        .enumerate()
-                        .filter(|(k, _)| bits & (1 << k) != 0)
-                        .map(|(_, t)| t.to_string())
-                        .collect();
-                    s.put_peer(p, rev);
-                }
-            }
-            Change::Policy(p) => {
-                let policy = p.map(|i| crate::policy::parse(POLICIES[i]).unwrap());
-                s.set_policy(policy, rev);
-            }
-        }
-    }
-
-    #[test]
-    fn a_removed_peer_gets_no_map() {
-        let mut s = NetState::new(NetworkRecord::default(), 0);
-        s.put_peer(peer(0, 0), 1);
-        s.delete_peer("peer_00", 2);
-        assert_eq!(s.update_since("peer_00", 1, 2), None);
-    }
-
-    #[test]
-    fn a_base_older_than_the_tombstone_history_gets_a_full_map() {
-        let mut s = NetState::new(NetworkRecord::default(), 0);
-        s.put_peer(peer(0, 0), 1);
-        let mut rev = 1;
-        for i in 0..(TOMBSTONES + 5) {
-            rev += 1;
-            let mut p = peer(1, 0);
-            p.id = format!("tmp_{i}");
-            s.put_peer(p.clone(), rev);
-            rev += 1;
-            s.delete_peer(&p.id, rev);
-        }
-        assert!(matches!(
-            s.update_since("peer_00", 2, rev),
-            Some(Update::Full(_))
-        ));
-        assert!(matches!(
-            s.update_since("peer_00", rev - 2, rev),
-            Some(Update::Delta(_))
-        ));
-    }
-
-    proptest! {
-        /// For any history (peers joining, leaving, changing endpoints and tags, the policy
-        /// changing), the update from any earlier revision applied to the map at that revision
-        /// equals the full map now; and it is a delta unless the agent's own tags changed
-        /// under a policy or the policy changed twice.
-        #[test]
-        fn delta_applied_to_old_map_equals_new_full_map(
-            before in proptest::collection::vec(change(), 0..20),
-            after in proptest::collection::vec(change(), 0..20),
-        ) {
-            let mut s = NetState::new(NetworkRecord::default(), 0);
-            s.put_peer(peer(0, 0), 1);
-            let mut rev = 1;
-            for c in &before { rev += 1; apply(&mut s, c, rev); }
-            let base = rev;
-            let mut old = s.full_map("peer_00", base).unwrap();
-            for c in &after { rev += 1; apply(&mut s, c, rev); }
-            let now = s.full_map("peer_00", rev).unwrap();
-            let policy_changes = after.iter().filter(|c| matches!(c, Change::Policy(_))).count();
-            let own_tags = after.iter().any(|c| matches!(c, Change::Tag(0, _)));
-            match s.update_since("peer_00", base, rev).unwrap() {
-                Update::Delta(d) => {
-                    apply_delta(&mut old, &d).unwrap();
-                    prop_assert_eq!(old, now);
-                }
-                Update::Full(m) => {
-                    prop_assert!(policy_changes > 1 || own_tags, "a full map for {after:?}");
-                    prop_assert_eq!(m, now);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_policy_change_sends_each_agent_only_the_peers_it_gains_or_loses() {
-        let mut s = NetState::new(NetworkRecord::default(), 0);
-        let tags = ["a", "b", "c", "", "", "", "", ""];
-        for i in 0..8u8 {
-            let mut p = peer(i, 0);
-            p.tags = (!tags[usize::from(i)].is_empty())
-                .then(|| tags[usize::from(i)].to_string())
-                .into_iter()
-                .collect();
-            s.put_peer(p, i64::from(i) + 1);
-        }
-        s.set_policy(Some(crate::policy::parse(POLICIES[0]).unwrap()), 10);
-        // a → b on tcp/5432: peer_00 (a) sees only peer_01 (b).
-        let m = s.full_map("peer_00", 10).unwrap();
-        let ids: Vec<&str> = m.peers.iter().map(|p| p.peer_id.as_str()).collect();
-        assert_eq!(ids, ["peer_01"]);
-        assert_eq!(
-            m.policy.unwrap().inbound.len(),
-            0,
-            "nobody may open anything on a"
-        );
-        let lone = s.full_map("peer_05", 10).unwrap();
-        assert!(lone.peers.is_empty() && lone.policy.is_some());
-        // Now everyone may reach c: peer_05 gains c only; peer_00 gains c, keeps b? no: loses b.
-        s.set_policy(Some(crate::policy::parse(POLICIES[1]).unwrap()), 11);
-        let Some(Update::Delta(d)) = s.update_since("peer_05", 10, 11) else {
-            panic!("a delta");
-        };
-        let up: Vec<&str> = d.upserted.iter().map(|p| p.peer_id.as_str()).collect();
-        assert_eq!((up, d.removed.len()), (vec!["peer_02"], 0));
-        let Some(Update::Delta(d)) = s.update_since("peer_00", 10, 11) else {
-            panic!("a delta");
-        };
-        let up: Vec<&str> = d.upserted.iter().map(|p| p.peer_id.as_str()).collect();
-        assert_eq!(
-            (up, d.removed),
-            (vec!["peer_02"], vec!["peer_01".to_string()])
-        );
-        // An endpoint change of a peer peer_05 may not see reaches peer_05 as nothing.
-        s.put_peer(peer(1, 2), 12);
-        let Some(Update::Delta(d)) = s.update_since("peer_05", 11, 12) else {
-            panic!("a delta");
-        };
-        assert!(d.upserted.is_empty() && !d.policy_changed);
-        assert_eq!(
-            d.removed,
-            ["peer_01"],
-            "(told again that it is not in its map: harmless)"
-        );
-    }
-}
+mod tests;

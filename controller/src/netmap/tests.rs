@@ -1,0 +1,255 @@
+use super::*;
+use canopy_proto::netmap::apply_delta;
+use proptest::prelude::*;
+
+fn peer(i: u8, endpoint_gen: u8) -> PeerRecord {
+    PeerRecord {
+        id: format!("peer_{i:02}"),
+        public_key: vec![i; 32],
+        addresses: vec![format!("100.64.0.{}/32", u16::from(i) + 1)],
+        endpoints: vec![format!("192.0.2.{i}:{}", 51820 + u16::from(endpoint_gen))],
+        ..Default::default()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Change {
+    Put(u8, u8),
+    Delete(u8),
+    /// Peer i's tags become those of the bits (of a, b, c); i = 0 is the agent itself.
+    Tag(u8, u8),
+    /// The policy becomes POLICIES[i], or none.
+    Policy(Option<usize>),
+    /// Peer i advertises prefix k (of 3).
+    Route(u8, u8),
+    /// The k-th route (if any) is withdrawn.
+    Unroute(usize),
+}
+
+const POLICIES: [&str; 4] = [
+    "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"tag:a\"]\nto = [\"tag:b\"]\nproto = \"tcp\"\nports = [\"5432\"]\n",
+    "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"tag:c\"]\n",
+    "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"peer_00\", \"tag:b\"]\nto = [\"100.64.0.0/29\"]\nproto = \"icmp\"\n",
+    "",
+];
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        (1u8..12, 0u8..3).prop_map(|(i, g)| Change::Put(i, g)),
+        (1u8..12).prop_map(Change::Delete),
+        (0u8..12, 0u8..8).prop_map(|(i, t)| Change::Tag(i, t)),
+        proptest::option::of(0..POLICIES.len()).prop_map(Change::Policy),
+        (0u8..12, 0u8..3).prop_map(|(i, k)| Change::Route(i, k)),
+        (0usize..4).prop_map(Change::Unroute),
+    ]
+}
+
+fn apply(s: &mut NetState, c: &Change, rev: Revision) {
+    match c {
+        Change::Put(i, g) => {
+            let mut p = peer(*i, *g);
+            p.tags = s
+                .peer(&p.id)
+                .map(|old| old.tags.clone())
+                .unwrap_or_default();
+            s.put_peer(p, rev);
+        }
+        Change::Delete(i) => s.delete_peer(&format!("peer_{i:02}"), rev),
+        Change::Tag(i, bits) => {
+            if let Some(mut p) = s.peer(&format!("peer_{i:02}")).cloned() {
+                p.tags = ["a", "b", "c"]
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| bits & (1 << k) != 0)
+                    .map(|(_, t)| t.to_string())
+                    .collect();
+                s.put_peer(p, rev);
+            }
+        }
+        Change::Policy(p) => {
+            let policy = p.map(|i| crate::policy::parse(POLICIES[i]).unwrap());
+            s.set_policy(policy, rev);
+        }
+        Change::Route(i, k) => {
+            let id = format!("peer_{i:02}");
+            if s.peer(&id).is_some() {
+                let r = RouteRecord {
+                    id: format!("route_{rev:04}"),
+                    peer_id: id,
+                    prefix: format!("10.{k}.0.0/16"),
+                    created_at_unix: rev,
+                    ..Default::default()
+                };
+                s.put_route(r, rev);
+            }
+        }
+        Change::Unroute(k) => {
+            if let Some(id) = s.routes.keys().nth(*k).cloned() {
+                s.delete_route(&id, rev);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_removed_peer_gets_no_map() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    s.put_peer(peer(0, 0), 1);
+    s.delete_peer("peer_00", 2);
+    assert_eq!(s.update_since("peer_00", 1, 2), None);
+}
+
+#[test]
+fn a_base_older_than_the_tombstone_history_gets_a_full_map() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    s.put_peer(peer(0, 0), 1);
+    let mut rev = 1;
+    for i in 0..(TOMBSTONES + 5) {
+        rev += 1;
+        let mut p = peer(1, 0);
+        p.id = format!("tmp_{i}");
+        s.put_peer(p.clone(), rev);
+        rev += 1;
+        s.delete_peer(&p.id, rev);
+    }
+    assert!(matches!(
+        s.update_since("peer_00", 2, rev),
+        Some(Update::Full(_))
+    ));
+    assert!(matches!(
+        s.update_since("peer_00", rev - 2, rev),
+        Some(Update::Delta(_))
+    ));
+}
+
+proptest! {
+    /// For any history (peers joining, leaving, changing endpoints and tags, the policy
+    /// changing), the update from any earlier revision applied to the map at that revision
+    /// equals the full map now; and it is a delta unless the agent's own tags changed
+    /// under a policy or the policy changed twice.
+    #[test]
+    fn delta_applied_to_old_map_equals_new_full_map(
+        before in proptest::collection::vec(change(), 0..20),
+        after in proptest::collection::vec(change(), 0..20),
+    ) {
+        let mut s = NetState::new(NetworkRecord::default(), 0);
+        s.put_peer(peer(0, 0), 1);
+        let mut rev = 1;
+        for c in &before { rev += 1; apply(&mut s, c, rev); }
+        let base = rev;
+        let mut old = s.full_map("peer_00", base).unwrap();
+        for c in &after { rev += 1; apply(&mut s, c, rev); }
+        let now = s.full_map("peer_00", rev).unwrap();
+        let policy_changes = after.iter().filter(|c| matches!(c, Change::Policy(_))).count();
+        let own_tags = after.iter().any(|c| matches!(c, Change::Tag(0, _)));
+        let own_routes = base < s.peers.get("peer_00").map_or(0, |e| e.routes_rev);
+        match s.update_since("peer_00", base, rev).unwrap() {
+            Update::Delta(d) => {
+                apply_delta(&mut old, &d).unwrap();
+                prop_assert_eq!(old, now);
+            }
+            Update::Full(m) => {
+                prop_assert!(policy_changes > 1 || own_tags || own_routes, "a full map for {after:?}");
+                prop_assert_eq!(m, now);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_routes_prefix_goes_to_its_oldest_gateway_and_moves_when_that_one_leaves() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    for i in 0..3u8 {
+        s.put_peer(peer(i, 0), i64::from(i) + 1);
+    }
+    let route = |id: &str, gw: &str, at: i64| RouteRecord {
+        id: id.into(),
+        peer_id: gw.into(),
+        prefix: "10.20.0.0/16".into(),
+        created_at_unix: at,
+        ..Default::default()
+    };
+    s.put_route(route("route_a", "peer_01", 10), 10);
+    s.put_route(route("route_b", "peer_02", 11), 11);
+    let allowed = |m: &NetworkMap, id: &str| {
+        m.peers
+            .iter()
+            .find(|p| p.peer_id == id)
+            .unwrap()
+            .allowed_ips
+            .clone()
+    };
+    let m = s.full_map("peer_00", 11).unwrap();
+    assert_eq!(allowed(&m, "peer_01"), ["100.64.0.2/32", "10.20.0.0/16"]);
+    assert_eq!(
+        allowed(&m, "peer_02"),
+        ["100.64.0.3/32"],
+        "the second gateway stands by"
+    );
+    assert_eq!(s.full_map("peer_01", 11).unwrap().routes, ["10.20.0.0/16"]);
+    assert!(s.full_map("peer_02", 11).unwrap().routes.is_empty());
+    // The primary leaves: the other takes the prefix, and a client hears it as a delta.
+    s.delete_peer("peer_01", 12);
+    let Some(Update::Delta(d)) = s.update_since("peer_00", 11, 12) else {
+        panic!("a delta");
+    };
+    assert_eq!(d.removed, ["peer_01"]);
+    assert_eq!(d.upserted[0].allowed_ips, ["100.64.0.3/32", "10.20.0.0/16"]);
+    assert_eq!(s.full_map("peer_02", 12).unwrap().routes, ["10.20.0.0/16"]);
+    assert!(
+        matches!(s.update_since("peer_02", 11, 12), Some(Update::Full(_))),
+        "the new gateway's own map"
+    );
+}
+
+#[test]
+fn a_policy_change_sends_each_agent_only_the_peers_it_gains_or_loses() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    let tags = ["a", "b", "c", "", "", "", "", ""];
+    for i in 0..8u8 {
+        let mut p = peer(i, 0);
+        p.tags = (!tags[usize::from(i)].is_empty())
+            .then(|| tags[usize::from(i)].to_string())
+            .into_iter()
+            .collect();
+        s.put_peer(p, i64::from(i) + 1);
+    }
+    s.set_policy(Some(crate::policy::parse(POLICIES[0]).unwrap()), 10);
+    // a → b on tcp/5432: peer_00 (a) sees only peer_01 (b).
+    let m = s.full_map("peer_00", 10).unwrap();
+    let ids: Vec<&str> = m.peers.iter().map(|p| p.peer_id.as_str()).collect();
+    assert_eq!(ids, ["peer_01"]);
+    assert_eq!(
+        m.policy.unwrap().inbound.len(),
+        0,
+        "nobody may open anything on a"
+    );
+    let lone = s.full_map("peer_05", 10).unwrap();
+    assert!(lone.peers.is_empty() && lone.policy.is_some());
+    // Now everyone may reach c: peer_05 gains c only; peer_00 gains c, keeps b? no: loses b.
+    s.set_policy(Some(crate::policy::parse(POLICIES[1]).unwrap()), 11);
+    let Some(Update::Delta(d)) = s.update_since("peer_05", 10, 11) else {
+        panic!("a delta");
+    };
+    let up: Vec<&str> = d.upserted.iter().map(|p| p.peer_id.as_str()).collect();
+    assert_eq!((up, d.removed.len()), (vec!["peer_02"], 0));
+    let Some(Update::Delta(d)) = s.update_since("peer_00", 10, 11) else {
+        panic!("a delta");
+    };
+    let up: Vec<&str> = d.upserted.iter().map(|p| p.peer_id.as_str()).collect();
+    assert_eq!(
+        (up, d.removed),
+        (vec!["peer_02"], vec!["peer_01".to_string()])
+    );
+    // An endpoint change of a peer peer_05 may not see reaches peer_05 as nothing.
+    s.put_peer(peer(1, 2), 12);
+    let Some(Update::Delta(d)) = s.update_since("peer_05", 11, 12) else {
+        panic!("a delta");
+    };
+    assert!(d.upserted.is_empty() && !d.policy_changed);
+    assert_eq!(
+        d.removed,
+        ["peer_01"],
+        "(told again that it is not in its map: harmless)"
+    );
+}
