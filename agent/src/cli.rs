@@ -70,6 +70,10 @@ struct IfaceOpts {
     /// More controller replicas (https://HOST:PORT) to fail over to, after the join string's.
     #[arg(long = "controller")]
     controllers: Vec<String>,
+    /// As a site gateway, do not masquerade overlay sources: the site's router then needs a
+    /// route to the overlay's CIDRs via this host.
+    #[arg(long)]
+    no_masquerade: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -386,7 +390,7 @@ async fn join(
     };
     let dp = Arc::new(start_on_port(spec, iface.listen_port, state.listen_port()?).await?);
     state.save_listen_port(dp.listen_port())?;
-    let mut sink = ControllerSink::new(dp.clone());
+    let mut sink = ControllerSink::new(dp.clone(), !iface.no_masquerade);
     // The last map takes effect at once: the overlay works even while the controller is away.
     sink.apply(&map, None)
         .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;

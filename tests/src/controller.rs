@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::netns::{Lab, bin};
+use std::path::PathBuf;
+
+use crate::netns::{Host, Lab, bin};
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -110,4 +112,59 @@ pub fn network_with_token(con: &Console, name: &str, cidr: &str, uses: u32) -> S
     let uses = uses.to_string();
     let join = con.ok(&["token", "create", "--network", name, "--uses", &uses]);
     join.trim().to_string()
+}
+
+/// A joined agent in a host namespace of a lab.
+pub struct Node {
+    pub host: Host,
+    pub state: PathBuf,
+    pub iface: String,
+}
+
+/// Starts `canopy-agent join` as `name` on host `n` with interface `<lab id><name>`.
+pub fn start_agent(lab: &Lab, dir: &Path, join: &str, name: &str, n: u8) -> Node {
+    start_agent_with(lab, dir, join, name, n, &[])
+}
+
+/// [`start_agent`] with more `join` flags.
+pub fn start_agent_with(
+    lab: &Lab,
+    dir: &Path,
+    join: &str,
+    name: &str,
+    n: u8,
+    extra: &[&str],
+) -> Node {
+    let host = lab.host(n);
+    let (state, iface) = (dir.join(name), format!("{}{name}", lab.id));
+    let agent = bin("canopy-agent");
+    let args = [
+        agent.to_str().unwrap(),
+        "join",
+        join,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--interface",
+        &iface,
+        "--hostname",
+        name,
+    ];
+    lab.spawn(
+        &host.ns,
+        &[&args[..], extra].concat(),
+        &dir.join(format!("{name}.log")),
+    );
+    Node { host, state, iface }
+}
+
+/// The hostnames an agent sees, sorted (`None` when its status cannot be read).
+pub fn peers_seen(lab: &Lab, n: &Node) -> Option<Vec<String>> {
+    let s = status(lab, &n.host.ns, &n.state)?;
+    let peers = s["peers"].as_array()?;
+    let mut names: Vec<String> = peers
+        .iter()
+        .filter_map(|p| Some(p["hostname"].as_str()?.to_string()))
+        .collect();
+    names.sort();
+    Some(names)
 }

@@ -3,11 +3,11 @@
 //! agents' engines. TCP through the tunnel with python3 sockets. Needs root.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use canopy_tests::controller::*;
-use canopy_tests::netns::{Host, Lab, bin};
+use canopy_tests::netns::Lab;
 
 use canopy_tests::WEB_DB_POLICY as POLICY;
 
@@ -47,42 +47,6 @@ while time.time() < end:
     print(("ok" if ok else "fail"), time.time(), flush=True)
     time.sleep(0.1)
 "#;
-
-struct Node {
-    host: Host,
-    state: PathBuf,
-    iface: String,
-}
-
-fn start_agent(lab: &Lab, dir: &Path, join: &str, name: &str, n: u8) -> Node {
-    let host = lab.host(n);
-    let (state, iface) = (dir.join(name), format!("{}{name}", lab.id));
-    let agent = bin("canopy-agent");
-    let args = [
-        agent.to_str().unwrap(),
-        "join",
-        join,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--interface",
-        &iface,
-        "--hostname",
-        name,
-    ];
-    lab.spawn(&host.ns, &args, &dir.join(format!("{name}.log")));
-    Node { host, state, iface }
-}
-
-fn peers_seen(lab: &Lab, n: &Node) -> Option<Vec<String>> {
-    let s = status(lab, &n.host.ns, &n.state)?;
-    let peers = s["peers"].as_array()?;
-    let mut names: Vec<String> = peers
-        .iter()
-        .filter_map(|p| Some(p["hostname"].as_str()?.to_string()))
-        .collect();
-    names.sort();
-    Some(names)
-}
 
 /// Whether a TCP connection from `from` to `addr:port` opens within 2 s.
 fn connects(lab: &Lab, from: &Node, addr: &str, port: u16) -> bool {

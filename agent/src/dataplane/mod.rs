@@ -9,6 +9,7 @@
 //! interface and its routes vanish when the agent stops, because the TUN device is not
 //! persistent.
 
+mod gateway;
 mod net;
 mod netlink;
 mod pump;
@@ -102,6 +103,8 @@ struct Shared {
     stop: AtomicBool,
     /// Becomes true when the interface is deleted under us (`ip link del`, `wg-quick down`).
     gone: tokio::sync::watch::Sender<bool>,
+    /// What this node set up to forward routed prefixes into its site.
+    gateway: Mutex<gateway::Gateway>,
 }
 
 impl Shared {
@@ -308,6 +311,7 @@ impl Dataplane {
             routes: Mutex::new(BTreeSet::new()),
             stop: AtomicBool::new(false),
             gone: tokio::sync::watch::Sender::new(false),
+            gateway: Mutex::new(gateway::Gateway::default()),
         });
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
@@ -393,6 +397,17 @@ impl Dataplane {
         (e.drops, peers)
     }
 
+    /// Forwards `prefixes` into this node's site (none: stop), masquerading overlay sources
+    /// unless `masquerade` is false.
+    pub fn set_gateway(&self, prefixes: &[IpNetwork], masquerade: bool) -> std::io::Result<()> {
+        let mut g = self
+            .shared
+            .gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        g.set(&self.shared.name, prefixes, masquerade)
+    }
+
     /// Puts the access policy's per-peer rules in force (`None`: no policy).
     pub fn set_policy(&self, rules: Option<HashMap<[u8; 32], Vec<crate::engine::filter::Allow>>>) {
         self.shared.engine().set_policy(rules);
@@ -412,6 +427,11 @@ impl Dataplane {
 
     pub async fn stop(mut self) {
         self.uapi.abort();
+        self.shared
+            .gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .undo();
         self.shared.stop.store(true, Ordering::Relaxed);
         // Wakes the thread waiting on the socket now rather than at its next stop check, so
         // the port is free as soon as this returns (`wg-quick down; wg-quick up` rebinds it).
@@ -434,6 +454,11 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.uapi.abort();
+        self.shared
+            .gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .undo();
         self.shared.stop.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_file(&self.uapi_path);
     }

@@ -17,13 +17,16 @@ use crate::engine::filter::{Allow, Proto};
 pub struct ControllerSink {
     dp: Arc<Dataplane>,
     peers: MapPeers,
+    /// As a gateway, masquerade overlay sources going into the site.
+    masquerade: bool,
 }
 
 impl ControllerSink {
-    pub fn new(dp: Arc<Dataplane>) -> Self {
+    pub fn new(dp: Arc<Dataplane>, masquerade: bool) -> Self {
         Self {
             dp,
             peers: MapPeers::default(),
+            masquerade,
         }
     }
 }
@@ -37,6 +40,10 @@ impl MapSink for ControllerSink {
         let (set, remove) = self.peers.changes(map, delta, &self.dp.peer_keys());
         self.dp.update_peers(set, &remove)?;
         self.dp.set_policy(policy_rules(map));
+        let routes: Vec<IpNetwork> = map.routes.iter().filter_map(|r| r.parse().ok()).collect();
+        if let Err(e) = self.dp.set_gateway(&routes, self.masquerade) {
+            tracing::warn!(error = %e, routes = ?map.routes, "could not set up forwarding for the routes this node carries");
+        }
         Ok(())
     }
 }
@@ -123,6 +130,13 @@ impl MapPeers {
 /// against them here.
 pub fn policy_rules(map: &NetworkMap) -> Option<HashMap<[u8; 32], Vec<Allow>>> {
     let part = map.policy.as_ref()?;
+    // A rule without destinations is about this node's own addresses, never about a site it
+    // forwards to.
+    let own: Vec<IpNetwork> = map
+        .addresses
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let takes = |r: &InboundRule, p: &RemotePeer| {
         r.from_any
             || r.from_peers.contains(&p.peer_id)
@@ -141,11 +155,15 @@ pub fn policy_rules(map: &NetworkMap) -> Option<HashMap<[u8; 32], Vec<Allow>>> {
             .ports
             .iter()
             .map(|p| Some((port(p.first)?, port(p.last)?)));
-        let dst = r.dst.iter().map(|d| d.parse().ok());
+        let dst: Vec<IpNetwork> = r
+            .dst
+            .iter()
+            .map(|d| d.parse().ok())
+            .collect::<Option<_>>()?;
         Some(Allow {
             proto,
             ports: ports.collect::<Option<_>>()?,
-            dst: dst.collect::<Option<_>>()?,
+            dst: if dst.is_empty() { own.clone() } else { dst },
         })
     };
     let mut out = HashMap::new();

@@ -1,0 +1,179 @@
+//! Sites: a client reaches a host in a site (10.20.0.0/24) behind a gateway peer, through the
+//! overlay, with `canopy route advertise`; and stops reaching it when the route is withdrawn.
+//! `canopy serve` in the hub, agents on real TUN devices, the site a namespace of its own
+//! behind the gateway's second interface. Needs root (and nft for masquerade).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use canopy_tests::controller::*;
+use canopy_tests::netns::{Host, Lab};
+use canopy_tests::overlay::transfer_intact;
+
+/// Host `site` behind `gw`: a veth pair, the gateway at 10.20.0.1/24 and the site host at
+/// 10.20.0.5/24, and with `return_route` the site's route back to the overlay via the gateway
+/// (what a site router needs without masquerade).
+fn site_behind(lab: &Lab, gw: &Host, site: &Host, return_route: Option<&str>) {
+    let (a, b) = (format!("{}gs", lab.id), format!("{}sg", lab.id));
+    let run = |ns: &str, cmd: &[&str]| {
+        let out = lab.run(ns, cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        &gw.ns,
+        &[
+            "ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &site.ns,
+        ],
+    );
+    run(&gw.ns, &["ip", "addr", "add", "10.20.0.1/24", "dev", &a]);
+    run(&gw.ns, &["ip", "link", "set", &a, "up"]);
+    run(&site.ns, &["ip", "addr", "add", "10.20.0.5/24", "dev", &b]);
+    run(&site.ns, &["ip", "link", "set", &b, "up"]);
+    if let Some(overlay) = return_route {
+        run(
+            &site.ns,
+            &["ip", "route", "add", overlay, "via", "10.20.0.1"],
+        );
+    }
+}
+
+/// A controller, network "sites" (100.64.10.0/24), a client on host 1 and a gateway on host 2
+/// (joined with `gw_flags`), seeing each other; the site host is host 3.
+fn client_gateway_site<'a>(
+    lab: &'a Lab,
+    dir: &'a Path,
+    data: &'a Path,
+    gw_flags: &[&str],
+) -> (Console<'a>, Node, Node, Host) {
+    let con = controller(lab, dir, data);
+    con.ok(&["network", "create", "sites", "--cidr", "100.64.10.0/24"]);
+    let join = || {
+        con.ok(&["token", "create", "--network", "sites"])
+            .trim()
+            .to_string()
+    };
+    let client = start_agent(lab, dir, &join(), "client", 1);
+    let gw = start_agent_with(lab, dir, &join(), "gw", 2, gw_flags);
+    for n in [&client, &gw] {
+        wait_until("both agents to see each other", || {
+            peers_seen(lab, n).is_some_and(|p| p.len() == 1)
+        });
+    }
+    (con, client, gw, lab.host(3))
+}
+
+fn gateway_peer_id(lab: &Lab, gw: &Node) -> String {
+    status(lab, &gw.host.ns, &gw.state).unwrap()["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_client_reaches_a_site_through_its_gateway_and_not_once_the_route_is_withdrawn() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let (con, client, gw, site) = client_gateway_site(&lab, dir.path(), &data, &[]);
+    site_behind(&lab, &gw.host, &site, None);
+    assert!(
+        !lab.ping(&client.host.ns, "10.20.0.5", Duration::from_secs(1)),
+        "no route yet"
+    );
+
+    let out = con.ok(&[
+        "route",
+        "advertise",
+        "--peer",
+        &gateway_peer_id(&lab, &gw),
+        "10.20.0.0/24",
+        "--json",
+    ]);
+    let route: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(route[0]["primary"], true, "{out}");
+    assert!(
+        lab.ping(&client.host.ns, "10.20.0.5", WAIT),
+        "client → site through the gateway"
+    );
+    transfer_intact(
+        &lab,
+        &client.host.ns,
+        &site.ns,
+        "10.20.0.5",
+        8,
+        "client → site",
+    );
+    let tables = |n: &Node| {
+        String::from_utf8_lossy(&lab.run(&n.host.ns, &["nft", "list", "tables"]).stdout)
+            .into_owned()
+    };
+    assert!(
+        tables(&gw).contains("canopy_gw_"),
+        "the gateway's masquerade table: {}",
+        tables(&gw)
+    );
+    let routes = lab.run(&client.host.ns, &["ip", "route"]);
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).contains("10.20.0.0/24 dev"),
+        "the client's kernel route"
+    );
+
+    // Withdrawn: the client stops reaching the site within a second.
+    con.ok(&["route", "remove", route[0]["id"].as_str().unwrap()]);
+    let t = Instant::now();
+    wait_until("the route to leave the client's interface", || {
+        !lab.wg(&client.host.ns, &client.iface, "allowed-ips")
+            .contains("10.20.0.0/24")
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "withdrawn after {:?}",
+        t.elapsed()
+    );
+    assert!(!lab.ping(&client.host.ns, "10.20.0.5", Duration::from_secs(1)));
+    wait_until("the gateway to remove its table", || {
+        !tables(&gw).contains("canopy_gw_")
+    });
+}
+
+/// Without masquerade the site sees the client's overlay address and routes replies back
+/// through the gateway itself.
+#[test]
+fn without_masquerade_the_site_routes_back_to_the_overlay() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let (con, client, gw, site) =
+        client_gateway_site(&lab, dir.path(), &data, &["--no-masquerade"]);
+    site_behind(&lab, &gw.host, &site, Some("100.64.10.0/24"));
+    con.ok(&[
+        "route",
+        "advertise",
+        "--peer",
+        &gateway_peer_id(&lab, &gw),
+        "10.20.0.0/24",
+    ]);
+    assert!(
+        lab.ping(&client.host.ns, "10.20.0.5", WAIT),
+        "client → site, replies routed back"
+    );
+    let client_ip = addr(&status(&lab, &client.host.ns, &client.state).unwrap(), 0);
+    transfer_intact(
+        &lab,
+        &site.ns,
+        &client.host.ns,
+        &client_ip,
+        8,
+        "site → client: the site opens it",
+    );
+    let tables = lab.run(&gw.host.ns, &["nft", "list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("canopy_gw_"),
+        "no masquerade table"
+    );
+}
