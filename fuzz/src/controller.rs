@@ -104,7 +104,7 @@ async fn call_first(
     }
 }
 
-/// Requests 6-11: API tokens, audit, policy, tags, revocation.
+/// Requests 6-13: API tokens, audit, policy, tags, revocation, routes.
 async fn call_second(
     ctl: &canopy_controller::service::Controller,
     c: &canopy_controller::service::Caller,
@@ -142,6 +142,16 @@ async fn call_second(
                 let _ = ctl.list_audit(c, r.limit, &r.action, &r.object).await;
             }
         }
+        12 => {
+            if let Ok(r) = AdvertiseRouteRequest::decode(body) {
+                let _ = ctl.advertise_route(c, &r.peer_id, &r.prefix).await;
+            }
+        }
+        13 => {
+            if let Ok(r) = RemoveRouteRequest::decode(body) {
+                let _ = ctl.remove_route(c, &r.route_id).await;
+            }
+        }
         8 => {
             if let Ok(r) = RevokeJoinTokenRequest::decode(body) {
                 let _ = ctl.revoke_join_token(c, &r.token_id).await;
@@ -164,7 +174,7 @@ pub(crate) fn controller(data: &[u8]) {
         let ctl = &h.ctl;
         let c = caller();
         h.rt.block_on(async {
-            let op = op % 12;
+            let op = op % 14;
             if op < 6 {
                 call_first(ctl, &c, op, body).await;
             } else {
