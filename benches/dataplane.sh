@@ -5,10 +5,12 @@
 #   - UDP packets per second at 1400-byte datagrams with under 0.1 % loss (rate search);
 #   - ping round trip at idle and under a TCP load, and what the tunnel adds to raw veth's.
 # Prints a table and the ratios. Needs root.
-# Two more paths put Canopy behind its controller (`canopy serve` in A, both agents joined):
-# `managed` without a policy and `policy` with a 100-rule access policy whose rules all name
-# the sending peer, 99 of them for other ports (the worst case for the per-packet check);
-#   ONLY="managed policy" bash benches/dataplane.sh
+# Three more paths put Canopy behind its controller (`canopy serve` in A, both agents joined):
+# `managed` without a policy, `policy` with a 100-rule access policy whose rules all name the
+# sending peer, 99 of them for other ports (the worst case for the per-packet check), and
+# `gateway`: A to a host in a site namespace behind B (10.20.0.0/24, routed through B, which
+# forwards and masquerades);
+#   ONLY="managed policy gateway" bash benches/dataplane.sh
 #   RUNS=5 SECONDS_PER_RUN=5 ONLY="raw canopy" bash benches/dataplane.sh
 # CANOPY_AGENT=path runs that canopy-agent binary instead of this tree's (an older build, to
 # compare before and after a change, each against wireguard-go in its own run).
@@ -19,18 +21,20 @@ RUNS=${RUNS:-5}; SECS=${SECONDS_PER_RUN:-5}; ONLY=${ONLY:-raw canopy wggo bt}
 UDP_PROBES=${UDP_PROBES:-8}; UDP_SECS=${UDP_SECONDS:-3}
 bash deploy/install-deps.sh
 [ -n "${CANOPY_AGENT:-}" ] || cargo build --quiet --release -p canopy-agent
-[[ " $ONLY " != *" managed "* && " $ONLY " != *" policy "* ]] || cargo build --quiet --release -p canopy-controller
+[[ " $ONLY " != *" managed "* && " $ONLY " != *" policy "* && " $ONLY " != *" gateway "* ]] || cargo build --quiet --release -p canopy-controller
 canopy=$PWD/target/release/canopy
 tools=$PWD/target/bench-tools
 [ -x "$tools/bin/boringtun-cli" ] || cargo install --quiet boringtun-cli --version 0.7.1 --locked --root "$tools"
 agent=${CANOPY_AGENT:-$PWD/target/release/canopy-agent}
 work=$(mktemp -d /tmp/canopy-bench.XXXXXX)
-p=cbn$$; A=${p}a; B=${p}b
+p=cbn$$; A=${p}a; B=${p}b; S=${p}s
+SRV_NS=$B
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
+  ip netns del $S 2>/dev/null || true
   # wireguard-go and boringtun-cli leave their UAPI sockets behind when killed.
   rm -f /var/run/wireguard/${p}*.sock
   rm -rf "$work"
@@ -48,7 +52,7 @@ echo "$KA" > "$work/ka"; echo "$KB" > "$work/kb"; chmod 600 "$work/ka" "$work/kb
 
 py() { python3 -c "$@"; }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-server() { ip netns exec $B iperf3 -s -1 -D -p 5201 > /dev/null 2>&1; sleep 0.3; }
+server() { ip netns exec $SRV_NS iperf3 -s -1 -D -p 5201 > /dev/null 2>&1; sleep 0.3; }
 
 # One TCP run: Mbit/s received. Args: target, extra iperf3 flags.
 tcp_once() {
@@ -130,7 +134,7 @@ run_managed() {
   local data=$work/ctl-$1
   ip netns exec $A "$canopy" serve --listen 192.0.2.1:7443 --data-dir "$data" > "$work/serve-$1.log" 2>&1 & pids+=($!)
   for _ in $(seq 100); do [ -s "$data/admin-token" ] && break; sleep 0.1; done
-  local con=("$canopy" --server https://192.0.2.1:7443 --token "$(cat "$data/admin-token")" --ca "$data/ca.pem")
+  con=("$canopy" --server https://192.0.2.1:7443 --token "$(cat "$data/admin-token")" --ca "$data/ca.pem")
   for _ in $(seq 50); do ip netns exec $A "${con[@]}" network list > /dev/null 2>&1 && break; sleep 0.1; done
   ip netns exec $A "${con[@]}" network create bench --cidr 100.64.0.0/24 > /dev/null
   if [ "$1" = policy ]; then
@@ -152,6 +156,21 @@ run_managed() {
   for _ in $(seq 50); do ip netns exec $A ping -c 1 -W 1 "$to" > /dev/null 2>&1 && break; done
 }
 
+# The site behind B for the gateway path: namespace S at 10.20.0.5, B at 10.20.0.1, and the
+# route through B's agent. Sets $to to the site host.
+run_gateway() {
+  run_managed gateway
+  ip netns add $S; ip -n $S link set lo up
+  ip -n $B link add ${p}gs type veth peer name ${p}sg netns $S
+  ip -n $B addr add 10.20.0.1/24 dev ${p}gs; ip -n $B link set ${p}gs up
+  ip -n $S addr add 10.20.0.5/24 dev ${p}sg; ip -n $S link set ${p}sg up
+  local gw
+  gw=$(ip netns exec $B "$agent" status --json --state-dir "$work/gateway-b" | py "import json,sys; print(json.load(sys.stdin)['peer_id'])")
+  ip netns exec $A "${con[@]}" route advertise --peer "$gw" 10.20.0.0/24 > /dev/null
+  to=10.20.0.5; SRV_NS=$S
+  for _ in $(seq 50); do ip netns exec $A ping -c 1 -W 1 "$to" > /dev/null 2>&1 && break; done
+}
+
 for k in $ONLY; do
   echo "measuring $k..." >&2
   case $k in
@@ -166,12 +185,13 @@ for k in $ONLY; do
       measure canopy 10.9.0.2; stop_all ;;
     wggo) run_userspace g 51821 wireguard-go -f; measure wggo 10.9.0.2; stop_all ;;
     managed|policy) run_managed $k; measure $k "$to"; stop_all ;;
+    gateway) run_gateway; measure gateway "$to"; stop_all; SRV_NS=$B; ip netns del $S ;;
     bt) WG_SUDO=1 run_userspace t 51822 "$tools/bin/boringtun-cli" --foreground --disable-drop-privileges
         measure bt 10.9.0.2; stop_all ;;
   esac
 done
 
-name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; managed) echo "canopy managed";; policy) echo "canopy policy";; esac; }
+name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; managed) echo "canopy managed";; policy) echo "canopy policy";; gateway) echo "via a gateway";; esac; }
 ratio() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)/float(b):.2f}' if a and b and float(b) else '-')"; }
 added() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)-float(b):+.3f}' if a and b else '-')"; }
 echo
@@ -185,6 +205,12 @@ if [[ " $ONLY " == *" managed "* && " $ONLY " == *" policy "* ]]; then
   echo "policy vs managed (100 rules / none)"
   printf '%-16s %8s %8s %8s %8s %10s\n' "" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps"
   printf '%-16s %8s %8s %8s %8s %10s\n' "ratio" "$(ratio policy.t1 managed.t1)" "$(ratio policy.t1r managed.t1r)" "$(ratio policy.t4 managed.t4)" "$(ratio policy.t4r managed.t4r)" "$(ratio policy.pps managed.pps)"
+fi
+if [[ " $ONLY " == *" managed "* && " $ONLY " == *" gateway "* ]]; then
+  echo
+  echo "through a gateway vs direct (managed)"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "ratio" "$(ratio gateway.t1 managed.t1)" "$(ratio gateway.t1r managed.t1r)" "$(ratio gateway.t4 managed.t4)" "$(ratio gateway.t4r managed.t4r)" "$(ratio gateway.pps managed.pps)"
 fi
 if [[ " $ONLY " == *" canopy "* ]]; then
   echo
