@@ -15,6 +15,23 @@ use canopy_tests::overlay::transfer_intact;
 /// 10.20.0.5/24, and with `return_route` the site's route back to the overlay via the gateway
 /// (what a site router needs without masquerade).
 fn site_behind(lab: &Lab, gw: &Host, site: &Host, return_route: Option<&str>) {
+    site_behind_at(
+        lab,
+        gw,
+        site,
+        return_route,
+        ("10.20.0.1/24", "10.20.0.5/24"),
+    );
+}
+
+/// [`site_behind`] with other addresses for the gateway and the site host.
+fn site_behind_at(
+    lab: &Lab,
+    gw: &Host,
+    site: &Host,
+    return_route: Option<&str>,
+    (gw_addr, site_addr): (&str, &str),
+) {
     let (a, b) = (format!("{}gs", lab.id), format!("{}sg", lab.id));
     let run = |ns: &str, cmd: &[&str]| {
         let out = lab.run(ns, cmd);
@@ -30,15 +47,16 @@ fn site_behind(lab: &Lab, gw: &Host, site: &Host, return_route: Option<&str>) {
             "ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &site.ns,
         ],
     );
-    run(&gw.ns, &["ip", "addr", "add", "10.20.0.1/24", "dev", &a]);
+    run(&gw.ns, &["ip", "addr", "add", gw_addr, "dev", &a, "nodad"]);
     run(&gw.ns, &["ip", "link", "set", &a, "up"]);
-    run(&site.ns, &["ip", "addr", "add", "10.20.0.5/24", "dev", &b]);
+    run(
+        &site.ns,
+        &["ip", "addr", "add", site_addr, "dev", &b, "nodad"],
+    );
     run(&site.ns, &["ip", "link", "set", &b, "up"]);
     if let Some(overlay) = return_route {
-        run(
-            &site.ns,
-            &["ip", "route", "add", overlay, "via", "10.20.0.1"],
-        );
+        let via = gw_addr.split('/').next().unwrap();
+        run(&site.ns, &["ip", "route", "add", overlay, "via", via]);
     }
 }
 
@@ -175,5 +193,49 @@ fn without_masquerade_the_site_routes_back_to_the_overlay() {
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains("canopy_gw_"),
         "no masquerade table"
+    );
+}
+
+/// An IPv6 site (fd20::/64) behind the gateway of a dual-stack network, masqueraded.
+#[test]
+fn an_ipv6_site_is_reached_through_its_gateway() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller(&lab, dir.path(), &data);
+    let cidrs = ["--cidr", "100.64.11.0/24", "--cidr", "fd7a:11::/64"];
+    con.ok(&[&["network", "create", "v6sites"][..], &cidrs].concat());
+    let join = || {
+        con.ok(&["token", "create", "--network", "v6sites"])
+            .trim()
+            .to_string()
+    };
+    let client = start_agent(&lab, dir.path(), &join(), "client", 1);
+    let gw = start_agent(&lab, dir.path(), &join(), "gw", 2);
+    for n in [&client, &gw] {
+        wait_until("both agents to see each other", || {
+            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
+        });
+    }
+    let site = lab.host(3);
+    site_behind_at(&lab, &gw.host, &site, None, ("fd20::1/64", "fd20::5/64"));
+    con.ok(&[
+        "route",
+        "advertise",
+        "--peer",
+        &gateway_peer_id(&lab, &gw),
+        "fd20::/64",
+    ]);
+    assert!(
+        lab.ping(&client.host.ns, "fd20::5", WAIT),
+        "client → IPv6 site through the gateway"
+    );
+    transfer_intact(
+        &lab,
+        &client.host.ns,
+        &site.ns,
+        "fd20::5",
+        8,
+        "client → IPv6 site",
     );
 }
