@@ -74,15 +74,7 @@ async fn call_first(
         }
         2 => {
             if let Ok(r) = EnrollRequest::decode(body) {
-                let _ = ctl
-                    .enroll(
-                        &r.join_token,
-                        &r.public_key,
-                        &r.hostname,
-                        r.listen_port,
-                        &r.credential,
-                    )
-                    .await;
+                let _ = ctl.enroll_request(&r).await;
             }
         }
         3 => {

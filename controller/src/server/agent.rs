@@ -44,16 +44,7 @@ impl AgentService for AgentApi {
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         let r = req.into_inner();
-        let resp = self
-            .ctl
-            .enroll(
-                &r.join_token,
-                &r.public_key,
-                &r.hostname,
-                r.listen_port,
-                &r.credential,
-            )
-            .await?;
+        let resp = self.ctl.enroll_request(&r).await?;
         Ok(Response::new(resp))
     }
 

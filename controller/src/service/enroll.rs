@@ -126,6 +126,21 @@ struct Reads {
 impl Controller {
     /// Enrolls a node: checks the join token, claims one address per network CIDR, counts the
     /// token use and creates the peer, all in one transaction (retried on conflict).
+    /// [`Self::enroll`] with the fields of an `EnrollRequest`.
+    pub async fn enroll_request(
+        &self,
+        r: &canopy_proto::v1::EnrollRequest,
+    ) -> Result<EnrollResponse> {
+        self.enroll(
+            &r.join_token,
+            &r.public_key,
+            &r.hostname,
+            r.listen_port,
+            &r.credential,
+        )
+        .await
+    }
+
     pub async fn enroll(
         &self,
         token: &str,
