@@ -77,20 +77,27 @@ async fn read_only_tokens_cannot_change_anything_and_revoked_tokens_stop_working
     assert_eq!(s.code(), Code::Unauthenticated);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_tokens() {
-    let c = Cluster::new();
-    // Time moves only when told: the rate limit's budget is exact.
+/// A hosted replica allowing 5 requests a second per tenant, on a clock that moves only when
+/// told (so the rate limit's budget is exact).
+async fn rate_limited(c: &Cluster) -> (server::Running, canopy_controller::clock::Clock) {
     let clock = canopy_controller::clock::Clock::manual();
     let r = server::spawn(&ServeConfig {
         store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
         hosted: true,
         api_requests_per_sec: 5,
+        signups_per_hour: 3600,
         clock: clock.clone(),
         ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
     })
     .await
     .unwrap();
+    (r, clock)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_tokens() {
+    let c = Cluster::new();
+    let (r, clock) = rate_limited(&c).await;
     let (_, t1) = signup(&r, "busy", "team").await;
     let (_, t2) = signup(&r, "calm", "team").await;
     let mut busy = console_as(&r, &t1).await;
@@ -129,18 +136,7 @@ async fn requests_over_the_per_token_rate_are_refused_without_affecting_other_to
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_tokens_share_one_rate_limit_and_api_tokens_are_capped_by_plan() {
     let c = Cluster::new();
-    // Time moves only when told: the rate limit's budget is exact.
-    let clock = canopy_controller::clock::Clock::manual();
-    let r = server::spawn(&ServeConfig {
-        store: Some(StoreSpec::Etcd(vec![c.etcd.endpoint.clone()])),
-        hosted: true,
-        api_requests_per_sec: 5,
-        signups_per_hour: 3600,
-        clock: clock.clone(),
-        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), c.dir.path().to_path_buf())
-    })
-    .await
-    .unwrap();
+    let (r, clock) = rate_limited(&c).await;
     let (_, admin) = signup(&r, "spread", "free").await;
     let mut a = console_as(&r, &admin).await;
     // The free plan allows 5 API tokens: the sign-up's admin token and four more.
