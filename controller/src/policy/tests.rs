@@ -308,3 +308,12 @@ fn the_readme_policy_example_parses_and_its_test_output_is_true() {
     let claim = format!("allowed by {} (line {})", p.rules[0].name, p.rules[0].line);
     assert!(readme.contains(&claim), "README should say {claim:?}");
 }
+
+#[test]
+fn control_characters_never_get_into_a_stored_document() {
+    // `canopy policy get` prints the document as it is: TOML refuses control characters
+    // (but tabs) even in comments and strings, so no terminal escape can be stored.
+    for bad in ["# \u{1b}[2J\n", "tags = [\"\u{7}\"]\n", "[[rule]]\nname = \"a\u{1b}]0;x\"\nfrom = [\"*\"]\nto = [\"*\"]\n"] {
+        assert!(parse(bad).is_err(), "{bad:?}");
+    }
+}
