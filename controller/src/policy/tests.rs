@@ -313,7 +313,11 @@ fn the_readme_policy_example_parses_and_its_test_output_is_true() {
 fn control_characters_never_get_into_a_stored_document() {
     // `canopy policy get` prints the document as it is: TOML refuses control characters
     // (but tabs) even in comments and strings, so no terminal escape can be stored.
-    for bad in ["# \u{1b}[2J\n", "tags = [\"\u{7}\"]\n", "[[rule]]\nname = \"a\u{1b}]0;x\"\nfrom = [\"*\"]\nto = [\"*\"]\n"] {
+    for bad in [
+        "# \u{1b}[2J\n",
+        "tags = [\"\u{7}\"]\n",
+        "[[rule]]\nname = \"a\u{1b}]0;x\"\nfrom = [\"*\"]\nto = [\"*\"]\n",
+    ] {
         assert!(parse(bad).is_err(), "{bad:?}");
     }
 }
