@@ -41,7 +41,8 @@ pub enum Proto {
 }
 
 /// What a peer may open on this node: packets of `proto` to `ports` (inclusive ranges; none:
-/// every port) at one of `dst` (none: any address of this node).
+/// every port) at one of `dst` (none: any destination — the agent fills in this node's own
+/// addresses, so a rule never covers a site the node forwards to).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allow {
     pub proto: Proto,
