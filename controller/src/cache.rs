@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use canopy_proto::v1::{NetworkRecord, PeerRecord, PolicyRecord, RouteRecord};
+use canopy_proto::v1::{GatewayLiveRecord, NetworkRecord, PeerRecord, PolicyRecord, RouteRecord};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -129,7 +129,8 @@ impl Cache {
         })
     }
 
-    /// Loads the networks, peers, policies and peer-deletion markers at one revision (nothing
+    /// Loads the networks, peers, policies, routes, live gateways and peer-deletion markers at
+    /// one revision (nothing
     /// else: the audit log, credentials and tokens stay in the store); returns that revision.
     async fn relist(&self, store: &dyn Store) -> Result<Revision, StoreError> {
         let prefixes = [
@@ -137,6 +138,7 @@ impl Cache {
             keys::ALL_PEERS.as_bytes().to_vec(),
             keys::ALL_POLICIES.as_bytes().to_vec(),
             keys::ALL_ROUTES.as_bytes().to_vec(),
+            keys::ALL_GWLIVE.as_bytes().to_vec(),
             format!("{}netdel/", keys::ROOT).into_bytes(),
         ];
         let nets = store.range_many(&prefixes).await?;
@@ -180,6 +182,12 @@ impl Cache {
                 && let Some(r) = self.decode::<RouteRecord>(&kv.key, &kv.value)
             {
                 s.put_route(r, kv.mod_revision);
+            }
+            if let Some((net, peer)) = keys::parse_gwlive(&kv.key)
+                && let Some(s) = fresh.get_mut(net)
+                && let Some(r) = self.decode::<GatewayLiveRecord>(&kv.key, &kv.value)
+            {
+                s.set_live(peer, Some(r.online_since_unix_ms), kv.mod_revision);
             }
         }
         let mut st = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
@@ -283,6 +291,19 @@ impl Cache {
                     }
                 }
                 touched.push(net.to_string());
+            } else if let Some((net, peer)) = keys::parse_gwlive(&e.kv.key) {
+                // A renewal changes nothing; only a gateway coming or going may move a prefix.
+                let since = match e.kind {
+                    EventKind::Put => self
+                        .decode::<GatewayLiveRecord>(&e.kv.key, &e.kv.value)
+                        .map(|r| r.online_since_unix_ms),
+                    EventKind::Delete => None,
+                };
+                if let Some(s) = st.networks.get_mut(net)
+                    && s.set_live(peer, since, rev)
+                {
+                    touched.push(net.to_string());
+                }
             } else if let Some(net) = keys::parse_policy(&e.kv.key) {
                 if let Some(s) = st.networks.get_mut(net) {
                     let policy = match e.kind {
@@ -304,6 +325,12 @@ impl Cache {
             .retain(|id, tx| tx.receiver_count() > 0 || touched.contains(id));
         self.inner.applied.send_replace(rev);
         drop(st);
+    }
+
+    /// Whether `peer` of `network` advertises a route (its liveness is recorded).
+    pub fn is_gateway(&self, network: &str, peer: &str) -> bool {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network).is_some_and(|s| s.is_gateway(peer))
     }
 
     /// Whether route `id` of `network` carries its prefix now.

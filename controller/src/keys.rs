@@ -7,6 +7,9 @@
 //! netsver/<tenant>                   bumped by every network create/delete (guards CIDR overlap)
 //! peers/<network>/<peer>             PeerRecord
 //! routes/<network>/<route>           RouteRecord: a prefix behind a gateway peer
+//! gwlive/<network>/<peer>            GatewayLiveRecord: that gateway's agent is live (written by
+//!                                    the replica holding its Sync session; decides which
+//!                                    gateway carries a prefix)
 //! policies/<network>                 PolicyRecord: the network's access policy (none: allow-all);
 //!                                    its mod revision is the version `--if-revision` checks
 //! netdel/<network>                   bumped with every peer deletion: after a re-list, deltas
@@ -30,8 +33,8 @@
 //!                                    term; fences the leader's writes)
 //! ```
 //!
-//! The cache lists and follows only `networks/`, `peers/`, `routes/`, `policies/` and `netdel/`
-//! (what maps are made of).
+//! The cache lists and follows only `networks/`, `peers/`, `routes/`, `gwlive/`, `policies/`
+//! and `netdel/` (what maps are made of).
 
 pub const ROOT: &str = "/canopy/v1/";
 
@@ -118,6 +121,21 @@ pub fn parse_route(key: &[u8]) -> Option<(&str, &str)> {
     std::str::from_utf8(key)
         .ok()?
         .strip_prefix(ALL_ROUTES)?
+        .split_once('/')
+}
+
+pub const ALL_GWLIVE: &str = "/canopy/v1/gwlive/";
+pub fn gwlives(network: &str) -> String {
+    format!("{ALL_GWLIVE}{network}/")
+}
+pub fn gwlive(network: &str, peer: &str) -> String {
+    format!("{ALL_GWLIVE}{network}/{peer}")
+}
+/// The network and peer ids of a `gwlive/` key.
+pub fn parse_gwlive(key: &[u8]) -> Option<(&str, &str)> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(ALL_GWLIVE)?
         .split_once('/')
 }
 

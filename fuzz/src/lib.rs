@@ -193,6 +193,7 @@ fn policy(data: &[u8]) {
             id: ids[i],
             tags: &tags[i],
             addresses: &addrs[i],
+            routes: &[],
         })
         .collect();
     let peers = compile::Peers::new(views.clone());

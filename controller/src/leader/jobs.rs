@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use canopy_proto::v1::{IndexRecord, JoinTokenRecord};
+use canopy_proto::v1::{GatewayLiveRecord, IndexRecord, JoinTokenRecord};
 use prost::Message as _;
 
 use super::{BackgroundConfig, LEADER_KEY};
@@ -15,6 +15,7 @@ use crate::store::{Compare, Op, Revision, Store, StoreError, Txn};
 pub struct JobReport {
     pub tokens_deleted: usize,
     pub credentials_deleted: usize,
+    pub stale_gateways: usize,
 }
 
 /// Runs the background jobs as the leader holding `fence`. Each write is fenced.
@@ -89,7 +90,35 @@ pub async fn run_jobs(
             report.credentials_deleted += 1;
         }
     }
+    report.stale_gateways = sweep_gateways(store, fence, now_ms).await?;
     Ok(report)
+}
+
+/// Deletes the live records of gateways nobody renewed (the replica holding the session died):
+/// their prefixes move to a live gateway.
+async fn sweep_gateways(
+    store: &dyn Store,
+    fence: Revision,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let mut swept = 0;
+    for kv in &store.range(keys::ALL_GWLIVE.as_bytes()).await?.kvs {
+        let Ok(rec) = GatewayLiveRecord::decode(kv.value.as_slice()) else {
+            continue;
+        };
+        if !crate::service::gateways::is_stale(&rec, now_ms) {
+            continue;
+        }
+        let txn = Txn::new()
+            .when(Compare::unchanged(LEADER_KEY, fence))
+            .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
+            .then(Op::delete(kv.key.clone()));
+        if store.txn(txn).await?.succeeded {
+            tracing::info!(peer = %rec.peer_id, "swept a gateway's live record nobody renewed");
+            swept += 1;
+        }
+    }
+    Ok(swept)
 }
 
 /// How often the leader prunes audit logs: retention is counted in days, and each pass costs

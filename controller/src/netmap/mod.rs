@@ -22,12 +22,14 @@ const TOMBSTONES: usize = 1024;
 #[derive(Clone, Debug, Default)]
 struct Entry {
     record: PeerRecord,
-    /// The revision that last changed the record (or the routes it carries), the one that
-    /// last changed its tags, and the one that last changed the routes it carries.
+    /// The revision that last changed the record (or the prefixes it carries), the one that
+    /// last changed its tags, and the one that last changed the routes it advertises.
     rev: Revision,
     tags_rev: Revision,
     routes_rev: Revision,
     addresses: Vec<IpNetwork>,
+    /// The prefixes it advertises (carried or standing by), sorted.
+    routes: Vec<IpNetwork>,
 }
 
 impl Entry {
@@ -36,6 +38,7 @@ impl Entry {
             id: &self.record.id,
             tags: &self.record.tags,
             addresses: &self.addresses,
+            routes: &self.routes,
         }
     }
 }
@@ -67,6 +70,10 @@ pub struct NetState {
     pub revision: Revision,
     policy: Policies,
     routes: BTreeMap<String, RouteRecord>,
+    /// Gateways whose agent is live (a `gwlive/` record), by id: since when (ms).
+    live: HashMap<String, i64>,
+    /// The routes in force: prefix → (gateway, route id); see [`NetState::pick_primaries`].
+    primaries: BTreeMap<String, (String, String)>,
 }
 
 /// What an agent holding `base` needs next.
@@ -88,7 +95,7 @@ impl Directory for NetState {
         self.peers.contains_key(id)
     }
     fn inside(&self, net: &IpNetwork) -> Vec<&str> {
-        let inside = |e: &&Entry| e.addresses.iter().any(|a| net.contains(a.ip()));
+        let inside = |e: &&Entry| compile::reaches(&e.view(), net);
         self.peers
             .values()
             .filter(inside)
@@ -117,17 +124,21 @@ impl NetState {
 
     pub fn put_peer(&mut self, peer: PeerRecord, rev: Revision) {
         let id = peer.id.clone();
-        let (mut tags_rev, mut routes_rev) = (rev, 0);
-        if let Some(old) = self.peers.remove(&id) {
-            self.by_revision.remove(&(old.rev, id.clone()));
-            if old.record.tags == peer.tags {
-                tags_rev = old.tags_rev;
+        let (mut tags_rev, mut routes_rev, mut routes) = (rev, 0, Vec::new());
+        let new = match self.peers.remove(&id) {
+            Some(old) => {
+                self.by_revision.remove(&(old.rev, id.clone()));
+                if old.record.tags == peer.tags {
+                    tags_rev = old.tags_rev;
+                }
+                (routes_rev, routes) = (old.routes_rev, old.routes);
+                for t in &old.record.tags {
+                    self.untag(t, &id);
+                }
+                false
             }
-            routes_rev = old.routes_rev;
-            for t in &old.record.tags {
-                self.untag(t, &id);
-            }
-        }
+            None => true,
+        };
         for t in &peer.tags {
             self.by_tag.entry(t.clone()).or_default().insert(id.clone());
         }
@@ -142,10 +153,16 @@ impl NetState {
             tags_rev,
             routes_rev,
             addresses,
+            routes,
         };
         self.peers.insert(id.clone(), entry);
-        self.by_revision.insert((rev, id));
+        self.by_revision.insert((rev, id.clone()));
         self.revision = self.revision.max(rev);
+        if new && self.routes.values().any(|r| r.peer_id == id) {
+            // A gateway the routes named before it was known (a re-list's order).
+            self.set_advertised(&id, rev);
+            self.refresh_primaries(rev);
+        }
     }
 
     fn untag(&mut self, tag: &str, id: &str) {
@@ -158,7 +175,6 @@ impl NetState {
     }
 
     pub fn delete_peer(&mut self, id: &str, rev: Revision) {
-        let before = (!self.routes.is_empty()).then(|| self.primaries());
         if let Some(old) = self.peers.remove(id) {
             self.by_revision.remove(&(old.rev, id.to_string()));
             for t in &old.record.tags {
@@ -172,38 +188,84 @@ impl NetState {
             }
             self.revision = self.revision.max(rev);
             // Another gateway may take over its prefixes.
-            if let Some(before) = before {
-                self.routes_changed(&before, rev);
-            }
+            self.refresh_primaries(rev);
         }
     }
 
     /// Adds (or replaces) a route at revision `rev`.
     pub fn put_route(&mut self, route: RouteRecord, rev: Revision) {
-        let before = self.primaries();
-        self.routes.insert(route.id.clone(), route);
-        self.routes_changed(&before, rev);
+        let gateway = route.peer_id.clone();
+        if let Some(old) = self.routes.insert(route.id.clone(), route)
+            && old.peer_id != gateway
+        {
+            self.set_advertised(&old.peer_id, rev);
+        }
+        self.set_advertised(&gateway, rev);
+        self.refresh_primaries(rev);
+        self.revision = self.revision.max(rev);
     }
 
     pub fn delete_route(&mut self, id: &str, rev: Revision) {
-        let before = self.primaries();
-        if self.routes.remove(id).is_some() {
-            self.routes_changed(&before, rev);
+        if let Some(old) = self.routes.remove(id) {
+            self.set_advertised(&old.peer_id, rev);
+            self.refresh_primaries(rev);
+            self.revision = self.revision.max(rev);
         }
     }
 
-    /// The routes in force: per prefix, the oldest route (then the lowest id) whose gateway is
-    /// a peer. Pure over the state, so every replica picks the same.
-    fn primaries(&self) -> BTreeMap<String, (String, String)> {
+    /// Gateway `peer`'s agent is live since `since` (ms), or (`None`) not any more. Returns
+    /// whether that moved a prefix to another gateway (else no map changes).
+    pub fn set_live(&mut self, peer: &str, since: Option<i64>, rev: Revision) -> bool {
+        let changed = match since {
+            Some(t) => self.live.insert(peer.to_string(), t) != Some(t),
+            None => self.live.remove(peer).is_some(),
+        };
+        changed && self.refresh_primaries(rev)
+    }
+
+    /// Recomputes the prefixes `peer` advertises (after one of its routes changed): its own
+    /// map and its policy view follow.
+    fn set_advertised(&mut self, peer: &str, rev: Revision) {
+        let mut routes: Vec<IpNetwork> = self
+            .routes
+            .values()
+            .filter(|r| r.peer_id == peer)
+            .filter_map(|r| r.prefix.parse().ok())
+            .collect();
+        routes.sort();
+        routes.dedup();
+        if let Some(e) = self.peers.get_mut(peer)
+            && e.routes != routes
+        {
+            self.by_revision.remove(&(e.rev, peer.to_string()));
+            e.routes = routes;
+            e.rev = rev;
+            e.routes_rev = rev;
+            self.by_revision.insert((rev, peer.to_string()));
+        }
+    }
+
+    /// The routes in force: per prefix, among the routes whose gateway is a peer, a live
+    /// gateway before one that is not; among live ones the longest live (so a gateway that
+    /// comes back does not take its prefixes back, and one that flaps never wins); then the
+    /// oldest route, then the lowest id. Pure over the state, so every replica picks the same.
+    fn pick_primaries(&self) -> BTreeMap<String, (String, String)> {
+        let rank = |r: &RouteRecord| {
+            let live = self.live.get(&r.peer_id);
+            (
+                live.is_none(),
+                live.copied().unwrap_or(0),
+                r.created_at_unix,
+            )
+        };
         let mut best: BTreeMap<String, &RouteRecord> = BTreeMap::new();
         for r in self
             .routes
             .values()
             .filter(|r| self.peers.contains_key(&r.peer_id))
         {
-            let key = (r.created_at_unix, &r.id);
             match best.get(&r.prefix) {
-                Some(b) if (b.created_at_unix, &b.id) <= key => {}
+                Some(b) if (rank(b), &b.id) <= (rank(r), &r.id) => {}
                 _ => {
                     best.insert(r.prefix.clone(), r);
                 }
@@ -216,22 +278,29 @@ impl NetState {
 
     /// Whether route `id` carries its prefix now.
     pub fn is_primary(&self, id: &str) -> bool {
-        self.primaries().values().any(|(_, r)| r == id)
+        self.primaries.values().any(|(_, r)| r == id)
+    }
+
+    /// Whether `peer` advertises any route (its agent's liveness then matters).
+    pub fn is_gateway(&self, peer: &str) -> bool {
+        self.peers.get(peer).is_some_and(|e| !e.routes.is_empty())
     }
 
     /// The prefixes `peer` carries now.
     fn routes_of(&self, peer: &str) -> Vec<String> {
-        let p = self.primaries();
-        p.into_iter()
-            .filter(|(_, (g, _))| g == peer)
-            .map(|(prefix, _)| prefix)
+        let p = self.primaries.iter();
+        p.filter(|(_, (g, _))| g == peer)
+            .map(|(prefix, _)| prefix.clone())
             .collect()
     }
 
-    /// Marks the gateways whose primary routes changed as changed at `rev`: their entries in
-    /// every map (allowed IPs) and their own maps (the routes they forward) follow.
-    fn routes_changed(&mut self, before: &BTreeMap<String, (String, String)>, rev: Revision) {
-        let after = self.primaries();
+    /// Picks the routes in force again and marks the gateways whose carried prefixes changed
+    /// as changed at `rev` (their entries in every map carry them as allowed IPs). Returns
+    /// whether any did.
+    fn refresh_primaries(&mut self, rev: Revision) -> bool {
+        let after = self.pick_primaries();
+        let before = std::mem::replace(&mut self.primaries, after);
+        let after = &self.primaries;
         let mut gateways = BTreeSet::new();
         for prefix in before.keys().chain(after.keys()) {
             let (b, a) = (
@@ -243,15 +312,17 @@ impl NetState {
                 gateways.extend(a.cloned());
             }
         }
-        for id in gateways {
-            if let Some(e) = self.peers.get_mut(&id) {
+        for id in &gateways {
+            if let Some(e) = self.peers.get_mut(id) {
                 self.by_revision.remove(&(e.rev, id.clone()));
                 e.rev = rev;
-                e.routes_rev = rev;
-                self.by_revision.insert((rev, id));
+                self.by_revision.insert((rev, id.clone()));
             }
         }
-        self.revision = self.revision.max(rev);
+        if !gateways.is_empty() {
+            self.revision = self.revision.max(rev);
+        }
+        !gateways.is_empty()
     }
 
     /// A peer as other peers' maps carry it: its addresses and the prefixes it carries.
@@ -316,7 +387,7 @@ impl NetState {
             cidrs: self.network.cidrs.clone(),
             peers,
             policy,
-            routes: self.routes_of(self_id),
+            routes: me.routes.iter().map(ToString::to_string).collect(),
         })
     }
 
@@ -333,7 +404,7 @@ impl NetState {
             || (policy_changed && pol.previous_rev > base)
             // Its own tags changed under a policy: its whole part may have.
             || (me.tags_rev > base && (pol.current.is_some() || policy_changed))
-            // The routes it forwards changed: a full map says which.
+            // The routes it advertises changed: a full map says which (and its policy part).
             || me.routes_rev > base;
         if full {
             return self.full_map(self_id, at).map(Update::Full);
@@ -347,7 +418,10 @@ impl NetState {
                 Some(q) if id != self_id && sees(q) => upserted.push(self.remote(&q.record)),
                 // Hidden now. Unless the policy or its tags changed, it was hidden at `base`
                 // too: nothing to say (an endpoint change of a peer it cannot see is silent).
-                Some(q) if id != self_id && (policy_changed || q.tags_rev > base) => {
+                Some(q)
+                    if id != self_id
+                        && (policy_changed || q.tags_rev > base || q.routes_rev > base) =>
+                {
                     removed.push(id.clone());
                 }
                 _ => {}

@@ -24,12 +24,15 @@ enum Change {
     Route(u8, u8),
     /// The k-th route (if any) is withdrawn.
     Unroute(usize),
+    /// Peer i's agent becomes live (since this revision) or not.
+    Live(u8, bool),
 }
 
-const POLICIES: [&str; 4] = [
+const POLICIES: [&str; 5] = [
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"tag:a\"]\nto = [\"tag:b\"]\nproto = \"tcp\"\nports = [\"5432\"]\n",
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"tag:c\"]\n",
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"peer_00\", \"tag:b\"]\nto = [\"100.64.0.0/29\"]\nproto = \"icmp\"\n",
+    "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"tag:a\"]\nto = [\"10.1.0.0/16\", \"10.2.3.0/24\"]\n",
     "",
 ];
 
@@ -41,6 +44,7 @@ fn change() -> impl Strategy<Value = Change> {
         proptest::option::of(0..POLICIES.len()).prop_map(Change::Policy),
         (0u8..12, 0u8..3).prop_map(|(i, k)| Change::Route(i, k)),
         (0usize..4).prop_map(Change::Unroute),
+        (0u8..12, any::<bool>()).prop_map(|(i, up)| Change::Live(i, up)),
     ]
 }
 
@@ -87,6 +91,9 @@ fn apply(s: &mut NetState, c: &Change, rev: Revision) {
             if let Some(id) = s.routes.keys().nth(*k).cloned() {
                 s.delete_route(&id, rev);
             }
+        }
+        Change::Live(i, up) => {
+            s.set_live(&format!("peer_{i:02}"), up.then_some(rev), rev);
         }
     }
 }
@@ -156,29 +163,29 @@ proptest! {
     }
 }
 
+fn allowed(m: &NetworkMap, id: &str) -> Vec<String> {
+    let p = m.peers.iter().find(|p| p.peer_id == id).unwrap();
+    p.allowed_ips.clone()
+}
+
+fn route(id: &str, gw: &str, at: i64) -> RouteRecord {
+    RouteRecord {
+        id: id.into(),
+        peer_id: gw.into(),
+        prefix: "10.20.0.0/16".into(),
+        created_at_unix: at,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_routes_prefix_goes_to_its_oldest_gateway_and_moves_when_that_one_leaves() {
     let mut s = NetState::new(NetworkRecord::default(), 0);
     for i in 0..3u8 {
         s.put_peer(peer(i, 0), i64::from(i) + 1);
     }
-    let route = |id: &str, gw: &str, at: i64| RouteRecord {
-        id: id.into(),
-        peer_id: gw.into(),
-        prefix: "10.20.0.0/16".into(),
-        created_at_unix: at,
-        ..Default::default()
-    };
     s.put_route(route("route_a", "peer_01", 10), 10);
     s.put_route(route("route_b", "peer_02", 11), 11);
-    let allowed = |m: &NetworkMap, id: &str| {
-        m.peers
-            .iter()
-            .find(|p| p.peer_id == id)
-            .unwrap()
-            .allowed_ips
-            .clone()
-    };
     let m = s.full_map("peer_00", 11).unwrap();
     assert_eq!(allowed(&m, "peer_01"), ["100.64.0.2/32", "10.20.0.0/16"]);
     assert_eq!(
@@ -187,7 +194,11 @@ fn a_routes_prefix_goes_to_its_oldest_gateway_and_moves_when_that_one_leaves() {
         "the second gateway stands by"
     );
     assert_eq!(s.full_map("peer_01", 11).unwrap().routes, ["10.20.0.0/16"]);
-    assert!(s.full_map("peer_02", 11).unwrap().routes.is_empty());
+    assert_eq!(
+        s.full_map("peer_02", 11).unwrap().routes,
+        ["10.20.0.0/16"],
+        "a standby gateway forwards the prefix too, ready to take it"
+    );
     // The primary leaves: the other takes the prefix, and a client hears it as a delta.
     s.delete_peer("peer_01", 12);
     let Some(Update::Delta(d)) = s.update_since("peer_00", 11, 12) else {
@@ -195,11 +206,94 @@ fn a_routes_prefix_goes_to_its_oldest_gateway_and_moves_when_that_one_leaves() {
     };
     assert_eq!(d.removed, ["peer_01"]);
     assert_eq!(d.upserted[0].allowed_ips, ["100.64.0.3/32", "10.20.0.0/16"]);
-    assert_eq!(s.full_map("peer_02", 12).unwrap().routes, ["10.20.0.0/16"]);
     assert!(
-        matches!(s.update_since("peer_02", 11, 12), Some(Update::Full(_))),
-        "the new gateway's own map"
+        matches!(s.update_since("peer_02", 11, 12), Some(Update::Delta(_))),
+        "the new primary's own map did not change: it forwarded the prefix already"
     );
+}
+
+#[test]
+fn a_live_gateway_carries_the_prefix_and_one_that_comes_back_does_not_take_it_back() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    for i in 0..3u8 {
+        s.put_peer(peer(i, 0), i64::from(i) + 1);
+    }
+    s.put_route(route("route_a", "peer_01", 10), 10);
+    s.put_route(route("route_b", "peer_02", 11), 11);
+    // Neither live: the oldest route. peer_02's agent comes up first: it takes the prefix.
+    assert!(s.is_primary("route_a"));
+    assert!(s.set_live("peer_02", Some(1_000), 12));
+    assert!(!s.set_live("peer_01", Some(2_000), 13), "nothing moves");
+    assert!(
+        !s.set_live("peer_01", Some(2_000), 14),
+        "a renewal moves nothing"
+    );
+    assert_eq!(s.revision, 12, "and does not touch the network");
+    assert!(s.is_primary("route_b"));
+    // peer_02's agent goes away: the prefix moves to the live one, as a delta to clients.
+    assert!(s.set_live("peer_02", None, 15));
+    assert!(s.is_primary("route_a"));
+    let Some(Update::Delta(d)) = s.update_since("peer_00", 14, 15) else {
+        panic!("a delta");
+    };
+    let mut got: Vec<(String, Vec<String>)> = d
+        .upserted
+        .iter()
+        .map(|p| (p.peer_id.clone(), p.allowed_ips.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "peer_01".to_string(),
+                vec!["100.64.0.2/32".to_string(), "10.20.0.0/16".to_string()]
+            ),
+            ("peer_02".to_string(), vec!["100.64.0.3/32".to_string()]),
+        ]
+    );
+    // It comes back: live since later than peer_01, so peer_01 keeps the prefix (no flap).
+    assert!(!s.set_live("peer_02", Some(9_000), 16));
+    assert!(s.is_primary("route_a"));
+    // peer_01 goes: peer_02 takes it; with no gateway live, the oldest route carries it (the
+    // prefix never falls back to the hosts' own routes).
+    assert!(s.set_live("peer_01", None, 17));
+    assert!(s.is_primary("route_b"));
+    assert!(s.set_live("peer_02", None, 18));
+    assert!(s.is_primary("route_a"));
+}
+
+#[test]
+fn a_rule_naming_a_site_reaches_its_gateways_and_no_further() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    for i in 0..3u8 {
+        let mut p = peer(i, 0);
+        if i == 0 {
+            p.tags = vec!["a".into()];
+        }
+        s.put_peer(p, i64::from(i) + 1);
+    }
+    s.put_route(route("route_a", "peer_01", 10), 10);
+    s.set_policy(Some(crate::policy::parse(POLICIES[3]).unwrap()), 11);
+    // a → 10.1.0.0/16 and 10.2.3.0/24; peer_01 routes 10.20.0.0/16: nothing for it yet.
+    assert!(s.full_map("peer_00", 11).unwrap().peers.is_empty());
+    let mut r = route("route_b", "peer_01", 12);
+    r.prefix = "10.2.0.0/16".into();
+    s.put_route(r, 12);
+    let Some(Update::Delta(d)) = s.update_since("peer_00", 11, 12) else {
+        panic!("a delta");
+    };
+    assert_eq!(d.upserted.len(), 1, "peer_00 now sees the gateway");
+    let Some(Update::Full(m)) = s.update_since("peer_01", 11, 12) else {
+        panic!("the gateway's routes changed: a full map");
+    };
+    let inbound = &m.policy.unwrap().inbound;
+    assert_eq!(
+        inbound[0].dst,
+        ["10.2.3.0/24"],
+        "only the part of its site the rule names"
+    );
+    assert!(s.full_map("peer_02", 12).unwrap().peers.is_empty());
 }
 
 #[test]

@@ -98,19 +98,53 @@ impl Directory for Peers<'_> {
         self.by_id.contains_key(id)
     }
     fn inside(&self, net: &IpNetwork) -> Vec<&str> {
-        let inside = |p: &&PeerView<'_>| p.addresses.iter().any(|a| net.contains(a.ip()));
+        let inside = |p: &&PeerView<'_>| reaches(p, net);
         self.all.iter().filter(inside).map(|p| p.id).collect()
     }
 }
 
-/// Whether selector `s` (of a rule's `from`, or a `to` other than a CIDR) takes `p`.
+/// Whether selector `s` (of a rule's `from` or `to`) takes `p`.
 fn takes(s: &Selector, p: &PeerView<'_>) -> bool {
     match s {
         Selector::Any => true,
         Selector::Tag(t) => p.tags.iter().any(|x| x == t),
         Selector::Peer(id) => p.id == id,
-        Selector::Cidr(net) => p.addresses.iter().any(|a| net.contains(a.ip())),
+        Selector::Cidr(net) => reaches(p, net),
     }
+}
+
+/// Whether a packet to somewhere in `net` may end at `p`: one of its addresses is inside, or
+/// a route it advertises overlaps it (it is a gateway to part of `net`).
+pub fn reaches(p: &PeerView<'_>, net: &IpNetwork) -> bool {
+    p.addresses.iter().any(|a| net.contains(a.ip())) || p.routes.iter().any(|r| overlap(r, net))
+}
+
+/// The smaller of two prefixes if one holds the other (their intersection), else `None`.
+fn intersection(a: &IpNetwork, b: &IpNetwork) -> Option<IpNetwork> {
+    if a.is_ipv4() != b.is_ipv4() {
+        None
+    } else if a.prefix() >= b.prefix() && b.contains(a.network()) {
+        Some(*a)
+    } else if b.prefix() >= a.prefix() && a.contains(b.network()) {
+        Some(*b)
+    } else {
+        None
+    }
+}
+
+fn overlap(a: &IpNetwork, b: &IpNetwork) -> bool {
+    intersection(a, b).is_some()
+}
+
+/// Where in `net` packets may end at `p`: its addresses inside, and the parts of its routes
+/// inside (never more than it has or forwards to, however wide `net` is).
+fn destinations(p: &PeerView<'_>, net: &IpNetwork) -> Vec<IpNetwork> {
+    let own = p.addresses.iter().filter_map(|a| {
+        let host = IpNetwork::new(a.ip(), if a.is_ipv4() { 32 } else { 128 }).ok()?;
+        intersection(&host, net)
+    });
+    let routed = p.routes.iter().filter_map(|r| intersection(r, net));
+    own.chain(routed).collect()
 }
 
 /// Whether `a` and `b` may exchange packets at all (a rule lets one open something on the
@@ -132,13 +166,14 @@ pub fn part(policy: &Policy, dir: &dyn Directory, me: &PeerView<'_>) -> PeerPart
     let mut sources: BTreeSet<&Selector> = BTreeSet::new();
     let mut inbound = Vec::new();
     for r in &policy.rules {
-        // The CIDRs of `to` that take me restrict the destination; any other selector that
-        // takes me takes all my addresses.
+        // The CIDRs of `to` that take me restrict the destination to my addresses and routed
+        // prefixes inside them; any other selector that takes me takes all my addresses (and
+        // none of the sites behind me: a site is reached only by a rule naming its prefix).
         let mut whole = false;
         let mut dst = Vec::new();
         for s in &r.to {
             match s {
-                Selector::Cidr(net) if takes(s, me) => dst.push(*net),
+                Selector::Cidr(net) if takes(s, me) => dst.extend(destinations(me, net)),
                 _ if takes(s, me) => whole = true,
                 _ => {}
             }

@@ -14,6 +14,8 @@ pub struct PeerView<'a> {
     pub tags: &'a [String],
     /// Overlay addresses (host prefixes).
     pub addresses: &'a [IpNetwork],
+    /// The prefixes of the sites it is a gateway to.
+    pub routes: &'a [IpNetwork],
 }
 
 /// The first packet of a flow: its protocol (not `Any`), destination port (0 for icmp) and
@@ -51,7 +53,11 @@ fn source_matches(s: &Selector, p: &PeerView<'_>) -> bool {
 
 fn destination_matches(s: &Selector, p: &PeerView<'_>, dst: IpAddr) -> bool {
     match s {
-        Selector::Cidr(net) => net.contains(dst) && p.addresses.iter().any(|a| a.ip() == dst),
+        Selector::Cidr(net) => {
+            net.contains(dst)
+                && (p.addresses.iter().any(|a| a.ip() == dst)
+                    || p.routes.iter().any(|r| r.contains(dst)))
+        }
         other => source_matches(other, p),
     }
 }

@@ -111,11 +111,13 @@ fn the_evaluator_allows_what_a_rule_allows_and_explains_a_refusal() {
         id: "peer_web",
         tags: &web_tags,
         addresses: &wa,
+        routes: &[],
     };
     let db = PeerView {
         id: "peer_db",
         tags: &db_tags,
         addresses: &da,
+        routes: &[],
     };
     assert_eq!(
         allows(Some(&p), &web, &db, &tcp(5432, "100.64.0.2")),
@@ -162,6 +164,7 @@ fn a_peers_part_lists_only_peers_it_may_talk_to_and_rules_about_it() {
             id: ids[i],
             tags: &tags[i],
             addresses: &addrs[i],
+            routes: &[],
         })
         .collect();
     let peers = Peers::new(views.clone());
@@ -204,6 +207,10 @@ fn arb_selector(to: bool) -> impl Strategy<Value = String> {
                 .boxed(),
         );
         options.push(Just("100.64.0.0/29".to_string()).boxed());
+        // Sites behind gateways: a whole site, part of one, one holding two.
+        options.push(Just("10.20.0.0/24".to_string()).boxed());
+        options.push(Just("10.20.1.0/25".to_string()).boxed());
+        options.push(Just("10.0.0.0/8".to_string()).boxed());
     }
     proptest::strategy::Union::new(options)
 }
@@ -266,10 +273,23 @@ proptest! {
             .map(|i| [format!("100.64.0.{i}/32"), format!("100.64.1.{i}/32")].iter().map(|a| a.parse().unwrap()).collect())
             .collect();
         let ids: Vec<String> = (0..6).map(|i| format!("peer_{i}")).collect();
+        // peer_1 is the gateway to 10.20.0.0/16, peer_2 to 10.20.1.0/24 and 10.30.0.0/16.
+        let routes: Vec<Vec<IpNetwork>> = (0..6)
+            .map(|i| match i {
+                1 => addr("10.20.0.0/16"),
+                2 => [addr("10.20.1.0/24"), addr("10.30.0.0/16")].concat(),
+                _ => Vec::new(),
+            })
+            .collect();
         let views: Vec<PeerView> = (0..6)
-            .map(|i| PeerView { id: &ids[i], tags: &tags[i], addresses: &addrs[i] })
+            .map(|i| PeerView { id: &ids[i], tags: &tags[i], addresses: &addrs[i], routes: &routes[i] })
             .collect();
         let peers = Peers::new(views.clone());
+        // Where packets may end at a peer: its addresses, and addresses in and around its sites.
+        let site: Vec<std::net::IpAddr> = ["10.20.0.7", "10.20.1.9", "10.20.1.200", "10.30.4.4", "10.40.0.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
         for (qi, q) in views.iter().enumerate() {
             let mine = part(&policy, &peers, q);
             for (pi, p) in views.iter().enumerate() {
@@ -278,7 +298,8 @@ proptest! {
                     continue;
                 }
                 let mut any_way = false;
-                for (dst, proto) in q.addresses.iter().flat_map(|a| [Proto::Tcp, Proto::Udp, Proto::Icmp].map(|p| (a.ip(), p))) {
+                let dsts = q.addresses.iter().map(|a| a.ip()).chain(site.iter().copied().filter(|_| !q.routes.is_empty()));
+                for (dst, proto) in dsts.flat_map(|a| [Proto::Tcp, Proto::Udp, Proto::Icmp].map(|p| (a, p))) {
                     for port in [0u16, 1, 3, 20, 39, 44, 80] {
                         let pkt = Packet { proto, port: if proto == Proto::Icmp { 0 } else { port }, dst };
                         let naive = allows(Some(&policy), p, q, &pkt).allowed();

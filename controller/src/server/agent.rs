@@ -146,6 +146,7 @@ async fn session(
     let (number, replaced) = ctl.sessions.open(&id.peer_id);
     let _close = CloseOnDrop(ctl, id, number);
     tracing::info!(known = hello.known_revision, "agent connected");
+    let renew = crate::service::gateways::LIVE_RENEW;
     let mut live = Live {
         ctl,
         id,
@@ -153,6 +154,8 @@ async fn session(
         replaced,
         changes,
         sent: hello.known_revision,
+        gateway: None,
+        renew: tokio::time::interval_at(tokio::time::Instant::now() + renew, renew),
     };
     let mut first = true;
     loop {
@@ -203,6 +206,38 @@ struct Live<'a> {
     changes: tokio::sync::watch::Receiver<crate::store::Revision>,
     /// The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
     sent: crate::store::Revision,
+    /// As a gateway: the holder id of the live record this session keeps.
+    gateway: Option<String>,
+    renew: tokio::time::Interval,
+}
+
+impl Live<'_> {
+    /// A gateway's agent that has applied everything sent to it is live: record it (once, then
+    /// renew it every tick). Best effort: a store error is logged and retried at the next tick.
+    async fn keep_live(&mut self, caught_up: bool) {
+        let gateway = self
+            .ctl
+            .cache
+            .is_gateway(&self.id.network_id, &self.id.peer_id);
+        if !gateway || (self.gateway.is_none() && !caught_up) {
+            return;
+        }
+        let holder = self
+            .gateway
+            .get_or_insert_with(|| crate::secret::new_id("sess_"))
+            .clone();
+        if let Err(e) = self.ctl.gateway_live(self.id, &holder).await {
+            tracing::warn!(error = %e, "could not record this gateway as live");
+        }
+    }
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        if let Some(holder) = self.gateway.take() {
+            self.ctl.gateway_gone(self.id, holder);
+        }
+    }
 }
 
 impl Live<'_> {
@@ -271,12 +306,16 @@ impl Live<'_> {
                             )));
                         }
                         ctl.sessions.ack(&id.peer_id, self.number, a.revision);
+                        if self.gateway.is_none() && a.revision == self.sent {
+                            self.keep_live(true).await;
+                        }
                     }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints).await?,
                     Ok(Some(_)) => return Err(Status::invalid_argument("unexpected Sync message")),
                     Ok(None) => return Ok(false),
                     Err(s) => return Err(super::client_fault(s)),
                 },
+                _ = self.renew.tick() => self.keep_live(false).await,
                 _ = self.replaced.notified() => return Err(replaced_status()),
                 _ = tx.closed() => return Ok(false),
                 _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),

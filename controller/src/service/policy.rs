@@ -1,6 +1,10 @@
 //! A network's access policy: get, set (checked whole, versioned, within the plan), test.
 
-use canopy_proto::v1::{PeerRecord, Policy as PolicyView, PolicyRecord, TestPolicyResponse};
+use std::net::IpAddr;
+
+use canopy_proto::v1::{
+    PeerRecord, Policy as PolicyView, PolicyRecord, RouteRecord, TestPolicyResponse,
+};
 use ipnetwork::IpNetwork;
 use prost::Message as _;
 
@@ -134,7 +138,8 @@ impl Controller {
         .await
     }
 
-    /// Whether peer `from` may open `proto`/`port` on peer `to` (ids or hostnames), and why.
+    /// Whether peer `from` may open `proto`/`port` on `to` (a peer by id or hostname, or an
+    /// address: a peer's, or one in a site behind a gateway), and why.
     pub async fn test_policy(
         &self,
         c: &Caller,
@@ -161,28 +166,50 @@ impl Controller {
             .iter()
             .map(decode)
             .collect::<Result<_>>()?;
+        let routes: Vec<RouteRecord> = self
+            .store
+            .range(keys::routes(&net.id).as_bytes())
+            .await?
+            .kvs
+            .iter()
+            .map(decode)
+            .collect::<Result<_>>()?;
+        let missing = |r: &str| {
+            Error::NotFound(format!(
+                "no peer {} in network {}",
+                canopy_proto::text::quoted(r),
+                net.name
+            ))
+        };
         let find = |r: &str| {
             peers
                 .iter()
                 .find(|p| p.id == r)
                 .or_else(|| peers.iter().find(|p| p.hostname == r))
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "no peer {} in network {}",
-                        canopy_proto::text::quoted(r),
-                        net.name
-                    ))
-                })
+                .ok_or_else(|| missing(r))
         };
-        let (a, b) = (find(from)?, find(to)?);
-        let addrs = |p: &PeerRecord| -> Vec<IpNetwork> {
-            p.addresses.iter().filter_map(|s| s.parse().ok()).collect()
+        let a = find(from)?;
+        let (b, dst) = match to.parse::<IpAddr>() {
+            Ok(ip) => self.destination(&peers, &routes, ip).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "{ip} is no peer's address and in no route of network {}",
+                    net.name
+                ))
+            })?,
+            Err(_) => {
+                let b = find(to)?;
+                let dst = addresses(b).first().map(IpNetwork::ip).ok_or_else(|| {
+                    Error::FailedPrecondition(format!("peer {} has no address", b.id))
+                })?;
+                (b, dst)
+            }
         };
-        let (aa, ba) = (addrs(a), addrs(b));
-        let dst = ba
-            .first()
-            .map(IpNetwork::ip)
-            .ok_or_else(|| Error::FailedPrecondition(format!("peer {} has no address", b.id)))?;
+        let (aa, ba) = (addresses(a), addresses(b));
+        let routed = |p: &PeerRecord| -> Vec<IpNetwork> {
+            let of_p = routes.iter().filter(|r| r.peer_id == p.id);
+            of_p.filter_map(|r| r.prefix.parse().ok()).collect()
+        };
+        let (ar, br) = (routed(a), routed(b));
         let policy =
             match self.policy_record(&net.id).await? {
                 Some((r, _)) => Some(policy::parse(&r.text).map_err(|e| {
@@ -194,11 +221,13 @@ impl Controller {
             id: &a.id,
             tags: &a.tags,
             addresses: &aa,
+            routes: &ar,
         };
         let to_view = PeerView {
             id: &b.id,
             tags: &b.tags,
             addresses: &ba,
+            routes: &br,
         };
         let pkt = Packet { proto, port, dst };
         let (verdict, explanation) = eval::explain(policy.as_ref(), &from_view, &to_view, &pkt);
@@ -213,6 +242,36 @@ impl Controller {
             explanation,
         })
     }
+}
+
+impl Controller {
+    /// Where a packet to `ip` ends: the peer with that address, or the gateway carrying the
+    /// most specific route that holds it (the primary one, else the oldest).
+    fn destination<'a>(
+        &self,
+        peers: &'a [PeerRecord],
+        routes: &[RouteRecord],
+        ip: IpAddr,
+    ) -> Option<(&'a PeerRecord, IpAddr)> {
+        if let Some(p) = peers
+            .iter()
+            .find(|p| addresses(p).iter().any(|a| a.ip() == ip))
+        {
+            return Some((p, ip));
+        }
+        let holds = |r: &&RouteRecord| r.prefix.parse::<IpNetwork>().is_ok_and(|n| n.contains(ip));
+        let rank = |r: &&RouteRecord| {
+            let len = r.prefix.parse::<IpNetwork>().map_or(0, |n| n.prefix());
+            let primary = self.cache.route_is_primary(&r.network_id, &r.id);
+            (std::cmp::Reverse(len), !primary, r.created_at_unix)
+        };
+        let r = routes.iter().filter(holds).min_by_key(rank)?;
+        Some((peers.iter().find(|p| p.id == r.peer_id)?, ip))
+    }
+}
+
+fn addresses(p: &PeerRecord) -> Vec<IpNetwork> {
+    p.addresses.iter().filter_map(|s| s.parse().ok()).collect()
 }
 
 #[cfg(test)]
