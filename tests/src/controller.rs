@@ -119,6 +119,8 @@ pub struct Node {
     pub host: Host,
     pub state: PathBuf,
     pub iface: String,
+    /// The agent's process.
+    pub pid: u32,
 }
 
 /// Starts `canopy-agent join` as `name` on host `n` with interface `<lab id><name>`.
@@ -135,7 +137,19 @@ pub fn start_agent_with(
     n: u8,
     extra: &[&str],
 ) -> Node {
-    let host = lab.host(n);
+    spawn_agent(lab, dir, join, name, lab.host(n), extra)
+}
+
+/// Starts `canopy-agent join` as `name` on an existing host (again: an agent that ran there
+/// before resumes with its state).
+pub fn spawn_agent(
+    lab: &Lab,
+    dir: &Path,
+    join: &str,
+    name: &str,
+    host: Host,
+    extra: &[&str],
+) -> Node {
     let (state, iface) = (dir.join(name), format!("{}{name}", lab.id));
     let agent = bin("canopy-agent");
     let args = [
@@ -149,12 +163,17 @@ pub fn start_agent_with(
         "--hostname",
         name,
     ];
-    lab.spawn(
+    let pid = lab.spawn(
         &host.ns,
         &[&args[..], extra].concat(),
         &dir.join(format!("{name}.log")),
     );
-    Node { host, state, iface }
+    Node {
+        host,
+        state,
+        iface,
+        pid,
+    }
 }
 
 /// The hostnames an agent sees, sorted (`None` when its status cannot be read).

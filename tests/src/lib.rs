@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod hosted;
 pub mod netns;
 pub mod overlay;
+pub mod sites;
 pub mod wg;
 
 /// The access policy the policy tests start from: web may open tcp/5432 on db, nothing else

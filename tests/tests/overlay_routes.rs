@@ -4,93 +4,12 @@
 //! behind the gateway's second interface. Needs root (and nft for masquerade).
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use canopy_tests::controller::*;
-use canopy_tests::netns::{Host, Lab};
+use canopy_tests::netns::Lab;
 use canopy_tests::overlay::transfer_intact;
-
-/// Host `site` behind `gw`: a veth pair, the gateway at 10.20.0.1/24 and the site host at
-/// 10.20.0.5/24, and with `return_route` the site's route back to the overlay via the gateway
-/// (what a site router needs without masquerade).
-fn site_behind(lab: &Lab, gw: &Host, site: &Host, return_route: Option<&str>) {
-    site_behind_at(
-        lab,
-        gw,
-        site,
-        return_route,
-        ("10.20.0.1/24", "10.20.0.5/24"),
-    );
-}
-
-/// [`site_behind`] with other addresses for the gateway and the site host.
-fn site_behind_at(
-    lab: &Lab,
-    gw: &Host,
-    site: &Host,
-    return_route: Option<&str>,
-    (gw_addr, site_addr): (&str, &str),
-) {
-    let (a, b) = (format!("{}gs", lab.id), format!("{}sg", lab.id));
-    let run = |ns: &str, cmd: &[&str]| {
-        let out = lab.run(ns, cmd);
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(
-        &gw.ns,
-        &[
-            "ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &site.ns,
-        ],
-    );
-    run(&gw.ns, &["ip", "addr", "add", gw_addr, "dev", &a, "nodad"]);
-    run(&gw.ns, &["ip", "link", "set", &a, "up"]);
-    run(
-        &site.ns,
-        &["ip", "addr", "add", site_addr, "dev", &b, "nodad"],
-    );
-    run(&site.ns, &["ip", "link", "set", &b, "up"]);
-    if let Some(overlay) = return_route {
-        let via = gw_addr.split('/').next().unwrap();
-        run(&site.ns, &["ip", "route", "add", overlay, "via", via]);
-    }
-}
-
-/// A controller, network "sites" (100.64.10.0/24), a client on host 1 and a gateway on host 2
-/// (joined with `gw_flags`), seeing each other; the site host is host 3.
-fn client_gateway_site<'a>(
-    lab: &'a Lab,
-    dir: &'a Path,
-    data: &'a Path,
-    gw_flags: &[&str],
-) -> (Console<'a>, Node, Node, Host) {
-    let con = controller(lab, dir, data);
-    con.ok(&["network", "create", "sites", "--cidr", "100.64.10.0/24"]);
-    let join = || {
-        con.ok(&["token", "create", "--network", "sites"])
-            .trim()
-            .to_string()
-    };
-    let client = start_agent(lab, dir, &join(), "client", 1);
-    let gw = start_agent_with(lab, dir, &join(), "gw", 2, gw_flags);
-    for n in [&client, &gw] {
-        wait_until("both agents to see each other", || {
-            peers_seen(lab, n).is_some_and(|p| p.len() == 1)
-        });
-    }
-    (con, client, gw, lab.host(3))
-}
-
-fn gateway_peer_id(lab: &Lab, gw: &Node) -> String {
-    status(lab, &gw.host.ns, &gw.state).unwrap()["peer_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
+use canopy_tests::sites::*;
 
 #[test]
 fn a_client_reaches_a_site_through_its_gateway_and_not_once_the_route_is_withdrawn() {
@@ -189,10 +108,11 @@ fn without_masquerade_the_site_routes_back_to_the_overlay() {
         8,
         "site → client: the site opens it",
     );
-    let tables = lab.run(&gw.host.ns, &["nft", "list", "tables"]);
+    let ruleset = lab.run(&gw.host.ns, &["nft", "list", "ruleset"]);
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
     assert!(
-        !String::from_utf8_lossy(&tables.stdout).contains("canopy_gw_"),
-        "no masquerade table"
+        ruleset.contains("canopy_gw_") && !ruleset.contains("masquerade"),
+        "the forwarding filter, no masquerade: {ruleset}"
     );
 }
 

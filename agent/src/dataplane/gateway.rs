@@ -1,9 +1,10 @@
 //! A site gateway: this node forwards the prefixes routed through it into its site. It turns
-//! on IP forwarding for the families it carries and, unless told not to, masquerades overlay
-//! sources leaving through another interface (so the site needs no route back to the
-//! overlay), with an nftables table of its own that it removes when it stops being a gateway
-//! or exits. Without masquerade the site's router needs a route to the overlay's CIDRs via
-//! this host's LAN address.
+//! on IP forwarding for the families it carries, and installs an nftables table of its own
+//! (removed when it stops being a gateway or exits) that forwards out of the tunnel only to
+//! those prefixes (a peer cannot use it to reach anything else the host can), and, unless
+//! told not to, masquerades overlay sources leaving through another interface (so the site
+//! needs no route back to the overlay). Without masquerade the site's router needs a route to
+//! the overlay's CIDRs via this host's LAN address.
 
 use std::process::{Command, Stdio};
 
@@ -12,8 +13,8 @@ use ipnetwork::IpNetwork;
 /// What this node set up as a gateway, so it can be undone.
 #[derive(Debug, Default)]
 pub(super) struct Gateway {
-    /// The nftables table this node installed, if any.
-    table: Option<String>,
+    /// The nftables table this node installed, if any, and the script it holds.
+    table: Option<(String, String)>,
     /// Forwarding sysctls this node turned on, with the value they had.
     sysctls: Vec<(&'static str, String)>,
 }
@@ -30,11 +31,37 @@ fn table_name(iface: &str) -> String {
     format!("canopy_gw_{safe}")
 }
 
-/// The nftables script for a gateway on `iface`: masquerade what comes out of the tunnel and
-/// leaves by another interface.
-fn masquerade_script(table: &str, iface: &str) -> String {
+/// The nftables script for a gateway on `iface` that forwards `prefixes`: out of the tunnel
+/// only to them, masqueraded if `masquerade`. It replaces the table in one transaction.
+fn gateway_script(table: &str, iface: &str, prefixes: &[IpNetwork], masquerade: bool) -> String {
+    let out = format!("iifname \"{iface}\" oifname != \"{iface}\"");
+    let mut forward = String::new();
+    for (family, v4) in [("ip", true), ("ip6", false)] {
+        let set: Vec<String> = prefixes
+            .iter()
+            .filter(|p| p.is_ipv4() == v4)
+            .map(ToString::to_string)
+            .collect();
+        let rule = if set.is_empty() {
+            let proto = if v4 { "ipv4" } else { "ipv6" };
+            format!("    {out} meta nfproto {proto} drop\n")
+        } else {
+            format!(
+                "    {out} {family} daddr != {{ {} }} drop\n",
+                set.join(", ")
+            )
+        };
+        forward.push_str(&rule);
+    }
+    let nat = if masquerade {
+        format!(
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {out} masquerade\n  }}\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "table inet {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    iifname \"{iface}\" oifname != \"{iface}\" masquerade\n  }}\n}}\n"
+        "add table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{forward}  }}\n{nat}}}\n"
     )
 }
 
@@ -84,19 +111,19 @@ impl Gateway {
                 self.sysctls.push((path, old));
             }
         }
-        if masquerade && self.table.is_none() {
-            let table = table_name(iface);
-            // A table left by a crashed run is replaced.
-            let _ = nft(&format!("delete table inet {table}\n"));
-            nft(&masquerade_script(&table, iface))?;
-            self.table = Some(table);
+        // A table left by a crashed run is replaced as well.
+        let table = table_name(iface);
+        let script = gateway_script(&table, iface, prefixes, masquerade);
+        if self.table.as_ref().is_none_or(|(_, s)| *s != script) {
+            nft(&script)?;
+            self.table = Some((table, script));
         }
         Ok(())
     }
 
     /// Removes the nftables table and puts the forwarding sysctls back.
     pub(super) fn undo(&mut self) {
-        if let Some(t) = self.table.take()
+        if let Some((t, _)) = self.table.take()
             && let Err(e) = nft(&format!("delete table inet {t}\n"))
         {
             tracing::warn!(table = %t, error = %e, "could not remove the gateway's nftables table");
@@ -112,11 +139,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_masquerade_table_is_named_after_the_interface_and_masquerades_only_what_leaves() {
+    fn the_table_forwards_only_to_the_sites_prefixes_and_masquerades_only_what_leaves() {
         assert_eq!(table_name("canopy0"), "canopy_gw_canopy0");
         assert_eq!(table_name("wg-site.1"), "canopy_gw_wg_site_1");
-        let s = masquerade_script("canopy_gw_canopy0", "canopy0");
+        let prefixes: Vec<IpNetwork> = vec![
+            "10.20.0.0/24".parse().unwrap(),
+            "10.30.0.0/16".parse().unwrap(),
+        ];
+        let s = gateway_script("canopy_gw_canopy0", "canopy0", &prefixes, true);
+        let out = "iifname \"canopy0\" oifname != \"canopy0\"";
+        assert!(s.starts_with(
+            "add table inet canopy_gw_canopy0\ndelete table inet canopy_gw_canopy0\n"
+        ));
+        assert!(s.contains(&format!(
+            "{out} ip daddr != {{ 10.20.0.0/24, 10.30.0.0/16 }} drop"
+        )));
+        assert!(
+            s.contains(&format!("{out} meta nfproto ipv6 drop")),
+            "no IPv6 site: none forwarded"
+        );
         assert!(s.contains("type nat hook postrouting priority srcnat"));
-        assert!(s.contains("iifname \"canopy0\" oifname != \"canopy0\" masquerade"));
+        assert!(s.contains(&format!("{out} masquerade")));
+        let s = gateway_script("t", "canopy0", &prefixes, false);
+        assert!(!s.contains("masquerade") && s.contains("hook forward"));
     }
 }

@@ -171,6 +171,13 @@ pub fn set_up(index: u32) -> io::Result<()> {
     request(RouteNetlinkMessage::SetLink(m), NLM_F_ACK).map(drop)
 }
 
+/// The metric of the routes the agent installs: any route of the same prefix the host already
+/// has (its LAN's, usually metric 0 for IPv4 and 256 for IPv6) wins over the overlay's, and a
+/// more specific one wins anyway, so a site prefix never hides the host's own network (a
+/// standby gateway keeps reaching its site directly). Replace and delete match on it, so
+/// they never touch a route the agent did not make.
+pub const ROUTE_METRIC: u32 = 4096;
+
 fn route(index: u32, dest: IpNetwork) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = family(dest.ip());
@@ -184,10 +191,11 @@ fn route(index: u32, dest: IpNetwork) -> RouteMessage {
             dest.network(),
         )));
     m.attributes.push(RouteAttribute::Oif(index));
+    m.attributes.push(RouteAttribute::Priority(ROUTE_METRIC));
     m
 }
 
-/// `ip route replace DEST dev INDEX`.
+/// `ip route replace DEST dev INDEX metric ROUTE_METRIC`.
 pub fn replace_route(index: u32, dest: IpNetwork) -> io::Result<()> {
     request(
         RouteNetlinkMessage::NewRoute(route(index, dest)),
@@ -196,7 +204,7 @@ pub fn replace_route(index: u32, dest: IpNetwork) -> io::Result<()> {
     .map(drop)
 }
 
-/// `ip route del DEST dev INDEX`.
+/// `ip route del DEST dev INDEX metric ROUTE_METRIC`.
 pub fn delete_route(index: u32, dest: IpNetwork) -> io::Result<()> {
     request(RouteNetlinkMessage::DelRoute(route(index, dest)), NLM_F_ACK).map(drop)
 }
