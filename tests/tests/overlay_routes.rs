@@ -159,3 +159,92 @@ fn an_ipv6_site_is_reached_through_its_gateway() {
         "client → IPv6 site",
     );
 }
+
+/// Under a policy, a site is reached only as far as a rule names it: the gateway's engine
+/// filters forwarded traffic like its own (ops may ping 10.20.0.5 only; a peer without a rule
+/// reaches nothing in the site).
+#[test]
+fn a_policy_rule_naming_part_of_a_site_is_enforced_at_its_gateway() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller(&lab, dir.path(), &data);
+    con.ok(&["network", "create", "sites", "--cidr", "100.64.12.0/24"]);
+    let join = |tags: &[&str]| {
+        let mut args = vec!["token", "create", "--network", "sites"];
+        for t in tags {
+            args.extend(["--tag", t]);
+        }
+        con.ok(&args).trim().to_string()
+    };
+    let ops = start_agent(&lab, dir.path(), &join(&["ops"]), "ops", 1);
+    let other = start_agent(&lab, dir.path(), &join(&[]), "other", 2);
+    let gw = start_agent(&lab, dir.path(), &join(&[]), "gw", 3);
+    for n in [&ops, &other, &gw] {
+        wait_until("the agents to see each other", || {
+            peers_seen(&lab, n).is_some_and(|p| p.len() == 2)
+        });
+    }
+    let site = lab.host(4);
+    site_behind(&lab, &gw.host, &site, None);
+    let out = lab.run(
+        &site.ns,
+        &[
+            "ip",
+            "addr",
+            "add",
+            "10.20.0.6/24",
+            "dev",
+            &format!("{}sg", lab.id),
+        ],
+    );
+    assert!(out.status.success());
+    con.ok(&[
+        "route",
+        "advertise",
+        "--peer",
+        &gateway_peer_id(&lab, &gw),
+        "10.20.0.0/24",
+    ]);
+    assert!(
+        lab.ping(&other.host.ns, "10.20.0.6", WAIT),
+        "no policy: everyone"
+    );
+
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "tags = [\"ops\"]\n[[rule]]\nfrom = [\"tag:ops\"]\nto = [\"10.20.0.5/32\"]\nproto = \"icmp\"\n",
+    )
+    .unwrap();
+    con.ok(&["policy", "set", "sites", file.to_str().unwrap()]);
+    let test = con.ok(&[
+        "policy",
+        "test",
+        "sites",
+        "--from",
+        "ops",
+        "--to",
+        "10.20.0.5",
+        "--proto",
+        "icmp",
+    ]);
+    assert!(test.contains("allowed"), "{test}");
+    wait_until("the other peer to lose the gateway", || {
+        peers_seen(&lab, &other).is_some_and(|p| p.is_empty())
+    });
+    assert!(
+        lab.ping(&ops.host.ns, "10.20.0.5", WAIT),
+        "ops → the named host"
+    );
+    assert!(
+        !lab.ping(&ops.host.ns, "10.20.0.6", Duration::from_secs(2)),
+        "ops → another host of the site: refused at the gateway"
+    );
+    assert!(!lab.ping(&other.host.ns, "10.20.0.5", Duration::from_secs(1)));
+    // Counters are written every 5 s.
+    wait_until("the gateway to count what it refused", || {
+        status(&lab, &gw.host.ns, &gw.state)
+            .is_some_and(|s| s["dropped"]["policy"].as_u64() > Some(0))
+    });
+}

@@ -38,7 +38,7 @@ pub enum PolicyCmd {
         /// Peer id or hostname.
         #[arg(long)]
         from: String,
-        /// Peer id or hostname.
+        /// Peer id or hostname, or an address (a peer's, or one in a site behind a gateway).
         #[arg(long)]
         to: String,
         /// tcp, udp or icmp.
