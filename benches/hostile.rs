@@ -82,6 +82,7 @@ fn hello() -> SyncRequest {
         msg: Some(sync_request::Msg::Hello(Hello {
             known_revision: 0,
             endpoints: vec![],
+            ..Default::default()
         })),
     }
 }

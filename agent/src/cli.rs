@@ -1,5 +1,6 @@
 //! The `canopy-agent` command line.
 
+use ipnetwork::IpNetwork;
 use std::io::Read as _;
 use std::path::PathBuf;
 
@@ -74,6 +75,28 @@ struct IfaceOpts {
     /// route to the overlay's CIDRs via this host.
     #[arg(long)]
     no_masquerade: bool,
+    /// Offer to route these prefixes (comma-separated CIDRs: the sites behind this host) for
+    /// the network. Each waits for `canopy route approve` unless the policy auto-approves it.
+    #[arg(long, value_delimiter = ',', value_parser = advertised_prefix)]
+    advertise_routes: Vec<IpNetwork>,
+}
+
+/// A prefix this node may offer to route: a network address (no host bits) of a routable
+/// range, not a default route (exit nodes are advertised by an admin for now).
+fn advertised_prefix(s: &str) -> Result<IpNetwork, String> {
+    let net: IpNetwork = s.parse().map_err(|e| format!("{s:?} is not a CIDR: {e}"))?;
+    if net.network() != net.ip() {
+        return Err(format!(
+            "{s} has host bits set; did you mean {}/{}?",
+            net.network(),
+            net.prefix()
+        ));
+    }
+    let ip = net.ip();
+    if net.prefix() == 0 || ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() {
+        return Err(format!("{s} is not a site's subnet"));
+    }
+    Ok(net)
 }
 
 #[derive(Subcommand, Debug)]
@@ -396,6 +419,11 @@ async fn join(
         .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
     let mut client = ControlClient::new(enrollment, Some(map), Some(state.clone()));
     client.controllers.extend(iface.controllers.iter().cloned());
+    client.advertised_routes = iface
+        .advertise_routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let watcher = if iface.endpoints.is_empty() {
         let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
         let (tx, rx) = tokio::sync::watch::channel(initial);

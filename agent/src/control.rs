@@ -153,6 +153,8 @@ pub struct ControlClient {
     /// Underlay endpoints (`ip:port`) reported to the controller: in Hello, and again on the
     /// open session whenever they change (a new listen port, a new address).
     pub endpoints: watch::Receiver<Vec<String>>,
+    /// Prefixes this node offers to route (told in every Hello).
+    pub advertised_routes: Vec<String>,
     pub stats: SyncStats,
     state: Option<StateDir>,
     map: watch::Sender<Option<NetworkMap>>,
@@ -186,6 +188,7 @@ impl ControlClient {
             controllers: vec![enrollment.controller_url.clone()],
             enrollment,
             endpoints: watch::channel(Vec::new()).1,
+            advertised_routes: Vec::new(),
             stats: SyncStats::default(),
             state,
             map: watch::channel(initial).0,
@@ -296,6 +299,7 @@ impl ControlClient {
             msg: Some(sync_request::Msg::Hello(Hello {
                 known_revision: known,
                 endpoints: endpoints.borrow_and_update().clone(),
+                advertised_routes: self.advertised_routes.clone(),
             })),
         };
         tx.send(hello)

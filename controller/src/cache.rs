@@ -333,10 +333,34 @@ impl Cache {
         st.networks.get(network).is_some_and(|s| s.is_gateway(peer))
     }
 
+    /// The prefixes `peer`'s agent advertised, as the routes it made (sorted).
+    pub fn agent_prefixes(&self, network: &str, peer: &str) -> Vec<String> {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks
+            .get(network)
+            .map(|s| s.agent_prefixes(peer))
+            .unwrap_or_default()
+    }
+
+    /// The CIDRs of `network`.
+    pub fn network_cidrs(&self, network: &str) -> Option<Vec<String>> {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network).map(|s| s.network.cidrs.clone())
+    }
+
     /// Whether route `id` of `network` carries its prefix now.
     pub fn route_is_primary(&self, network: &str, id: &str) -> bool {
         let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
         st.networks.get(network).is_some_and(|s| s.is_primary(id))
+    }
+
+    /// Whether route `id` of `network` is in force: "approved", "auto-approved" or "pending"
+    /// (also for a route the cache does not hold yet).
+    pub fn route_state(&self, network: &str, id: &str) -> &'static str {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks
+            .get(network)
+            .map_or("pending", |s| s.route_state(id))
     }
 
     /// The store revision the cache reflects.

@@ -220,9 +220,39 @@ impl TestAgent {
         let key = PrivateKey::generate();
         let join = JoinString::parse(join).unwrap();
         let (enrollment, map) = control::enroll(&join, key.public_key(), hostname).await?;
-        let peer_id = enrollment.peer_id.clone();
         let mut client = ControlClient::new(enrollment, Some(map), None);
         client.controllers.extend(more_controllers.iter().cloned());
+        Ok(Self::run(key, client))
+    }
+
+    /// Like [`join`](Self::join), offering to route `routes` (`--advertise-routes`).
+    pub async fn join_advertising(
+        join: &str,
+        hostname: &str,
+        routes: &[&str],
+    ) -> Result<Self, ControlError> {
+        let key = PrivateKey::generate();
+        let join = JoinString::parse(join).unwrap();
+        let (enrollment, map) = control::enroll(&join, key.public_key(), hostname).await?;
+        let mut client = ControlClient::new(enrollment, Some(map), None);
+        client.advertised_routes = routes.iter().map(ToString::to_string).collect();
+        Ok(Self::run(key, client))
+    }
+
+    /// The same agent (key, credential, map) again, advertising `routes` now: what a restart
+    /// with other `--advertise-routes` does.
+    pub async fn restart_advertising(self, routes: &[&str]) -> Self {
+        let key = PrivateKey::from_base64(&self.key.to_base64()).unwrap();
+        let mut client =
+            ControlClient::new(self.client.enrollment().clone(), Some(self.map()), None);
+        client.advertised_routes = routes.iter().map(ToString::to_string).collect();
+        self.stop().await;
+        Self::run(key, client)
+    }
+
+    /// Starts following the controller with `client`.
+    fn run(key: PrivateKey, mut client: ControlClient) -> Self {
+        let peer_id = client.enrollment().peer_id.clone();
         client.backoff =
             control::Backoff::equal(Duration::from_millis(50), Duration::from_millis(500));
         let client = Arc::new(client);
@@ -235,14 +265,14 @@ impl TestAgent {
             })
             .await
         });
-        Ok(Self {
+        Self {
             key,
             peer_id,
             client,
             maps,
             stop: Some(stop),
             task,
-        })
+        }
     }
 
     pub fn map(&self) -> NetworkMap {

@@ -388,6 +388,7 @@ async fn sync_needs_a_valid_credential_and_starts_with_hello() {
         msg: Some(sync_request::Msg::Hello(Hello {
             known_revision: 0,
             endpoints: vec!["not-an-endpoint".into()],
+            ..Default::default()
         })),
     };
     let mut stream = agent
@@ -552,6 +553,7 @@ async fn unroutable_endpoints_are_refused_on_sync() {
             msg: Some(sync_request::Msg::Hello(Hello {
                 known_revision: 0,
                 endpoints: vec![endpoint.into()],
+                ..Default::default()
             })),
         };
         let mut stream = agent

@@ -37,6 +37,7 @@ fn hello(known: i64) -> SyncRequest {
         msg: Some(sync_request::Msg::Hello(Hello {
             known_revision: known,
             endpoints: vec![],
+            ..Default::default()
         })),
     }
 }

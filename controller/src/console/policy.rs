@@ -163,10 +163,13 @@ pub enum RouteCmd {
     },
     /// Withdraw a route: peers stop sending its prefix through that gateway at once.
     Remove { route_id: String },
+    /// Put a route a gateway's agent advertised (`--advertise-routes`) into force.
+    Approve { route_id: String },
 }
 
 fn route_json(r: &Route) -> serde_json::Value {
-    json!({"id": r.id, "network_id": r.network_id, "peer_id": r.peer_id, "prefix": r.prefix, "primary": r.primary})
+    json!({"id": r.id, "network_id": r.network_id, "peer_id": r.peer_id, "prefix": r.prefix,
+        "primary": r.primary, "state": r.state, "from_agent": r.from_agent})
 }
 
 fn print_routes(json: bool, routes: &[Route]) -> anyhow::Result<()> {
@@ -176,8 +179,22 @@ fn print_routes(json: bool, routes: &[Route]) -> anyhow::Result<()> {
         return Ok(());
     }
     for r in routes {
-        let role = if r.primary { "primary" } else { "standby" };
-        println!("{}  {}  via {}  {role}", r.id, r.prefix, r.peer_id);
+        let role = match (r.state.as_str(), r.primary) {
+            ("pending", _) => "pending approval",
+            _ if r.prefix.ends_with("/0") => "exit node",
+            (_, true) => "primary",
+            (_, false) => "standby",
+        };
+        let by = if r.from_agent {
+            ", advertised by its agent"
+        } else {
+            ""
+        };
+        let state = canopy_proto::text::escape(&r.state);
+        println!(
+            "{}  {}  via {}  {role} ({state}{by})",
+            r.id, r.prefix, r.peer_id
+        );
     }
     Ok(())
 }
@@ -200,6 +217,11 @@ pub async fn route(conn: &ConnOpts, json: bool, c: RouteCmd) -> anyhow::Result<(
         RouteCmd::Remove { route_id } => {
             let r = reply(cl.remove_route(RemoveRouteRequest { route_id }).await)?;
             let msg = format!("removed route {} ({} via {})", r.id, r.prefix, r.peer_id);
+            output::done(json, &msg, route_json(&r))
+        }
+        RouteCmd::Approve { route_id } => {
+            let r = reply(cl.approve_route(ApproveRouteRequest { route_id }).await)?;
+            let msg = format!("approved route {} ({} via {})", r.id, r.prefix, r.peer_id);
             output::done(json, &msg, route_json(&r))
         }
     }

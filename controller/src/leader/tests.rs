@@ -301,3 +301,41 @@ async fn audit_entries_past_their_plans_retention_are_pruned_and_newer_ones_kept
     assert_eq!(prune_audit(store.as_ref(), f, now).await.unwrap(), 0);
     assert_eq!(store.range(b"/").await.unwrap().revision, before);
 }
+
+#[tokio::test]
+async fn the_leader_sweeps_gateway_records_nobody_renews_and_keeps_renewed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+    let t0 = 1_000_000;
+    let live = |peer: &str, renewed: i64| canopy_proto::v1::GatewayLiveRecord {
+        peer_id: peer.into(),
+        online_since_unix_ms: 1,
+        renewed_unix_ms: renewed,
+        holder: "sess_x".into(),
+    };
+    let put = |peer: &str, renewed: i64| {
+        Txn::new().then(Op::put(
+            keys::gwlive("net_1", peer),
+            live(peer, renewed).encode_to_vec(),
+        ))
+    };
+    // Its replica died 31 s ago; the other was renewed 10 s ago.
+    store.txn(put("peer_dead", t0 - 31_000)).await.unwrap();
+    store.txn(put("peer_live", t0 - 10_000)).await.unwrap();
+    let f = Elector::new(store.clone(), "a".into(), Duration::from_secs(10))
+        .round(t0)
+        .await
+        .unwrap()
+        .unwrap();
+    let r = run_jobs(store.as_ref(), f, t0, &BackgroundConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(r.stale_gateways, 1);
+    let left = store.range(keys::ALL_GWLIVE.as_bytes()).await.unwrap();
+    let ids: Vec<Option<(&str, &str)>> = left
+        .kvs
+        .iter()
+        .map(|kv| keys::parse_gwlive(&kv.key))
+        .collect();
+    assert_eq!(ids, [Some(("net_1", "peer_live"))]);
+}

@@ -158,8 +158,10 @@ impl NetState {
         self.peers.insert(id.clone(), entry);
         self.by_revision.insert((rev, id.clone()));
         self.revision = self.revision.max(rev);
-        if new && self.routes.values().any(|r| r.peer_id == id) {
-            // A gateway the routes named before it was known (a re-list's order).
+        let tags_changed = tags_rev == rev;
+        if (new || tags_changed) && self.routes.values().any(|r| r.peer_id == id) {
+            // A gateway the routes named before it was known (a re-list's order), or whose
+            // tags may auto-approve its routes now, or not any more.
             self.set_advertised(&id, rev);
             self.refresh_primaries(rev);
         }
@@ -223,13 +225,37 @@ impl NetState {
         changed && self.refresh_primaries(rev)
     }
 
-    /// Recomputes the prefixes `peer` advertises (after one of its routes changed): its own
-    /// map and its policy view follow.
+    /// Whether route `r` is in force: made or approved by an admin, or auto-approved by the
+    /// policy for its gateway.
+    fn in_force(&self, r: &RouteRecord) -> bool {
+        if !r.pending {
+            return true;
+        }
+        let (Some(p), Some(gw)) = (self.policy.current.as_deref(), self.peers.get(&r.peer_id))
+        else {
+            return false;
+        };
+        r.prefix
+            .parse()
+            .is_ok_and(|prefix| p.auto_approves(&prefix, &gw.view()))
+    }
+
+    /// Whether route `id` is in force, and how: "approved", "auto-approved" or "pending".
+    pub fn route_state(&self, id: &str) -> &'static str {
+        match self.routes.get(id) {
+            Some(r) if !r.pending => "approved",
+            Some(r) if self.in_force(r) => "auto-approved",
+            _ => "pending",
+        }
+    }
+
+    /// Recomputes the prefixes `peer` advertises (after one of its routes, its tags or the
+    /// policy changed): its own map and its policy view follow.
     fn set_advertised(&mut self, peer: &str, rev: Revision) {
         let mut routes: Vec<IpNetwork> = self
             .routes
             .values()
-            .filter(|r| r.peer_id == peer)
+            .filter(|r| r.peer_id == peer && self.in_force(r))
             .filter_map(|r| r.prefix.parse().ok())
             .collect();
         routes.sort();
@@ -259,10 +285,13 @@ impl NetState {
             )
         };
         let mut best: BTreeMap<String, &RouteRecord> = BTreeMap::new();
+        // Exit routes (a /0) are no one's by default: each client opts into one exit node.
+        let shared = |r: &&RouteRecord| !r.prefix.ends_with("/0");
         for r in self
             .routes
             .values()
-            .filter(|r| self.peers.contains_key(&r.peer_id))
+            .filter(|r| self.peers.contains_key(&r.peer_id) && self.in_force(r))
+            .filter(shared)
         {
             match best.get(&r.prefix) {
                 Some(b) if (rank(b), &b.id) <= (rank(r), &r.id) => {}
@@ -279,6 +308,18 @@ impl NetState {
     /// Whether route `id` carries its prefix now.
     pub fn is_primary(&self, id: &str) -> bool {
         self.primaries.values().any(|(_, r)| r == id)
+    }
+
+    /// The prefixes `peer`'s agent advertised (routes made from its Hello), sorted.
+    pub fn agent_prefixes(&self, peer: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .routes
+            .values()
+            .filter(|r| r.peer_id == peer && r.from_agent)
+            .map(|r| r.prefix.clone())
+            .collect();
+        out.sort();
+        out
     }
 
     /// Whether `peer` advertises any route (its agent's liveness then matters).
@@ -341,6 +382,12 @@ impl NetState {
         p.current = policy.map(Arc::new);
         p.rev = rev;
         self.revision = self.revision.max(rev);
+        // Its auto-approvals may put routes into force or out of it.
+        let gateways: BTreeSet<String> = self.routes.values().map(|r| r.peer_id.clone()).collect();
+        for g in gateways {
+            self.set_advertised(&g, rev);
+        }
+        self.refresh_primaries(rev);
     }
 
     /// Who `me` may exchange packets with under `policy` (everyone without one).

@@ -26,13 +26,16 @@ enum Change {
     Unroute(usize),
     /// Peer i's agent becomes live (since this revision) or not.
     Live(u8, bool),
+    /// Peer i's agent advertises prefix k (a pending route).
+    Advertise(u8, u8),
 }
 
-const POLICIES: [&str; 5] = [
+const POLICIES: [&str; 6] = [
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"tag:a\"]\nto = [\"tag:b\"]\nproto = \"tcp\"\nports = [\"5432\"]\n",
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"tag:c\"]\n",
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"peer_00\", \"tag:b\"]\nto = [\"100.64.0.0/29\"]\nproto = \"icmp\"\n",
     "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"tag:a\"]\nto = [\"10.1.0.0/16\", \"10.2.3.0/24\"]\n",
+    "tags = [\"a\", \"b\", \"c\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"*\", \"10.0.0.0/8\"]\n[auto_approve]\n\"10.0.0.0/15\" = [\"tag:b\"]\n",
     "",
 ];
 
@@ -45,6 +48,7 @@ fn change() -> impl Strategy<Value = Change> {
         (0u8..12, 0u8..3).prop_map(|(i, k)| Change::Route(i, k)),
         (0usize..4).prop_map(Change::Unroute),
         (0u8..12, any::<bool>()).prop_map(|(i, up)| Change::Live(i, up)),
+        (0u8..12, 0u8..3).prop_map(|(i, k)| Change::Advertise(i, k)),
     ]
 }
 
@@ -94,6 +98,21 @@ fn apply(s: &mut NetState, c: &Change, rev: Revision) {
         }
         Change::Live(i, up) => {
             s.set_live(&format!("peer_{i:02}"), up.then_some(rev), rev);
+        }
+        Change::Advertise(i, k) => {
+            let id = format!("peer_{i:02}");
+            if s.peer(&id).is_some() {
+                let r = RouteRecord {
+                    id: format!("route_{rev:04}"),
+                    peer_id: id,
+                    prefix: format!("10.{k}.0.0/16"),
+                    created_at_unix: rev,
+                    pending: true,
+                    from_agent: true,
+                    ..Default::default()
+                };
+                s.put_route(r, rev);
+            }
         }
     }
 }
@@ -260,6 +279,50 @@ fn a_live_gateway_carries_the_prefix_and_one_that_comes_back_does_not_take_it_ba
     assert!(s.set_live("peer_01", None, 17));
     assert!(s.is_primary("route_b"));
     assert!(s.set_live("peer_02", None, 18));
+    assert!(s.is_primary("route_a"));
+}
+
+#[test]
+fn an_advertised_route_is_in_force_once_approved_or_while_the_policy_auto_approves_it() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    for i in 0..2u8 {
+        s.put_peer(peer(i, 0), i64::from(i) + 1);
+    }
+    let mut r = route("route_a", "peer_01", 10);
+    r.pending = true;
+    s.put_route(r.clone(), 10);
+    assert_eq!(s.route_state("route_a"), "pending");
+    assert_eq!(
+        allowed(&s.full_map("peer_00", 10).unwrap(), "peer_01"),
+        ["100.64.0.2/32"]
+    );
+    assert!(
+        s.full_map("peer_01", 10).unwrap().routes.is_empty(),
+        "nothing to forward yet"
+    );
+    // The policy auto-approves 10.0.0.0/8 for tag b; peer_01 gets the tag.
+    let text = "tags = [\"b\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"*\"]\n[auto_approve]\n\"10.0.0.0/8\" = [\"tag:b\"]\n";
+    s.set_policy(Some(crate::policy::parse(text).unwrap()), 11);
+    assert_eq!(s.route_state("route_a"), "pending", "not tagged yet");
+    let mut gw = peer(1, 0);
+    gw.tags = vec!["b".into()];
+    s.put_peer(gw, 12);
+    assert_eq!(s.route_state("route_a"), "auto-approved");
+    let Some(Update::Delta(d)) = s.update_since("peer_00", 11, 12) else {
+        panic!("a delta");
+    };
+    assert_eq!(d.upserted[0].allowed_ips, ["100.64.0.2/32", "10.20.0.0/16"]);
+    assert_eq!(s.full_map("peer_01", 12).unwrap().routes, ["10.20.0.0/16"]);
+    // The policy goes: out of force again; an admin approves it: in force for good.
+    s.set_policy(None, 13);
+    assert_eq!(s.route_state("route_a"), "pending");
+    assert_eq!(
+        allowed(&s.full_map("peer_00", 13).unwrap(), "peer_01"),
+        ["100.64.0.2/32"]
+    );
+    r.pending = false;
+    s.put_route(r, 14);
+    assert_eq!(s.route_state("route_a"), "approved");
     assert!(s.is_primary("route_a"));
 }
 

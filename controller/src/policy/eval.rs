@@ -42,7 +42,8 @@ impl Verdict {
     }
 }
 
-fn source_matches(s: &Selector, p: &PeerView<'_>) -> bool {
+/// Whether a `from` selector (or an auto-approver) takes `p`.
+pub fn source_matches(s: &Selector, p: &PeerView<'_>) -> bool {
     match s {
         Selector::Any => true,
         Selector::Tag(t) => p.tags.iter().any(|x| x == t),

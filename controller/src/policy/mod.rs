@@ -17,6 +17,9 @@
 //! to = ["group:backend"]               # the same, or a CIDR of overlay addresses
 //! proto = "tcp"                        # tcp, udp, icmp or any (the default)
 //! ports = ["5432", "6379-6380"]        # tcp and udp only; none = every port
+//!
+//! [auto_approve]                       # routes agents advertise, in force without an admin
+//! "10.20.0.0/16" = ["tag:site-gw"]     # any prefix inside, advertised by these peers
 //! ```
 //!
 //! No policy: every peer reaches every other (as before policies existed). A policy: nothing
@@ -45,6 +48,9 @@ pub struct Policy {
     pub tags: BTreeSet<String>,
     pub groups: BTreeMap<String, BTreeSet<String>>,
     pub rules: Vec<Rule>,
+    /// Routes advertised by agents that are in force without an admin's approval: a prefix
+    /// inside the network, advertised by a peer one of the selectors takes.
+    pub auto_approve: Vec<(IpNetwork, Vec<Selector>)>,
 }
 
 impl Policy {
@@ -54,7 +60,18 @@ impl Policy {
             tags: BTreeSet::new(),
             groups: BTreeMap::new(),
             rules: Vec::new(),
+            auto_approve: Vec::new(),
         }
+    }
+
+    /// Whether a route to `prefix` that gateway `gw` advertised is in force without approval.
+    pub fn auto_approves(&self, prefix: &IpNetwork, gw: &eval::PeerView<'_>) -> bool {
+        self.auto_approve.iter().any(|(net, who)| {
+            net.is_ipv4() == prefix.is_ipv4()
+                && net.prefix() <= prefix.prefix()
+                && net.contains(prefix.network())
+                && who.iter().any(|s| eval::source_matches(s, gw))
+        })
     }
 }
 
@@ -173,6 +190,8 @@ struct Document {
     groups: BTreeMap<String, Vec<Spanned<String>>>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    auto_approve: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -235,11 +254,57 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     for (i, r) in doc.rules.iter().enumerate() {
         rules.push(check_rule(text, i, r, &tags, &groups)?);
     }
+    let auto_approve = check_auto_approve(text, &doc.auto_approve, &tags, &groups)?;
     Ok(Policy {
         tags,
         groups,
         rules,
+        auto_approve,
     })
+}
+
+/// The `[auto_approve]` table: prefix → the peers (tags, groups, ids, "*") whose advertised
+/// routes inside it are in force.
+fn check_auto_approve(
+    text: &str,
+    table: &BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    tags: &BTreeSet<String>,
+    groups: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<Vec<(IpNetwork, Vec<Selector>)>, PolicyError> {
+    if table.len() > MAX_ITEMS {
+        let message = format!("auto_approve: at most {MAX_ITEMS} prefixes");
+        return Err(PolicyError {
+            line: 0,
+            rule: None,
+            message,
+        });
+    }
+    let mut out = Vec::with_capacity(table.len());
+    for (prefix, who) in table {
+        let fail = |at: usize, message: String| PolicyError {
+            line: line_of(text, at),
+            rule: None,
+            message: format!("auto_approve {prefix:?}: {message}"),
+        };
+        let net: IpNetwork = prefix
+            .parse()
+            .map_err(|_| fail(who.span().start, "not a CIDR".into()))?;
+        if net.network() != net.ip() {
+            return Err(fail(who.span().start, "host bits set".into()));
+        }
+        if who.get_ref().is_empty() || who.get_ref().len() > MAX_ITEMS {
+            let msg = format!("needs 1 to {MAX_ITEMS} entries");
+            return Err(fail(who.span().start, msg));
+        }
+        let mut selectors = BTreeSet::new();
+        for s in who.get_ref() {
+            let parsed =
+                selector(s.get_ref(), false, tags, groups).map_err(|m| fail(s.span().start, m))?;
+            selectors.extend(parsed);
+        }
+        out.push((net, selectors.into_iter().collect()));
+    }
+    Ok(out)
 }
 
 fn check_rule(

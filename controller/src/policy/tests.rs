@@ -342,3 +342,41 @@ fn control_characters_never_get_into_a_stored_document() {
         assert!(parse(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn auto_approvers_are_checked_and_take_prefixes_inside_theirs_only() {
+    let text = "tags = [\"gw\"]\n[auto_approve]\n\"10.20.0.0/16\" = [\"tag:gw\"]\n";
+    let p = parse(text).unwrap();
+    let tags = vec!["gw".to_string()];
+    let gw = PeerView {
+        id: "peer_gw",
+        tags: &tags,
+        addresses: &[],
+        routes: &[],
+    };
+    let other = PeerView { tags: &[], ..gw };
+    let net = |s: &str| s.parse::<IpNetwork>().unwrap();
+    assert!(p.auto_approves(&net("10.20.3.0/24"), &gw));
+    assert!(p.auto_approves(&net("10.20.0.0/16"), &gw));
+    assert!(
+        !p.auto_approves(&net("10.0.0.0/8"), &gw),
+        "wider than approved"
+    );
+    assert!(!p.auto_approves(&net("10.20.3.0/24"), &other), "untagged");
+    for (bad, says) in [
+        (
+            "tags = []\n[auto_approve]\n\"10.20.0.0/16\" = [\"tag:gw\"]\n",
+            "line 3",
+        ),
+        ("[auto_approve]\n\"10.20.0.1/16\" = [\"*\"]\n", "host bits"),
+        ("[auto_approve]\n\"ten\" = [\"*\"]\n", "not a CIDR"),
+        ("[auto_approve]\n\"10.0.0.0/8\" = []\n", "needs 1 to"),
+        (
+            "[auto_approve]\n\"10.0.0.0/8\" = [\"10.1.0.0/16\"]\n",
+            "destinations only",
+        ),
+    ] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(e.contains(says), "{bad:?}: {e}");
+    }
+}

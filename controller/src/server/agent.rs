@@ -136,6 +136,20 @@ async fn session(
     if !hello.endpoints.is_empty() {
         ctl.report_endpoints(id, &hello.endpoints).await?;
     }
+    // What its agent routes to: read and written only when it differs from what it said last.
+    let mut advertised: Vec<String> = hello
+        .advertised_routes
+        .iter()
+        .map(|p| {
+            p.parse::<ipnetwork::IpNetwork>()
+                .map_or(p.clone(), |n| n.to_string())
+        })
+        .collect();
+    advertised.sort();
+    advertised.dedup();
+    if advertised != ctl.cache.agent_prefixes(&id.network_id, &id.peer_id) {
+        ctl.take_advertised(id, &advertised).await?;
+    }
     let changes = ctl.cache.subscribe(&id.network_id);
     // An agent may hold a revision the cache has not reached yet (it enrolled through the store).
     if hello.known_revision > ctl.cache.applied() {

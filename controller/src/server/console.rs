@@ -206,6 +206,17 @@ impl ConsoleService for ConsoleApi {
         Ok(Response::new(ListRoutesResponse { routes }))
     }
 
+    async fn approve_route(&self, req: Request<ApproveRouteRequest>) -> R<Route> {
+        let c = self.caller(&req).await?;
+        let route = self
+            .ctl
+            .approve_route(&c, &req.into_inner().route_id)
+            .await?;
+        let detail = format!("{} via {}", route.prefix, route.peer_id);
+        self.audit(&c, "route.approve", &route.id, &detail).await;
+        Ok(Response::new(route))
+    }
+
     async fn remove_route(&self, req: Request<RemoveRouteRequest>) -> R<Route> {
         let c = self.caller(&req).await?;
         let route = self

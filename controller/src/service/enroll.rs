@@ -201,6 +201,7 @@ impl Controller {
                 created_at_unix: self.now_unix(),
                 credential_hash: req.credential.hash().to_vec(),
                 join_token_id: reads.token.id.clone(),
+                exit_node: String::new(),
             };
             let txn = enroll_writes(txn, &reads.token, &peer, &ips, req);
             if !self.store.txn(txn).await?.succeeded {

@@ -6,7 +6,7 @@ use canopy_proto::v1::{Route, RouteRecord};
 use ipnetwork::IpNetwork;
 use prost::Message as _;
 
-use super::{Caller, Controller, decode};
+use super::{AgentIdentity, Caller, Controller, decode};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::model;
@@ -63,6 +63,11 @@ impl Controller {
 
     fn route_view(&self, r: &RouteRecord) -> Route {
         let primary = self.cache.route_is_primary(&r.network_id, &r.id);
+        let state = match self.cache.route_state(&r.network_id, &r.id) {
+            // The cache may not hold a route just written: the record says what it is.
+            "pending" if !r.pending => "approved",
+            s => s,
+        };
         Route {
             id: r.id.clone(),
             network_id: r.network_id.clone(),
@@ -70,6 +75,8 @@ impl Controller {
             prefix: r.prefix.clone(),
             primary,
             created_at_unix: r.created_at_unix,
+            state: state.to_string(),
+            from_agent: r.from_agent,
         }
     }
 
@@ -88,6 +95,8 @@ impl Controller {
                 peer_id: peer.id.clone(),
                 prefix: prefix.to_string(),
                 created_at_unix: self.now_unix(),
+                pending: false,
+                from_agent: false,
             };
             let key = keys::route(&net.id, &rec.id);
             let txn = Txn::new()
@@ -121,22 +130,53 @@ impl Controller {
     /// Withdraws a route: peers stop sending its prefix through that gateway at once.
     pub async fn remove_route(&self, c: &Caller, route_id: &str) -> Result<Route> {
         c.require_admin()?;
-        crate::txn::retry("remove route", |_| async move {
+        let rec = self.change_route(c, route_id, |_| None).await?;
+        tracing::info!(route = %rec.id, "route removed");
+        Ok(Route {
+            primary: false,
+            ..self.route_view(&rec)
+        })
+    }
+
+    /// Puts a route the gateway's agent advertised into force.
+    pub async fn approve_route(&self, c: &Caller, route_id: &str) -> Result<Route> {
+        c.require_admin()?;
+        let rec = self
+            .change_route(c, route_id, |r| {
+                Some(RouteRecord {
+                    pending: false,
+                    ..r.clone()
+                })
+            })
+            .await?;
+        tracing::info!(route = %rec.id, "route approved");
+        Ok(self.route_view(&rec))
+    }
+
+    /// Replaces route `route_id` of one of the caller's networks with what `change` makes of
+    /// it (`None`: deletes it), compare-and-swap; returns the new record (or the deleted one).
+    async fn change_route(
+        &self,
+        c: &Caller,
+        route_id: &str,
+        change: impl Fn(&RouteRecord) -> Option<RouteRecord>,
+    ) -> Result<RouteRecord> {
+        let change = &change;
+        crate::txn::retry("change route", |_| async move {
             for net in self.network_records(&c.tenant).await? {
                 let key = keys::route(&net.id, route_id);
                 let Some(kv) = self.store.get(key.as_bytes()).await? else {
                     continue;
                 };
                 let rec: RouteRecord = decode(&kv)?;
-                let txn = Txn::new()
-                    .when(Compare::unchanged(key.clone(), kv.mod_revision))
-                    .then(Op::delete(key));
+                let new = change(&rec);
+                let txn = Txn::new().when(Compare::unchanged(key.clone(), kv.mod_revision));
+                let txn = match &new {
+                    Some(n) => txn.then(Op::put(key, n.encode_to_vec())),
+                    None => txn.then(Op::delete(key)),
+                };
                 if self.store.txn(txn).await?.succeeded {
-                    tracing::info!(route = %rec.id, "route removed");
-                    return Ok(Some(Route {
-                        primary: false,
-                        ..self.route_view(&rec)
-                    }));
+                    return Ok(Some(new.unwrap_or(rec)));
                 }
                 return Ok(None);
             }
@@ -147,6 +187,78 @@ impl Controller {
         })
         .await
     }
+
+    /// Takes the prefixes gateway `id`'s agent advertises (its Hello): each one not yet a
+    /// route of this gateway becomes a pending route, and a route it advertised before but
+    /// not now is withdrawn. A prefix the network cannot route is skipped and logged (the
+    /// agent checked what it could alone). Routes made by an admin are left alone.
+    pub async fn take_advertised(&self, id: &AgentIdentity, prefixes: &[String]) -> Result<()> {
+        if prefixes.len() > MAX_ADVERTISED {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_ADVERTISED} advertised routes per agent"
+            )));
+        }
+        crate::txn::retry("advertised routes", |_| async move {
+            let (peer_key, net_id) = (keys::peer(&id.network_id, &id.peer_id), &id.network_id);
+            let Some(peer_kv) = self.store.get(peer_key.as_bytes()).await? else {
+                return Ok(Some(())); // removed meanwhile: the session ends on its own
+            };
+            // A network's CIDRs never change: the cache's copy is the record's.
+            let Some(cidrs) = self.cache.network_cidrs(net_id) else {
+                return Ok(Some(()));
+            };
+            let existing = self.route_records(net_id).await?;
+            let mine = |r: &RouteRecord| r.peer_id == id.peer_id;
+            let mut txn = Txn::new().when(Compare::unchanged(peer_key, peer_kv.mod_revision));
+            let mut changed = false;
+            for (r, rev) in existing.iter().filter(|(r, _)| mine(r) && r.from_agent) {
+                if !prefixes.contains(&r.prefix) {
+                    let key = keys::route(net_id, &r.id);
+                    txn = txn.when(Compare::unchanged(key.clone(), *rev)).then(Op::delete(key));
+                    changed = true;
+                }
+            }
+            let records: Vec<RouteRecord> = existing.iter().map(|(r, _)| r.clone()).collect();
+            for p in prefixes {
+                let prefix = match check_route(p, &cidrs, &records, &id.peer_id) {
+                    Ok(prefix) => prefix,
+                    Err(Error::AlreadyExists(_)) => continue,
+                    Err(e) => {
+                        tracing::warn!(peer = %id.peer_id, prefix = %canopy_proto::text::escape(p), error = %e, "an advertised route was not taken");
+                        continue;
+                    }
+                };
+                let rec = RouteRecord {
+                    id: agent_route_id(&id.peer_id, &prefix),
+                    network_id: net_id.clone(),
+                    peer_id: id.peer_id.clone(),
+                    prefix: prefix.to_string(),
+                    created_at_unix: self.now_unix(),
+                    pending: true,
+                    from_agent: true,
+                };
+                let key = keys::route(net_id, &rec.id);
+                txn = txn.when(Compare::absent(key.clone())).then(Op::put(key, rec.encode_to_vec()));
+                changed = true;
+            }
+            if !changed || self.store.txn(txn).await?.succeeded {
+                return Ok(Some(()));
+            }
+            Ok(None)
+        })
+        .await
+    }
+}
+
+/// Routes one agent may advertise.
+pub const MAX_ADVERTISED: usize = 64;
+
+/// The id of the route gateway `peer`'s agent advertises for `prefix`: the same every time, so
+/// two sessions racing to create it make one record.
+fn agent_route_id(peer: &str, prefix: &IpNetwork) -> String {
+    let h = canopy_proto::sha256(format!("{peer} {prefix}").as_bytes());
+    let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("route_{hex}")
 }
 
 #[cfg(test)]

@@ -1,0 +1,201 @@
+//! Routes an agent advertises (`--advertise-routes`): pending until an admin approves them or
+//! the policy's `auto_approve` takes them, withdrawn when the agent stops advertising them.
+//! In-process controller on the embedded store, agents running the real control client, real
+//! gRPC and TLS on loopback.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use canopy_proto::v1::*;
+use canopy_tests::{TestAgent, TestController};
+use tonic::Code;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+async fn routes(c: &TestController, network: &str) -> Vec<Route> {
+    let req = ListRoutesRequest {
+        network: network.into(),
+    };
+    c.console()
+        .await
+        .list_routes(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .routes
+}
+
+/// The allowed IPs `agent`'s map gives peer `id`.
+fn allowed(agent: &TestAgent, id: &str) -> Vec<String> {
+    let m = agent.map();
+    let p = m.peers.iter().find(|p| p.peer_id == id);
+    p.map(|p| p.allowed_ips.clone()).unwrap_or_default()
+}
+
+async fn token_with_tags(c: &TestController, network: &str, tags: &[&str]) -> String {
+    let req = CreateJoinTokenRequest {
+        network: network.into(),
+        max_uses: 0,
+        ttl_seconds: 3600,
+        tags: tags.iter().map(ToString::to_string).collect(),
+    };
+    let r = c.console().await.create_join_token(req).await.unwrap();
+    r.into_inner().join_string
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advertised_route_waits_for_approval_and_goes_when_no_longer_advertised() {
+    let c = TestController::start().await;
+    c.network("sites", &["100.64.0.0/24"]).await;
+    let join = c.token("sites", 0).await;
+    let mut client = TestAgent::join(&join, "client").await.unwrap();
+    let offered = ["10.20.0.0/24", "100.64.0.128/25", "10.30.0.0/16"];
+    let mut gw = TestAgent::join_advertising(&join, "gw", &offered)
+        .await
+        .unwrap();
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        listed = routes(&c, "sites").await;
+        if listed.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prefixes: Vec<&str> = listed.iter().map(|r| r.prefix.as_str()).collect();
+    assert_eq!(
+        prefixes,
+        ["10.20.0.0/24", "10.30.0.0/16"],
+        "one inside the network's own CIDR is not taken"
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|r| r.state == "pending" && r.from_agent && !r.primary)
+    );
+    assert!(client.wait_map(SECOND, |m| m.peers.len() == 1).await);
+    assert_eq!(
+        allowed(&client, &gw.peer_id),
+        ["100.64.0.2/32"],
+        "not in force"
+    );
+
+    // Approval: in force within a second, on the client and the gateway.
+    let mut con = c.console().await;
+    let id = listed[0].id.clone();
+    let r = con
+        .approve_route(ApproveRouteRequest {
+            route_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "approved");
+    let gw_id = gw.peer_id.clone();
+    assert!(
+        client
+            .wait_map(SECOND, |m| m.peers.iter().any(
+                |p| p.peer_id == gw_id && p.allowed_ips.contains(&"10.20.0.0/24".to_string())
+            ))
+            .await
+    );
+    assert!(gw.wait_map(SECOND, |m| m.routes == ["10.20.0.0/24"]).await);
+    // An admin's route of the same gateway is the admin's: a restart does not touch it.
+    con.advertise_route(AdvertiseRouteRequest {
+        peer_id: gw_id.clone(),
+        prefix: "10.40.0.0/16".into(),
+    })
+    .await
+    .unwrap();
+
+    // The agent restarts advertising 10.30.0.0/16 only: 10.20.0.0/24 is withdrawn.
+    let gw = gw.restart_advertising(&["10.30.0.0/16"]).await;
+    assert!(
+        client
+            .wait_map(2 * SECOND, |m| m.peers.iter().any(|p| p.peer_id == gw_id
+                && !p.allowed_ips.contains(&"10.20.0.0/24".to_string())
+                && p.allowed_ips.contains(&"10.40.0.0/16".to_string())))
+            .await,
+        "{:?}",
+        allowed(&client, &gw_id)
+    );
+    let left: Vec<(String, String)> = routes(&c, "sites")
+        .await
+        .into_iter()
+        .map(|r| (r.prefix, r.state))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("10.30.0.0/16".to_string(), "pending".to_string()),
+            ("10.40.0.0/16".to_string(), "approved".to_string())
+        ]
+    );
+    let e = con
+        .approve_route(ApproveRouteRequest { route_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    gw.stop().await;
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_auto_approves_routes_advertised_by_the_peers_it_names() {
+    let c = TestController::start().await;
+    c.network("sites", &["100.64.0.0/24"]).await;
+    let policy = "tags = [\"site-gw\"]\n[[rule]]\nfrom = [\"*\"]\nto = [\"*\", \"10.0.0.0/8\"]\n\n[auto_approve]\n\"10.20.0.0/16\" = [\"tag:site-gw\"]\n";
+    let mut con = c.console().await;
+    con.set_policy(SetPolicyRequest {
+        network: "sites".into(),
+        text: policy.into(),
+        remove: false,
+        if_revision: None,
+    })
+    .await
+    .unwrap();
+    let mut client = TestAgent::join(&c.token("sites", 0).await, "client")
+        .await
+        .unwrap();
+    let gw_join = token_with_tags(&c, "sites", &["site-gw"]).await;
+    let gw = TestAgent::join_advertising(&gw_join, "gw", &["10.20.1.0/24", "10.50.0.0/24"])
+        .await
+        .unwrap();
+    let gw_id = gw.peer_id.clone();
+    let carries = |p: &'static str| {
+        let gw_id = gw_id.clone();
+        move |m: &NetworkMap| {
+            m.peers
+                .iter()
+                .any(|x| x.peer_id == gw_id && x.allowed_ips.contains(&p.to_string()))
+        }
+    };
+    assert!(client.wait_map(2 * SECOND, carries("10.20.1.0/24")).await);
+    assert!(
+        !carries("10.50.0.0/24")(&client.map()),
+        "outside the auto-approved prefix"
+    );
+    let states: Vec<(String, String)> = routes(&c, "sites")
+        .await
+        .into_iter()
+        .map(|r| (r.prefix, r.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("10.20.1.0/24".to_string(), "auto-approved".to_string()),
+            ("10.50.0.0/24".to_string(), "pending".to_string())
+        ]
+    );
+    // The gateway loses its tag: its route is out of force at once.
+    con.tag_peer(TagPeerRequest {
+        peer_id: gw_id.clone(),
+        add: vec![],
+        remove: vec!["site-gw".into()],
+    })
+    .await
+    .unwrap();
+    let gone = carries("10.20.1.0/24");
+    assert!(client.wait_map(SECOND, move |m| !gone(m)).await);
+    gw.stop().await;
+    client.stop().await;
+}
