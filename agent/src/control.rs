@@ -155,6 +155,9 @@ pub struct ControlClient {
     pub endpoints: watch::Receiver<Vec<String>>,
     /// Prefixes this node offers to route (told in every Hello).
     pub advertised_routes: Vec<String>,
+    /// The exit node this node asks for (hostname, peer id or "none"; empty: the
+    /// controller's choice), told in every Hello.
+    pub exit_node: String,
     pub stats: SyncStats,
     state: Option<StateDir>,
     map: watch::Sender<Option<NetworkMap>>,
@@ -189,6 +192,7 @@ impl ControlClient {
             enrollment,
             endpoints: watch::channel(Vec::new()).1,
             advertised_routes: Vec::new(),
+            exit_node: String::new(),
             stats: SyncStats::default(),
             state,
             map: watch::channel(initial).0,
@@ -300,6 +304,7 @@ impl ControlClient {
                 known_revision: known,
                 endpoints: endpoints.borrow_and_update().clone(),
                 advertised_routes: self.advertised_routes.clone(),
+                exit_node: self.exit_node.clone(),
             })),
         };
         tx.send(hello)

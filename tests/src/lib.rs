@@ -231,11 +231,22 @@ impl TestAgent {
         hostname: &str,
         routes: &[&str],
     ) -> Result<Self, ControlError> {
+        let routes: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        Self::join_configured(join, hostname, |c| c.advertised_routes = routes).await
+    }
+
+    /// Like [`join`](Self::join), with the client set up by `configure` first (its
+    /// advertised routes, exit node, …).
+    pub async fn join_configured(
+        join: &str,
+        hostname: &str,
+        configure: impl FnOnce(&mut ControlClient),
+    ) -> Result<Self, ControlError> {
         let key = PrivateKey::generate();
         let join = JoinString::parse(join).unwrap();
         let (enrollment, map) = control::enroll(&join, key.public_key(), hostname).await?;
         let mut client = ControlClient::new(enrollment, Some(map), None);
-        client.advertised_routes = routes.iter().map(ToString::to_string).collect();
+        configure(&mut client);
         Ok(Self::run(key, client))
     }
 

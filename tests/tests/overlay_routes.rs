@@ -248,3 +248,81 @@ fn a_policy_rule_naming_part_of_a_site_is_enforced_at_its_gateway() {
             .is_some_and(|s| s["dropped"]["policy"].as_u64() > Some(0))
     });
 }
+
+/// An exit node: the client's internet traffic (here 203.0.113.5, which it has no route to)
+/// goes through the tunnel to the exit node, while its controller connection and WireGuard's
+/// own packets stay direct; clearing the choice takes the routing back.
+#[test]
+fn an_exit_node_carries_a_clients_internet_traffic_and_nothing_of_its_own() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let (con, client, exit, internet) =
+        client_gateway_site(&lab, dir.path(), &data, &["--advertise-exit-node"]);
+    site_behind_at(
+        &lab,
+        &exit.host,
+        &internet,
+        None,
+        ("203.0.113.1/24", "203.0.113.5/24"),
+    );
+    let ns = &client.host.ns;
+    assert!(
+        !lab.ping(ns, "203.0.113.5", Duration::from_secs(1)),
+        "no route yet"
+    );
+    let mut pending = Vec::new();
+    wait_until("the exit routes the agent advertised", || {
+        let out = con.ok(&["route", "list", "--network", "sites", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        pending = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        pending.len() == 2
+    });
+    for id in &pending {
+        con.ok(&["route", "approve", id]);
+    }
+    let client_id = gateway_peer_id(&lab, &client);
+    con.ok(&["peer", "set-exit-node", &client_id, "gw"]);
+    assert!(
+        lab.ping(ns, "203.0.113.5", WAIT),
+        "client → the internet through the exit node"
+    );
+
+    let text = |cmd: &[&str]| String::from_utf8_lossy(&lab.run(ns, cmd).stdout).into_owned();
+    let get = |to: &[&str]| text(&[&["ip", "route", "get"][..], to].concat());
+    let via_tunnel = get(&["203.0.113.5"]);
+    assert!(
+        via_tunnel.contains(&client.iface) && via_tunnel.contains("table 51820"),
+        "{via_tunnel}"
+    );
+    let control = get(&["192.0.2.254"]);
+    assert!(
+        !control.contains(&client.iface),
+        "the controller stays direct: {control}"
+    );
+    let wireguard = get(&[&exit.host.ip, "mark", "51820"]);
+    assert!(
+        !wireguard.contains(&client.iface),
+        "WireGuard's own packets stay direct: {wireguard}"
+    );
+    let rules = text(&["ip", "rule"]);
+    assert!(rules.contains("to 192.0.2.254 lookup main"), "{rules}");
+    assert!(
+        rules.contains("not from all fwmark 0xca6c lookup 51820"),
+        "{rules}"
+    );
+    assert_eq!(lab.wg(ns, &client.iface, "fwmark").trim(), "0xca6c");
+
+    // The control connection works through all this: clearing the exit node reaches the agent.
+    con.ok(&["peer", "set-exit-node", &client_id, "none"]);
+    wait_until("the client to stop using the exit node", || {
+        !text(&["ip", "rule"]).contains("51820")
+    });
+    assert!(!lab.ping(ns, "203.0.113.5", Duration::from_secs(1)));
+    assert_eq!(lab.wg(ns, &client.iface, "fwmark").trim(), "off");
+}

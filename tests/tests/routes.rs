@@ -199,3 +199,64 @@ async fn the_policy_auto_approves_routes_advertised_by_the_peers_it_names() {
     gw.stop().await;
     client.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_peer_that_chose_an_exit_node_routes_the_internet_through_it() {
+    let c = TestController::start().await;
+    c.network("exits", &["100.64.0.0/24"]).await;
+    let join = c.token("exits", 0).await;
+    let gw = TestAgent::join_advertising(&join, "exit1", &["0.0.0.0/0"])
+        .await
+        .unwrap();
+    let mut other = TestAgent::join(&join, "other").await.unwrap();
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        listed = routes(&c, "exits").await;
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut con = c.console().await;
+    con.approve_route(ApproveRouteRequest {
+        route_id: listed[0].id.clone(),
+    })
+    .await
+    .unwrap();
+    // A client that asks for it at start (`--exit-node exit1`).
+    let mut client = TestAgent::join_configured(&join, "laptop", |c| c.exit_node = "exit1".into())
+        .await
+        .unwrap();
+    let gw_id = gw.peer_id.clone();
+    let exit_via_gw = move |m: &NetworkMap| {
+        m.peers
+            .iter()
+            .any(|p| p.peer_id == gw_id && p.allowed_ips.contains(&"0.0.0.0/0".to_string()))
+    };
+    assert!(client.wait_map(2 * SECOND, exit_via_gw.clone()).await);
+    assert!(other.wait_map(SECOND, |m| m.peers.len() == 2).await);
+    assert!(!exit_via_gw(&other.map()), "the others route nothing there");
+    let peers = c.peers("exits").await;
+    let laptop = peers.iter().find(|p| p.hostname == "laptop").unwrap();
+    assert_eq!(laptop.exit_node, gw.peer_id);
+    // Not an exit node: refused with a reason.
+    let e = con
+        .set_exit_node(SetExitNodeRequest {
+            peer_id: other.peer_id.clone(),
+            exit_node: "laptop".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    // Cleared from the console: the client's map loses it.
+    con.set_exit_node(SetExitNodeRequest {
+        peer_id: laptop.id.clone(),
+        exit_node: String::new(),
+    })
+    .await
+    .unwrap();
+    assert!(client.wait_map(SECOND, move |m| !exit_via_gw(m)).await);
+    for a in [gw, other, client] {
+        a.stop().await;
+    }
+}

@@ -9,6 +9,8 @@
 //! interface and its routes vanish when the agent stops, because the TUN device is not
 //! persistent.
 
+mod exit;
+pub use exit::{EXIT_TABLE, ExitSpec};
 mod gateway;
 mod net;
 mod netlink;
@@ -105,6 +107,8 @@ struct Shared {
     gone: tokio::sync::watch::Sender<bool>,
     /// What this node set up to forward routed prefixes into its site.
     gateway: Mutex<gateway::Gateway>,
+    /// What this node set up to send its internet traffic through an exit node.
+    exit: Mutex<exit::Exit>,
 }
 
 impl Shared {
@@ -119,6 +123,15 @@ impl Shared {
 
     fn port(&self) -> u16 {
         self.listen_port.load(Ordering::Relaxed)
+    }
+
+    /// Takes back what this node set up as a gateway or an exit node's client.
+    fn undo_routing(&self) {
+        self.gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .undo();
+        self.exit.lock().unwrap_or_else(|e| e.into_inner()).undo();
     }
 
     /// Makes the kernel routes match the peers' allowed IPs. Prefixes inside an interface
@@ -312,6 +325,7 @@ impl Dataplane {
             stop: AtomicBool::new(false),
             gone: tokio::sync::watch::Sender::new(false),
             gateway: Mutex::new(gateway::Gateway::default()),
+            exit: Mutex::new(exit::Exit::default()),
         });
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
@@ -408,6 +422,29 @@ impl Dataplane {
         g.set(&self.shared.name, prefixes, masquerade)
     }
 
+    /// Sends this node's internet traffic (the families of `spec`) through the tunnel, to the
+    /// peer whose allowed IPs hold the default route; `spec.direct` stays outside. The socket
+    /// is marked so the tunnel's own packets stay outside too.
+    pub fn set_exit(&self, spec: ExitSpec) -> std::io::Result<()> {
+        let on = spec.v4 || spec.v6;
+        let sh = &self.shared;
+        let mark = sh.fwmark.load(Ordering::Relaxed);
+        if on && mark == 0 {
+            sh.socket().set_mark(EXIT_TABLE)?;
+            sh.fwmark.store(EXIT_TABLE, Ordering::Relaxed);
+        }
+        let r = sh
+            .exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(sh.index, spec);
+        if !on && mark == EXIT_TABLE {
+            sh.socket().set_mark(0)?;
+            sh.fwmark.store(0, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Puts the access policy's per-peer rules in force (`None`: no policy).
     pub fn set_policy(&self, rules: Option<HashMap<[u8; 32], Vec<crate::engine::filter::Allow>>>) {
         self.shared.engine().set_policy(rules);
@@ -427,11 +464,7 @@ impl Dataplane {
 
     pub async fn stop(mut self) {
         self.uapi.abort();
-        self.shared
-            .gateway
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .undo();
+        self.shared.undo_routing();
         self.shared.stop.store(true, Ordering::Relaxed);
         // Wakes the thread waiting on the socket now rather than at its next stop check, so
         // the port is free as soon as this returns (`wg-quick down; wg-quick up` rebinds it).
@@ -454,11 +487,7 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.uapi.abort();
-        self.shared
-            .gateway
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .undo();
+        self.shared.undo_routing();
         self.shared.stop.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_file(&self.uapi_path);
     }

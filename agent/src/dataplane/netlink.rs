@@ -17,6 +17,7 @@ use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMe
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -179,10 +180,21 @@ pub fn set_up(index: u32) -> io::Result<()> {
 pub const ROUTE_METRIC: u32 = 4096;
 
 fn route(index: u32, dest: IpNetwork) -> RouteMessage {
+    route_in(index, dest, u32::from(RouteHeader::RT_TABLE_MAIN))
+}
+
+/// A route through interface `index` to `dest` in routing table `table`.
+fn route_in(index: u32, dest: IpNetwork, table: u32) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = family(dest.ip());
     m.header.destination_prefix_length = dest.prefix();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    match u8::try_from(table) {
+        Ok(t) => m.header.table = t,
+        Err(_) => {
+            m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            m.attributes.push(RouteAttribute::Table(table));
+        }
+    }
     m.header.protocol = RouteProtocol::Boot;
     m.header.scope = RouteScope::Link;
     m.header.kind = RouteType::Unicast;
@@ -202,6 +214,79 @@ pub fn replace_route(index: u32, dest: IpNetwork) -> io::Result<()> {
         NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
     )
     .map(drop)
+}
+
+/// `ip route replace DEST dev INDEX table TABLE metric ROUTE_METRIC`.
+pub fn replace_route_in(index: u32, dest: IpNetwork, table: u32) -> io::Result<()> {
+    request(
+        RouteNetlinkMessage::NewRoute(route_in(index, dest, table)),
+        NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+    )
+    .map(drop)
+}
+
+/// `ip route del DEST dev INDEX table TABLE metric ROUTE_METRIC`.
+pub fn delete_route_in(index: u32, dest: IpNetwork, table: u32) -> io::Result<()> {
+    request(
+        RouteNetlinkMessage::DelRoute(route_in(index, dest, table)),
+        NLM_F_ACK,
+    )
+    .map(drop)
+}
+
+/// A policy routing rule, as `ip rule` writes them: at `priority`, packets of one family
+/// (to `dst` if given; not carrying `not_fwmark` if given) look up `table`, where a route of
+/// prefix length `suppress_prefixlen` or shorter does not count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub v6: bool,
+    pub priority: u32,
+    pub table: u32,
+    pub dst: Option<IpNetwork>,
+    pub not_fwmark: Option<u32>,
+    pub suppress_prefixlen: Option<u32>,
+}
+
+fn rule_message(r: &Rule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = if r.v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    m.header.action = RuleAction::ToTable;
+    m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    m.attributes.push(RuleAttribute::Priority(r.priority));
+    m.attributes.push(RuleAttribute::Table(r.table));
+    if let Some(dst) = r.dst {
+        m.header.dst_len = dst.prefix();
+        m.attributes.push(RuleAttribute::Destination(dst.network()));
+    }
+    if let Some(mark) = r.not_fwmark {
+        m.header.flags = RuleFlags::Invert;
+        m.attributes.push(RuleAttribute::FwMark(mark));
+        m.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    }
+    if let Some(len) = r.suppress_prefixlen {
+        m.attributes.push(RuleAttribute::SuppressPrefixLen(len));
+    }
+    m
+}
+
+/// `ip rule add …`; one that is there already is what we wanted.
+pub fn add_rule(r: &Rule) -> io::Result<()> {
+    match request(
+        RouteNetlinkMessage::NewRule(rule_message(r)),
+        NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    ) {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// `ip rule del …`.
+pub fn delete_rule(r: &Rule) -> io::Result<()> {
+    request(RouteNetlinkMessage::DelRule(rule_message(r)), NLM_F_ACK).map(drop)
 }
 
 /// `ip route del DEST dev INDEX metric ROUTE_METRIC`.

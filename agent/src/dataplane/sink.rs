@@ -8,7 +8,7 @@ use std::sync::Arc;
 use canopy_proto::v1::{InboundRule, NetworkDelta, NetworkMap, Protocol, RemotePeer};
 use ipnetwork::IpNetwork;
 
-use super::{Dataplane, MANAGED_KEEPALIVE};
+use super::{Dataplane, ExitSpec, MANAGED_KEEPALIVE};
 use crate::control::MapSink;
 use crate::engine::PeerConfig;
 use crate::engine::filter::{Allow, Proto};
@@ -19,6 +19,9 @@ pub struct ControllerSink {
     peers: MapPeers,
     /// As a gateway, masquerade overlay sources going into the site.
     masquerade: bool,
+    /// Addresses that stay outside the tunnel when an exit node takes the internet traffic
+    /// (the controllers').
+    pub direct: Vec<std::net::IpAddr>,
 }
 
 impl ControllerSink {
@@ -27,7 +30,31 @@ impl ControllerSink {
             dp,
             peers: MapPeers::default(),
             masquerade,
+            direct: Vec::new(),
         }
+    }
+}
+
+/// Which families `map` sends through an exit node: a peer's allowed IPs hold the default
+/// route (the controller puts it only in the map of a peer that chose that exit node), and
+/// this node has an overlay address of that family to send from.
+pub fn exit_spec(map: &NetworkMap, direct: &[std::net::IpAddr]) -> ExitSpec {
+    let has = |route: &str| {
+        map.peers
+            .iter()
+            .any(|p| p.allowed_ips.iter().any(|a| a == route))
+    };
+    let own = |v6: bool| {
+        let mut addrs = map
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpNetwork>().ok());
+        addrs.any(|a| a.is_ipv6() == v6)
+    };
+    ExitSpec {
+        v4: has("0.0.0.0/0") && own(false),
+        v6: has("::/0") && own(true),
+        direct: direct.to_vec(),
     }
 }
 
@@ -43,6 +70,9 @@ impl MapSink for ControllerSink {
         let routes: Vec<IpNetwork> = map.routes.iter().filter_map(|r| r.parse().ok()).collect();
         if let Err(e) = self.dp.set_gateway(&routes, self.masquerade) {
             tracing::warn!(error = %e, routes = ?map.routes, "could not set up forwarding for the routes this node carries");
+        }
+        if let Err(e) = self.dp.set_exit(exit_spec(map, &self.direct)) {
+            tracing::warn!(error = %e, "could not route internet traffic through the exit node");
         }
         Ok(())
     }
@@ -300,5 +330,35 @@ mod tests {
             rules[&[2u8; 32]].is_empty(),
             "a peer no rule names may open nothing"
         );
+    }
+}
+
+#[cfg(test)]
+mod exit_tests {
+    use super::*;
+
+    #[test]
+    fn a_family_goes_to_the_exit_node_when_a_peer_carries_its_default_route_and_we_have_an_address()
+    {
+        let mut map = NetworkMap {
+            addresses: vec!["100.64.0.2/32".into()],
+            peers: vec![RemotePeer {
+                allowed_ips: vec!["100.64.0.1/32".into(), "0.0.0.0/0".into(), "::/0".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let direct = ["192.0.2.254".parse().unwrap()];
+        let s = exit_spec(&map, &direct);
+        assert!(
+            s.v4 && !s.v6,
+            "no IPv6 overlay address: IPv6 stays as it was"
+        );
+        assert_eq!(s.direct, direct);
+        map.addresses.push("fd7a::2/128".into());
+        assert!(exit_spec(&map, &direct).v6);
+        map.peers[0].allowed_ips.truncate(1);
+        let s = exit_spec(&map, &direct);
+        assert!(!s.v4 && !s.v6, "no exit node chosen");
     }
 }

@@ -169,6 +169,13 @@ pub enum PeerCmd {
         #[arg(required = true, allow_hyphen_values = true)]
         changes: Vec<String>,
     },
+    /// Send a peer's internet traffic through an exit node (a peer with an exit route
+    /// 0.0.0.0/0 or ::/0 in force): `canopy peer set-exit-node PEER EXIT`, or `none`.
+    SetExitNode {
+        peer_id: String,
+        /// The exit node's peer id or hostname, or `none`.
+        exit_node: String,
+    },
 }
 
 /// Runs a console command. The binary prints an error as one line and exits non-zero.
@@ -419,6 +426,16 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
                 remove,
             };
             let p = reply(cl.tag_peer(req).await)?;
+            output::peers(json, &[p])
+        }
+        PeerCmd::SetExitNode { peer_id, exit_node } => {
+            let exit_node = if exit_node == "none" {
+                String::new()
+            } else {
+                exit_node
+            };
+            let req = SetExitNodeRequest { peer_id, exit_node };
+            let p = reply(cl.set_exit_node(req).await)?;
             output::peers(json, &[p])
         }
         PeerCmd::Remove { peer_id } => {

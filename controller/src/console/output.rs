@@ -147,7 +147,8 @@ fn peer_json(p: &Peer) -> Value {
     json!({"id": p.id, "network_id": p.network_id, "hostname": p.hostname,
            "public_key": base64::engine::general_purpose::STANDARD.encode(&p.public_key),
            "addresses": p.addresses, "endpoints": p.endpoints, "tags": p.tags,
-           "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix})
+           "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix,
+           "exit_node": p.exit_node})
 }
 
 pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {

@@ -27,6 +27,8 @@ struct Entry {
     rev: Revision,
     tags_rev: Revision,
     routes_rev: Revision,
+    /// The revision that last changed its choice of exit node.
+    exit_rev: Revision,
     addresses: Vec<IpNetwork>,
     /// The prefixes it advertises (carried or standing by), sorted.
     routes: Vec<IpNetwork>,
@@ -125,12 +127,19 @@ impl NetState {
     pub fn put_peer(&mut self, peer: PeerRecord, rev: Revision) {
         let id = peer.id.clone();
         let (mut tags_rev, mut routes_rev, mut routes) = (rev, 0, Vec::new());
+        // Set or cleared now (a new peer without one has none to tell).
+        let mut exit_rev = if peer.exit_node.is_empty() { 0 } else { rev };
         let new = match self.peers.remove(&id) {
             Some(old) => {
                 self.by_revision.remove(&(old.rev, id.clone()));
                 if old.record.tags == peer.tags {
                     tags_rev = old.tags_rev;
                 }
+                exit_rev = if old.record.exit_node == peer.exit_node {
+                    old.exit_rev
+                } else {
+                    rev
+                };
                 (routes_rev, routes) = (old.routes_rev, old.routes);
                 for t in &old.record.tags {
                     self.untag(t, &id);
@@ -152,6 +161,7 @@ impl NetState {
             rev,
             tags_rev,
             routes_rev,
+            exit_rev,
             addresses,
             routes,
         };
@@ -366,10 +376,15 @@ impl NetState {
         !gateways.is_empty()
     }
 
-    /// A peer as other peers' maps carry it: its addresses and the prefixes it carries.
-    fn remote(&self, p: &PeerRecord) -> RemotePeer {
-        let mut r = remote(p);
-        r.allowed_ips.extend(self.routes_of(&p.id));
+    /// A peer as `me`'s map carries it: its addresses, the prefixes it carries, and its exit
+    /// routes if it is `me`'s exit node.
+    fn remote(&self, me: &Entry, p: &Entry) -> RemotePeer {
+        let mut r = remote(&p.record);
+        r.allowed_ips.extend(self.routes_of(&p.record.id));
+        if me.record.exit_node == p.record.id {
+            let exits = p.routes.iter().filter(|n| n.prefix() == 0);
+            r.allowed_ips.extend(exits.map(ToString::to_string));
+        }
         r
     }
 
@@ -413,14 +428,14 @@ impl NetState {
         let (peers, policy) = match current {
             None => {
                 let others = self.peers.values().filter(|e| e.record.id != self_id);
-                (others.map(|e| self.remote(&e.record)).collect(), None)
+                (others.map(|e| self.remote(me, e)).collect(), None)
             }
             Some(p) => {
                 let part = compile::part(p, self, &me.view());
                 let ids = self.ids_of(part.visible, self_id);
                 let visible = ids.iter().filter_map(|id| self.peers.get(id));
                 (
-                    visible.map(|e| self.remote(&e.record)).collect(),
+                    visible.map(|e| self.remote(me, e)).collect(),
                     Some(policy_part(&part.inbound)),
                 )
             }
@@ -452,7 +467,9 @@ impl NetState {
             // Its own tags changed under a policy: its whole part may have.
             || (me.tags_rev > base && (pol.current.is_some() || policy_changed))
             // The routes it advertises changed: a full map says which (and its policy part).
-            || me.routes_rev > base;
+            || me.routes_rev > base
+            // Its exit node changed: which peer carries 0.0.0.0/0 for it.
+            || me.exit_rev > base;
         if full {
             return self.full_map(self_id, at).map(Update::Full);
         }
@@ -462,7 +479,7 @@ impl NetState {
         let mut removed = Vec::new();
         for (_, id) in self.by_revision.range((base + 1, String::new())..) {
             match self.peers.get(id) {
-                Some(q) if id != self_id && sees(q) => upserted.push(self.remote(&q.record)),
+                Some(q) if id != self_id && sees(q) => upserted.push(self.remote(me, q)),
                 // Hidden now. Unless the policy or its tags changed, it was hidden at `base`
                 // too: nothing to say (an endpoint change of a peer it cannot see is silent).
                 Some(q)
@@ -489,7 +506,7 @@ impl NetState {
                 let (before, now) = (self.ids_of(before, self_id), self.ids_of(now, self_id));
                 let unchanged = |id: &&String| self.peers.get(*id).is_some_and(|q| q.rev <= base);
                 for id in now.difference(&before).filter(unchanged) {
-                    upserted.push(self.remote(&self.peers[id].record));
+                    upserted.push(self.remote(me, &self.peers[id]));
                 }
                 removed.extend(before.difference(&now).filter(unchanged).cloned());
             }

@@ -28,6 +28,8 @@ enum Change {
     Live(u8, bool),
     /// Peer i's agent advertises prefix k (a pending route).
     Advertise(u8, u8),
+    /// The agent (peer_00) chooses peer i as its exit node (0: none).
+    ExitVia(u8),
 }
 
 const POLICIES: [&str; 6] = [
@@ -45,10 +47,11 @@ fn change() -> impl Strategy<Value = Change> {
         (1u8..12).prop_map(Change::Delete),
         (0u8..12, 0u8..8).prop_map(|(i, t)| Change::Tag(i, t)),
         proptest::option::of(0..POLICIES.len()).prop_map(Change::Policy),
-        (0u8..12, 0u8..3).prop_map(|(i, k)| Change::Route(i, k)),
+        (0u8..12, 0u8..4).prop_map(|(i, k)| Change::Route(i, k)),
         (0usize..4).prop_map(Change::Unroute),
         (0u8..12, any::<bool>()).prop_map(|(i, up)| Change::Live(i, up)),
         (0u8..12, 0u8..3).prop_map(|(i, k)| Change::Advertise(i, k)),
+        (0u8..4).prop_map(Change::ExitVia),
     ]
 }
 
@@ -81,10 +84,15 @@ fn apply(s: &mut NetState, c: &Change, rev: Revision) {
         Change::Route(i, k) => {
             let id = format!("peer_{i:02}");
             if s.peer(&id).is_some() {
+                // k = 3: an exit route.
+                let prefix = match k {
+                    3 => "0.0.0.0/0".to_string(),
+                    _ => format!("10.{k}.0.0/16"),
+                };
                 let r = RouteRecord {
                     id: format!("route_{rev:04}"),
                     peer_id: id,
-                    prefix: format!("10.{k}.0.0/16"),
+                    prefix,
                     created_at_unix: rev,
                     ..Default::default()
                 };
@@ -98,6 +106,16 @@ fn apply(s: &mut NetState, c: &Change, rev: Revision) {
         }
         Change::Live(i, up) => {
             s.set_live(&format!("peer_{i:02}"), up.then_some(rev), rev);
+        }
+        Change::ExitVia(i) => {
+            if let Some(mut p) = s.peer("peer_00").cloned() {
+                p.exit_node = if *i == 0 {
+                    String::new()
+                } else {
+                    format!("peer_{i:02}")
+                };
+                s.put_peer(p, rev);
+            }
         }
         Change::Advertise(i, k) => {
             let id = format!("peer_{i:02}");
@@ -158,9 +176,12 @@ proptest! {
         before in proptest::collection::vec(change(), 0..20),
         after in proptest::collection::vec(change(), 0..20),
     ) {
+        // Four peers to start with, so routes, exits and tags often land on existing ones.
         let mut s = NetState::new(NetworkRecord::default(), 0);
-        s.put_peer(peer(0, 0), 1);
-        let mut rev = 1;
+        for i in 0..4u8 {
+            s.put_peer(peer(i, 0), i64::from(i) + 1);
+        }
+        let mut rev = 4;
         for c in &before { rev += 1; apply(&mut s, c, rev); }
         let base = rev;
         let mut old = s.full_map("peer_00", base).unwrap();
@@ -168,7 +189,7 @@ proptest! {
         let now = s.full_map("peer_00", rev).unwrap();
         let policy_changes = after.iter().filter(|c| matches!(c, Change::Policy(_))).count();
         let own_tags = after.iter().any(|c| matches!(c, Change::Tag(0, _)));
-        let own_routes = base < s.peers.get("peer_00").map_or(0, |e| e.routes_rev);
+        let own_routes = base < s.peers.get("peer_00").map_or(0, |e| e.routes_rev.max(e.exit_rev));
         match s.update_since("peer_00", base, rev).unwrap() {
             Update::Delta(d) => {
                 apply_delta(&mut old, &d).unwrap();
@@ -409,4 +430,42 @@ fn a_policy_change_sends_each_agent_only_the_peers_it_gains_or_loses() {
         ["peer_01"],
         "(told again that it is not in its map: harmless)"
     );
+}
+
+#[test]
+fn choosing_and_clearing_an_exit_node_changes_only_that_peers_map() {
+    let mut s = NetState::new(NetworkRecord::default(), 0);
+    for i in 0..3u8 {
+        s.put_peer(peer(i, 0), i64::from(i) + 1);
+    }
+    let mut r = route("route_x", "peer_01", 10);
+    r.prefix = "0.0.0.0/0".into();
+    s.put_route(r, 10);
+    assert_eq!(
+        allowed(&s.full_map("peer_00", 10).unwrap(), "peer_01"),
+        ["100.64.0.2/32"]
+    );
+    assert_eq!(
+        s.full_map("peer_01", 10).unwrap().routes,
+        ["0.0.0.0/0"],
+        "it forwards"
+    );
+    let mut me = s.peer("peer_00").unwrap().clone();
+    me.exit_node = "peer_01".into();
+    s.put_peer(me.clone(), 11);
+    let Some(Update::Full(m)) = s.update_since("peer_00", 10, 11) else {
+        panic!("a full map: its exit node changed");
+    };
+    assert_eq!(allowed(&m, "peer_01"), ["100.64.0.2/32", "0.0.0.0/0"]);
+    assert_eq!(
+        allowed(&s.full_map("peer_02", 11).unwrap(), "peer_01"),
+        ["100.64.0.2/32"],
+        "the others route nothing there"
+    );
+    me.exit_node.clear();
+    s.put_peer(me, 12);
+    let Some(Update::Full(m)) = s.update_since("peer_00", 11, 12) else {
+        panic!("a full map: its exit node changed");
+    };
+    assert_eq!(allowed(&m, "peer_01"), ["100.64.0.2/32"]);
 }

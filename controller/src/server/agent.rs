@@ -150,6 +150,9 @@ async fn session(
     if advertised != ctl.cache.agent_prefixes(&id.network_id, &id.peer_id) {
         ctl.take_advertised(id, &advertised).await?;
     }
+    if !hello.exit_node.is_empty() {
+        ctl.take_exit_node(id, &hello.exit_node).await;
+    }
     let changes = ctl.cache.subscribe(&id.network_id);
     // An agent may hold a revision the cache has not reached yet (it enrolled through the store).
     if hello.known_revision > ctl.cache.applied() {

@@ -206,6 +206,18 @@ impl ConsoleService for ConsoleApi {
         Ok(Response::new(ListRoutesResponse { routes }))
     }
 
+    async fn set_exit_node(&self, req: Request<SetExitNodeRequest>) -> R<Peer> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let peer = self.ctl.set_exit_node(&c, &r.peer_id, &r.exit_node).await?;
+        let detail = match peer.exit_node.as_str() {
+            "" => "none".to_string(),
+            e => format!("via {e}"),
+        };
+        self.audit(&c, "peer.exit_node", &peer.id, &detail).await;
+        Ok(Response::new(peer))
+    }
+
     async fn approve_route(&self, req: Request<ApproveRouteRequest>) -> R<Route> {
         let c = self.caller(&req).await?;
         let route = self

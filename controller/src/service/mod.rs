@@ -15,6 +15,7 @@ mod agents;
 mod apitokens;
 mod audit;
 mod enroll;
+pub mod exits;
 pub mod gateways;
 mod networks;
 mod peers;

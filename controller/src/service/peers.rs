@@ -135,7 +135,7 @@ impl Controller {
         .await
     }
 
-    fn peer_view(&self, p: &PeerRecord) -> Peer {
+    pub(super) fn peer_view(&self, p: &PeerRecord) -> Peer {
         let acked = self.sessions.get(&p.id);
         Peer {
             id: p.id.clone(),
@@ -148,6 +148,7 @@ impl Controller {
             created_at_unix: p.created_at_unix,
             online: acked.is_some(),
             acked_revision: acked.unwrap_or(0),
+            exit_node: p.exit_node.clone(),
         }
     }
 }

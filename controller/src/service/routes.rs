@@ -16,16 +16,21 @@ use crate::store::{Compare, Op, Txn};
 pub const MAX_ROUTES: usize = 256;
 
 /// Whether `prefix` may be routed through a gateway of a network on `cidrs` that has
-/// `existing` routes: a routable unicast range (not the default route: exit nodes are not
-/// routes yet), outside the network's own addresses, not already carried by this gateway.
+/// `existing` routes: an exit route (0.0.0.0/0 or ::/0: only peers that choose this exit node
+/// use it), or a routable unicast range outside the network's own addresses; not already
+/// carried by this gateway.
 pub(super) fn check_route(
     prefix: &str,
     cidrs: &[String],
     existing: &[RouteRecord],
     gateway: &str,
 ) -> Result<IpNetwork> {
-    let net = model::parse_cidr(prefix)?;
+    let net = route_prefix(prefix)?;
+    let exit = net.prefix() == 0;
     for c in cidrs.iter().filter_map(|c| c.parse::<IpNetwork>().ok()) {
+        if exit {
+            break;
+        }
         if c.is_ipv4() == net.is_ipv4() && (c.contains(net.network()) || net.contains(c.network()))
         {
             return Err(Error::InvalidArgument(format!(
@@ -44,6 +49,35 @@ pub(super) fn check_route(
     if existing.len() >= MAX_ROUTES {
         return Err(Error::ResourceExhausted(format!(
             "at most {MAX_ROUTES} routes per network"
+        )));
+    }
+    Ok(net)
+}
+
+/// A route's prefix: a network address (no host bits), from a single host (/32, /128) up to
+/// the whole internet (an exit route); otherwise a routable unicast range.
+fn route_prefix(prefix: &str) -> Result<IpNetwork> {
+    let quoted = canopy_proto::text::quoted(prefix);
+    let net: IpNetwork = match prefix.trim() {
+        p if p.contains('/') => p.parse().map_err(|_| {
+            Error::InvalidArgument(format!("{quoted} is not a CIDR (like 10.20.0.0/16)"))
+        })?,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{quoted} is not a CIDR (like 10.20.0.0/16)"
+            )));
+        }
+    };
+    if net.network() != net.ip() {
+        return Err(Error::InvalidArgument(format!(
+            "{prefix} has host bits set; did you mean {}/{}?",
+            net.network(),
+            net.prefix()
+        )));
+    }
+    if net.prefix() != 0 && !model::is_routable_unicast(&net) {
+        return Err(Error::InvalidArgument(format!(
+            "{net} is a special-purpose range (loopback, link-local, multicast, …), not a site"
         )));
     }
     Ok(net)
@@ -286,9 +320,30 @@ mod tests {
             "a route around the network: {e}"
         );
         assert!(
-            check_route("0.0.0.0/0", &cidrs, &[], "gw").is_err(),
-            "no exit nodes yet"
+            check_route("0.0.0.0/0", &cidrs, &[], "gw").is_ok(),
+            "an exit route"
         );
+        assert!(check_route("::/0", &cidrs, &[], "gw").is_ok());
+        assert!(
+            check_route("10.0.0.0/0", &cidrs, &[], "gw").is_err(),
+            "host bits"
+        );
+        assert!(
+            check_route("10.20.0.5/32", &cidrs, &[], "gw").is_ok(),
+            "one host"
+        );
+        for special in [
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/4",
+            "fe80::/64",
+            "ten",
+        ] {
+            assert!(
+                check_route(special, &cidrs, &[], "gw").is_err(),
+                "{special}"
+            );
+        }
         assert!(
             check_route("10.20.0.1/16", &cidrs, &[], "gw").is_err(),
             "host bits"

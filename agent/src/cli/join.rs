@@ -1,0 +1,270 @@
+//! `canopy-agent join`: enroll once, bring the interface up, follow the controller's maps
+//! (as a gateway, an exit node's client, or a plain node) until stopped.
+
+use std::sync::Arc;
+
+use anyhow::bail;
+use canopy_proto::join::JoinString;
+use ipnetwork::IpNetwork;
+
+use super::{IfaceOpts, shutdown_signal};
+use crate::control::{self, ControlClient, ControlError, MapSink as _};
+use crate::dataplane::{self, ControllerSink, Dataplane, InterfaceSpec};
+use crate::keys::{self, PrivateKey};
+use crate::state::StateDir;
+
+/// The addresses of the controllers at `urls` (https://HOST:PORT), resolved now: they stay
+/// outside the tunnel when an exit node takes the internet traffic.
+async fn controller_addresses(urls: &[String]) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    for url in urls {
+        let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
+            continue;
+        };
+        let (Some(host), port) = (uri.host(), uri.port_u16().unwrap_or(443)) else {
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => out.extend(addrs.map(|a| a.ip())),
+            Err(e) => tracing::warn!(%url, error = %e, "cannot resolve a controller's address"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A prefix this node may offer to route: a network address (no host bits) of a routable
+/// range, not a default route (exit nodes are advertised by an admin for now).
+pub(super) fn advertised_prefix(s: &str) -> Result<IpNetwork, String> {
+    let net: IpNetwork = s.parse().map_err(|e| format!("{s:?} is not a CIDR: {e}"))?;
+    if net.network() != net.ip() {
+        return Err(format!(
+            "{s} has host bits set; did you mean {}/{}?",
+            net.network(),
+            net.prefix()
+        ));
+    }
+    let ip = net.ip();
+    if net.prefix() == 0 || ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() {
+        return Err(format!("{s} is not a site's subnet"));
+    }
+    Ok(net)
+}
+
+pub(super) async fn join(
+    join_string: &str,
+    dir: &std::path::Path,
+    hostname: Option<String>,
+    iface: IfaceOpts,
+) -> anyhow::Result<()> {
+    if iface.endpoints.len() > canopy_proto::MAX_ENDPOINTS {
+        bail!(
+            "at most {} --endpoint values (the controller keeps that many per peer)",
+            canopy_proto::MAX_ENDPOINTS
+        );
+    }
+    let state = StateDir::open(dir)?;
+    let key = state.private_key()?;
+    let (enrollment, map) = enrolled(&state, &key, join_string, hostname).await?;
+    let spec = InterfaceSpec {
+        name: iface.interface.clone(),
+        private_key: key.secret().to_bytes(),
+        addresses: dataplane::map_addresses(&map),
+        listen_port: 0,
+        mtu: iface.mtu,
+        offload: dataplane::offload_from_env(),
+    };
+    let dp = Arc::new(start_on_port(spec, iface.listen_port, state.listen_port()?).await?);
+    state.save_listen_port(dp.listen_port())?;
+    let mut sink = ControllerSink::new(dp.clone(), !iface.no_masquerade);
+    let urls: Vec<String> = std::iter::once(enrollment.controller_url.clone())
+        .chain(iface.controllers.iter().cloned())
+        .collect();
+    sink.direct = controller_addresses(&urls).await;
+    // The last map takes effect at once: the overlay works even while the controller is away.
+    sink.apply(&map, None)
+        .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
+    let mut client = ControlClient::new(enrollment, Some(map), Some(state.clone()));
+    client.controllers.extend(iface.controllers.iter().cloned());
+    client.advertised_routes = iface
+        .advertise_routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if iface.advertise_exit_node {
+        client
+            .advertised_routes
+            .extend(["0.0.0.0/0".into(), "::/0".into()]);
+    }
+    client.exit_node = iface.exit_node.clone().unwrap_or_default();
+    let watcher = if iface.endpoints.is_empty() {
+        let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
+        let (tx, rx) = tokio::sync::watch::channel(initial);
+        client.endpoints = rx;
+        let follow = follow_endpoints(dp.clone(), iface.interface.clone(), state, tx);
+        Some(tokio::spawn(follow))
+    } else {
+        client.endpoints = tokio::sync::watch::channel(iface.endpoints).1;
+        None
+    };
+    let stop = async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = dp.deleted() => {}
+        }
+    };
+    let result = client.run(&mut sink, stop).await;
+    if let Some(w) = watcher {
+        w.abort();
+        let _ = w.await;
+    }
+    drop(sink);
+    let deleted = dp.is_deleted();
+    if let Ok(dp) = Arc::try_unwrap(dp) {
+        dp.stop().await;
+    }
+    match result {
+        Ok(()) if deleted => bail!("interface {} was deleted", iface.interface),
+        Ok(()) => Ok(()),
+        Err(ControlError::Removed) => bail!("{}", ControlError::Removed),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The saved enrollment and map, or a new enrollment with the join string (once: a lost
+/// answer is recovered with the credential kept before asking).
+async fn enrolled(
+    state: &StateDir,
+    key: &PrivateKey,
+    join_string: &str,
+    hostname: Option<String>,
+) -> anyhow::Result<(crate::state::Enrollment, canopy_proto::v1::NetworkMap)> {
+    if let (Some(e), Some(map)) = (state.enrollment()?, state.map()?) {
+        tracing::info!(peer = %e.peer_id, revision = map.revision, "already enrolled; resuming from the saved state");
+        return Ok((e, map));
+    }
+    let join = JoinString::parse(join_string)?;
+    let hostname = hostname.unwrap_or_else(system_hostname);
+    let credential = state.pending_credential(join_string, control::new_credential)?;
+    let (e, map) = control::enroll_with(&join, key.public_key(), &hostname, &credential).await?;
+    state.complete_enrollment(&e, &map)?;
+    say!(
+        "enrolled as {} in network {} with address {}",
+        e.peer_id,
+        map.network_name,
+        map.addresses.join(", ")
+    );
+    Ok((e, map))
+}
+
+/// Starts the interface on the port asked for, else on the one used last (a random one if
+/// that is taken now), else on a random free one.
+async fn start_on_port(
+    spec: InterfaceSpec,
+    asked: Option<u16>,
+    last: Option<u16>,
+) -> anyhow::Result<Dataplane> {
+    let on = |port| InterfaceSpec {
+        listen_port: port,
+        ..spec.clone()
+    };
+    Ok(match (asked, last) {
+        (Some(port), _) => Dataplane::start(on(port), vec![]).await?,
+        (None, Some(last)) => match Dataplane::start(on(last), vec![]).await {
+            Ok(dp) => dp,
+            Err(e @ dataplane::DataplaneError::Udp { .. }) => {
+                tracing::warn!(port = last, error = %e, "the last listen port is taken; using a random one");
+                Dataplane::start(on(0), vec![]).await?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        (None, None) => Dataplane::start(on(0), vec![]).await?,
+    })
+}
+
+/// Keeps the endpoints reported to the controller current: the listen port (checked every
+/// second, `wg set IFACE listen-port N` moves it) and this host's addresses (every 10 s).
+/// A new port is also saved, so a restart keeps it.
+async fn follow_endpoints(
+    dp: Arc<Dataplane>,
+    iface: String,
+    state: StateDir,
+    tx: tokio::sync::watch::Sender<Vec<String>>,
+) {
+    let mut port = dp.listen_port();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u32;
+    loop {
+        tick.tick().await;
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(5) {
+            save_counters(&dp, &state);
+        }
+        let now = dp.listen_port();
+        if now == port && !n.is_multiple_of(10) {
+            continue;
+        }
+        if now != port {
+            port = now;
+            if let Err(e) = state.save_listen_port(port) {
+                tracing::warn!(error = %e, "could not save the listen port");
+            }
+        }
+        let name = iface.clone();
+        let Ok(eps) =
+            tokio::task::spawn_blocking(move || dataplane::local_endpoints(&name, now)).await
+        else {
+            continue;
+        };
+        tx.send_if_modified(|held| {
+            let changed = *held != eps;
+            if changed {
+                *held = eps;
+            }
+            changed
+        });
+    }
+}
+
+/// Writes the engine's drop counters to the state dir (every few seconds), where
+/// `canopy-agent status` reads them.
+fn save_counters(dp: &Dataplane, state: &StateDir) {
+    let (drops, peers) = dp.counters();
+    let per_peer: serde_json::Map<String, serde_json::Value> = peers
+        .iter()
+        .map(|(k, n)| (keys::encode(k), serde_json::json!(n)))
+        .collect();
+    let v = serde_json::json!({
+        "policy": drops.policy,
+        "spoofed": drops.spoofed,
+        "no_route": drops.no_route,
+        "invalid": drops.invalid,
+        "policy_by_peer": per_peer,
+    });
+    if let Err(e) = state.save_counters(&v) {
+        tracing::debug!(error = %e, "could not save the counters");
+    }
+}
+
+/// This host's name as the controller accepts it: letters, digits, '.', '-', '_' (anything
+/// else becomes '-'), at most 253 bytes. A name given with --hostname is sent as it is.
+fn system_hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    sanitize_hostname(raw.trim())
+}
+
+pub(super) fn sanitize_hostname(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(253)
+        .collect()
+}
