@@ -36,7 +36,7 @@ async fn controller_addresses(urls: &[String]) -> Vec<std::net::IpAddr> {
 }
 
 /// A prefix this node may offer to route: a network address (no host bits) of a routable
-/// range, not a default route (exit nodes are advertised by an admin for now).
+/// range, not a default route (that is `--advertise-exit-node`).
 pub(super) fn advertised_prefix(s: &str) -> Result<IpNetwork, String> {
     let net: IpNetwork = s.parse().map_err(|e| format!("{s:?} is not a CIDR: {e}"))?;
     if net.network() != net.ip() {
@@ -46,8 +46,13 @@ pub(super) fn advertised_prefix(s: &str) -> Result<IpNetwork, String> {
             net.prefix()
         ));
     }
+    if net.prefix() == 0 {
+        return Err(format!(
+            "{s} is the default route: offer it with --advertise-exit-node"
+        ));
+    }
     let ip = net.ip();
-    if net.prefix() == 0 || ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() {
+    if ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() {
         return Err(format!("{s} is not a site's subnet"));
     }
     Ok(net)
