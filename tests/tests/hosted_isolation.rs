@@ -32,6 +32,14 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
         .unwrap()
         .into_inner();
     let (tid, aid) = (jt.token.unwrap().id, api_b.token.unwrap().id);
+    let route = b
+        .advertise_route(AdvertiseRouteRequest {
+            peer_id: peer.peer_id.clone(),
+            prefix: "10.20.0.0/24".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     // A, through replica 1, with B's ids: every call answers like a missing object would.
     let mut a = console_as(&r1, &tok_a).await;
@@ -46,6 +54,15 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
         (Call::GetPeer, &peer.peer_id, "peer_0000000000000000"),
         (Call::RemovePeer, &peer.peer_id, "peer_0000000000000000"),
         (Call::RevokeApiToken, &aid, "api_0000000000000000"),
+        (Call::TagPeer, &peer.peer_id, "peer_0000000000000000"),
+        (Call::SetExitNode, &peer.peer_id, "peer_0000000000000000"),
+        (Call::GetPolicy, &nb.id, "net_0000000000000000"),
+        (Call::SetPolicy, &nb.id, "net_0000000000000000"),
+        (Call::TestPolicy, &nb.id, "net_0000000000000000"),
+        (Call::AdvertiseRoute, &peer.peer_id, "peer_0000000000000000"),
+        (Call::ListRoutes, &nb.id, "net_0000000000000000"),
+        (Call::ApproveRoute, &route.id, "route_0000000000000000"),
+        (Call::RemoveRoute, &route.id, "route_0000000000000000"),
     ];
     for (what, theirs, absent) in cases {
         let (theirs, absent) = (
@@ -99,6 +116,15 @@ enum Call {
     GetPeer,
     RemovePeer,
     RevokeApiToken,
+    TagPeer,
+    SetExitNode,
+    GetPolicy,
+    SetPolicy,
+    TestPolicy,
+    AdvertiseRoute,
+    ListRoutes,
+    ApproveRoute,
+    RemoveRoute,
 }
 
 /// The error message `call` gets for object `id` (which must not exist for this caller).
@@ -134,6 +160,60 @@ async fn call(a: &mut Client, call: Call, id: &str) -> String {
             &what,
             a.revoke_api_token(RevokeApiTokenRequest { token_id: id })
                 .await,
+        ),
+        Call::TagPeer => {
+            let req = TagPeerRequest {
+                peer_id: id,
+                add: vec!["x".into()],
+                remove: vec![],
+            };
+            missing(&what, a.tag_peer(req).await)
+        }
+        Call::SetExitNode => {
+            let req = SetExitNodeRequest {
+                peer_id: id,
+                exit_node: String::new(),
+            };
+            missing(&what, a.set_exit_node(req).await)
+        }
+        Call::GetPolicy => missing(&what, a.get_policy(GetPolicyRequest { network: id }).await),
+        Call::SetPolicy => {
+            let req = SetPolicyRequest {
+                network: id,
+                text: "[[rule]]\nfrom = [\"*\"]\nto = [\"*\"]\n".into(),
+                remove: false,
+                if_revision: None,
+            };
+            missing(&what, a.set_policy(req).await)
+        }
+        Call::TestPolicy => {
+            let req = TestPolicyRequest {
+                network: id,
+                from: "a".into(),
+                to: "b".into(),
+                proto: "tcp".into(),
+                port: 22,
+            };
+            missing(&what, a.test_policy(req).await)
+        }
+        Call::AdvertiseRoute => {
+            let req = AdvertiseRouteRequest {
+                peer_id: id,
+                prefix: "10.30.0.0/24".into(),
+            };
+            missing(&what, a.advertise_route(req).await)
+        }
+        Call::ListRoutes => missing(
+            &what,
+            a.list_routes(ListRoutesRequest { network: id }).await,
+        ),
+        Call::ApproveRoute => missing(
+            &what,
+            a.approve_route(ApproveRouteRequest { route_id: id }).await,
+        ),
+        Call::RemoveRoute => missing(
+            &what,
+            a.remove_route(RemoveRouteRequest { route_id: id }).await,
         ),
     }
 }
