@@ -289,6 +289,19 @@ impl ControlClient {
         }
     }
 
+    /// What a session opens with: the revision held, the endpoints (marked seen), the
+    /// routes offered and the exit node asked for.
+    fn hello(&self, endpoints: &mut watch::Receiver<Vec<String>>) -> SyncRequest {
+        SyncRequest {
+            msg: Some(sync_request::Msg::Hello(Hello {
+                known_revision: self.map.borrow().as_ref().map_or(0, |m| m.revision),
+                endpoints: endpoints.borrow_and_update().clone(),
+                advertised_routes: self.advertised_routes.clone(),
+                exit_node: self.exit_node.clone(),
+            })),
+        }
+    }
+
     async fn session(
         &self,
         channel: tonic::transport::Channel,
@@ -296,18 +309,9 @@ impl ControlClient {
     ) -> Result<SessionEnd, ControlError> {
         let mut client = AgentServiceClient::new(channel)
             .max_decoding_message_size(canopy_proto::MAX_ANSWER_BYTES);
-        let known = self.map.borrow().as_ref().map_or(0, |m| m.revision);
         let (tx, rx) = mpsc::channel(8);
         let mut endpoints = self.endpoints.clone();
-        let hello = SyncRequest {
-            msg: Some(sync_request::Msg::Hello(Hello {
-                known_revision: known,
-                endpoints: endpoints.borrow_and_update().clone(),
-                advertised_routes: self.advertised_routes.clone(),
-                exit_node: self.exit_node.clone(),
-            })),
-        };
-        tx.send(hello)
+        tx.send(self.hello(&mut endpoints))
             .await
             .map_err(|_| ControlError::Protocol("outbound closed".into()))?;
         let mut req = tonic::Request::new(ReceiverStream::new(rx));

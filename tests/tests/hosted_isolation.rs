@@ -43,30 +43,10 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
 
     // A, through replica 1, with B's ids: every call answers like a missing object would.
     let mut a = console_as(&r1, &tok_a).await;
-    let cases = [
-        (Call::GetNetwork, nb.id.as_str(), "net_0000000000000000"),
-        (Call::GetNetwork, "shared-name", "no-such-name"),
-        (Call::DeleteNetwork, &nb.id, "net_0000000000000000"),
-        (Call::CreateJoinToken, &nb.id, "net_0000000000000000"),
-        (Call::ListJoinTokens, &nb.id, "net_0000000000000000"),
-        (Call::RevokeJoinToken, &tid, "tok_0000000000000000"),
-        (Call::ListPeers, &nb.id, "net_0000000000000000"),
-        (Call::GetPeer, &peer.peer_id, "peer_0000000000000000"),
-        (Call::RemovePeer, &peer.peer_id, "peer_0000000000000000"),
-        (Call::RevokeApiToken, &aid, "api_0000000000000000"),
-        (Call::TagPeer, &peer.peer_id, "peer_0000000000000000"),
-        (Call::SetExitNode, &peer.peer_id, "peer_0000000000000000"),
-        (Call::GetPolicy, &nb.id, "net_0000000000000000"),
-        (Call::SetPolicy, &nb.id, "net_0000000000000000"),
-        (Call::TestPolicy, &nb.id, "net_0000000000000000"),
-        (Call::AdvertiseRoute, &peer.peer_id, "peer_0000000000000000"),
-        (Call::ListRoutes, &nb.id, "net_0000000000000000"),
-        (Call::ApproveRoute, &route.id, "route_0000000000000000"),
-        (Call::RemoveRoute, &route.id, "route_0000000000000000"),
-    ];
+    let cases = cases(&nb.id, &tid, &aid, &peer.peer_id, &route.id);
     for (what, theirs, absent) in cases {
         let (theirs, absent) = (
-            call(&mut a, what, theirs).await,
+            call(&mut a, what, &theirs).await,
             call(&mut a, what, absent).await,
         );
         assert_eq!(
@@ -102,6 +82,65 @@ async fn another_tenants_objects_answer_exactly_as_missing_ones_on_every_call() 
         .await
         .unwrap();
     peer.stop().await;
+}
+
+/// Every call that takes an id, with B's object and an id nobody has.
+fn cases(
+    net: &str,
+    tid: &str,
+    aid: &str,
+    peer: &str,
+    route: &str,
+) -> Vec<(Call, String, &'static str)> {
+    vec![
+        (Call::GetNetwork, net.to_string(), "net_0000000000000000"),
+        (Call::GetNetwork, "shared-name".to_string(), "no-such-name"),
+        (Call::DeleteNetwork, net.to_string(), "net_0000000000000000"),
+        (
+            Call::CreateJoinToken,
+            net.to_string(),
+            "net_0000000000000000",
+        ),
+        (
+            Call::ListJoinTokens,
+            net.to_string(),
+            "net_0000000000000000",
+        ),
+        (
+            Call::RevokeJoinToken,
+            tid.to_string(),
+            "tok_0000000000000000",
+        ),
+        (Call::ListPeers, net.to_string(), "net_0000000000000000"),
+        (Call::GetPeer, peer.to_string(), "peer_0000000000000000"),
+        (Call::RemovePeer, peer.to_string(), "peer_0000000000000000"),
+        (
+            Call::RevokeApiToken,
+            aid.to_string(),
+            "api_0000000000000000",
+        ),
+        (Call::TagPeer, peer.to_string(), "peer_0000000000000000"),
+        (Call::SetExitNode, peer.to_string(), "peer_0000000000000000"),
+        (Call::GetPolicy, net.to_string(), "net_0000000000000000"),
+        (Call::SetPolicy, net.to_string(), "net_0000000000000000"),
+        (Call::TestPolicy, net.to_string(), "net_0000000000000000"),
+        (
+            Call::AdvertiseRoute,
+            peer.to_string(),
+            "peer_0000000000000000",
+        ),
+        (Call::ListRoutes, net.to_string(), "net_0000000000000000"),
+        (
+            Call::ApproveRoute,
+            route.to_string(),
+            "route_0000000000000000",
+        ),
+        (
+            Call::RemoveRoute,
+            route.to_string(),
+            "route_0000000000000000",
+        ),
+    ]
 }
 
 /// The console calls that take an object id (or name).
@@ -161,6 +200,14 @@ async fn call(a: &mut Client, call: Call, id: &str) -> String {
             a.revoke_api_token(RevokeApiTokenRequest { token_id: id })
                 .await,
         ),
+        _ => call_more(a, call, id).await,
+    }
+}
+
+/// [`call`] for the calls about peers' tags and exit nodes, policies and routes.
+async fn call_more(a: &mut Client, call: Call, id: String) -> String {
+    let what = format!("{call:?}");
+    match call {
         Call::TagPeer => {
             let req = TagPeerRequest {
                 peer_id: id,
@@ -215,6 +262,7 @@ async fn call(a: &mut Client, call: Call, id: &str) -> String {
             &what,
             a.remove_route(RemoveRouteRequest { route_id: id }).await,
         ),
+        other => unreachable!("{other:?} is handled by call"),
     }
 }
 

@@ -160,15 +160,13 @@ fn an_ipv6_site_is_reached_through_its_gateway() {
     );
 }
 
-/// Under a policy, a site is reached only as far as a rule names it: the gateway's engine
-/// filters forwarded traffic like its own (ops may ping 10.20.0.5 only; a peer without a rule
-/// reaches nothing in the site).
-#[test]
-fn a_policy_rule_naming_part_of_a_site_is_enforced_at_its_gateway() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("ctl");
-    let con = controller(&lab, dir.path(), &data);
+/// A controller with network "sites" and agents ops (tagged ops), other and gw on hosts 1-3.
+fn tagged_nodes<'a>(
+    lab: &'a Lab,
+    dir: &'a std::path::Path,
+    data: &'a std::path::Path,
+) -> (Console<'a>, [Node; 3]) {
+    let con = controller(lab, dir, data);
     con.ok(&["network", "create", "sites", "--cidr", "100.64.12.0/24"]);
     let join = |tags: &[&str]| {
         let mut args = vec!["token", "create", "--network", "sites"];
@@ -177,14 +175,26 @@ fn a_policy_rule_naming_part_of_a_site_is_enforced_at_its_gateway() {
         }
         con.ok(&args).trim().to_string()
     };
-    let ops = start_agent(&lab, dir.path(), &join(&["ops"]), "ops", 1);
-    let other = start_agent(&lab, dir.path(), &join(&[]), "other", 2);
-    let gw = start_agent(&lab, dir.path(), &join(&[]), "gw", 3);
+    let ops = start_agent(lab, dir, &join(&["ops"]), "ops", 1);
+    let other = start_agent(lab, dir, &join(&[]), "other", 2);
+    let gw = start_agent(lab, dir, &join(&[]), "gw", 3);
     for n in [&ops, &other, &gw] {
         wait_until("the agents to see each other", || {
-            peers_seen(&lab, n).is_some_and(|p| p.len() == 2)
+            peers_seen(lab, n).is_some_and(|p| p.len() == 2)
         });
     }
+    (con, [ops, other, gw])
+}
+
+/// Under a policy, a site is reached only as far as a rule names it: the gateway's engine
+/// filters forwarded traffic like its own (ops may ping 10.20.0.5 only; a peer without a rule
+/// reaches nothing in the site).
+#[test]
+fn a_policy_rule_naming_part_of_a_site_is_enforced_at_its_gateway() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let (con, [ops, other, gw]) = tagged_nodes(&lab, dir.path(), &data);
     let site = lab.host(4);
     site_behind(&lab, &gw.host, &site, None);
     let out = lab.run(

@@ -25,6 +25,35 @@ async fn routes(c: &TestController, network: &str) -> Vec<Route> {
         .routes
 }
 
+/// The network's routes once there are `n` of them (within 2.5 s).
+async fn wait_routes(c: &TestController, network: &str, n: usize) -> Vec<Route> {
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        listed = routes(c, network).await;
+        if listed.len() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    listed
+}
+
+/// The network's routes as "PREFIX STATE".
+async fn states(c: &TestController, network: &str) -> Vec<String> {
+    let r = routes(c, network).await.into_iter();
+    r.map(|r| format!("{} {}", r.prefix, r.state)).collect()
+}
+
+/// Whether a map routes `prefix` through peer `gw`.
+fn carries(gw: &str, prefix: &str) -> impl Fn(&NetworkMap) -> bool + Clone + use<> {
+    let (gw, prefix) = (gw.to_string(), prefix.to_string());
+    move |m: &NetworkMap| {
+        m.peers
+            .iter()
+            .any(|p| p.peer_id == gw && p.allowed_ips.contains(&prefix))
+    }
+}
+
 /// The allowed IPs `agent`'s map gives peer `id`.
 fn allowed(agent: &TestAgent, id: &str) -> Vec<String> {
     let m = agent.map();
@@ -53,14 +82,7 @@ async fn an_advertised_route_waits_for_approval_and_goes_when_no_longer_advertis
     let mut gw = TestAgent::join_advertising(&join, "gw", &offered)
         .await
         .unwrap();
-    let mut listed = Vec::new();
-    for _ in 0..50 {
-        listed = routes(&c, "sites").await;
-        if listed.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let listed = wait_routes(&c, "sites", 2).await;
     let prefixes: Vec<&str> = listed.iter().map(|r| r.prefix.as_str()).collect();
     assert_eq!(
         prefixes,
@@ -93,9 +115,7 @@ async fn an_advertised_route_waits_for_approval_and_goes_when_no_longer_advertis
     let gw_id = gw.peer_id.clone();
     assert!(
         client
-            .wait_map(SECOND, |m| m.peers.iter().any(
-                |p| p.peer_id == gw_id && p.allowed_ips.contains(&"10.20.0.0/24".to_string())
-            ))
+            .wait_map(SECOND, carries(&gw_id, "10.20.0.0/24"))
             .await
     );
     assert!(gw.wait_map(SECOND, |m| m.routes == ["10.20.0.0/24"]).await);
@@ -109,26 +129,19 @@ async fn an_advertised_route_waits_for_approval_and_goes_when_no_longer_advertis
 
     // The agent restarts advertising 10.30.0.0/16 only: 10.20.0.0/24 is withdrawn.
     let gw = gw.restart_advertising(&["10.30.0.0/16"]).await;
+    let (old, admins) = (
+        carries(&gw_id, "10.20.0.0/24"),
+        carries(&gw_id, "10.40.0.0/16"),
+    );
+    let withdrawn = move |m: &NetworkMap| !old(m) && admins(m);
     assert!(
-        client
-            .wait_map(2 * SECOND, |m| m.peers.iter().any(|p| p.peer_id == gw_id
-                && !p.allowed_ips.contains(&"10.20.0.0/24".to_string())
-                && p.allowed_ips.contains(&"10.40.0.0/16".to_string())))
-            .await,
+        client.wait_map(2 * SECOND, withdrawn).await,
         "{:?}",
         allowed(&client, &gw_id)
     );
-    let left: Vec<(String, String)> = routes(&c, "sites")
-        .await
-        .into_iter()
-        .map(|r| (r.prefix, r.state))
-        .collect();
     assert_eq!(
-        left,
-        [
-            ("10.30.0.0/16".to_string(), "pending".to_string()),
-            ("10.40.0.0/16".to_string(), "approved".to_string())
-        ]
+        states(&c, "sites").await,
+        ["10.30.0.0/16 pending", "10.40.0.0/16 approved"]
     );
     let e = con
         .approve_route(ApproveRouteRequest { route_id: id })
@@ -174,17 +187,9 @@ async fn the_policy_auto_approves_routes_advertised_by_the_peers_it_names() {
         !carries("10.50.0.0/24")(&client.map()),
         "outside the auto-approved prefix"
     );
-    let states: Vec<(String, String)> = routes(&c, "sites")
-        .await
-        .into_iter()
-        .map(|r| (r.prefix, r.state))
-        .collect();
     assert_eq!(
-        states,
-        [
-            ("10.20.1.0/24".to_string(), "auto-approved".to_string()),
-            ("10.50.0.0/24".to_string(), "pending".to_string())
-        ]
+        states(&c, "sites").await,
+        ["10.20.1.0/24 auto-approved", "10.50.0.0/24 pending"]
     );
     // The gateway loses its tag: its route is out of force at once.
     con.tag_peer(TagPeerRequest {
@@ -209,14 +214,7 @@ async fn only_the_peer_that_chose_an_exit_node_routes_the_internet_through_it() 
         .await
         .unwrap();
     let mut other = TestAgent::join(&join, "other").await.unwrap();
-    let mut listed = Vec::new();
-    for _ in 0..50 {
-        listed = routes(&c, "exits").await;
-        if !listed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let listed = wait_routes(&c, "exits", 1).await;
     let mut con = c.console().await;
     con.approve_route(ApproveRouteRequest {
         route_id: listed[0].id.clone(),

@@ -158,36 +158,9 @@ impl Controller {
         let port = u16::try_from(port)
             .map_err(|_| Error::InvalidArgument(format!("port {port} is not 0-65535")))?;
         let (net, _) = self.resolve_network(c, network).await?;
-        let peers: Vec<PeerRecord> = self
-            .store
-            .range(keys::peers(&net.id).as_bytes())
-            .await?
-            .kvs
-            .iter()
-            .map(decode)
-            .collect::<Result<_>>()?;
-        let routes: Vec<RouteRecord> = self
-            .store
-            .range(keys::routes(&net.id).as_bytes())
-            .await?
-            .kvs
-            .iter()
-            .map(decode)
-            .collect::<Result<_>>()?;
-        let missing = |r: &str| {
-            Error::NotFound(format!(
-                "no peer {} in network {}",
-                canopy_proto::text::quoted(r),
-                net.name
-            ))
-        };
-        let find = |r: &str| {
-            peers
-                .iter()
-                .find(|p| p.id == r)
-                .or_else(|| peers.iter().find(|p| p.hostname == r))
-                .ok_or_else(|| missing(r))
-        };
+        let peers: Vec<PeerRecord> = self.records(&keys::peers(&net.id)).await?;
+        let routes: Vec<RouteRecord> = self.records(&keys::routes(&net.id)).await?;
+        let find = |r: &str| find_peer(&peers, r, &net.name);
         let a = find(from)?;
         let (b, dst) = match to.parse::<IpAddr>() {
             Ok(ip) => self.destination(&peers, &routes, ip).ok_or_else(|| {
@@ -245,6 +218,12 @@ impl Controller {
 }
 
 impl Controller {
+    /// Every record under `prefix`, decoded.
+    async fn records<M: prost::Message + Default>(&self, prefix: &str) -> Result<Vec<M>> {
+        let r = self.store.range(prefix.as_bytes()).await?;
+        r.kvs.iter().map(decode).collect()
+    }
+
     /// Where a packet to `ip` ends: the peer with that address, or the gateway carrying the
     /// most specific route that holds it (the primary one, else the oldest).
     fn destination<'a>(
@@ -268,6 +247,20 @@ impl Controller {
         let r = routes.iter().filter(holds).min_by_key(rank)?;
         Some((peers.iter().find(|p| p.id == r.peer_id)?, ip))
     }
+}
+
+/// Peer `r` (an id or a hostname) of `peers`, or NotFound naming network `net`.
+fn find_peer<'a>(peers: &'a [PeerRecord], r: &str, net: &str) -> Result<&'a PeerRecord> {
+    peers
+        .iter()
+        .find(|p| p.id == r)
+        .or_else(|| peers.iter().find(|p| p.hostname == r))
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "no peer {} in network {net}",
+                canopy_proto::text::quoted(r)
+            ))
+        })
 }
 
 fn addresses(p: &PeerRecord) -> Vec<IpNetwork> {
