@@ -342,6 +342,12 @@ impl Cache {
             .unwrap_or_default()
     }
 
+    /// Whether gateway `peer` of `network` is live.
+    pub fn gateway_live(&self, network: &str, peer: &str) -> bool {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network).is_some_and(|s| s.is_live(peer))
+    }
+
     /// The CIDRs of `network`.
     pub fn network_cidrs(&self, network: &str) -> Option<Vec<String>> {
         let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());

@@ -3,6 +3,7 @@
 //! [`Dataplane`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use canopy_proto::v1::{InboundRule, NetworkDelta, NetworkMap, Protocol, RemotePeer};
@@ -84,21 +85,30 @@ impl MapSink for ControllerSink {
 pub struct MapPeers {
     /// peer id → public key, to turn a delta's removed ids into keys.
     keys: HashMap<String, [u8; 32]>,
-    /// Endpoints last taken from the map per peer: a roamed endpoint is kept until the
-    /// controller reports different ones.
-    endpoints: HashMap<[u8; 32], Vec<String>>,
+    /// Per peer, the endpoints last taken from the map and the one chosen from them: a roamed
+    /// endpoint is kept until the controller reports different ones or another one becomes
+    /// the better choice.
+    endpoints: HashMap<[u8; 32], (Vec<String>, Option<SocketAddr>)>,
+    /// The prefixes this node routes into the tunnel (sites behind gateways; not overlay
+    /// hosts, not an exit node's default route, which WireGuard's own packets skip): an
+    /// endpoint inside one is reached through another peer, the last choice.
+    routed: Vec<IpNetwork>,
 }
 
 impl MapPeers {
     /// The changes `delta` makes (or, without one, the full `map` against the keys the
-    /// interface has now, `current`): peers to set, keys to remove.
+    /// interface has now, `current`): peers to set, keys to remove. `map` is the map after the
+    /// delta.
     pub fn changes(
         &mut self,
         map: &NetworkMap,
         delta: Option<&NetworkDelta>,
         current: &[[u8; 32]],
     ) -> (Vec<PeerConfig>, Vec<[u8; 32]>) {
-        let (set, remove): (Vec<PeerConfig>, Vec<[u8; 32]>) = match delta {
+        let routed = routed_prefixes(map);
+        let rerouted = routed != self.routed;
+        self.routed = routed;
+        let (mut set, remove): (Vec<PeerConfig>, Vec<[u8; 32]>) = match delta {
             Some(d) => {
                 let remove = d
                     .removed
@@ -124,12 +134,38 @@ impl MapPeers {
         for k in &remove {
             self.endpoints.remove(k);
         }
+        if rerouted {
+            // A site prefix came or went: peers the delta did not name may have an endpoint
+            // inside it (a gateway's address in its own site), or a better one outside now.
+            let done: BTreeSet<[u8; 32]> = set.iter().map(|p| p.public_key).collect();
+            for p in &map.peers {
+                let Ok(key) = <[u8; 32]>::try_from(p.public_key.as_slice()) else {
+                    continue;
+                };
+                let chosen = self.endpoints.get(&key).and_then(|e| e.1);
+                if !done.contains(&key) && chosen != self.preferred(&p.endpoints) {
+                    set.extend(self.config(p));
+                }
+            }
+        }
         (set, remove)
     }
 
+    /// The endpoint to use from a peer's list: the first that parses and is not inside a
+    /// prefix routed into the tunnel; else the first that parses.
+    fn preferred(&self, endpoints: &[String]) -> Option<SocketAddr> {
+        let parsed = || {
+            endpoints
+                .iter()
+                .filter_map(|e| e.parse::<SocketAddr>().ok())
+        };
+        let direct = |a: &SocketAddr| !self.routed.iter().any(|n| n.contains(a.ip()));
+        parsed().find(direct).or_else(|| parsed().next())
+    }
+
     /// A map peer as the engine takes it; `None` for a key that is not 32 bytes. The endpoint
-    /// is set only when the controller's list changed (else the engine keeps the one the
-    /// peer roamed to), as the first one that parses.
+    /// is set only when the controller's list or the choice from it changed (else the engine
+    /// keeps the one the peer roamed to).
     fn config(&mut self, p: &RemotePeer) -> Option<PeerConfig> {
         let key: [u8; 32] = p.public_key.as_slice().try_into().ok()?;
         let allowed_ips = p
@@ -137,13 +173,13 @@ impl MapPeers {
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect();
-        let changed = self.endpoints.get(&key) != Some(&p.endpoints);
-        let endpoint = if changed {
-            p.endpoints.iter().find_map(|e| e.parse().ok())
-        } else {
-            None
-        };
-        self.endpoints.insert(key, p.endpoints.clone());
+        let preferred = self.preferred(&p.endpoints);
+        let unchanged = self
+            .endpoints
+            .get(&key)
+            .is_some_and(|(list, chosen)| *list == p.endpoints && *chosen == preferred);
+        let endpoint = if unchanged { None } else { preferred };
+        self.endpoints.insert(key, (p.endpoints.clone(), preferred));
         self.keys.insert(p.peer_id.clone(), key);
         Some(PeerConfig {
             public_key: key,
@@ -153,6 +189,19 @@ impl MapPeers {
             persistent_keepalive: Some(MANAGED_KEEPALIVE),
         })
     }
+}
+
+/// The prefixes `map` routes into the tunnel that an endpoint could sit in: every peer's
+/// allowed IPs but host addresses and default routes, sorted.
+fn routed_prefixes(map: &NetworkMap) -> Vec<IpNetwork> {
+    let all = map.peers.iter().flat_map(|p| &p.allowed_ips);
+    let mut out: Vec<IpNetwork> = all
+        .filter_map(|a| a.parse::<IpNetwork>().ok())
+        .filter(|n| n.prefix() != 0 && n.prefix() < if n.is_ipv4() { 32 } else { 128 })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// What each peer of `map` may open on this node, by public key; `None` when the network has
@@ -281,6 +330,34 @@ mod tests {
         };
         let (set, _) = m.changes(&moved, Some(&delta), &[[1; 32]]);
         assert_eq!(set[0].endpoint, Some("192.0.2.7:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_endpoint_inside_a_site_routed_through_the_tunnel_is_the_last_choice() {
+        let mut m = MapPeers::default();
+        // gw2 reports its site address first; no route to the site yet: taken as it comes.
+        let gw2 = peer("gw2", 2, &["10.20.0.2:5", "192.0.2.3:5"]);
+        let mut full = map(vec![peer("gw1", 1, &["192.0.2.2:5"]), gw2]);
+        let (set, _) = m.changes(&full, None, &[]);
+        assert_eq!(set[1].endpoint, Some("10.20.0.2:5".parse().unwrap()));
+        // The site is routed through gw1 now: a delta names gw1 only, yet gw2 moves to the
+        // endpoint outside the site (else gw2 is reached through gw1, and lost with it).
+        full.peers[0].allowed_ips.push("10.20.0.0/24".into());
+        let delta = NetworkDelta {
+            upserted: vec![full.peers[0].clone()],
+            ..Default::default()
+        };
+        let (set, _) = m.changes(&full, Some(&delta), &[[1; 32], [2; 32]]);
+        assert_eq!(set.len(), 2, "{set:?}");
+        assert_eq!(set[0].endpoint, None, "gw1's own list did not change");
+        assert_eq!(set[1].public_key, [2; 32]);
+        assert_eq!(set[1].endpoint, Some("192.0.2.3:5".parse().unwrap()));
+        // Nothing changed: nothing to set again.
+        let (set, _) = m.changes(&full, Some(&NetworkDelta::default()), &[[1; 32], [2; 32]]);
+        assert!(set.is_empty());
+        // An exit node's default route is no reason to move: WireGuard's packets skip it.
+        full.peers[0].allowed_ips.push("0.0.0.0/0".into());
+        assert!(!routed_prefixes(&full).iter().any(|n| n.prefix() == 0));
     }
 
     #[test]

@@ -169,7 +169,8 @@ pub enum RouteCmd {
 
 fn route_json(r: &Route) -> serde_json::Value {
     json!({"id": r.id, "network_id": r.network_id, "peer_id": r.peer_id, "prefix": r.prefix,
-        "primary": r.primary, "state": r.state, "from_agent": r.from_agent})
+        "primary": r.primary, "state": r.state, "from_agent": r.from_agent,
+        "gateway_live": r.gateway_live})
 }
 
 fn print_routes(json: bool, routes: &[Route]) -> anyhow::Result<()> {
@@ -190,9 +191,14 @@ fn print_routes(json: bool, routes: &[Route]) -> anyhow::Result<()> {
         } else {
             ""
         };
+        let live = if r.gateway_live {
+            ""
+        } else {
+            ", gateway offline"
+        };
         let state = canopy_proto::text::escape(&r.state);
         println!(
-            "{}  {}  via {}  {role} ({state}{by})",
+            "{}  {}  via {}  {role} ({state}{by}{live})",
             r.id, r.prefix, r.peer_id
         );
     }

@@ -332,6 +332,11 @@ impl NetState {
         out
     }
 
+    /// Whether gateway `peer`'s agent is live (it has a `gwlive/` record).
+    pub fn is_live(&self, peer: &str) -> bool {
+        self.live.contains_key(peer)
+    }
+
     /// Whether `peer` advertises any route (its agent's liveness then matters).
     pub fn is_gateway(&self, peer: &str) -> bool {
         self.peers.get(peer).is_some_and(|e| !e.routes.is_empty())

@@ -111,6 +111,7 @@ impl Controller {
             created_at_unix: r.created_at_unix,
             state: state.to_string(),
             from_agent: r.from_agent,
+            gateway_live: self.cache.gateway_live(&r.network_id, &r.peer_id),
         }
     }
 
@@ -141,7 +142,9 @@ impl Controller {
             if self.store.txn(txn).await?.succeeded {
                 tracing::info!(route = %rec.id, prefix = %rec.prefix, gateway = %rec.peer_id, "route advertised");
                 // The oldest route of a prefix carries it: this one, if it is the first.
-                let primary = !existing.iter().any(|r| r.prefix == rec.prefix);
+                // (An exit route is nobody's primary: each client opts into it.)
+                let exit = prefix.prefix() == 0;
+                let primary = !exit && !existing.iter().any(|r| r.prefix == rec.prefix);
                 return Ok(Some(Route { primary, ..self.route_view(&rec) }));
             }
             Ok(None)
