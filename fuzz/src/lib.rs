@@ -9,6 +9,7 @@
 //! | `engine_network` | UDP datagrams arriving at the WireGuard socket |
 //! | `engine_tunnel` | a packet read from the TUN device, sent through an established tunnel both ways |
 //! | `controller` | a console or agent request (first byte: which), as protobuf bytes, run by a real controller on an embedded store |
+//! | `stun` | a datagram at the controller's STUN port, or an answer at an agent's WireGuard socket |
 //!
 //! [`mutate`] is the driver's mutation engine (`src/bin/fuzz.rs` runs it for millions of
 //! inputs; `tests/smoke.rs` runs a short burst of each target in CI and replays
@@ -38,6 +39,12 @@ pub struct Target {
 }
 
 pub const TARGETS: &[Target] = &[
+    Target {
+        name: "stun",
+        run: stun,
+        seeds: stun_seeds,
+        dictionary: &["!\x12", "\x00\x01", "\x01\x01", "\x00\x20", "\x00\x08"],
+    },
     Target {
         name: "join_string",
         run: join_string,
@@ -170,6 +177,35 @@ fn join_seeds() -> Vec<Vec<u8>> {
         ca_sha256: [7; 32],
     };
     vec![j.encode().into_bytes(), b"canopy1:".to_vec()]
+}
+
+// ----- STUN -----
+
+/// A STUN datagram: a request must answer with a response that parses back to the sender;
+/// a response parses or not, never panics.
+fn stun(data: &[u8]) {
+    use canopy_proto::stun;
+    if let Some(id) = stun::parse_request(data) {
+        let from: SocketAddr = "[2001:db8::1]:9".parse().expect("addr");
+        let resp = stun::binding_response(&id, from);
+        assert_eq!(
+            stun::parse_response(&resp),
+            Some((id, from)),
+            "answer round trip"
+        );
+    }
+    let _ = stun::parse_response(data);
+    let _ = stun::is_stun(data);
+}
+
+fn stun_seeds() -> Vec<Vec<u8>> {
+    use canopy_proto::stun;
+    let id = [3; 12];
+    vec![
+        stun::binding_request(&id),
+        stun::binding_response(&id, "192.0.2.1:51820".parse().expect("addr")),
+        stun::binding_response(&id, "[2001:db8::1]:51820".parse().expect("addr")),
+    ]
 }
 
 // ----- wg-quick -----
