@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Hosted sign-ups allowed per source address (IPv4, or IPv6 /64) per hour.
     #[arg(long, default_value_t = crate::service::DEFAULT_SIGNUPS_PER_HOUR)]
     signups_per_hour: u32,
+    /// Do not answer STUN on UDP at the listen address (agents behind NAT then cannot learn
+    /// their outside address from this controller).
+    #[arg(long)]
+    no_stun: bool,
 }
 
 /// Runs the controller until SIGINT or SIGTERM.
@@ -64,6 +68,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         signups_per_hour: a.signups_per_hour,
         listener: crate::server::listener::ListenerLimits::default(),
         clock: crate::clock::Clock::system(),
+        stun: !a.no_stun,
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

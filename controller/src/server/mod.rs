@@ -7,6 +7,7 @@ mod console;
 mod hosted;
 pub mod listener;
 mod operator;
+pub mod stun;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -116,6 +117,9 @@ pub struct ServeConfig {
     pub listener: listener::ListenerLimits,
     /// What "now" is (token expiry, leases, timestamps): the system's, or a test's.
     pub clock: crate::clock::Clock,
+    /// Answer STUN Binding requests on UDP at the listen address (agents behind NAT learn
+    /// their outside address).
+    pub stun: bool,
 }
 
 impl ServeConfig {
@@ -136,6 +140,7 @@ impl ServeConfig {
             signups_per_hour: crate::service::DEFAULT_SIGNUPS_PER_HOUR,
             listener: listener::ListenerLimits::default(),
             clock: crate::clock::Clock::system(),
+            stun: true,
         }
     }
 }
@@ -178,6 +183,8 @@ pub struct Prepared {
     pub created_ca: bool,
     pub background: crate::leader::BackgroundConfig,
     pub listener_limits: listener::ListenerLimits,
+    /// The STUN port (UDP, the listener's address), if bound.
+    pub stun: Option<tokio::net::UdpSocket>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -265,6 +272,10 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     })?;
     let public_url = public_url(config, local_addr)?;
     let names = certificate_names(config, local_addr, &public_url)?;
+    let stun = match config.stun {
+        true => stun::bind(local_addr).await,
+        false => None,
+    };
     // First start is race-free for replicas sharing a data dir: one creates the CA and the
     // admin token under this lock, the others wait and read them.
     let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock"))
@@ -307,6 +318,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         data_dir: config.data_dir.clone(),
         new_admin_token,
         background: config.background.clone(),
+        stun,
     })
 }
 
@@ -362,6 +374,10 @@ pub async fn serve(
             let _ = bg_stopped.await;
         },
     ));
+    let stun = p.stun.map(|sock| {
+        let clock = ctl.clock.clone();
+        tokio::spawn(stun::serve(std::sync::Arc::new(sock), clock))
+    });
     let shutdown = async move {
         shutdown.await;
         ctl.begin_shutdown();
@@ -384,6 +400,9 @@ pub async fn serve(
             shutdown,
         )
         .await?;
+    if let Some(t) = stun {
+        t.abort();
+    }
     let _ = bg_stop.send(());
     let _ = background.await;
     p.controller.cache.stop().await;
