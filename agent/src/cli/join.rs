@@ -14,8 +14,9 @@ use crate::keys::{self, PrivateKey};
 use crate::state::StateDir;
 
 /// The addresses of the controllers at `urls` (https://HOST:PORT), resolved now: they stay
-/// outside the tunnel when an exit node takes the internet traffic.
-async fn controller_addresses(urls: &[String]) -> Vec<std::net::IpAddr> {
+/// outside the tunnel when an exit node takes the internet traffic, and their STUN ports
+/// (UDP, the same address and port) tell this node its outside address.
+async fn controller_addresses(urls: &[String]) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     for url in urls {
         let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
@@ -26,7 +27,7 @@ async fn controller_addresses(urls: &[String]) -> Vec<std::net::IpAddr> {
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         match tokio::net::lookup_host((host, port)).await {
-            Ok(addrs) => out.extend(addrs.map(|a| a.ip())),
+            Ok(addrs) => out.extend(addrs),
             Err(e) => tracing::warn!(%url, error = %e, "cannot resolve a controller's address"),
         }
     }
@@ -87,7 +88,9 @@ pub(super) async fn join(
     let urls: Vec<String> = std::iter::once(enrollment.controller_url.clone())
         .chain(iface.controllers.iter().cloned())
         .collect();
-    sink.direct = controller_addresses(&urls).await;
+    let controllers = controller_addresses(&urls).await;
+    sink.direct = controllers.iter().map(|a| a.ip()).collect();
+    sink.direct.dedup();
     // The last map takes effect at once: the overlay works even while the controller is away.
     sink.apply(&map, None)
         .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
@@ -108,7 +111,7 @@ pub(super) async fn join(
         let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
         let (tx, rx) = tokio::sync::watch::channel(initial);
         client.endpoints = rx;
-        let follow = follow_endpoints(dp.clone(), iface.interface.clone(), state, tx);
+        let follow = follow_endpoints(dp.clone(), iface.interface.clone(), state, tx, controllers);
         Some(tokio::spawn(follow))
     } else {
         client.endpoints = tokio::sync::watch::channel(iface.endpoints).1;
@@ -197,11 +200,12 @@ async fn follow_endpoints(
     iface: String,
     state: StateDir,
     tx: tokio::sync::watch::Sender<Vec<String>>,
+    stun: Vec<std::net::SocketAddr>,
 ) {
     let mut port = dp.listen_port();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n = 0u32;
+    let (mut n, mut local, mut outside) = (0u32, Vec::new(), None);
     loop {
         tick.tick().await;
         n = n.wrapping_add(1);
@@ -209,21 +213,37 @@ async fn follow_endpoints(
             save_counters(&dp, &state);
         }
         let now = dp.listen_port();
-        if now == port && !n.is_multiple_of(10) {
+        let moved = now != port;
+        // Ask the controllers where they see this socket: at start, on a new port, then
+        // every STUN_EVERY seconds (NAT mappings of idle UDP live 30 s or more).
+        if moved || n % STUN_EVERY == 1 {
+            for s in &stun {
+                if let Err(e) = dp.stun_probe(*s) {
+                    tracing::debug!(server = %s, error = %e, "STUN request not sent");
+                }
+            }
+        }
+        let seen = dp.reflexive(STUN_FRESH);
+        let look = moved || n == 1 || n.is_multiple_of(10);
+        if !look && seen == outside {
             continue;
         }
-        if now != port {
+        if moved {
             port = now;
             if let Err(e) = state.save_listen_port(port) {
                 tracing::warn!(error = %e, "could not save the listen port");
             }
         }
-        let name = iface.clone();
-        let Ok(eps) =
-            tokio::task::spawn_blocking(move || dataplane::local_endpoints(&name, now)).await
-        else {
-            continue;
-        };
+        if look || local.is_empty() {
+            let name = iface.clone();
+            match tokio::task::spawn_blocking(move || dataplane::local_endpoints(&name, now)).await
+            {
+                Ok(eps) => local = eps,
+                Err(_) => continue,
+            }
+        }
+        outside = seen;
+        let eps = with_outside(&local, outside);
         tx.send_if_modified(|held| {
             let changed = *held != eps;
             if changed {
@@ -232,6 +252,23 @@ async fn follow_endpoints(
             changed
         });
     }
+}
+
+/// Seconds between STUN requests, and how long an answer stays this node's outside address.
+const STUN_EVERY: u32 = 20;
+const STUN_FRESH: std::time::Duration = std::time::Duration::from_secs(65);
+
+/// The endpoints to report: the host's own, then the outside address a STUN server saw (a
+/// NAT's mapping), unless it is one of them (no NAT).
+fn with_outside(local: &[String], outside: Option<std::net::SocketAddr>) -> Vec<String> {
+    let mut eps = local.to_vec();
+    if let Some(o) = outside.map(|o| o.to_string())
+        && !eps.contains(&o)
+        && eps.len() < canopy_proto::MAX_ENDPOINTS
+    {
+        eps.push(o);
+    }
+    eps
 }
 
 /// Writes the engine's drop counters to the state dir (every few seconds), where

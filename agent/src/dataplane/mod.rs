@@ -15,6 +15,7 @@ mod gateway;
 mod net;
 mod netlink;
 mod pump;
+mod reflex;
 mod sink;
 
 pub use sink::{ControllerSink, MapPeers, map_addresses, policy_rules};
@@ -109,6 +110,8 @@ struct Shared {
     gateway: Mutex<gateway::Gateway>,
     /// What this node set up to send its internet traffic through an exit node.
     exit: Mutex<exit::Exit>,
+    /// Its STUN requests and the outside address they found.
+    reflex: Mutex<reflex::Reflex>,
 }
 
 impl Shared {
@@ -123,6 +126,18 @@ impl Shared {
 
     fn port(&self) -> u16 {
         self.listen_port.load(Ordering::Relaxed)
+    }
+
+    /// Takes datagram `d` if it is STUN (an answer to this node's request), so WireGuard never
+    /// sees it; returns whether it did.
+    fn take_stun(&self, from: SocketAddr, d: &[u8]) -> bool {
+        // Cheap first: WireGuard's second byte is always 0.
+        d.get(1).is_some_and(|b| *b != 0)
+            && self
+                .reflex
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answer(from, d, std::time::Instant::now())
     }
 
     /// Takes back what this node set up as a gateway or an exit node's client.
@@ -326,6 +341,7 @@ impl Dataplane {
             gone: tokio::sync::watch::Sender::new(false),
             gateway: Mutex::new(gateway::Gateway::default()),
             exit: Mutex::new(exit::Exit::default()),
+            reflex: Mutex::new(reflex::Reflex::default()),
         });
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
@@ -443,6 +459,25 @@ impl Dataplane {
             sh.fwmark.store(0, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Sends a STUN Binding request from the WireGuard socket to `server` (a controller's STUN
+    /// port); the answer, if one comes, sets [`reflexive`](Self::reflexive).
+    pub fn stun_probe(&self, server: SocketAddr) -> std::io::Result<()> {
+        let req = self
+            .shared
+            .reflex
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .request(server, rand::random(), std::time::Instant::now());
+        self.shared.socket().send_to(&req, server)
+    }
+
+    /// Where the world saw this node's WireGuard socket, if a STUN server answered within
+    /// `fresh`.
+    pub fn reflexive(&self, fresh: std::time::Duration) -> Option<SocketAddr> {
+        let r = self.shared.reflex.lock().unwrap_or_else(|e| e.into_inner());
+        r.address(std::time::Instant::now(), fresh)
     }
 
     /// Puts the access policy's per-peer rules in force (`None`: no policy).

@@ -198,6 +198,11 @@ impl NetSocket {
             .map_err(io::Error::from)
     }
 
+    /// Sends one datagram (a STUN request) outside the batched path.
+    pub fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.io.send_to(buf, v6_mapped(to, self.v6)).map(drop)
+    }
+
     /// Waits for datagrams (if the last read found none) and reads a batch into `bufs`;
     /// returns how many slots were filled, 0 if the queue was empty after all.
     /// Slot `i` holds `meta[i].len` bytes: datagrams of `meta[i].stride` bytes (the last may be

@@ -132,11 +132,11 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
             } else {
                 m.stride
             };
-            shared.engine().handle_network(
-                Instant::now(),
-                data.chunks(stride).map(|d| (from, d)),
-                &mut out,
-            );
+            // STUN answers (this node's outside address) never reach WireGuard.
+            let datagrams = data.chunks(stride).filter(|d| !shared.take_stun(from, d));
+            shared
+                .engine()
+                .handle_network(Instant::now(), datagrams.map(|d| (from, d)), &mut out);
             if out.tun_buffers().len() >= IDEAL_BATCH_SIZE {
                 write_tun(&tun, &mut gro, &mut out);
             }

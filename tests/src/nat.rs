@@ -1,0 +1,58 @@
+//! Hosts behind NAT routers for the NAT traversal tests: a router namespace on the lab's
+//! bridge that masquerades a private subnet of its own, as a home router or a cloud NAT
+//! gateway does (Linux MASQUERADE: address-and-port-dependent filtering, ports kept when
+//! free).
+
+use crate::netns::{Host, Lab};
+
+/// Puts `inside` behind router `router` (a host on the lab bridge): `inside` loses its own
+/// link to the bridge and gets 10.(90+n).0.2/24 on a veth to the router (10.(90+n).0.1),
+/// with its default route there; the router forwards and masquerades what leaves by its
+/// bridge link, with `extra` appended to the masquerade rule (e.g. "random-fully").
+pub fn behind_nat(lab: &Lab, router: &Host, inside: &Host, n: u8, extra: &str) {
+    let run = |ns: &str, cmd: &[&str]| {
+        let out = lab.run(ns, cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&inside.ns, &["ip", "link", "del", &inside.dev]);
+    let (r, i) = (format!("{}r{n}", lab.id), format!("{}i{n}", lab.id));
+    run(
+        &router.ns,
+        &[
+            "ip", "link", "add", &r, "type", "veth", "peer", "name", &i, "netns", &inside.ns,
+        ],
+    );
+    let (gw, me) = (
+        format!("10.{}.0.1", 90 + n),
+        format!("10.{}.0.2/24", 90 + n),
+    );
+    run(
+        &router.ns,
+        &["ip", "addr", "add", &format!("{gw}/24"), "dev", &r],
+    );
+    run(&router.ns, &["ip", "link", "set", &r, "up"]);
+    run(&inside.ns, &["ip", "addr", "add", &me, "dev", &i]);
+    run(&inside.ns, &["ip", "link", "set", &i, "up"]);
+    run(&inside.ns, &["ip", "route", "add", "default", "via", &gw]);
+    run(&router.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    run(&router.ns, &["nft", "add", "table", "ip", "nat"]);
+    let chain = "add chain ip nat post { type nat hook postrouting priority srcnat; }";
+    run(&router.ns, &["nft", chain]);
+    let mut rule = vec![
+        "nft",
+        "add",
+        "rule",
+        "ip",
+        "nat",
+        "post",
+        "oifname",
+        &router.dev,
+        "masquerade",
+    ];
+    rule.extend(extra.split_whitespace());
+    run(&router.ns, &rule);
+}
