@@ -96,16 +96,7 @@ pub(super) async fn join(
         .map_err(|e| anyhow::anyhow!("applying the saved map: {e}"))?;
     let mut client = ControlClient::new(enrollment, Some(map), Some(state.clone()));
     client.controllers.extend(iface.controllers.iter().cloned());
-    client.advertised_routes = iface
-        .advertise_routes
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    if iface.advertise_exit_node {
-        client
-            .advertised_routes
-            .extend(["0.0.0.0/0".into(), "::/0".into()]);
-    }
+    client.advertised_routes = offered_routes(&iface);
     client.exit_node = iface.exit_node.clone().unwrap_or_default();
     let watcher = if iface.endpoints.is_empty() {
         let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
@@ -252,6 +243,19 @@ async fn follow_endpoints(
             changed
         });
     }
+}
+
+/// The routes this node offers: `--advertise-routes`, and both default routes as an exit node.
+fn offered_routes(iface: &IfaceOpts) -> Vec<String> {
+    let mut out: Vec<String> = iface
+        .advertise_routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if iface.advertise_exit_node {
+        out.extend(["0.0.0.0/0".into(), "::/0".into()]);
+    }
+    out
 }
 
 /// Seconds between STUN requests, and how long an answer stays this node's outside address.
