@@ -26,6 +26,7 @@
 pub mod allowed_ips;
 pub mod filter;
 mod outbox;
+mod peer;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -43,6 +44,8 @@ use ipnetwork::IpNetwork;
 use allowed_ips::AllowedIps;
 use filter::{Allow, Conntrack, Rules};
 pub use outbox::{Outbox, TUN_HEADROOM};
+use peer::Peer;
+pub use peer::{Drops, PeerConfig, PeerStatus};
 
 /// Handshake initiations per second before cookies are demanded.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -54,49 +57,6 @@ pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
 const RATE_LIMIT_PERIOD: Duration = Duration::from_secs(1);
 /// Room boringtun needs beyond a packet: header + tag, and handshake messages (148 bytes).
 const OVERHEAD: usize = 256;
-
-/// A peer as configured (wg-quick file, UAPI or the controller's map).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerConfig {
-    pub public_key: [u8; 32],
-    pub preshared_key: Option<[u8; 32]>,
-    pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: Vec<IpNetwork>,
-    pub persistent_keepalive: Option<u16>,
-}
-
-/// What `wg show` reports for a peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerStatus {
-    pub config: PeerConfig,
-    /// Time since the last completed handshake, by boringtun's clock.
-    pub since_handshake: Option<Duration>,
-    /// Packets from this peer the access policy refused.
-    pub policy_drops: u64,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-}
-
-/// Counters of packets the engine refused, for tests and `status`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Drops {
-    /// Decrypted packets whose source was not in the sending peer's allowed IPs.
-    pub spoofed: u64,
-    /// TUN packets with no peer routed for their destination (or no endpoint yet).
-    pub no_route: u64,
-    /// Datagrams that failed to parse, authenticate or decrypt, or came from unknown keys.
-    pub invalid: u64,
-    /// Decrypted packets the access policy refused (not a reply, no rule allows them).
-    pub policy: u64,
-}
-
-struct Peer {
-    tunn: Tunn,
-    config: PeerConfig,
-    /// What it may open on this node, while a policy is in force.
-    inbound: Arc<Rules>,
-    policy_drops: u64,
-}
 
 pub struct Engine {
     private: StaticSecret,
@@ -234,6 +194,7 @@ impl Engine {
                         config: config.clone(),
                         inbound,
                         policy_drops: 0,
+                        candidates: Vec::new(),
                     },
                 );
                 idx
@@ -262,6 +223,16 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(&idx) {
             let endpoint = config.endpoint.or(p.config.endpoint);
             p.config = PeerConfig { endpoint, ..config };
+        }
+    }
+
+    /// Sets the other addresses peer `key` may be reached at (at most [`MAX_CANDIDATES`], in
+    /// order of preference); its handshake initiations go to each.
+    pub fn set_candidates(&mut self, key: &[u8; 32], mut candidates: Vec<SocketAddr>) {
+        candidates.dedup();
+        candidates.truncate(MAX_CANDIDATES);
+        if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i)) {
+            p.candidates = candidates;
         }
     }
 
@@ -346,10 +317,10 @@ impl Engine {
             let Some(peer) = self.peers.get_mut(&idx) else {
                 continue;
             };
-            let Some(endpoint) = peer.config.endpoint else {
+            if peer.config.endpoint.is_none() && peer.candidates.is_empty() {
                 self.drops.no_route += 1;
                 continue;
-            };
+            }
             if self.policy.is_some()
                 && let (Some(f), Some(now)) = (filter::flow(pkt), self.now)
             {
@@ -359,7 +330,7 @@ impl Engine {
             match peer.tunn.encapsulate(pkt, &mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
-                    out.push_net(endpoint, off, n);
+                    send(peer, off, n, out);
                 }
                 _ => out.keep(off, 0),
             }
@@ -583,14 +554,37 @@ impl Engine {
             match peer.tunn.update_timers(&mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
-                    match peer.config.endpoint {
-                        Some(ep) => out.push_net(ep, off, n),
-                        None => out.keep(off, 0),
-                    }
+                    send(peer, off, n, out);
                 }
                 _ => out.keep(off, 0),
             }
         }
+    }
+}
+
+/// The size of a handshake initiation.
+const INITIATION_LEN: usize = 148;
+/// Candidate addresses kept per peer, at most.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Sends the datagram at `off..off + n` for `peer` to its endpoint; a handshake initiation
+/// also to each other candidate, so the first address that answers becomes the endpoint (the
+/// answer's source, by roaming): a LAN path wins over a NAT's, a reachable one over a dead one.
+/// Nowhere to send: dropped.
+fn send(peer: &Peer, off: usize, n: usize, out: &mut Outbox) {
+    let initiation = n == INITIATION_LEN && out.buf[off] == 1;
+    let endpoint = peer.config.endpoint;
+    let others = peer.candidates.iter().filter(|c| Some(**c) != endpoint);
+    let mut sent = false;
+    for to in endpoint
+        .into_iter()
+        .chain(others.copied().filter(|_| initiation))
+    {
+        out.push_net(to, off, n);
+        sent = true;
+    }
+    if !sent {
+        out.keep(off, 0);
     }
 }
 

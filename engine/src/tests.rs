@@ -179,3 +179,49 @@ fn under_a_policy_a_peer_opens_only_what_its_rules_allow_and_replies_pass() {
     let to_a = p.send_b(std::slice::from_ref(&any));
     assert_eq!(p.exchange(to_a, vec![]).0, vec![any]);
 }
+
+#[test]
+fn a_handshake_goes_to_every_candidate_and_the_one_that_answers_becomes_the_endpoint() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let dead: SocketAddr = "198.51.100.9:51820".parse().unwrap();
+    let mut cfg = peer_of(key(2), "198.51.100.9:51820", &["10.0.0.2/32"]);
+    p.a.set_peer(cfg.clone());
+    p.a.set_candidates(&cfg.public_key, vec![dead, p.b_addr]);
+    let mut out = Outbox::default();
+    let pkt = ipv4("10.0.0.1", "10.0.0.2", b"first");
+    p.a.handle_tun(p.now, [pkt.as_slice()], &mut out);
+    let to: Vec<SocketAddr> = out.net_packets().map(|(a, _)| a).collect();
+    assert_eq!(
+        to,
+        [dead, p.b_addr],
+        "the initiation, to the endpoint and the other candidate"
+    );
+    let init: Vec<Vec<u8>> = out.net_packets().skip(1).map(|(_, d)| d.to_vec()).collect();
+    let (_, at_b) = p.exchange(vec![], init);
+    assert_eq!(at_b, vec![pkt], "queued behind the handshake, delivered");
+    assert_eq!(
+        p.a.peer(&cfg.public_key).unwrap().config.endpoint,
+        Some(p.b_addr)
+    );
+    // Data goes to the endpoint only.
+    out.clear();
+    p.a.handle_tun(
+        p.now,
+        [ipv4("10.0.0.1", "10.0.0.2", b"more").as_slice()],
+        &mut out,
+    );
+    let to: Vec<SocketAddr> = out.net_packets().map(|(a, _)| a).collect();
+    assert_eq!(to, [p.b_addr]);
+    // No endpoint at all, candidates only: still reachable.
+    cfg.endpoint = None;
+    let mut c = Engine::new(key(3));
+    c.set_peer(cfg.clone());
+    c.set_candidates(&cfg.public_key, vec![p.b_addr]);
+    out.clear();
+    c.handle_tun(
+        p.now,
+        [ipv4("10.0.0.3", "10.0.0.2", b"x").as_slice()],
+        &mut out,
+    );
+    assert_eq!(out.net_packets().count(), 1);
+}

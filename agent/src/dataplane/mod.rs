@@ -395,9 +395,11 @@ impl Dataplane {
 
     /// Adds or updates `set` and removes `remove`, then syncs routes. Other peers' sessions
     /// are untouched.
+    /// Each peer of `set` with the other addresses it may be reached at (its handshakes go to
+    /// each; the first to answer becomes its endpoint).
     pub fn update_peers(
         &self,
-        set: Vec<PeerConfig>,
+        set: Vec<(PeerConfig, Vec<SocketAddr>)>,
         remove: &[[u8; 32]],
     ) -> Result<(), DataplaneError> {
         {
@@ -405,8 +407,10 @@ impl Dataplane {
             for k in remove {
                 e.remove_peer(k);
             }
-            for p in set {
+            for (p, candidates) in set {
+                let key = p.public_key;
                 e.set_peer(p);
+                e.set_candidates(&key, candidates);
             }
         }
         self.shared.sync_routes()

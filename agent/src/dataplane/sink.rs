@@ -66,6 +66,7 @@ impl MapSink for ControllerSink {
         delta: Option<&NetworkDelta>,
     ) -> Result<(), crate::control::SinkError> {
         let (set, remove) = self.peers.changes(map, delta, &self.dp.peer_keys());
+        let set = self.peers.with_candidates(map, set);
         self.dp.update_peers(set, &remove)?;
         self.dp.set_policy(policy_rules(map));
         let routes: Vec<IpNetwork> = map.routes.iter().filter_map(|r| r.parse().ok()).collect();
@@ -149,6 +150,39 @@ impl MapPeers {
             }
         }
         (set, remove)
+    }
+
+    /// Each of `set` with its candidates from `map`: every endpoint the controller has for it,
+    /// those outside the prefixes routed into the tunnel first.
+    pub fn with_candidates(
+        &self,
+        map: &NetworkMap,
+        set: Vec<PeerConfig>,
+    ) -> Vec<(PeerConfig, Vec<SocketAddr>)> {
+        let by_key: HashMap<&[u8], &RemotePeer> = map
+            .peers
+            .iter()
+            .map(|p| (p.public_key.as_slice(), p))
+            .collect();
+        set.into_iter()
+            .map(|c| {
+                let eps = by_key
+                    .get(c.public_key.as_slice())
+                    .map(|p| p.endpoints.as_slice());
+                let candidates = self.candidates(eps.unwrap_or_default());
+                (c, candidates)
+            })
+            .collect()
+    }
+
+    /// A peer's endpoints in the order to try them: outside the routed prefixes first.
+    fn candidates(&self, endpoints: &[String]) -> Vec<SocketAddr> {
+        let parsed = endpoints
+            .iter()
+            .filter_map(|e| e.parse::<SocketAddr>().ok());
+        let (direct, routed): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            parsed.partition(|a| !self.routed.iter().any(|n| n.contains(a.ip())));
+        direct.into_iter().chain(routed).collect()
     }
 
     /// The endpoint to use from a peer's list: the first that parses and is not inside a
