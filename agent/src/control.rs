@@ -162,6 +162,8 @@ pub struct ControlClient {
     state: Option<StateDir>,
     map: watch::Sender<Option<NetworkMap>>,
     connected: watch::Sender<bool>,
+    /// The latest relay ticket the controller gave.
+    relay: watch::Sender<Option<canopy_proto::v1::RelayTicket>>,
     pub backoff: Backoff,
 }
 
@@ -197,8 +199,14 @@ impl ControlClient {
             state,
             map: watch::channel(initial).0,
             connected: watch::channel(false).0,
+            relay: watch::channel(None).0,
             backoff: Backoff::default(),
         }
+    }
+
+    /// Relay tickets as they come from the controller.
+    pub fn relay_tickets(&self) -> watch::Receiver<Option<canopy_proto::v1::RelayTicket>> {
+        self.relay.subscribe()
     }
 
     pub fn enrollment(&self) -> &Enrollment {
@@ -365,6 +373,11 @@ impl ControlClient {
             self.stats
                 .bytes
                 .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
+            // A relay ticket is no map change: kept, not acknowledged.
+            if let Some(sync_response::Msg::Relay(t)) = msg.msg {
+                self.relay.send_replace(Some(t));
+                continue;
+            }
             let revision = self.apply(msg.msg, sink)?;
             self.connected.send_replace(true);
             let ack = SyncRequest {
@@ -401,7 +414,9 @@ impl ControlClient {
                 return Ok(rev);
             }
             Some(sync_response::Msg::Delta(d)) => d,
-            None => return Err(ControlError::Protocol("empty Sync message".into())),
+            Some(sync_response::Msg::Relay(_)) | None => {
+                return Err(ControlError::Protocol("empty Sync message".into()));
+            }
         };
         self.stats.deltas.fetch_add(1, Ordering::Relaxed);
         let mut result = Ok(());

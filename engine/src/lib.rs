@@ -45,7 +45,7 @@ use allowed_ips::AllowedIps;
 use filter::{Allow, Conntrack, Rules};
 pub use outbox::{Outbox, TUN_HEADROOM};
 use peer::Peer;
-pub use peer::{Drops, PeerConfig, PeerStatus};
+pub use peer::{Drops, MAX_CANDIDATES, PeerConfig, PeerStatus};
 
 /// Handshake initiations per second before cookies are demanded.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -195,6 +195,10 @@ impl Engine {
                         inbound,
                         policy_drops: 0,
                         candidates: Vec::new(),
+                        heard: None,
+                        probed: None,
+                        probe_gap: peer::PROBE_UP,
+                        moved: false,
                     },
                 );
                 idx
@@ -231,8 +235,21 @@ impl Engine {
     pub fn set_candidates(&mut self, key: &[u8; 32], mut candidates: Vec<SocketAddr>) {
         candidates.dedup();
         candidates.truncate(MAX_CANDIDATES);
-        if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i)) {
+        if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i))
+            && p.candidates != candidates
+        {
             p.candidates = candidates;
+            p.probe_gap = peer::PROBE_UP;
+        }
+    }
+
+    /// Adds `addr` as peer `key`'s last candidate (if it has room and not already).
+    pub fn add_candidate(&mut self, key: &[u8; 32], addr: SocketAddr) {
+        if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i))
+            && !p.candidates.contains(&addr)
+            && p.candidates.len() < MAX_CANDIDATES
+        {
+            p.candidates.push(addr);
         }
     }
 
@@ -330,7 +347,7 @@ impl Engine {
             match peer.tunn.encapsulate(pkt, &mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
-                    send(peer, off, n, out);
+                    peer.send(off, n, out);
                 }
                 _ => out.keep(off, 0),
             }
@@ -389,6 +406,7 @@ impl Engine {
     }
 
     fn decapsulate(&mut self, idx: u32, from: SocketAddr, datagram: &[u8], out: &mut Outbox) {
+        let now = self.now;
         let Some(peer) = self.peers.get_mut(&idx) else {
             return;
         };
@@ -403,19 +421,19 @@ impl Engine {
                 // Authenticated: deliver if its source is routed to this peer.
                 TunnResult::WriteToTunnelV4(b, src) => {
                     let n = b.len();
-                    peer.config.endpoint = Some(from);
+                    peer.roam(from, now);
                     self.deliver(idx, IpAddr::V4(src), n, out);
                     return;
                 }
                 TunnResult::WriteToTunnelV6(b, src) => {
                     let n = b.len();
-                    peer.config.endpoint = Some(from);
+                    peer.roam(from, now);
                     self.deliver(idx, IpAddr::V6(src), n, out);
                     return;
                 }
                 // A keepalive: authenticated, nothing to deliver.
                 TunnResult::Done => {
-                    peer.config.endpoint = Some(from);
+                    peer.roam(from, now);
                     return;
                 }
                 TunnResult::Err(_) => {
@@ -429,7 +447,7 @@ impl Engine {
                     let off = out.grow(answer.len());
                     out.buf[off..off + answer.len()].copy_from_slice(&answer);
                     out.push_net(peer.config.endpoint.unwrap_or(from), off, answer.len());
-                    peer.config.endpoint = Some(from);
+                    peer.roam(from, now);
                     Self::flush_queued(peer, from, out);
                     return;
                 }
@@ -462,7 +480,7 @@ impl Engine {
         }
         if authenticated {
             // Roaming: the endpoint follows the latest authenticated packet.
-            peer.config.endpoint = Some(from);
+            peer.roam(from, now);
             Self::flush_queued(peer, from, out);
         }
     }
@@ -554,37 +572,12 @@ impl Engine {
             match peer.tunn.update_timers(&mut out.buf[off..]) {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
-                    send(peer, off, n, out);
+                    peer.send(off, n, out);
                 }
                 _ => out.keep(off, 0),
             }
+            peer.probe_up(now, out);
         }
-    }
-}
-
-/// The size of a handshake initiation.
-const INITIATION_LEN: usize = 148;
-/// Candidate addresses kept per peer, at most.
-pub const MAX_CANDIDATES: usize = 8;
-
-/// Sends the datagram at `off..off + n` for `peer` to its endpoint; a handshake initiation
-/// also to each other candidate, so the first address that answers becomes the endpoint (the
-/// answer's source, by roaming): a LAN path wins over a NAT's, a reachable one over a dead one.
-/// Nowhere to send: dropped.
-fn send(peer: &Peer, off: usize, n: usize, out: &mut Outbox) {
-    let initiation = n == INITIATION_LEN && out.buf[off] == 1;
-    let endpoint = peer.config.endpoint;
-    let others = peer.candidates.iter().filter(|c| Some(**c) != endpoint);
-    let mut sent = false;
-    for to in endpoint
-        .into_iter()
-        .chain(others.copied().filter(|_| initiation))
-    {
-        out.push_net(to, off, n);
-        sent = true;
-    }
-    if !sent {
-        out.keep(off, 0);
     }
 }
 

@@ -2,11 +2,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use boringtun::noise::Tunn;
+use boringtun::noise::{Tunn, TunnResult};
 use ipnetwork::IpNetwork;
 
+use crate::Outbox;
 use crate::filter::Rules;
 
 /// A peer as configured (wg-quick file, UAPI or the controller's map).
@@ -53,4 +54,118 @@ pub(crate) struct Peer {
     /// Other addresses it may be reached at (the controller's candidates): a handshake
     /// initiation goes to each of them too, and the first that answers becomes the endpoint.
     pub(crate) candidates: Vec<SocketAddr>,
+    /// When an authenticated packet last came from the endpoint.
+    pub(crate) heard: Option<Instant>,
+    /// When better candidates were last probed, and the wait before the next probe (doubling
+    /// while they stay silent, from [`PROBE_UP`] to [`PROBE_MAX`]).
+    pub(crate) probed: Option<Instant>,
+    pub(crate) probe_gap: Duration,
+    /// The endpoint moved: tell the other side at once (a keepalive on the new path), so it
+    /// follows without waiting for traffic.
+    pub(crate) moved: bool,
+}
+
+/// A less preferred candidate does not take the endpoint over from one heard this recently.
+const ROAM_HOLD: Duration = Duration::from_secs(5);
+/// How soon a peer reached by a less preferred candidate (the relay, a NAT's address) is
+/// probed at the better ones, and how far apart probes get while those stay silent.
+pub const PROBE_UP: Duration = Duration::from_secs(2);
+pub const PROBE_MAX: Duration = Duration::from_secs(64);
+
+/// The size of a handshake initiation.
+const INITIATION_LEN: usize = 148;
+/// Candidate addresses kept per peer, at most.
+pub const MAX_CANDIDATES: usize = 8;
+
+impl Peer {
+    /// Where `a` stands among the candidates (lower: preferred); `None` if it is not one.
+    fn rank(&self, a: &SocketAddr) -> Option<usize> {
+        self.candidates.iter().position(|c| c == a)
+    }
+
+    /// Roaming: the endpoint follows the latest authenticated packet, except that a less
+    /// preferred candidate (the relay after a direct address) does not take over from an
+    /// endpoint heard within [`ROAM_HOLD`]: two paths that both carry packets settle on the
+    /// better one.
+    pub(crate) fn roam(&mut self, from: SocketAddr, now: Option<Instant>) {
+        if let Some(cur) = self.config.endpoint
+            && cur != from
+            && let (Some(f), Some(c)) = (self.rank(&from), self.rank(&cur))
+            && f > c
+            && let (Some(now), Some(heard)) = (now, self.heard)
+            && now.saturating_duration_since(heard) < ROAM_HOLD
+        {
+            return;
+        }
+        if self.config.endpoint.is_some_and(|cur| cur != from) {
+            self.moved = true;
+            self.probe_gap = PROBE_UP;
+        }
+        self.config.endpoint = Some(from);
+        self.heard = now;
+    }
+
+    /// Tells the other side of a move (a keepalive on the new path), and while the endpoint
+    /// is a less preferred candidate, sends a keepalive to each better one every
+    /// [`PROBE_UP`]: one that arrives makes the other side roam to the better path, and its
+    /// keepalive back makes this side follow.
+    pub(crate) fn probe_up(&mut self, now: Instant, out: &mut Outbox) {
+        if std::mem::take(&mut self.moved)
+            && let Some(ep) = self.config.endpoint
+            && self.tunn.time_since_last_handshake().is_some()
+        {
+            let off = out.grow(64);
+            match self.tunn.encapsulate(&[], &mut out.buf[off..]) {
+                TunnResult::WriteToNetwork(b) => {
+                    let n = b.len();
+                    out.push_net(ep, off, n);
+                }
+                _ => out.keep(off, 0),
+            }
+        }
+        let Some(k) = self.config.endpoint.and_then(|e| self.rank(&e)) else {
+            return;
+        };
+        if k == 0
+            || self
+                .probed
+                .is_some_and(|t| now.saturating_duration_since(t) < PROBE_UP)
+            || self.tunn.time_since_last_handshake().is_none()
+        {
+            return;
+        }
+        self.probed = Some(now);
+        self.probe_gap = (self.probe_gap * 2).min(PROBE_MAX);
+        let off = out.grow(64);
+        match self.tunn.encapsulate(&[], &mut out.buf[off..]) {
+            TunnResult::WriteToNetwork(b) => {
+                let n = b.len();
+                for c in &self.candidates[..k] {
+                    out.push_net(*c, off, n);
+                }
+            }
+            _ => out.keep(off, 0),
+        }
+    }
+
+    /// Sends the datagram at `off..off + n` to the endpoint; a handshake initiation also to
+    /// each other candidate, so the first address that answers becomes the endpoint (the
+    /// answer's source, by roaming): a LAN path wins over a NAT's, a reachable one over a dead
+    /// one. Nowhere to send: dropped.
+    pub(crate) fn send(&self, off: usize, n: usize, out: &mut Outbox) {
+        let initiation = n == INITIATION_LEN && out.buf[off] == 1;
+        let endpoint = self.config.endpoint;
+        let others = self.candidates.iter().filter(|c| Some(**c) != endpoint);
+        let mut sent = false;
+        for to in endpoint
+            .into_iter()
+            .chain(others.copied().filter(|_| initiation))
+        {
+            out.push_net(to, off, n);
+            sent = true;
+        }
+        if !sent {
+            out.keep(off, 0);
+        }
+    }
 }

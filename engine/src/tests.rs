@@ -225,3 +225,72 @@ fn a_handshake_goes_to_every_candidate_and_the_one_that_answers_becomes_the_endp
     );
     assert_eq!(out.net_packets().count(), 1);
 }
+
+#[test]
+fn a_peer_reached_by_a_worse_path_is_probed_at_the_better_one_and_stays_there() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let relay: SocketAddr = "192.0.2.250:1".parse().unwrap();
+    let cfg = peer_of(key(2), "192.0.2.250:1", &["10.0.0.2/32"]);
+    p.a.set_peer(cfg.clone());
+    p.a.set_candidates(&cfg.public_key, vec![p.b_addr, relay]);
+    let endpoint = |p: &Pair| p.a.peer(&cfg.public_key).unwrap().config.endpoint;
+    // The handshake completes through the relay (its answer comes from there).
+    let mut out = Outbox::default();
+    p.a.handle_tun(
+        p.now,
+        [ipv4("10.0.0.1", "10.0.0.2", b"hi").as_slice()],
+        &mut out,
+    );
+    let init: Vec<Vec<u8>> = out.net_packets().take(1).map(|(_, d)| d.to_vec()).collect();
+    let mut at_b = Outbox::default();
+    p.b.handle_network(
+        p.now,
+        init.iter().map(|d| (p.a_addr, d.as_slice())),
+        &mut at_b,
+    );
+    let answer: Vec<Vec<u8>> = at_b.net_packets().map(|(_, d)| d.to_vec()).collect();
+    out.clear();
+    p.a.handle_network(
+        p.now,
+        answer.iter().map(|d| (relay, d.as_slice())),
+        &mut out,
+    );
+    assert_eq!(endpoint(&p), Some(relay));
+    // The queued packet follows through the relay; B, confirmed, may send now.
+    let queued: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+    at_b.clear();
+    p.b.handle_network(
+        p.now,
+        queued.iter().map(|d| (p.a_addr, d.as_slice())),
+        &mut at_b,
+    );
+    assert_eq!(at_b.tun_packets().count(), 1);
+    // Five seconds on, a keepalive goes to the better candidate.
+    p.advance(Duration::from_secs(6));
+    out.clear();
+    p.a.handle_timeout(p.now, &mut out);
+    let probes: Vec<SocketAddr> = out.net_packets().map(|(a, _)| a).collect();
+    assert!(probes.contains(&p.b_addr), "{probes:?}");
+    // B's packets arrive directly: A moves there, and a late relayed one does not move it back.
+    let direct = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"direct")]);
+    out.clear();
+    p.a.handle_network(
+        p.now,
+        direct.iter().map(|d| (p.b_addr, d.as_slice())),
+        &mut out,
+    );
+    assert_eq!(endpoint(&p), Some(p.b_addr));
+    let late = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"late")]);
+    out.clear();
+    p.a.handle_network(p.now, late.iter().map(|d| (relay, d.as_slice())), &mut out);
+    assert_eq!(
+        endpoint(&p),
+        Some(p.b_addr),
+        "held: the direct path was heard just now"
+    );
+    assert_eq!(
+        out.tun_packets().count(),
+        1,
+        "the late packet is delivered all the same"
+    );
+}

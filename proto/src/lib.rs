@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod files;
 pub mod join;
 pub mod netmap;
+pub mod relay;
 pub mod stun;
 pub mod text;
 pub mod transport;

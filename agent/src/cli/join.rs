@@ -89,6 +89,8 @@ pub(super) async fn join(
         .chain(iface.controllers.iter().cloned())
         .collect();
     let controllers = controller_addresses(&urls).await;
+    // The relay is on the controllers' UDP port, like STUN.
+    dp.set_relay_servers(controllers.clone());
     sink.direct = controllers.iter().map(|a| a.ip()).collect();
     sink.direct.dedup();
     // The last map takes effect at once: the overlay works even while the controller is away.
@@ -108,6 +110,7 @@ pub(super) async fn join(
         client.endpoints = tokio::sync::watch::channel(iface.endpoints).1;
         None
     };
+    let relay = tokio::spawn(take_relay_tickets(dp.clone(), client.relay_tickets()));
     let stop = async {
         tokio::select! {
             _ = shutdown_signal() => {}
@@ -115,9 +118,9 @@ pub(super) async fn join(
         }
     };
     let result = client.run(&mut sink, stop).await;
-    if let Some(w) = watcher {
-        w.abort();
-        let _ = w.await;
+    for t in watcher.into_iter().chain([relay]) {
+        t.abort();
+        let _ = t.await;
     }
     drop(sink);
     let deleted = dp.is_deleted();
@@ -213,7 +216,9 @@ async fn follow_endpoints(
                     tracing::debug!(server = %s, error = %e, "STUN request not sent");
                 }
             }
+            dp.relay_bind();
         }
+        dp.relay_spread();
         let seen = dp.reflexive(STUN_FRESH);
         let look = moved || n == 1 || n.is_multiple_of(10);
         if !look && seen == outside {
@@ -242,6 +247,19 @@ async fn follow_endpoints(
             }
             changed
         });
+    }
+}
+
+/// Hands each relay ticket the controller sends to the data plane (which binds with it).
+async fn take_relay_tickets(
+    dp: Arc<Dataplane>,
+    mut tickets: tokio::sync::watch::Receiver<Option<canopy_proto::v1::RelayTicket>>,
+) {
+    while tickets.changed().await.is_ok() {
+        let t = tickets.borrow_and_update().clone();
+        if let Some(t) = t {
+            dp.set_relay_ticket(t.ticket);
+        }
     }
 }
 

@@ -14,8 +14,10 @@ pub use exit::{EXIT_TABLE, ExitSpec};
 mod gateway;
 mod net;
 mod netlink;
+mod paths;
 mod pump;
 mod reflex;
+mod relayed;
 mod sink;
 
 pub use sink::{ControllerSink, MapPeers, map_addresses, policy_rules};
@@ -112,6 +114,8 @@ struct Shared {
     exit: Mutex<exit::Exit>,
     /// Its STUN requests and the outside address they found.
     reflex: Mutex<reflex::Reflex>,
+    /// Peers reached through the relay.
+    relayed: Mutex<relayed::Relayed>,
 }
 
 impl Shared {
@@ -126,18 +130,6 @@ impl Shared {
 
     fn port(&self) -> u16 {
         self.listen_port.load(Ordering::Relaxed)
-    }
-
-    /// Takes datagram `d` if it is STUN (an answer to this node's request), so WireGuard never
-    /// sees it; returns whether it did.
-    fn take_stun(&self, from: SocketAddr, d: &[u8]) -> bool {
-        // Cheap first: WireGuard's second byte is always 0.
-        d.get(1).is_some_and(|b| *b != 0)
-            && self
-                .reflex
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .answer(from, d, std::time::Instant::now())
     }
 
     /// Takes back what this node set up as a gateway or an exit node's client.
@@ -342,6 +334,7 @@ impl Dataplane {
             gateway: Mutex::new(gateway::Gateway::default()),
             exit: Mutex::new(exit::Exit::default()),
             reflex: Mutex::new(reflex::Reflex::default()),
+            relayed: Mutex::new(relayed::Relayed::default()),
         });
         shared.sync_routes()?;
         let (listener, uapi_path) = uapi::bind(&spec.name).map_err(DataplaneError::Uapi)?;
@@ -407,9 +400,11 @@ impl Dataplane {
             for k in remove {
                 e.remove_peer(k);
             }
-            for (p, candidates) in set {
+            for (p, mut candidates) in set {
                 let key = p.public_key;
                 e.set_peer(p);
+                // The relay last: a direct path that answers wins the handshake.
+                candidates.extend(self.shared.relay_candidate(&key));
                 e.set_candidates(&key, candidates);
             }
         }
@@ -463,25 +458,6 @@ impl Dataplane {
             sh.fwmark.store(0, Ordering::Relaxed);
         }
         r
-    }
-
-    /// Sends a STUN Binding request from the WireGuard socket to `server` (a controller's STUN
-    /// port); the answer, if one comes, sets [`reflexive`](Self::reflexive).
-    pub fn stun_probe(&self, server: SocketAddr) -> std::io::Result<()> {
-        let req = self
-            .shared
-            .reflex
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .request(server, rand::random(), std::time::Instant::now());
-        self.shared.socket().send_to(&req, server)
-    }
-
-    /// Where the world saw this node's WireGuard socket, if a STUN server answered within
-    /// `fresh`.
-    pub fn reflexive(&self, fresh: std::time::Duration) -> Option<SocketAddr> {
-        let r = self.shared.reflex.lock().unwrap_or_else(|e| e.into_inner());
-        r.address(std::time::Instant::now(), fresh)
     }
 
     /// Puts the access policy's per-peer rules in force (`None`: no policy).

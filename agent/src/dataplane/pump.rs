@@ -95,7 +95,7 @@ pub(super) fn tun_to_net(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
             (0..count).map(|i| &bufs[i][..sizes[i]]),
             &mut out,
         );
-        shared.socket().send(&out, stop);
+        shared.send(&mut out, stop);
     }
 }
 
@@ -132,18 +132,19 @@ pub(super) fn net_to_tun(shared: Arc<Shared>, tun: Arc<SyncDevice>) {
             } else {
                 m.stride
             };
-            // STUN answers (this node's outside address) never reach WireGuard.
-            let datagrams = data.chunks(stride).filter(|d| !shared.take_stun(from, d));
+            // STUN answers never reach WireGuard; relayed datagrams come from their sender's
+            // stand-in endpoint.
+            let datagrams = data.chunks(stride).filter_map(|d| shared.demux(from, d));
             shared
                 .engine()
-                .handle_network(Instant::now(), datagrams.map(|d| (from, d)), &mut out);
+                .handle_network(Instant::now(), datagrams, &mut out);
             if out.tun_buffers().len() >= IDEAL_BATCH_SIZE {
                 write_tun(&tun, &mut gro, &mut out);
             }
         }
         write_tun(&tun, &mut gro, &mut out);
         // Handshake answers, and packets released by a completed handshake.
-        sock.send(&out, stop);
+        shared.send(&mut out, stop);
     }
 }
 
@@ -170,7 +171,7 @@ pub(super) fn timers(shared: Arc<Shared>) {
             engine.handle_timeout(Instant::now(), &mut out);
             engine.poll_timeout()
         };
-        shared.socket().send(&out, &shared.stop);
+        shared.send(&mut out, &shared.stop);
         let wait = due.map_or(TIMER_INTERVAL, |t| {
             t.saturating_duration_since(Instant::now())
         });

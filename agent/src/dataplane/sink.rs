@@ -82,14 +82,16 @@ impl MapSink for ControllerSink {
 
 /// Turns the controller's maps into peer changes for the engine: what to set and which keys to
 /// remove. Pure (it remembers only what earlier maps said), so its rules are tested alone.
+///
+/// Endpoints: a peer new to the interface starts at the best of the controller's endpoints
+/// (the first that parses, outside the prefixes routed into the tunnel); after that the engine
+/// owns it (roaming, and probes of better candidates): a later map only updates the
+/// candidates, so a working path (the relay, a NAT's remapped port) is never replaced by an
+/// address from the list that may not work.
 #[derive(Debug, Default)]
 pub struct MapPeers {
     /// peer id → public key, to turn a delta's removed ids into keys.
     keys: HashMap<String, [u8; 32]>,
-    /// Per peer, the endpoints last taken from the map and the one chosen from them: a roamed
-    /// endpoint is kept until the controller reports different ones or another one becomes
-    /// the better choice.
-    endpoints: HashMap<[u8; 32], (Vec<String>, Option<SocketAddr>)>,
     /// The prefixes this node routes into the tunnel (sites behind gateways; not overlay
     /// hosts, not an exit node's default route, which WireGuard's own packets skip): an
     /// endpoint inside one is reached through another peer, the last choice.
@@ -109,6 +111,7 @@ impl MapPeers {
         let routed = routed_prefixes(map);
         let rerouted = routed != self.routed;
         self.routed = routed;
+        let known: BTreeSet<[u8; 32]> = current.iter().copied().collect();
         let (mut set, remove): (Vec<PeerConfig>, Vec<[u8; 32]>) = match delta {
             Some(d) => {
                 let remove = d
@@ -116,12 +119,19 @@ impl MapPeers {
                     .iter()
                     .filter_map(|id| self.keys.remove(id))
                     .collect();
-                let set = d.upserted.iter().filter_map(|p| self.config(p)).collect();
+                let set = d
+                    .upserted
+                    .iter()
+                    .filter_map(|p| self.config(p, &known))
+                    .collect();
                 (set, remove)
             }
             None => {
-                let set: Vec<PeerConfig> =
-                    map.peers.iter().filter_map(|p| self.config(p)).collect();
+                let set: Vec<PeerConfig> = map
+                    .peers
+                    .iter()
+                    .filter_map(|p| self.config(p, &known))
+                    .collect();
                 let keep: BTreeSet<[u8; 32]> = set.iter().map(|p| p.public_key).collect();
                 let remove = current
                     .iter()
@@ -132,22 +142,15 @@ impl MapPeers {
                 (set, remove)
             }
         };
-        for k in &remove {
-            self.endpoints.remove(k);
-        }
         if rerouted {
-            // A site prefix came or went: peers the delta did not name may have an endpoint
-            // inside it (a gateway's address in its own site), or a better one outside now.
+            // A site prefix came or went: every peer's candidates are ordered again (an
+            // endpoint inside a routed prefix goes last), not only those the delta names.
             let done: BTreeSet<[u8; 32]> = set.iter().map(|p| p.public_key).collect();
-            for p in &map.peers {
-                let Ok(key) = <[u8; 32]>::try_from(p.public_key.as_slice()) else {
-                    continue;
-                };
-                let chosen = self.endpoints.get(&key).and_then(|e| e.1);
-                if !done.contains(&key) && chosen != self.preferred(&p.endpoints) {
-                    set.extend(self.config(p));
-                }
-            }
+            let others = map.peers.iter().filter(|p| {
+                <[u8; 32]>::try_from(p.public_key.as_slice()).is_ok_and(|k| !done.contains(&k))
+            });
+            let again: Vec<PeerConfig> = others.filter_map(|p| self.config(p, &known)).collect();
+            set.extend(again);
         }
         (set, remove)
     }
@@ -185,35 +188,20 @@ impl MapPeers {
         direct.into_iter().chain(routed).collect()
     }
 
-    /// The endpoint to use from a peer's list: the first that parses and is not inside a
-    /// prefix routed into the tunnel; else the first that parses.
-    fn preferred(&self, endpoints: &[String]) -> Option<SocketAddr> {
-        let parsed = || {
-            endpoints
-                .iter()
-                .filter_map(|e| e.parse::<SocketAddr>().ok())
-        };
-        let direct = |a: &SocketAddr| !self.routed.iter().any(|n| n.contains(a.ip()));
-        parsed().find(direct).or_else(|| parsed().next())
-    }
-
-    /// A map peer as the engine takes it; `None` for a key that is not 32 bytes. The endpoint
-    /// is set only when the controller's list or the choice from it changed (else the engine
-    /// keeps the one the peer roamed to).
-    fn config(&mut self, p: &RemotePeer) -> Option<PeerConfig> {
+    /// A map peer as the engine takes it; `None` for a key that is not 32 bytes. Only a peer
+    /// the interface does not have yet (`known`) gets an endpoint: the best candidate.
+    fn config(&mut self, p: &RemotePeer, known: &BTreeSet<[u8; 32]>) -> Option<PeerConfig> {
         let key: [u8; 32] = p.public_key.as_slice().try_into().ok()?;
         let allowed_ips = p
             .allowed_ips
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect();
-        let preferred = self.preferred(&p.endpoints);
-        let unchanged = self
-            .endpoints
-            .get(&key)
-            .is_some_and(|(list, chosen)| *list == p.endpoints && *chosen == preferred);
-        let endpoint = if unchanged { None } else { preferred };
-        self.endpoints.insert(key, (p.endpoints.clone(), preferred));
+        let endpoint = if known.contains(&key) {
+            None
+        } else {
+            self.candidates(&p.endpoints).first().copied()
+        };
         self.keys.insert(p.peer_id.clone(), key);
         Some(PeerConfig {
             public_key: key,
@@ -337,16 +325,20 @@ mod tests {
         let full = map(vec![peer("a", 1, &["192.0.2.1:1"]), peer("bad", 2, &[])]);
         let mut full = full;
         full.peers[1].public_key = vec![2; 5];
-        let (set, remove) = m.changes(&full, None, &[[1; 32], [9; 32]]);
+        let (set, remove) = m.changes(&full, None, &[[9; 32]]);
         assert_eq!(set.len(), 1, "a key that is not 32 bytes is skipped");
         assert_eq!(set[0].public_key, [1; 32]);
-        assert_eq!(set[0].endpoint, Some("192.0.2.1:1".parse().unwrap()));
+        assert_eq!(
+            set[0].endpoint,
+            Some("192.0.2.1:1".parse().unwrap()),
+            "new to the interface"
+        );
         assert_eq!(set[0].allowed_ips, vec!["100.64.0.1/32".parse().unwrap()]);
         assert_eq!(remove, vec![[9; 32]], "a key the map no longer has");
     }
 
     #[test]
-    fn an_unchanged_endpoint_list_leaves_a_roamed_endpoint_alone() {
+    fn only_a_new_peer_gets_an_endpoint_later_lists_only_change_its_candidates() {
         let mut m = MapPeers::default();
         let full = map(vec![peer("a", 1, &["nonsense", "192.0.2.1:1"])]);
         let (set, _) = m.changes(&full, None, &[]);
@@ -355,15 +347,18 @@ mod tests {
             Some("192.0.2.1:1".parse().unwrap()),
             "the first that parses"
         );
-        let (set, _) = m.changes(&full, None, &[[1; 32]]);
-        assert_eq!(set[0].endpoint, None, "same list: keep what the engine has");
         let moved = map(vec![peer("a", 1, &["192.0.2.7:1"])]);
         let delta = NetworkDelta {
             upserted: moved.peers.clone(),
             ..Default::default()
         };
         let (set, _) = m.changes(&moved, Some(&delta), &[[1; 32]]);
-        assert_eq!(set[0].endpoint, Some("192.0.2.7:1".parse().unwrap()));
+        assert_eq!(set[0].endpoint, None, "the engine keeps the path it has");
+        let with = m.with_candidates(&moved, set);
+        assert_eq!(
+            with[0].1,
+            vec!["192.0.2.7:1".parse::<SocketAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -374,22 +369,20 @@ mod tests {
         let mut full = map(vec![peer("gw1", 1, &["192.0.2.2:5"]), gw2]);
         let (set, _) = m.changes(&full, None, &[]);
         assert_eq!(set[1].endpoint, Some("10.20.0.2:5".parse().unwrap()));
-        // The site is routed through gw1 now: a delta names gw1 only, yet gw2 moves to the
-        // endpoint outside the site (else gw2 is reached through gw1, and lost with it).
+        // The site is routed through gw1 now: a delta names gw1 only, yet gw2's candidates
+        // are ordered again, the address outside the site first (the engine probes it and
+        // moves there).
         full.peers[0].allowed_ips.push("10.20.0.0/24".into());
         let delta = NetworkDelta {
             upserted: vec![full.peers[0].clone()],
             ..Default::default()
         };
         let (set, _) = m.changes(&full, Some(&delta), &[[1; 32], [2; 32]]);
-        assert_eq!(set.len(), 2, "{set:?}");
-        assert_eq!(set[0].endpoint, None, "gw1's own list did not change");
-        assert_eq!(set[1].public_key, [2; 32]);
-        assert_eq!(set[1].endpoint, Some("192.0.2.3:5".parse().unwrap()));
-        // Nothing changed: nothing to set again.
-        let (set, _) = m.changes(&full, Some(&NetworkDelta::default()), &[[1; 32], [2; 32]]);
-        assert!(set.is_empty());
-        // An exit node's default route is no reason to move: WireGuard's packets skip it.
+        let with = m.with_candidates(&full, set);
+        assert_eq!(with.len(), 2, "{with:?}");
+        let gw2: Vec<String> = with[1].1.iter().map(ToString::to_string).collect();
+        assert_eq!(gw2, ["192.0.2.3:5", "10.20.0.2:5"]);
+        // An exit node's default route is no reason to reorder: WireGuard's packets skip it.
         full.peers[0].allowed_ips.push("0.0.0.0/0".into());
         assert!(!routed_prefixes(&full).iter().any(|n| n.prefix() == 0));
     }

@@ -173,6 +173,7 @@ async fn session(
         sent: hello.known_revision,
         gateway: None,
         renew: tokio::time::interval_at(tokio::time::Instant::now() + renew, renew),
+        ticket_due: tokio::time::Instant::now(),
     };
     let mut first = true;
     loop {
@@ -226,7 +227,12 @@ struct Live<'a> {
     /// As a gateway: the holder id of the live record this session keeps.
     gateway: Option<String>,
     renew: tokio::time::Interval,
+    /// When to send the next relay ticket (well before the last one expires).
+    ticket_due: tokio::time::Instant,
 }
+
+/// How often a session sends a fresh relay ticket.
+const TICKET_EVERY: Duration = Duration::from_secs(5 * 60);
 
 impl Live<'_> {
     /// A gateway's agent that has applied everything sent to it is live: record it (once, then
@@ -333,6 +339,13 @@ impl Live<'_> {
                     Err(s) => return Err(super::client_fault(s)),
                 },
                 _ = self.renew.tick() => self.keep_live(false).await,
+                _ = tokio::time::sleep_until(self.ticket_due) => {
+                    self.ticket_due = tokio::time::Instant::now() + TICKET_EVERY;
+                    if let Some(t) = ctl.relay_ticket(id) {
+                        // A reader that does not read misses this one; the next comes later.
+                        let _ = tx.try_send(Ok(SyncResponse { msg: Some(sync_response::Msg::Relay(t)) }));
+                    }
+                }
                 _ = self.replaced.notified() => return Err(replaced_status()),
                 _ = tx.closed() => return Ok(false),
                 _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),

@@ -7,7 +7,9 @@ mod console;
 mod hosted;
 pub mod listener;
 mod operator;
+pub mod relay;
 pub mod stun;
+mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -285,7 +287,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
 
     let store = open_store(config).await?;
     let cache = Cache::start(store.clone()).await?;
+    let relay_secret = relay::secret(store.as_ref()).await?;
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
+    controller.relay_secret = std::sync::Arc::new(relay_secret);
     controller.clock = config.clock.clone();
     controller.set_session_start_rate(config.session_starts_per_sec);
     controller.hosted = config.hosted;
@@ -375,8 +379,13 @@ pub async fn serve(
         },
     ));
     let stun = p.stun.map(|sock| {
-        let clock = ctl.clock.clone();
-        tokio::spawn(stun::serve(std::sync::Arc::new(sock), clock))
+        let relay =
+            (!ctl.relay_secret.is_empty()).then(|| relay::Relay::new(ctl.relay_secret.to_vec()));
+        tokio::spawn(udp::serve(
+            std::sync::Arc::new(sock),
+            ctl.clock.clone(),
+            relay,
+        ))
     });
     let shutdown = async move {
         shutdown.await;

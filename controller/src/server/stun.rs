@@ -8,18 +8,15 @@
 //! the limiter's memory is bounded.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-
 use tokio::net::UdpSocket;
 
-use crate::clock::Clock;
 use crate::pacing::KeyedLimiter;
 
 /// Answers per second per source address, and the burst.
-const PER_SOURCE: f64 = 20.0;
-const BURST: u32 = 40;
+pub const PER_SOURCE: f64 = 20.0;
+pub const BURST: u32 = 40;
 /// Source addresses the limiter remembers at once.
-const MAX_SOURCES: usize = 100_000;
+pub const MAX_SOURCES: usize = 100_000;
 
 /// Binds the STUN port next to the gRPC listener at `addr` (same port, UDP). A port that is
 /// taken is logged and the controller serves without STUN.
@@ -43,26 +40,6 @@ pub fn answer(
     let id = canopy_proto::stun::parse_request(datagram)?;
     limiter.admit(&from.ip().to_string(), now).ok()?;
     Some(canopy_proto::stun::binding_response(&id, from))
-}
-
-/// Answers Binding requests on `sock` until the task is dropped.
-pub async fn serve(sock: Arc<UdpSocket>, clock: Clock) {
-    let mut limiter = KeyedLimiter::new(PER_SOURCE, BURST, MAX_SOURCES);
-    let mut buf = vec![0u8; canopy_proto::stun::MAX_MESSAGE + 1];
-    loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "STUN receive failed");
-                continue;
-            }
-        };
-        if let Some(resp) = answer(&buf[..n], from, &mut limiter, clock.instant())
-            && let Err(e) = sock.send_to(&resp, from).await
-        {
-            tracing::debug!(%from, error = %e, "STUN answer not sent");
-        }
-    }
 }
 
 #[cfg(test)]

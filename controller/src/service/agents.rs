@@ -15,6 +15,26 @@ use crate::store::{Compare, Op, Revision, Txn};
 const MAX_ENDPOINTS: usize = canopy_proto::MAX_ENDPOINTS;
 
 impl Controller {
+    /// A relay ticket for agent `id` (its network and WireGuard key, valid
+    /// [`TICKET_SECONDS`](crate::server::relay::TICKET_SECONDS)); `None` without a relay key or
+    /// before the cache knows the peer.
+    pub fn relay_ticket(&self, id: &AgentIdentity) -> Option<canopy_proto::v1::RelayTicket> {
+        if self.relay_secret.is_empty() {
+            return None;
+        }
+        let peer = self.cache.peer(&id.network_id, &id.peer_id)?;
+        let expires = u64::try_from(self.now_unix()).ok()? + crate::server::relay::TICKET_SECONDS;
+        let t = canopy_proto::relay::Ticket {
+            network_id: id.network_id.clone(),
+            public_key: peer.public_key.as_slice().try_into().ok()?,
+            expires_unix: expires,
+        };
+        Some(canopy_proto::v1::RelayTicket {
+            ticket: t.mint(&self.relay_secret),
+            expires_at_unix: i64::try_from(expires).ok()?,
+        })
+    }
+
     /// Checks an agent's Sync credential. A credential whose peer was removed answers
     /// [`Error::PeerRemoved`]: possession of the credential is what entitles the caller to
     /// learn it, and it costs the same one read as any other check.

@@ -116,6 +116,9 @@ pub struct Controller {
     signup_rate: Arc<Mutex<crate::pacing::KeyedLimiter>>,
     /// What "now" is for expiry and timestamps.
     pub clock: crate::clock::Clock,
+    /// The key relay tickets are signed with (shared by all replicas through the store);
+    /// empty: no relay.
+    pub relay_secret: Arc<Vec<u8>>,
 }
 
 /// What a removed peer's credential entry becomes: still found by its hash, marked removed.
@@ -175,6 +178,7 @@ impl Controller {
             ))),
             signup_rate: Arc::new(Mutex::new(signup_limiter(DEFAULT_SIGNUPS_PER_HOUR))),
             clock: crate::clock::Clock::system(),
+            relay_secret: Arc::new(Vec::new()),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,

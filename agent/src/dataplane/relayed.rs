@@ -1,0 +1,159 @@
+//! Peers reached through the relay on the controller's UDP port. The engine knows a relayed
+//! peer by a stand-in endpoint in the discard-only prefix 100::/64 (RFC 6666), one per peer key,
+//! so nothing in the engine changes: a handshake sent there goes to the relay, wrapped for that
+//! key; an answer from the relay comes to the engine from that address, and roaming makes it
+//! the endpoint when the relay path answers first. Pure: the sending is the caller's.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use canopy_proto::relay::{self, Message};
+
+/// A ticket older than this without a BOUND is not trusted to work.
+const BOUND_FRESH: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// The relay's addresses (the controllers'); datagrams go to the first.
+    servers: Vec<SocketAddr>,
+    ticket: Option<Vec<u8>>,
+    /// The last BOUND a server sent.
+    bound: Option<Instant>,
+    /// Stand-in endpoint → peer key.
+    keys: HashMap<SocketAddr, [u8; 32]>,
+    /// Whether every peer was given the relay as a candidate since it became ready.
+    spread: bool,
+}
+
+/// The stand-in endpoint of peer `key`: `[100::k0k1:k2k3:k4k5:k6k7]:1`.
+pub fn stand_in(key: &[u8; 32]) -> SocketAddr {
+    let mut o = [0u8; 16];
+    o[0] = 0x01;
+    o[8..].copy_from_slice(&key[..8]);
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), 1)
+}
+
+/// Whether `a` is a stand-in endpoint (in 100::/64).
+pub fn is_stand_in(a: &SocketAddr) -> bool {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.segments()[..4] == [0x100, 0, 0, 0],
+        IpAddr::V4(_) => false,
+    }
+}
+
+impl Relayed {
+    pub fn set_servers(&mut self, servers: Vec<SocketAddr>) {
+        self.servers = servers;
+    }
+
+    /// Takes a new ticket; returns the BINDs to send (one per server).
+    pub fn set_ticket(&mut self, ticket: Vec<u8>) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.ticket = Some(ticket);
+        self.binds()
+    }
+
+    /// The BINDs to send now (the caller sends them every 20 s: they keep the bindings and
+    /// the NAT mappings to the relay alive).
+    pub fn binds(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        let Some(t) = &self.ticket else {
+            return Vec::new();
+        };
+        self.servers.iter().map(|s| (*s, relay::bind(t))).collect()
+    }
+
+    /// Whether the relay can carry datagrams: a ticket, and a server that took it lately.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.bound
+            .is_some_and(|at| now.duration_since(at) < BOUND_FRESH)
+    }
+
+    /// Whether the relay just became ready (or ready again): then every peer gets it as a
+    /// candidate, once.
+    pub fn newly_ready(&mut self, now: Instant) -> bool {
+        let ready = self.ready(now);
+        let newly = ready && !self.spread;
+        self.spread = ready;
+        newly
+    }
+
+    /// Registers peer `key` and returns its stand-in endpoint.
+    pub fn stand_in_for(&mut self, key: &[u8; 32]) -> SocketAddr {
+        let a = stand_in(key);
+        self.keys.insert(a, *key);
+        a
+    }
+
+    /// A datagram for stand-in endpoint `to`, wrapped for the relay: where to send it.
+    pub fn wrap(&self, to: &SocketAddr, data: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
+        let key = self.keys.get(to)?;
+        Some((*self.servers.first()?, relay::wrap(true, key, data)))
+    }
+
+    /// A datagram from `from`: `None` if it is not the relay's; else what WireGuard should see
+    /// of it (a RECV's data, from the sender's stand-in endpoint), if anything.
+    pub fn unwrap<'d>(
+        &mut self,
+        from: SocketAddr,
+        d: &'d [u8],
+        now: Instant,
+    ) -> Option<Option<(SocketAddr, &'d [u8])>> {
+        if !relay::is_relay(d) || !self.servers.contains(&from) {
+            return None;
+        }
+        Some(match relay::parse(d) {
+            Some(Message::Bound) => {
+                self.bound = Some(now);
+                None
+            }
+            Some(Message::Recv { from: key, data }) => Some((self.stand_in_for(&key), data)),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_peer_is_a_stand_in_endpoint_both_ways() {
+        let server: SocketAddr = "192.0.2.254:7443".parse().unwrap();
+        let mut r = Relayed::default();
+        r.set_servers(vec![server]);
+        assert!(r.set_ticket(b"tkt".to_vec()) == vec![(server, relay::bind(b"tkt"))]);
+        let now = Instant::now();
+        assert!(!r.ready(now));
+        assert_eq!(r.unwrap(server, &relay::bound(), now), Some(None));
+        assert!(r.ready(now));
+        let b = r.stand_in_for(&[2; 32]);
+        assert!(is_stand_in(&b) && !is_stand_in(&server));
+        let (to, wrapped) = r.wrap(&b, b"init").unwrap();
+        assert_eq!(
+            (to, relay::parse(&wrapped)),
+            (
+                server,
+                Some(Message::Send {
+                    to: [2; 32],
+                    data: b"init"
+                })
+            )
+        );
+        let from_b = relay::wrap(false, &[2; 32], b"answer");
+        assert_eq!(
+            r.unwrap(server, &from_b, now),
+            Some(Some((b, &b"answer"[..])))
+        );
+        let stranger: SocketAddr = "203.0.113.1:7443".parse().unwrap();
+        assert_eq!(
+            r.unwrap(stranger, &from_b, now),
+            None,
+            "not the relay: WireGuard's to judge"
+        );
+        assert_eq!(
+            r.unwrap(server, &[4; 32], now),
+            None,
+            "WireGuard from the server's address"
+        );
+    }
+}
