@@ -56,3 +56,57 @@ pub fn behind_nat(lab: &Lab, router: &Host, inside: &Host, n: u8, extra: &str) {
     rule.extend(extra.split_whitespace());
     run(&router.ns, &rule);
 }
+
+/// Puts several hosts behind one router: a bridge in the router at 10.(90+n).0.1/24, host `i`
+/// at 10.(90+n).0.(2+i) on a veth into it, default route via the router, which masquerades
+/// what leaves by its bridge link (no hairpin: the router's outside address is not reachable
+/// from inside).
+pub fn behind_one_nat(lab: &Lab, router: &Host, inside: &[&Host], n: u8) {
+    let run = |ns: &str, cmd: &[&str]| {
+        let out = lab.run(ns, cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let br = format!("{}nb{n}", lab.id);
+    let gw = format!("10.{}.0.1", 90 + n);
+    run(&router.ns, &["ip", "link", "add", &br, "type", "bridge"]);
+    run(
+        &router.ns,
+        &["ip", "addr", "add", &format!("{gw}/24"), "dev", &br],
+    );
+    run(&router.ns, &["ip", "link", "set", &br, "up"]);
+    for (i, h) in inside.iter().enumerate() {
+        run(&h.ns, &["ip", "link", "del", &h.dev]);
+        let (r, x) = (format!("{}q{n}{i}", lab.id), format!("{}x{n}{i}", lab.id));
+        run(
+            &router.ns,
+            &[
+                "ip", "link", "add", &r, "type", "veth", "peer", "name", &x, "netns", &h.ns,
+            ],
+        );
+        run(&router.ns, &["ip", "link", "set", &r, "master", &br, "up"]);
+        let me = format!("10.{}.0.{}/24", 90 + n, 2 + i);
+        run(&h.ns, &["ip", "addr", "add", &me, "dev", &x]);
+        run(&h.ns, &["ip", "link", "set", &x, "up"]);
+        run(&h.ns, &["ip", "route", "add", "default", "via", &gw]);
+    }
+    run(&router.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    run(&router.ns, &["nft", "add", "table", "ip", "nat"]);
+    let chain = "add chain ip nat post { type nat hook postrouting priority srcnat; }";
+    run(&router.ns, &["nft", chain]);
+    let rule = [
+        "nft",
+        "add",
+        "rule",
+        "ip",
+        "nat",
+        "post",
+        "oifname",
+        &router.dev,
+        "masquerade",
+    ];
+    run(&router.ns, &rule);
+}

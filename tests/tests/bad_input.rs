@@ -399,28 +399,6 @@ async fn sync_needs_a_valid_credential_and_starts_with_hello() {
     let s = stream.message().await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("is not IP:PORT"), "{}", s.message());
-
-    // Too many advertised routes: refused whole, nothing written.
-    let before = c.store_revision().await;
-    let too_many = SyncRequest {
-        msg: Some(sync_request::Msg::Hello(Hello {
-            advertised_routes: (0..65).map(|i| format!("10.{i}.0.0/16")).collect(),
-            ..Default::default()
-        })),
-    };
-    let mut stream = agent
-        .sync(sync(&enrollment.credential, too_many))
-        .await
-        .unwrap()
-        .into_inner();
-    let s = stream.message().await.unwrap_err();
-    assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(
-        s.message().contains("at most 64 advertised routes"),
-        "{}",
-        s.message()
-    );
-    assert_eq!(c.store_revision().await, before);
 }
 
 /// Python's grpcio (Debian's python3-grpcio, run by Debian's python3) against the controller:

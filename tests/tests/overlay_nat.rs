@@ -67,6 +67,17 @@ fn a_peer_behind_nat_reports_its_outside_address_and_reaches_a_public_peer_direc
         "direct both ways {:?} after the agents started",
         started.elapsed()
     );
+    wait_until("status to say direct", || path(&lab, &public) == "direct");
+}
+
+/// The path `n`'s status reports to its one peer ("direct", "relayed"; "" before the agent
+/// wrote its counters).
+fn path(lab: &Lab, n: &Node) -> String {
+    let s = status(lab, &n.host.ns, &n.state).unwrap_or_default();
+    s["peers"][0]["path"]["path"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Two peers each behind its own MASQUERADE router. Probing each other's outside addresses
@@ -102,16 +113,44 @@ fn two_peers_behind_their_own_nats_connect_within_10_s() {
         "a → b within 10 s"
     );
     println!("a → b {:?} after the agents started", t.elapsed());
-    let path = lab.wg(&a.host.ns, &a.iface, "endpoints");
-    let relayed = path.contains("[100::");
-    println!(
-        "a reaches b {}: {path}",
-        if relayed {
-            "through the relay"
-        } else {
-            "directly"
-        }
-    );
+    let eps = lab.wg(&a.host.ns, &a.iface, "endpoints");
+    println!("a's endpoint for b: {eps}");
+    wait_until("status to say how a reaches b", || {
+        !path(&lab, &a).is_empty()
+    });
+    println!("a reaches b: {}", path(&lab, &a));
     let ab = addr(&status(&lab, &a.host.ns, &a.state).unwrap(), 0);
     assert!(lab.ping(&b.host.ns, &ab, Duration::from_secs(5)), "b → a");
+}
+
+/// Two peers behind one NAT talk over their LAN addresses: no hairpin through the router,
+/// no relay.
+#[test]
+fn two_peers_behind_one_nat_use_their_lan_addresses() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller(&lab, dir.path(), &data);
+    con.ok(&["network", "create", "nat", "--cidr", "100.64.22.0/24"]);
+    let join = || {
+        con.ok(&["token", "create", "--network", "nat"])
+            .trim()
+            .to_string()
+    };
+    let (r, h1, h2) = (lab.host(2), lab.host(3), lab.host(4));
+    canopy_tests::nat::behind_one_nat(&lab, &r, &[&h1, &h2], 3);
+    let a = spawn_agent(&lab, dir.path(), &join(), "a", h1, &[]);
+    let b = spawn_agent(&lab, dir.path(), &join(), "b", h2, &[]);
+    for n in [&a, &b] {
+        wait_until("the agents to see each other", || {
+            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
+        });
+    }
+    let ba = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
+    assert!(lab.ping(&a.host.ns, &ba, Duration::from_secs(5)));
+    wait_until("a to reach b over the LAN", || {
+        lab.wg(&a.host.ns, &a.iface, "endpoints")
+            .contains("10.93.0.3:")
+    });
+    wait_until("status to say direct", || path(&lab, &a) == "direct");
 }

@@ -299,7 +299,16 @@ fn save_counters(dp: &Dataplane, state: &StateDir) {
     let (drops, peers) = dp.counters();
     let per_peer: serde_json::Map<String, serde_json::Value> = peers
         .iter()
-        .map(|(k, n)| (keys::encode(k), serde_json::json!(n)))
+        .map(|p| {
+            (
+                keys::encode(&p.config.public_key),
+                serde_json::json!(p.policy_drops),
+            )
+        })
+        .collect();
+    let paths: serde_json::Map<String, serde_json::Value> = peers
+        .iter()
+        .map(|p| (keys::encode(&p.config.public_key), path_json(p)))
         .collect();
     let v = serde_json::json!({
         "policy": drops.policy,
@@ -307,10 +316,28 @@ fn save_counters(dp: &Dataplane, state: &StateDir) {
         "no_route": drops.no_route,
         "invalid": drops.invalid,
         "policy_by_peer": per_peer,
+        "paths": paths,
     });
     if let Err(e) = state.save_counters(&v) {
         tracing::debug!(error = %e, "could not save the counters");
     }
+}
+
+/// How this node reaches a peer now: direct (at which address) or through the relay, the last
+/// handshake's age and the bytes each way.
+fn path_json(p: &crate::engine::PeerStatus) -> serde_json::Value {
+    let (path, via) = match p.config.endpoint {
+        Some(e) if dataplane::is_relayed(&e) => ("relayed", "the controller's relay".to_string()),
+        Some(e) => ("direct", e.to_string()),
+        None => ("none", String::new()),
+    };
+    serde_json::json!({
+        "path": path,
+        "via": via,
+        "last_handshake_secs": p.since_handshake.map(|d| d.as_secs()),
+        "rx_bytes": p.rx_bytes,
+        "tx_bytes": p.tx_bytes,
+    })
 }
 
 /// This host's name as the controller accepts it: letters, digits, '.', '-', '_' (anything

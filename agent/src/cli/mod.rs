@@ -182,6 +182,7 @@ fn status_json(
             "allowed_ips": p.allowed_ips,
             "endpoints": p.endpoints,
             "denied_by_policy": denied(p),
+            "path": counters["paths"][keys::encode(&p.public_key)],
         })).collect::<Vec<_>>(),
         "dropped": {
             "policy": counters["policy"].as_u64().unwrap_or(0),
@@ -198,6 +199,23 @@ fn status_json(
             "dst": r.dst,
         })).collect::<Vec<_>>()),
     })
+}
+
+/// A peer's path as `status` prints it: "direct 192.0.2.7:51820, handshake 12 s ago, rx 1234
+/// B, tx 567 B", "relayed (…)", or "-" before the agent wrote any.
+fn path_text(p: &serde_json::Value) -> String {
+    let Some(path) = p["path"].as_str() else {
+        return "-".into();
+    };
+    let hs = p["last_handshake_secs"]
+        .as_u64()
+        .map_or("no handshake".into(), |s| format!("handshake {s} s ago"));
+    let via = p["via"].as_str().unwrap_or("");
+    let (rx, tx) = (
+        p["rx_bytes"].as_u64().unwrap_or(0),
+        p["tx_bytes"].as_u64().unwrap_or(0),
+    );
+    format!("{path} {via}, {hs}, rx {rx} B, tx {tx} B")
 }
 
 fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
@@ -234,11 +252,7 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             p.peer_id,
             p.hostname,
             p.allowed_ips.join(","),
-            if p.endpoints.is_empty() {
-                "-".to_string()
-            } else {
-                p.endpoints.join(",")
-            },
+            path_text(&counters["paths"][keys::encode(&p.public_key)]),
             match denied(p) {
                 0 => String::new(),
                 n => format!("  ({n} packets denied by policy)"),

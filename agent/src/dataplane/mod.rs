@@ -18,6 +18,7 @@ mod paths;
 mod pump;
 mod reflex;
 mod relayed;
+pub use relayed::is_stand_in as is_relayed;
 mod sink;
 
 pub use sink::{ControllerSink, MapPeers, map_addresses, policy_rules};
@@ -416,14 +417,9 @@ impl Dataplane {
     }
 
     /// Packets the engine refused, by reason, and per peer (by key) those the policy refused.
-    pub fn counters(&self) -> (crate::engine::Drops, Vec<([u8; 32], u64)>) {
+    pub fn counters(&self) -> (crate::engine::Drops, Vec<crate::engine::PeerStatus>) {
         let e = self.shared.engine();
-        let peers = e
-            .peers()
-            .iter()
-            .map(|p| (p.config.public_key, p.policy_drops))
-            .collect();
-        (e.drops, peers)
+        (e.drops, e.peers())
     }
 
     /// Forwards `prefixes` into this node's site (none: stop), masquerading overlay sources

@@ -326,11 +326,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     })
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight calls and returns.
-pub async fn serve(
-    p: Prepared,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
+/// gRPC health, every service serving.
+async fn health()
+-> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ConsoleServiceServer<console::ConsoleApi>>()
@@ -341,19 +339,44 @@ pub async fn serve(
     health
         .set_serving::<HostedServiceServer<hosted::HostedApi>>()
         .await;
-    // Reflection in both versions: v1, and v1alpha for Python's grpcio-reflection and older
-    // grpcurl.
-    let reflection = || {
+    health_service
+}
+
+type Reflection<T> = tonic_reflection::server::v1::ServerReflectionServer<T>;
+
+/// Server reflection in both versions: v1, and v1alpha for Python's grpcio-reflection and
+/// older grpcurl.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<
+    (
+        Reflection<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(canopy_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection()
+    let v1 = builder()
         .build_v1()
         .map_err(|e| ServeError::Setup(format!("reflection: {e}")))?;
-    let reflection_v1alpha = reflection()
+    let v1alpha = builder()
         .build_v1alpha()
         .map_err(|e| ServeError::Setup(format!("reflection: {e}")))?;
+    Ok((v1, v1alpha))
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight calls and returns.
+pub async fn serve(
+    p: Prepared,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let health_service = health().await;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let console = ConsoleServiceServer::new(console::ConsoleApi::new(p.controller.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agent = AgentServiceServer::new(agent::AgentApi::new(p.controller.clone()))
