@@ -39,8 +39,9 @@ impl Shared {
         if out.net.iter().any(|(to, _)| relayed::is_stand_in(to)) {
             {
                 let r = lock(&self.relayed);
+                let now = Instant::now();
                 for (to, range) in out.net.iter().filter(|(to, _)| relayed::is_stand_in(to)) {
-                    if let Some((server, bytes)) = r.wrap(to, out.net_bytes(range.clone())) {
+                    if let Some((server, bytes)) = r.wrap(to, out.net_bytes(range.clone()), now) {
                         let _ = sock.send_to(&bytes, server);
                     }
                 }

@@ -15,11 +15,12 @@ const BOUND_FRESH: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 pub struct Relayed {
-    /// The relay's addresses (the controllers'); datagrams go to the first.
+    /// The relay's addresses (the controllers'); datagrams go to the one that answered a BIND
+    /// last (another replica takes over when one goes away).
     servers: Vec<SocketAddr>,
     ticket: Option<Vec<u8>>,
-    /// The last BOUND a server sent.
-    bound: Option<Instant>,
+    /// When each server last sent BOUND.
+    bound: HashMap<SocketAddr, Instant>,
     /// Stand-in endpoint → peer key.
     keys: HashMap<SocketAddr, [u8; 32]>,
     /// Whether every peer was given the relay as a candidate since it became ready.
@@ -64,8 +65,16 @@ impl Relayed {
 
     /// Whether the relay can carry datagrams: a ticket, and a server that took it lately.
     pub fn ready(&self, now: Instant) -> bool {
-        self.bound
-            .is_some_and(|at| now.duration_since(at) < BOUND_FRESH)
+        self.server(now).is_some()
+    }
+
+    /// The server that answered a BIND last, if lately.
+    fn server(&self, now: Instant) -> Option<SocketAddr> {
+        let fresh = self
+            .bound
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) < BOUND_FRESH);
+        fresh.max_by_key(|(_, at)| **at).map(|(s, _)| *s)
     }
 
     /// Whether the relay just became ready (or ready again): then every peer gets it as a
@@ -85,9 +94,14 @@ impl Relayed {
     }
 
     /// A datagram for stand-in endpoint `to`, wrapped for the relay: where to send it.
-    pub fn wrap(&self, to: &SocketAddr, data: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn wrap(
+        &self,
+        to: &SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Option<(SocketAddr, Vec<u8>)> {
         let key = self.keys.get(to)?;
-        Some((*self.servers.first()?, relay::wrap(true, key, data)))
+        Some((self.server(now)?, relay::wrap(true, key, data)))
     }
 
     /// A datagram from `from`: `None` if it is not the relay's; else what WireGuard should see
@@ -103,7 +117,7 @@ impl Relayed {
         }
         Some(match relay::parse(d) {
             Some(Message::Bound) => {
-                self.bound = Some(now);
+                self.bound.insert(from, now);
                 None
             }
             Some(Message::Recv { from: key, data }) => Some((self.stand_in_for(&key), data)),
@@ -128,7 +142,7 @@ mod tests {
         assert!(r.ready(now));
         let b = r.stand_in_for(&[2; 32]);
         assert!(is_stand_in(&b) && !is_stand_in(&server));
-        let (to, wrapped) = r.wrap(&b, b"init").unwrap();
+        let (to, wrapped) = r.wrap(&b, b"init", now).unwrap();
         assert_eq!(
             (to, relay::parse(&wrapped)),
             (
