@@ -9,8 +9,10 @@
 # `managed` without a policy, `policy` with a 100-rule access policy whose rules all name the
 # sending peer, 99 of them for other ports (the worst case for the per-packet check), and
 # `gateway`: A to a host in a site namespace behind B (10.20.0.0/24, routed through B, which
-# forwards and masquerades);
-#   ONLY="managed policy gateway" bash benches/dataplane.sh
+# forwards and masquerades); `relayed`: the managed pair with direct UDP between A and B
+# blocked (nftables in B; only the controller's port passes), so it goes through the relay on
+# the controller's UDP port (in A);
+#   ONLY="managed policy gateway relayed" bash benches/dataplane.sh
 #   RUNS=5 SECONDS_PER_RUN=5 ONLY="raw canopy" bash benches/dataplane.sh
 # CANOPY_AGENT=path runs that canopy-agent binary instead of this tree's (an older build, to
 # compare before and after a change, each against wireguard-go in its own run).
@@ -21,7 +23,7 @@ RUNS=${RUNS:-5}; SECS=${SECONDS_PER_RUN:-5}; ONLY=${ONLY:-raw canopy wggo bt}
 UDP_PROBES=${UDP_PROBES:-8}; UDP_SECS=${UDP_SECONDS:-3}
 bash deploy/install-deps.sh
 [ -n "${CANOPY_AGENT:-}" ] || cargo build --quiet --release -p canopy-agent
-[[ " $ONLY " != *" managed "* && " $ONLY " != *" policy "* && " $ONLY " != *" gateway "* ]] || cargo build --quiet --release -p canopy-controller
+[[ " $ONLY " != *" managed "* && " $ONLY " != *" policy "* && " $ONLY " != *" gateway "* && " $ONLY " != *" relayed "* ]] || cargo build --quiet --release -p canopy-controller
 canopy=$PWD/target/release/canopy
 tools=$PWD/target/bench-tools
 [ -x "$tools/bin/boringtun-cli" ] || cargo install --quiet boringtun-cli --version 0.7.1 --locked --root "$tools"
@@ -143,6 +145,7 @@ run_managed() {
       printf '[[rule]]\nname = "the benchmark traffic"\nfrom = ["tag:web"]\nto = ["tag:db"]\n'; } > "$work/policy.toml"
     ip netns exec $A "${con[@]}" policy set bench "$work/policy.toml" > /dev/null
   fi
+  [ "$1" = relayed ] && block_direct
   local jw jd
   jw=$(ip netns exec $A "${con[@]}" token create --network bench --tag web)
   jd=$(ip netns exec $A "${con[@]}" token create --network bench --tag db)
@@ -154,6 +157,17 @@ run_managed() {
     sleep 0.1
   done
   for _ in $(seq 50); do ip netns exec $A ping -c 1 -W 1 "$to" > /dev/null 2>&1 && break; done
+}
+
+# B may exchange UDP with A only on the controller's port: WireGuard between them must go
+# through the relay.
+block_direct() {
+  ip netns exec $B nft -f - <<'NFT'
+table inet relayonly {
+  chain out { type filter hook output priority 0; ip daddr 192.0.2.1 udp dport != 7443 drop; }
+  chain in { type filter hook input priority 0; ip saddr 192.0.2.1 udp sport != 7443 drop; }
+}
+NFT
 }
 
 # The site behind B for the gateway path: namespace S at 10.20.0.5, B at 10.20.0.1, and the
@@ -186,12 +200,17 @@ for k in $ONLY; do
     wggo) run_userspace g 51821 wireguard-go -f; measure wggo 10.9.0.2; stop_all ;;
     managed|policy) run_managed $k; measure $k "$to"; stop_all ;;
     gateway) run_gateway; measure gateway "$to"; stop_all; SRV_NS=$B; ip netns del $S ;;
+    relayed)
+      run_managed relayed
+      path=$(ip netns exec $B "$agent" status --json --state-dir "$work/relayed-b" | py "import json,sys; print(json.load(sys.stdin)['peers'][0]['path'])")
+      echo "  relayed: B's path to A: $path" >&2
+      measure relayed "$to"; stop_all; ip netns exec $B nft delete table inet relayonly ;;
     bt) WG_SUDO=1 run_userspace t 51822 "$tools/bin/boringtun-cli" --foreground --disable-drop-privileges
         measure bt 10.9.0.2; stop_all ;;
   esac
 done
 
-name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; managed) echo "canopy managed";; policy) echo "canopy policy";; gateway) echo "via a gateway";; esac; }
+name() { case $1 in raw) echo "raw veth";; canopy) echo "canopy";; wggo) echo "wireguard-go";; bt) echo "boringtun-cli";; managed) echo "canopy managed";; policy) echo "canopy policy";; gateway) echo "via a gateway";; relayed) echo "via the relay";; esac; }
 ratio() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)/float(b):.2f}' if a and b and float(b) else '-')"; }
 added() { py "a,b='${res[$1]:-}','${res[$2]:-}'; print(f'{float(a)-float(b):+.3f}' if a and b else '-')"; }
 echo
@@ -205,6 +224,12 @@ if [[ " $ONLY " == *" managed "* && " $ONLY " == *" policy "* ]]; then
   echo "policy vs managed (100 rules / none)"
   printf '%-16s %8s %8s %8s %8s %10s\n' "" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps"
   printf '%-16s %8s %8s %8s %8s %10s\n' "ratio" "$(ratio policy.t1 managed.t1)" "$(ratio policy.t1r managed.t1r)" "$(ratio policy.t4 managed.t4)" "$(ratio policy.t4r managed.t4r)" "$(ratio policy.pps managed.pps)"
+fi
+if [[ " $ONLY " == *" managed "* && " $ONLY " == *" relayed "* ]]; then
+  echo
+  echo "through the relay vs direct (managed)"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "" "tcp1" "tcp1 -R" "tcp4" "tcp4 -R" "udp pps"
+  printf '%-16s %8s %8s %8s %8s %10s\n' "ratio" "$(ratio relayed.t1 managed.t1)" "$(ratio relayed.t1r managed.t1r)" "$(ratio relayed.t4 managed.t4)" "$(ratio relayed.t4r managed.t4r)" "$(ratio relayed.pps managed.pps)"
 fi
 if [[ " $ONLY " == *" managed "* && " $ONLY " == *" gateway "* ]]; then
   echo
