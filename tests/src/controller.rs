@@ -25,6 +25,8 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 pub struct Console<'a> {
     lab: &'a Lab,
     data: &'a Path,
+    /// The `canopy serve` process.
+    pub pid: u32,
 }
 
 impl Console<'_> {
@@ -87,7 +89,7 @@ pub fn addr(s: &Value, i: usize) -> String {
 /// Starts `canopy serve` in the lab's hub and returns a console for it.
 pub fn controller<'a>(lab: &'a Lab, dir: &Path, data: &'a Path) -> Console<'a> {
     let canopy = bin("canopy");
-    lab.spawn(
+    let pid = lab.spawn(
         &lab.hub,
         &[
             canopy.to_str().unwrap(),
@@ -99,7 +101,7 @@ pub fn controller<'a>(lab: &'a Lab, dir: &Path, data: &'a Path) -> Console<'a> {
         ],
         &dir.join("serve.log"),
     );
-    let con = Console { lab, data };
+    let con = Console { lab, data, pid };
     wait_until("the controller", || {
         data.join("admin-token").exists() && con.run(&["network", "list"]).status.success()
     });

@@ -154,3 +154,76 @@ fn two_peers_behind_one_nat_use_their_lan_addresses() {
     });
     wait_until("status to say direct", || path(&lab, &a) == "direct");
 }
+
+/// The path `n`'s status reports to its peer named `host`.
+fn path_to(lab: &Lab, n: &Node, host: &str) -> String {
+    let s = status(lab, &n.host.ns, &n.state).unwrap_or_default();
+    let peers = s["peers"].as_array().cloned().unwrap_or_default();
+    let p = peers.iter().find(|p| p["hostname"] == host);
+    p.and_then(|p| p["path"]["path"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The controller dies: a direct pair keeps its traffic (the data plane needs no controller);
+/// a relayed pair, whose relay was that controller, comes back when it does.
+#[test]
+fn without_the_controller_direct_paths_keep_flowing_and_relayed_ones_return_with_it() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller(&lab, dir.path(), &data);
+    con.ok(&["network", "create", "nat", "--cidr", "100.64.23.0/24"]);
+    let join = || {
+        con.ok(&["token", "create", "--network", "nat"])
+            .trim()
+            .to_string()
+    };
+    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
+    behind_nat(&lab, &r1, &in1, 1, "");
+    behind_nat(&lab, &r2, &in2, 2, "");
+    let public = start_agent(&lab, dir.path(), &join(), "public", 1);
+    let n1 = spawn_agent(&lab, dir.path(), &join(), "n1", in1, &[]);
+    let n2 = spawn_agent(&lab, dir.path(), &join(), "n2", in2, &[]);
+    for n in [&public, &n1, &n2] {
+        wait_until("the agents to see each other", || {
+            peers_seen(&lab, n).is_some_and(|p| p.len() == 2)
+        });
+    }
+    let (a1, a2) = (
+        addr(&status(&lab, &n1.host.ns, &n1.state).unwrap(), 0),
+        addr(&status(&lab, &n2.host.ns, &n2.state).unwrap(), 0),
+    );
+    assert!(lab.ping(&public.host.ns, &a1, WAIT));
+    assert!(lab.ping(&n1.host.ns, &a2, WAIT));
+    wait_until("public ↔ n1 direct", || {
+        path_to(&lab, &public, "n1") == "direct"
+    });
+    wait_until("n1 ↔ n2 relayed", || {
+        path_to(&lab, &n1, "n2") == "relayed"
+    });
+
+    lab.stop(con.pid);
+    for _ in 0..5 {
+        assert!(
+            lab.ping(&public.host.ns, &a1, Duration::from_secs(1)),
+            "the direct pair without a controller"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        !lab.ping(&n1.host.ns, &a2, Duration::from_secs(1)),
+        "its relay is gone"
+    );
+
+    let t = Instant::now();
+    let _con = controller(&lab, dir.path(), &data);
+    assert!(
+        lab.ping(&n1.host.ns, &a2, Duration::from_secs(40)),
+        "the relayed pair, back with the controller"
+    );
+    println!(
+        "relayed pair back {:?} after the controller restarted",
+        t.elapsed()
+    );
+}
