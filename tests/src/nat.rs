@@ -10,14 +10,7 @@ use crate::netns::{Host, Lab};
 /// with its default route there; the router forwards and masquerades what leaves by its
 /// bridge link, with `extra` appended to the masquerade rule (e.g. "random-fully").
 pub fn behind_nat(lab: &Lab, router: &Host, inside: &Host, n: u8, extra: &str) {
-    let run = |ns: &str, cmd: &[&str]| {
-        let out = lab.run(ns, cmd);
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |ns: &str, cmd: &[&str]| lab.ok(ns, cmd);
     run(&inside.ns, &["ip", "link", "del", &inside.dev]);
     let (r, i) = (format!("{}r{n}", lab.id), format!("{}i{n}", lab.id));
     run(
@@ -38,23 +31,7 @@ pub fn behind_nat(lab: &Lab, router: &Host, inside: &Host, n: u8, extra: &str) {
     run(&inside.ns, &["ip", "addr", "add", &me, "dev", &i]);
     run(&inside.ns, &["ip", "link", "set", &i, "up"]);
     run(&inside.ns, &["ip", "route", "add", "default", "via", &gw]);
-    run(&router.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    run(&router.ns, &["nft", "add", "table", "ip", "nat"]);
-    let chain = "add chain ip nat post { type nat hook postrouting priority srcnat; }";
-    run(&router.ns, &["nft", chain]);
-    let mut rule = vec![
-        "nft",
-        "add",
-        "rule",
-        "ip",
-        "nat",
-        "post",
-        "oifname",
-        &router.dev,
-        "masquerade",
-    ];
-    rule.extend(extra.split_whitespace());
-    run(&router.ns, &rule);
+    masquerade(lab, router, extra);
 }
 
 /// Puts several hosts behind one router: a bridge in the router at 10.(90+n).0.1/24, host `i`
@@ -62,14 +39,7 @@ pub fn behind_nat(lab: &Lab, router: &Host, inside: &Host, n: u8, extra: &str) {
 /// what leaves by its bridge link (no hairpin: the router's outside address is not reachable
 /// from inside).
 pub fn behind_one_nat(lab: &Lab, router: &Host, inside: &[&Host], n: u8) {
-    let run = |ns: &str, cmd: &[&str]| {
-        let out = lab.run(ns, cmd);
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |ns: &str, cmd: &[&str]| lab.ok(ns, cmd);
     let br = format!("{}nb{n}", lab.id);
     let gw = format!("10.{}.0.1", 90 + n);
     run(&router.ns, &["ip", "link", "add", &br, "type", "bridge"]);
@@ -93,11 +63,17 @@ pub fn behind_one_nat(lab: &Lab, router: &Host, inside: &[&Host], n: u8) {
         run(&h.ns, &["ip", "link", "set", &x, "up"]);
         run(&h.ns, &["ip", "route", "add", "default", "via", &gw]);
     }
-    run(&router.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    run(&router.ns, &["nft", "add", "table", "ip", "nat"]);
+    masquerade(lab, router, "");
+}
+
+/// Makes `router` forward and masquerade what leaves by its bridge link, with `extra` appended
+/// to the rule (e.g. "random-fully").
+fn masquerade(lab: &Lab, router: &Host, extra: &str) {
+    lab.ok(&router.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    lab.ok(&router.ns, &["nft", "add", "table", "ip", "nat"]);
     let chain = "add chain ip nat post { type nat hook postrouting priority srcnat; }";
-    run(&router.ns, &["nft", chain]);
-    let rule = [
+    lab.ok(&router.ns, &["nft", chain]);
+    let mut rule = vec![
         "nft",
         "add",
         "rule",
@@ -106,7 +82,8 @@ pub fn behind_one_nat(lab: &Lab, router: &Host, inside: &[&Host], n: u8) {
         "post",
         "oifname",
         &router.dev,
-        "masquerade",
     ];
-    run(&router.ns, &rule);
+    rule.push("masquerade");
+    rule.extend(extra.split_whitespace());
+    lab.ok(&router.ns, &rule);
 }

@@ -131,6 +131,16 @@ impl Lab {
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
     }
 
+    /// Runs a command in a namespace that must succeed (else the test fails with its stderr).
+    pub fn ok(&self, ns: &str, cmd: &[&str]) {
+        let out = self.run(ns, cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts a long-running command in a namespace (killed when the lab is dropped).
     pub fn spawn(&self, ns: &str, cmd: &[&str], log: &std::path::Path) -> u32 {
         let f = std::fs::File::create(log).expect("log file");

@@ -28,14 +28,7 @@ pub fn site_behind_at(
     (gw_addr, site_addr): (&str, &str),
 ) {
     let (a, b) = (format!("{}gs", lab.id), format!("{}sg", lab.id));
-    let run = |ns: &str, cmd: &[&str]| {
-        let out = lab.run(ns, cmd);
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |ns: &str, cmd: &[&str]| lab.ok(ns, cmd);
     run(
         &gw.ns,
         &[
@@ -90,14 +83,7 @@ pub fn gateway_peer_id(lab: &Lab, gw: &Node) -> String {
 /// Site host `site` on a bridge behind several gateways: `gateways[i]` gets address
 /// `10.20.0.{i+1}/24` on a veth into the bridge, the site host 10.20.0.5/24 on the bridge.
 pub fn site_behind_all(lab: &Lab, gateways: &[&Host], site: &Host) {
-    let run = |ns: &str, cmd: &[&str]| {
-        let out = lab.run(ns, cmd);
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |ns: &str, cmd: &[&str]| lab.ok(ns, cmd);
     let br = format!("{}sb", lab.id);
     run(&site.ns, &["ip", "link", "add", &br, "type", "bridge"]);
     run(

@@ -16,19 +16,14 @@ fn a_peer_behind_nat_reports_its_outside_address_and_reaches_a_public_peer_direc
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
-    con.ok(&["network", "create", "nat", "--cidr", "100.64.20.0/24"]);
-    let join = || {
-        con.ok(&["token", "create", "--network", "nat"])
-            .trim()
-            .to_string()
-    };
+    let join = network_with_token(&con, "nat", "100.64.20.0/24", 3);
     let router = lab.host(2);
     let inside = lab.host(3);
     behind_nat(&lab, &router, &inside, 1, "");
-    let public = start_agent(&lab, dir.path(), &join(), "public", 1);
+    let public = start_agent(&lab, dir.path(), &join, "public", 1);
     let t = Instant::now();
     let started = t;
-    let natted = spawn_agent(&lab, dir.path(), &join(), "natted", inside.clone(), &[]);
+    let natted = spawn_agent(&lab, dir.path(), &join, "natted", inside.clone(), &[]);
     // Its endpoints as the controller has them: its own, and the router's outside address.
     let outside = format!("{}:", router.ip);
     wait_until("the NATed peer's outside address", || {
@@ -90,18 +85,13 @@ fn two_peers_behind_their_own_nats_connect_within_10_s() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
-    con.ok(&["network", "create", "nat", "--cidr", "100.64.21.0/24"]);
-    let join = || {
-        con.ok(&["token", "create", "--network", "nat"])
-            .trim()
-            .to_string()
-    };
+    let join = network_with_token(&con, "nat", "100.64.21.0/24", 3);
     let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
     behind_nat(&lab, &r1, &in1, 1, "");
     behind_nat(&lab, &r2, &in2, 2, "");
     let t = Instant::now();
-    let a = spawn_agent(&lab, dir.path(), &join(), "a", in1, &[]);
-    let b = spawn_agent(&lab, dir.path(), &join(), "b", in2, &[]);
+    let a = spawn_agent(&lab, dir.path(), &join, "a", in1, &[]);
+    let b = spawn_agent(&lab, dir.path(), &join, "b", in2, &[]);
     for n in [&a, &b] {
         wait_until("the agents to see each other", || {
             peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
@@ -131,16 +121,11 @@ fn two_peers_behind_one_nat_use_their_lan_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
-    con.ok(&["network", "create", "nat", "--cidr", "100.64.22.0/24"]);
-    let join = || {
-        con.ok(&["token", "create", "--network", "nat"])
-            .trim()
-            .to_string()
-    };
+    let join = network_with_token(&con, "nat", "100.64.22.0/24", 3);
     let (r, h1, h2) = (lab.host(2), lab.host(3), lab.host(4));
     canopy_tests::nat::behind_one_nat(&lab, &r, &[&h1, &h2], 3);
-    let a = spawn_agent(&lab, dir.path(), &join(), "a", h1, &[]);
-    let b = spawn_agent(&lab, dir.path(), &join(), "b", h2, &[]);
+    let a = spawn_agent(&lab, dir.path(), &join, "a", h1, &[]);
+    let b = spawn_agent(&lab, dir.path(), &join, "b", h2, &[]);
     for n in [&a, &b] {
         wait_until("the agents to see each other", || {
             peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
@@ -173,18 +158,13 @@ fn without_the_controller_direct_paths_keep_flowing_and_relayed_ones_return_with
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
-    con.ok(&["network", "create", "nat", "--cidr", "100.64.23.0/24"]);
-    let join = || {
-        con.ok(&["token", "create", "--network", "nat"])
-            .trim()
-            .to_string()
-    };
+    let join = network_with_token(&con, "nat", "100.64.23.0/24", 3);
     let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
     behind_nat(&lab, &r1, &in1, 1, "");
     behind_nat(&lab, &r2, &in2, 2, "");
-    let public = start_agent(&lab, dir.path(), &join(), "public", 1);
-    let n1 = spawn_agent(&lab, dir.path(), &join(), "n1", in1, &[]);
-    let n2 = spawn_agent(&lab, dir.path(), &join(), "n2", in2, &[]);
+    let public = start_agent(&lab, dir.path(), &join, "public", 1);
+    let n1 = spawn_agent(&lab, dir.path(), &join, "n1", in1, &[]);
+    let n2 = spawn_agent(&lab, dir.path(), &join, "n2", in2, &[]);
     for n in [&public, &n1, &n2] {
         wait_until("the agents to see each other", || {
             peers_seen(&lab, n).is_some_and(|p| p.len() == 2)
