@@ -194,6 +194,27 @@ impl TestController {
             .into_inner()
             .join_string
     }
+
+    /// A peer enrolled in `network` (key [5; 32], hostname "h") and a raw agent client, for
+    /// tests that speak the Sync protocol by hand.
+    pub async fn raw_agent(
+        &self,
+        network: &str,
+    ) -> (
+        canopy_agent::state::Enrollment,
+        agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    ) {
+        let join = JoinString::parse(&self.token(network, 1).await).unwrap();
+        let (enrollment, _) = control::enroll(&join, [5; 32], "h").await.unwrap();
+        let ch =
+            canopy_proto::transport::connect(&self.server.url, &Trust::Pin(self.server.ca_sha256))
+                .await
+                .unwrap();
+        (
+            enrollment,
+            agent_service_client::AgentServiceClient::new(ch),
+        )
+    }
 }
 
 /// An in-process agent: enrolled, running the real control client.

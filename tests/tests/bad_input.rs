@@ -345,14 +345,7 @@ async fn a_join_string_whose_ca_hash_does_not_match_is_refused_before_sending_th
 async fn sync_needs_a_valid_credential_and_starts_with_hello() {
     let c = TestController::start().await;
     c.network("prod", &["100.64.0.0/24"]).await;
-    let join = JoinString::parse(&c.token("prod", 1).await).unwrap();
-    let (enrollment, _) = canopy_agent::control::enroll(&join, [5; 32], "h")
-        .await
-        .unwrap();
-    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
-        .await
-        .unwrap();
-    let mut agent = AgentServiceClient::new(ch);
+    let (enrollment, mut agent) = c.raw_agent("prod").await;
 
     let sync = |cred: &str, first: SyncRequest| {
         let mut r =

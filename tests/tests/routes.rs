@@ -262,18 +262,10 @@ async fn only_the_peer_that_chose_an_exit_node_routes_the_internet_through_it() 
 /// A Hello offering more than 64 routes is refused whole (InvalidArgument) and writes none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_offering_too_many_routes_is_refused_and_writes_none() {
-    use canopy_proto::transport::{self, Trust};
-    use canopy_proto::v1::agent_service_client::AgentServiceClient;
     use futures::StreamExt as _;
     let c = TestController::start().await;
     c.network("prod", &["100.64.0.0/24"]).await;
-    let join = canopy_proto::join::JoinString::parse(&c.token("prod", 1).await).unwrap();
-    let (enrollment, _) = canopy_agent::control::enroll(&join, [5; 32], "h")
-        .await
-        .unwrap();
-    let ch = transport::connect(&c.server.url, &Trust::Pin(c.server.ca_sha256))
-        .await
-        .unwrap();
+    let (enrollment, mut agent) = c.raw_agent("prod").await;
     let hello = SyncRequest {
         msg: Some(sync_request::Msg::Hello(Hello {
             advertised_routes: (0..65).map(|i| format!("10.{i}.0.0/16")).collect(),
@@ -285,11 +277,7 @@ async fn a_hello_offering_too_many_routes_is_refused_and_writes_none() {
     let bearer = format!("Bearer {}", enrollment.credential);
     r.metadata_mut()
         .insert("authorization", bearer.parse().unwrap());
-    let mut stream = AgentServiceClient::new(ch)
-        .sync(r)
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = agent.sync(r).await.unwrap().into_inner();
     let s = stream.message().await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(
