@@ -15,10 +15,10 @@ use canopy_proto::netmap::apply_delta;
 use canopy_proto::transport::{self, Trust};
 use canopy_proto::v1::agent_service_client::AgentServiceClient;
 use canopy_proto::v1::{
-    Ack, Endpoints, EnrollRequest, Hello, NetworkDelta, NetworkMap, SyncRequest, sync_request,
-    sync_response,
+    Ack, Endpoints, EnrollRequest, Hello, NetworkDelta, NetworkMap, PunchRequest, SyncRequest,
+    sync_request, sync_response,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -151,8 +151,8 @@ pub struct ControlClient {
     /// URL from the join string.
     pub controllers: Vec<String>,
     /// Underlay endpoints (`ip:port`) reported to the controller: in Hello, and again on the
-    /// open session whenever they change (a new listen port, a new address).
-    pub endpoints: watch::Receiver<Vec<String>>,
+    /// open session whenever they change (a new listen port, a new address, a NAT's mapping).
+    pub endpoints: watch::Receiver<Reported>,
     /// Prefixes this node offers to route (told in every Hello).
     pub advertised_routes: Vec<String>,
     /// The exit node this node asks for (hostname, peer id or "none"; empty: the
@@ -164,7 +164,20 @@ pub struct ControlClient {
     connected: watch::Sender<bool>,
     /// The latest relay ticket the controller gave.
     relay: watch::Sender<Option<canopy_proto::v1::RelayTicket>>,
+    /// Hole punches the controller asks for.
+    punches: broadcast::Sender<canopy_proto::v1::Punch>,
+    /// Peer ids this node asks the controller to punch a hole to.
+    asks: broadcast::Sender<String>,
     pub backoff: Backoff,
+}
+
+/// What this node says about where it can be reached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Its own addresses with the listen port.
+    pub local: Vec<String>,
+    /// Where it is seen from outside its NAT (none without a NAT).
+    pub outside: Vec<String>,
 }
 
 impl std::fmt::Debug for ControlClient {
@@ -192,7 +205,7 @@ impl ControlClient {
         Self {
             controllers: vec![enrollment.controller_url.clone()],
             enrollment,
-            endpoints: watch::channel(Vec::new()).1,
+            endpoints: watch::channel(Reported::default()).1,
             advertised_routes: Vec::new(),
             exit_node: String::new(),
             stats: SyncStats::default(),
@@ -200,6 +213,8 @@ impl ControlClient {
             map: watch::channel(initial).0,
             connected: watch::channel(false).0,
             relay: watch::channel(None).0,
+            punches: broadcast::channel(16).0,
+            asks: broadcast::channel(64).0,
             backoff: Backoff::default(),
         }
     }
@@ -207,6 +222,17 @@ impl ControlClient {
     /// Relay tickets as they come from the controller.
     pub fn relay_tickets(&self) -> watch::Receiver<Option<canopy_proto::v1::RelayTicket>> {
         self.relay.subscribe()
+    }
+
+    /// Hole punches as the controller asks for them.
+    pub fn punches(&self) -> broadcast::Receiver<canopy_proto::v1::Punch> {
+        self.punches.subscribe()
+    }
+
+    /// Where to send the ids of peers to ask the controller to punch a hole to (dropped while
+    /// no session is up).
+    pub fn punch_asks(&self) -> broadcast::Sender<String> {
+        self.asks.clone()
     }
 
     pub fn enrollment(&self) -> &Enrollment {
@@ -299,13 +325,16 @@ impl ControlClient {
 
     /// What a session opens with: the revision held, the endpoints (marked seen), the
     /// routes offered and the exit node asked for.
-    fn hello(&self, endpoints: &mut watch::Receiver<Vec<String>>) -> SyncRequest {
+    fn hello(&self, endpoints: &mut watch::Receiver<Reported>) -> SyncRequest {
+        let reported = endpoints.borrow_and_update().clone();
         SyncRequest {
             msg: Some(sync_request::Msg::Hello(Hello {
                 known_revision: self.map.borrow().as_ref().map_or(0, |m| m.revision),
-                endpoints: endpoints.borrow_and_update().clone(),
+                endpoints: reported.local,
+                outside: reported.outside,
                 advertised_routes: self.advertised_routes.clone(),
                 exit_node: self.exit_node.clone(),
+                capabilities: vec!["relay".into(), "punch".into()],
             })),
         }
     }
@@ -341,18 +370,31 @@ impl ControlClient {
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         // Whether anyone can still change the endpoints (a fixed list has no sender).
         let mut endpoints_live = true;
+        let mut asks = self.asks.subscribe();
         loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
+                Ok(peer_id) = asks.recv() => {
+                    let ask = SyncRequest {
+                        msg: Some(sync_request::Msg::Punch(PunchRequest { peer_id })),
+                    };
+                    if tx.send(ask).await.is_err() {
+                        return Ok(SessionEnd::Lost("outbound stream closed".into()));
+                    }
+                    continue;
+                }
                 changed = endpoints.changed(), if endpoints_live => {
                     if changed.is_err() {
                         endpoints_live = false;
                         continue;
                     }
                     let now = endpoints.borrow_and_update().clone();
-                    tracing::info!(endpoints = ?now, "reporting new endpoints");
+                    tracing::info!(endpoints = ?now.local, outside = ?now.outside, "reporting new endpoints");
                     let report = SyncRequest {
-                        msg: Some(sync_request::Msg::Endpoints(Endpoints { endpoints: now })),
+                        msg: Some(sync_request::Msg::Endpoints(Endpoints {
+                            endpoints: now.local,
+                            outside: now.outside,
+                        })),
                     };
                     if tx.send(report).await.is_err() {
                         return Ok(SessionEnd::Lost("outbound stream closed".into()));
@@ -374,9 +416,16 @@ impl ControlClient {
                 .bytes
                 .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
             // A relay ticket is no map change: kept, not acknowledged.
-            if let Some(sync_response::Msg::Relay(t)) = msg.msg {
-                self.relay.send_replace(Some(t));
-                continue;
+            match msg.msg {
+                Some(sync_response::Msg::Relay(t)) => {
+                    self.relay.send_replace(Some(t));
+                    continue;
+                }
+                Some(sync_response::Msg::Punch(p)) => {
+                    let _ = self.punches.send(p);
+                    continue;
+                }
+                _ => {}
             }
             let revision = self.apply(msg.msg, sink)?;
             self.connected.send_replace(true);
@@ -414,7 +463,7 @@ impl ControlClient {
                 return Ok(rev);
             }
             Some(sync_response::Msg::Delta(d)) => d,
-            Some(sync_response::Msg::Relay(_)) | None => {
+            Some(sync_response::Msg::Relay(_) | sync_response::Msg::Punch(_)) | None => {
                 return Err(ControlError::Protocol("empty Sync message".into()));
             }
         };

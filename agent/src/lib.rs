@@ -15,5 +15,6 @@ pub mod control;
 pub mod dataplane;
 pub use canopy_engine as engine;
 pub mod keys;
+pub mod punch;
 pub mod state;
 pub mod uapi;

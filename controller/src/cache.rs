@@ -402,6 +402,12 @@ impl Cache {
         st.networks.get(network).map(|s| s.revision)
     }
 
+    /// Whether `b` is in `a`'s map.
+    pub fn sees(&self, network: &str, a: &str, b: &str) -> bool {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks.get(network).is_some_and(|s| s.sees(a, b))
+    }
+
     pub fn peer(&self, network: &str, peer: &str) -> Option<PeerRecord> {
         let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
         st.networks.get(network)?.peer(peer).cloned()

@@ -29,6 +29,8 @@
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
 //!                                    and the last admin token)
 //! audit/<tenant>/<ms, 20 digits>-<r> AuditEntry: key order is time order
+//! punch/<network>                    PunchRecord: the last hole punch asked for there (overwritten;
+//!                                    every replica's punch watcher tells its sessions)
 //! leader                             the replica holding the background-work lease (its id and
 //!                                    term; fences the leader's writes)
 //! ```
@@ -140,6 +142,11 @@ pub fn parse_gwlive(key: &[u8]) -> Option<(&str, &str)> {
 }
 
 pub const ALL_POLICIES: &str = "/canopy/v1/policies/";
+pub const ALL_PUNCH: &str = "/canopy/v1/punch/";
+pub fn punch(network: &str) -> String {
+    format!("{ALL_PUNCH}{network}")
+}
+
 pub fn policy(network: &str) -> String {
     format!("{ALL_POLICIES}{network}")
 }

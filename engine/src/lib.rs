@@ -24,6 +24,7 @@
 //! out as durations; the caller turns them into wall-clock times.
 
 pub mod allowed_ips;
+mod candidates;
 pub mod filter;
 mod outbox;
 mod peer;
@@ -195,6 +196,8 @@ impl Engine {
                         inbound,
                         policy_drops: 0,
                         candidates: Vec::new(),
+                        quiet: Vec::new(),
+                        punch_until: None,
                         heard: None,
                         probed: None,
                         probe_gap: peer::PROBE_UP,
@@ -227,29 +230,6 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(&idx) {
             let endpoint = config.endpoint.or(p.config.endpoint);
             p.config = PeerConfig { endpoint, ..config };
-        }
-    }
-
-    /// Sets the other addresses peer `key` may be reached at (at most [`MAX_CANDIDATES`], in
-    /// order of preference); its handshake initiations go to each.
-    pub fn set_candidates(&mut self, key: &[u8; 32], mut candidates: Vec<SocketAddr>) {
-        candidates.dedup();
-        candidates.truncate(MAX_CANDIDATES);
-        if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i))
-            && p.candidates != candidates
-        {
-            p.candidates = candidates;
-            p.probe_gap = peer::PROBE_UP;
-        }
-    }
-
-    /// Adds `addr` as peer `key`'s last candidate (if it has room and not already).
-    pub fn add_candidate(&mut self, key: &[u8; 32], addr: SocketAddr) {
-        if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i))
-            && !p.candidates.contains(&addr)
-            && p.candidates.len() < MAX_CANDIDATES
-        {
-            p.candidates.push(addr);
         }
     }
 
@@ -576,6 +556,7 @@ impl Engine {
                 }
                 _ => out.keep(off, 0),
             }
+            peer.punch_probe(now, out);
             peer.probe_up(now, out);
         }
     }

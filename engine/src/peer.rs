@@ -54,6 +54,12 @@ pub(crate) struct Peer {
     /// Other addresses it may be reached at (the controller's candidates): a handshake
     /// initiation goes to each of them too, and the first that answers becomes the endpoint.
     pub(crate) candidates: Vec<SocketAddr>,
+    /// Candidates probed only while a hole punch is on (a NAT's outside addresses): a probe
+    /// that reaches a NAT before its own node has sent out leaves a conntrack entry that makes
+    /// a Linux NAT remap its node's port, so these are probed only when both sides do at once.
+    pub(crate) quiet: Vec<SocketAddr>,
+    /// Until when a hole punch is on.
+    pub(crate) punch_until: Option<Instant>,
     /// When an authenticated packet last came from the endpoint.
     pub(crate) heard: Option<Instant>,
     /// When better candidates were last probed, and the wait before the next probe (doubling
@@ -72,6 +78,9 @@ const ROAM_HOLD: Duration = Duration::from_secs(5);
 pub const PROBE_UP: Duration = Duration::from_secs(2);
 pub const PROBE_MAX: Duration = Duration::from_secs(64);
 
+/// How long a hole punch probes a peer's quiet candidates (every timer tick).
+pub const PUNCH_WINDOW: Duration = Duration::from_secs(3);
+
 /// The size of a handshake initiation.
 const INITIATION_LEN: usize = 148;
 /// Candidate addresses kept per peer, at most.
@@ -81,6 +90,50 @@ impl Peer {
     /// Where `a` stands among the candidates (lower: preferred); `None` if it is not one.
     fn rank(&self, a: &SocketAddr) -> Option<usize> {
         self.candidates.iter().position(|c| c == a)
+    }
+
+    /// Whether `c` may be probed now (it is not quiet, or a punch is on).
+    fn probing(&self, c: &SocketAddr) -> bool {
+        self.punch_until.is_some() || !self.quiet.contains(c)
+    }
+
+    /// Opens a hole punch of [`PUNCH_WINDOW`]: the quiet candidates are probed now and every
+    /// timer tick until it closes or the peer is reached directly.
+    pub(crate) fn punch(&mut self, now: Instant, out: &mut Outbox) {
+        if !self.quiet.is_empty() {
+            self.punch_until = Some(now + PUNCH_WINDOW);
+            self.punch_probe(now, out);
+        }
+    }
+
+    /// While a punch is on: a keepalive (a handshake initiation without a session) to each
+    /// quiet candidate. It closes when the window ends or the endpoint is no longer behind the
+    /// quiet candidates (the relay): one of them, a better one, or an address that is none of
+    /// them (a NAT that remapped the port).
+    pub(crate) fn punch_probe(&mut self, now: Instant, out: &mut Outbox) {
+        let Some(until) = self.punch_until else {
+            return;
+        };
+        let last_quiet = self.candidates.iter().rposition(|c| self.quiet.contains(c));
+        let direct = match self.config.endpoint.map(|e| self.rank(&e)) {
+            Some(Some(r)) => last_quiet.is_some_and(|q| r <= q),
+            Some(None) => true,
+            None => false,
+        };
+        if now >= until || direct {
+            self.punch_until = None;
+            return;
+        }
+        let off = out.grow(INITIATION_LEN + 64);
+        match self.tunn.encapsulate(&[], &mut out.buf[off..]) {
+            TunnResult::WriteToNetwork(b) => {
+                let n = b.len();
+                for c in &self.quiet {
+                    out.push_net(*c, off, n);
+                }
+            }
+            _ => out.keep(off, 0),
+        }
     }
 
     /// Roaming: the endpoint follows the latest authenticated packet, except that a less
@@ -140,7 +193,7 @@ impl Peer {
         match self.tunn.encapsulate(&[], &mut out.buf[off..]) {
             TunnResult::WriteToNetwork(b) => {
                 let n = b.len();
-                for c in &self.candidates[..k] {
+                for c in self.candidates[..k].iter().filter(|c| self.probing(c)) {
                     out.push_net(*c, off, n);
                 }
             }
@@ -155,7 +208,10 @@ impl Peer {
     pub(crate) fn send(&self, off: usize, n: usize, out: &mut Outbox) {
         let initiation = n == INITIATION_LEN && out.buf[off] == 1;
         let endpoint = self.config.endpoint;
-        let others = self.candidates.iter().filter(|c| Some(**c) != endpoint);
+        let others = self
+            .candidates
+            .iter()
+            .filter(|c| Some(**c) != endpoint && self.probing(c));
         let mut sent = false;
         for to in endpoint
             .into_iter()

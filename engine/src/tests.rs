@@ -294,3 +294,72 @@ fn a_peer_reached_by_a_worse_path_is_probed_at_the_better_one_and_stays_there() 
         "the late packet is delivered all the same"
     );
 }
+
+#[test]
+fn quiet_candidates_are_probed_only_while_a_punch_is_on() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let relay: SocketAddr = "192.0.2.250:1".parse().unwrap();
+    let cfg = peer_of(key(2), "192.0.2.250:1", &["10.0.0.2/32"]);
+    let k = cfg.public_key;
+    p.a.set_peer(cfg);
+    p.a.set_candidates(&k, vec![p.b_addr, relay]);
+    p.a.set_quiet(&k, vec![p.b_addr]);
+    let endpoint = |p: &Pair| p.a.peer(&k).unwrap().config.endpoint;
+    let sent_to = |out: &Outbox| out.net_packets().map(|(a, _)| a).collect::<Vec<_>>();
+    let mut out = Outbox::default();
+    p.a.handle_tun(
+        p.now,
+        [ipv4("10.0.0.1", "10.0.0.2", b"hi").as_slice()],
+        &mut out,
+    );
+    assert_eq!(
+        sent_to(&out),
+        [relay],
+        "the initiation skips the quiet NAT address"
+    );
+    // Through the relay: B answers, A's queued packet follows.
+    let init: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
+    let mut at_b = Outbox::default();
+    p.b.handle_network(
+        p.now,
+        init.iter().map(|d| (p.a_addr, d.as_slice())),
+        &mut at_b,
+    );
+    let answer: Vec<Vec<u8>> = at_b.net_packets().map(|(_, d)| d.to_vec()).collect();
+    out.clear();
+    p.a.handle_network(
+        p.now,
+        answer.iter().map(|d| (relay, d.as_slice())),
+        &mut out,
+    );
+    assert_eq!(endpoint(&p), Some(relay));
+    p.advance(Duration::from_secs(6));
+    out.clear();
+    p.a.handle_timeout(p.now, &mut out);
+    assert!(
+        !sent_to(&out).contains(&p.b_addr),
+        "no blind probe of a NAT"
+    );
+    // The controller says punch: probed at once, and on each tick for the window.
+    out.clear();
+    p.a.punch(&k, p.now, &mut out);
+    assert_eq!(sent_to(&out), [p.b_addr]);
+    p.advance(Duration::from_secs(1));
+    out.clear();
+    p.a.handle_timeout(p.now, &mut out);
+    assert!(sent_to(&out).contains(&p.b_addr), "still punching");
+    p.advance(Duration::from_secs(3));
+    out.clear();
+    p.a.handle_timeout(p.now, &mut out);
+    assert!(!sent_to(&out).contains(&p.b_addr), "the window closed");
+    // A punch that gets through: B's packet from the NAT address moves A off the relay.
+    out.clear();
+    p.a.punch(&k, p.now, &mut out);
+    let direct = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"direct")]);
+    p.a.handle_network(
+        p.now,
+        direct.iter().map(|d| (p.b_addr, d.as_slice())),
+        &mut out,
+    );
+    assert_eq!(endpoint(&p), Some(p.b_addr));
+}

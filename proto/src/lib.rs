@@ -36,6 +36,8 @@ pub const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// The most underlay endpoints an agent reports (and the controller accepts) for one peer.
 pub const MAX_ENDPOINTS: usize = 8;
+/// Outside addresses (seen past a NAT) an agent may report.
+pub const MAX_OUTSIDE: usize = 4;
 
 /// SHA-256 of a byte string, as used for CA pins and stored secret hashes.
 pub fn sha256(data: &[u8]) -> [u8; 32] {

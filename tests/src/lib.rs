@@ -272,6 +272,31 @@ impl TestAgent {
         Ok(Self::run(key, client))
     }
 
+    /// Like [`join`](Self::join), as a node behind a NAT that a STUN server saw at `outside`
+    /// (its own address is 10.9.0.2:51820).
+    pub async fn join_behind_nat(
+        join: &str,
+        hostname: &str,
+        outside: &str,
+    ) -> Result<Self, ControlError> {
+        let reported = control::Reported {
+            local: vec!["10.9.0.2:51820".into()],
+            outside: vec![outside.into()],
+        };
+        Self::join_configured(join, hostname, |c| {
+            c.endpoints = watch::channel(reported).1;
+        })
+        .await
+    }
+
+    /// The next hole punch the controller tells this agent of, within `within`.
+    pub async fn next_punch(
+        rx: &mut tokio::sync::broadcast::Receiver<canopy_proto::v1::Punch>,
+        within: Duration,
+    ) -> Option<canopy_proto::v1::Punch> {
+        tokio::time::timeout(within, rx.recv()).await.ok()?.ok()
+    }
+
     /// The same agent (key, credential, map) again, advertising `routes` now: what a restart
     /// with other `--advertise-routes` does.
     pub async fn restart_advertising(self, routes: &[&str]) -> Self {

@@ -450,3 +450,35 @@ async fn replicas_starting_together_on_one_data_dir_make_one_ca() {
         b.stop().await.unwrap();
     }
 }
+
+/// A hole punch asked on one replica reaches the other side's session on another (the request
+/// goes through the store, which every replica watches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_punch_reaches_both_sides_when_their_sessions_are_on_different_replicas() {
+    let (_keep, a, b, mut ca) = two_replicas_with_network("n", "100.64.0.0/24").await;
+    let join = token(&mut ca, "n", 0).await;
+    let mut x = TestAgent::join_behind_nat(&join, "x", "198.51.100.1:4000")
+        .await
+        .unwrap();
+    let y = TestAgent::join_behind_nat(&via(&join, &b), "y", "198.51.100.2:5000")
+        .await
+        .unwrap();
+    let y_id = y.peer_id.clone();
+    assert!(
+        x.wait_map(5 * SECOND, |m| m
+            .peers
+            .iter()
+            .any(|p| p.peer_id == y_id && !p.outside.is_empty()))
+            .await
+    );
+    wait_for("y's session on replica b", || {
+        b.controller.sessions.has(&y_id) && !a.controller.sessions.has(&y_id)
+    })
+    .await;
+    let (mut at_x, mut at_y) = (x.client.punches(), y.client.punches());
+    x.client.punch_asks().send(y_id.clone()).unwrap();
+    let to_y = TestAgent::next_punch(&mut at_y, 5 * SECOND).await;
+    assert_eq!(to_y.map(|p| p.peer_id), Some(x.peer_id.clone()));
+    let to_x = TestAgent::next_punch(&mut at_x, 5 * SECOND).await;
+    assert_eq!(to_x.map(|p| p.peer_id), Some(y_id));
+}

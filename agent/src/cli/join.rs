@@ -8,9 +8,10 @@ use canopy_proto::join::JoinString;
 use ipnetwork::IpNetwork;
 
 use super::{IfaceOpts, shutdown_signal};
-use crate::control::{self, ControlClient, ControlError, MapSink as _};
+use crate::control::{self, ControlClient, ControlError, MapSink as _, Reported};
 use crate::dataplane::{self, ControllerSink, Dataplane, InterfaceSpec};
 use crate::keys::{self, PrivateKey};
+use crate::punch;
 use crate::state::StateDir;
 
 /// The addresses of the controllers at `urls` (https://HOST:PORT), resolved now: they stay
@@ -101,16 +102,32 @@ pub(super) async fn join(
     client.advertised_routes = offered_routes(&iface);
     client.exit_node = iface.exit_node.clone().unwrap_or_default();
     let watcher = if iface.endpoints.is_empty() {
-        let initial = dataplane::local_endpoints(&iface.interface, dp.listen_port());
-        let (tx, rx) = tokio::sync::watch::channel(initial);
+        let local = dataplane::local_endpoints(&iface.interface, dp.listen_port());
+        let (tx, rx) = tokio::sync::watch::channel(Reported {
+            local,
+            outside: Vec::new(),
+        });
         client.endpoints = rx;
-        let follow = follow_endpoints(dp.clone(), iface.interface.clone(), state, tx, controllers);
+        let follow = follow_endpoints(Follow {
+            dp: dp.clone(),
+            iface: iface.interface.clone(),
+            state,
+            tx,
+            stun: controllers,
+            maps: client.maps(),
+            asks: client.punch_asks(),
+        });
         Some(tokio::spawn(follow))
     } else {
-        client.endpoints = tokio::sync::watch::channel(iface.endpoints).1;
+        let fixed = Reported {
+            local: iface.endpoints,
+            outside: Vec::new(),
+        };
+        client.endpoints = tokio::sync::watch::channel(fixed).1;
         None
     };
     let relay = tokio::spawn(take_relay_tickets(dp.clone(), client.relay_tickets()));
+    let punches = tokio::spawn(take_punches(dp.clone(), client.punches()));
     let stop = async {
         tokio::select! {
             _ = shutdown_signal() => {}
@@ -118,7 +135,7 @@ pub(super) async fn join(
         }
     };
     let result = client.run(&mut sink, stop).await;
-    for t in watcher.into_iter().chain([relay]) {
+    for t in watcher.into_iter().chain([relay, punches]) {
         t.abort();
         let _ = t.await;
     }
@@ -186,32 +203,39 @@ async fn start_on_port(
     })
 }
 
-/// Keeps the endpoints reported to the controller current: the listen port (checked every
-/// second, `wg set IFACE listen-port N` moves it) and this host's addresses (every 10 s).
-/// A new port is also saved, so a restart keeps it.
-async fn follow_endpoints(
+/// What runs once a second beside the control stream: the endpoints reported to the
+/// controller (the listen port, this host's addresses, the NAT's outside address), STUN, the
+/// relay's binding, hole punches to ask for, and the counters `status` reads.
+struct Follow {
     dp: Arc<Dataplane>,
     iface: String,
     state: StateDir,
-    tx: tokio::sync::watch::Sender<Vec<String>>,
+    tx: tokio::sync::watch::Sender<Reported>,
+    /// The controllers' UDP ports (STUN and relay).
     stun: Vec<std::net::SocketAddr>,
-) {
+    maps: tokio::sync::watch::Receiver<Option<canopy_proto::v1::NetworkMap>>,
+    asks: tokio::sync::broadcast::Sender<String>,
+}
+
+/// Keeps the endpoints reported to the controller current: the listen port (checked every
+/// second, `wg set IFACE listen-port N` moves it), this host's addresses (every 10 s) and
+/// where a STUN server sees it (every 20 s). A new port is also saved, so a restart keeps it.
+async fn follow_endpoints(f: Follow) {
+    let dp = &f.dp;
     let mut port = dp.listen_port();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut n, mut local, mut outside) = (0u32, Vec::new(), None);
+    let mut planner = punch::Planner::default();
     loop {
         tick.tick().await;
         n = n.wrapping_add(1);
-        if n.is_multiple_of(5) {
-            save_counters(&dp, &state);
-        }
         let now = dp.listen_port();
         let moved = now != port;
         // Ask the controllers where they see this socket: at start, on a new port, then
         // every STUN_EVERY seconds (NAT mappings of idle UDP live 30 s or more).
         if moved || n % STUN_EVERY == 1 {
-            for s in &stun {
+            for s in &f.stun {
                 if let Err(e) = dp.stun_probe(*s) {
                     tracing::debug!(server = %s, error = %e, "STUN request not sent");
                 }
@@ -220,18 +244,22 @@ async fn follow_endpoints(
         }
         dp.relay_spread();
         let seen = dp.reflexive(STUN_FRESH);
+        plan_punches(&f, &mut planner, &punch::outside_of(&local, outside, port));
+        if n.is_multiple_of(5) {
+            save_counters(&f, &planner);
+        }
         let look = moved || n == 1 || n.is_multiple_of(10);
         if !look && seen == outside {
             continue;
         }
         if moved {
             port = now;
-            if let Err(e) = state.save_listen_port(port) {
+            if let Err(e) = f.state.save_listen_port(port) {
                 tracing::warn!(error = %e, "could not save the listen port");
             }
         }
         if look || local.is_empty() {
-            let name = iface.clone();
+            let name = f.iface.clone();
             match tokio::task::spawn_blocking(move || dataplane::local_endpoints(&name, now)).await
             {
                 Ok(eps) => local = eps,
@@ -239,14 +267,65 @@ async fn follow_endpoints(
             }
         }
         outside = seen;
-        let eps = with_outside(&local, outside);
-        tx.send_if_modified(|held| {
+        let eps = Reported {
+            outside: punch::outside_of(&local, outside, port),
+            local: local.clone(),
+        };
+        f.tx.send_if_modified(|held| {
             let changed = *held != eps;
             if changed {
                 *held = eps;
             }
             changed
         });
+    }
+}
+
+/// Asks the controller to punch a hole to each relayed peer the planner says is due.
+fn plan_punches(f: &Follow, planner: &mut punch::Planner, mine: &[String]) {
+    let (_, status) = f.dp.counters();
+    let relayed: std::collections::HashSet<[u8; 32]> = status
+        .iter()
+        .filter(|p| p.config.endpoint.is_some_and(|e| dataplane::is_relayed(&e)))
+        .map(|p| p.config.public_key)
+        .collect();
+    let map = f.maps.borrow();
+    let peers: Vec<punch::PeerPath<'_>> = map
+        .iter()
+        .flat_map(|m| &m.peers)
+        .filter_map(|p| {
+            let key: [u8; 32] = p.public_key.as_slice().try_into().ok()?;
+            Some(punch::PeerPath {
+                key,
+                peer_id: &p.peer_id,
+                relayed: relayed.contains(&key),
+                outside: &p.outside,
+            })
+        })
+        .collect();
+    for id in planner.due(std::time::Instant::now(), mine, &peers) {
+        tracing::debug!(peer = %id, "asking for a hole punch");
+        // No session up: dropped; asked again at the next try.
+        let _ = f.asks.send(id);
+    }
+}
+
+/// Hands each hole punch the controller asks for to the data plane.
+async fn take_punches(
+    dp: Arc<Dataplane>,
+    mut punches: tokio::sync::broadcast::Receiver<canopy_proto::v1::Punch>,
+) {
+    loop {
+        match punches.recv().await {
+            Ok(p) => {
+                if let Ok(key) = <[u8; 32]>::try_from(p.public_key.as_slice()) {
+                    tracing::debug!(peer = %p.peer_id, "punching a hole");
+                    dp.punch(&key);
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 
@@ -280,23 +359,10 @@ fn offered_routes(iface: &IfaceOpts) -> Vec<String> {
 const STUN_EVERY: u32 = 20;
 const STUN_FRESH: std::time::Duration = std::time::Duration::from_secs(65);
 
-/// The endpoints to report: the host's own, then the outside address a STUN server saw (a
-/// NAT's mapping), unless it is one of them (no NAT).
-fn with_outside(local: &[String], outside: Option<std::net::SocketAddr>) -> Vec<String> {
-    let mut eps = local.to_vec();
-    if let Some(o) = outside.map(|o| o.to_string())
-        && !eps.contains(&o)
-        && eps.len() < canopy_proto::MAX_ENDPOINTS
-    {
-        eps.push(o);
-    }
-    eps
-}
-
-/// Writes the engine's drop counters to the state dir (every few seconds), where
+/// Writes the engine's drop counters and paths to the state dir (every few seconds), where
 /// `canopy-agent status` reads them.
-fn save_counters(dp: &Dataplane, state: &StateDir) {
-    let (drops, peers) = dp.counters();
+fn save_counters(f: &Follow, planner: &punch::Planner) {
+    let (drops, peers) = f.dp.counters();
     let per_peer: serde_json::Map<String, serde_json::Value> = peers
         .iter()
         .map(|p| {
@@ -306,9 +372,21 @@ fn save_counters(dp: &Dataplane, state: &StateDir) {
             )
         })
         .collect();
+    let map = f.maps.borrow();
+    let outside = |key: &[u8; 32]| {
+        map.iter()
+            .flat_map(|m| &m.peers)
+            .find(|p| p.public_key == key)
+            .map_or(&[][..], |p| p.outside.as_slice())
+    };
+    let now = std::time::Instant::now();
     let paths: serde_json::Map<String, serde_json::Value> = peers
         .iter()
-        .map(|p| (keys::encode(&p.config.public_key), path_json(p)))
+        .map(|p| {
+            let key = &p.config.public_key;
+            let why = planner.why(key, outside(key), now);
+            (keys::encode(key), path_json(p, why))
+        })
         .collect();
     let v = serde_json::json!({
         "policy": drops.policy,
@@ -318,22 +396,24 @@ fn save_counters(dp: &Dataplane, state: &StateDir) {
         "policy_by_peer": per_peer,
         "paths": paths,
     });
-    if let Err(e) = state.save_counters(&v) {
+    if let Err(e) = f.state.save_counters(&v) {
         tracing::debug!(error = %e, "could not save the counters");
     }
 }
 
 /// How this node reaches a peer now: direct (at which address) or through the relay, the last
 /// handshake's age and the bytes each way.
-fn path_json(p: &crate::engine::PeerStatus) -> serde_json::Value {
-    let (path, via) = match p.config.endpoint {
-        Some(e) if dataplane::is_relayed(&e) => ("relayed", "the controller's relay".to_string()),
-        Some(e) => ("direct", e.to_string()),
-        None => ("none", String::new()),
+/// Why a relayed peer is relayed (`why`, from the punch planner).
+fn path_json(p: &crate::engine::PeerStatus, why: String) -> serde_json::Value {
+    let (path, via, why) = match p.config.endpoint {
+        Some(e) if dataplane::is_relayed(&e) => ("relayed", "the controller's relay".into(), why),
+        Some(e) => ("direct", e.to_string(), String::new()),
+        None => ("none", String::new(), String::new()),
     };
     serde_json::json!({
         "path": path,
         "via": via,
+        "why": why,
         "last_handshake_secs": p.since_handshake.map(|d| d.as_secs()),
         "rx_bytes": p.rx_bytes,
         "tx_bytes": p.tx_bytes,

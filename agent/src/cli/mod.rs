@@ -202,7 +202,7 @@ fn status_json(
 }
 
 /// A peer's path as `status` prints it: "direct 192.0.2.7:51820, handshake 12 s ago, rx 1234
-/// B, tx 567 B", "relayed (…)", or "-" before the agent wrote any.
+/// B, tx 567 B", "relayed … (not direct: why)", or "-" before the agent wrote any.
 fn path_text(p: &serde_json::Value) -> String {
     let Some(path) = p["path"].as_str() else {
         return "-".into();
@@ -215,7 +215,9 @@ fn path_text(p: &serde_json::Value) -> String {
         p["rx_bytes"].as_u64().unwrap_or(0),
         p["tx_bytes"].as_u64().unwrap_or(0),
     );
-    format!("{path} {via}, {hs}, rx {rx} B, tx {tx} B")
+    let why = p["why"].as_str().filter(|w| !w.is_empty());
+    let why = why.map_or(String::new(), |w| format!(" (not direct: {w})"));
+    format!("{path} {via}, {hs}, rx {rx} B, tx {tx} B{why}")
 }
 
 fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -393,7 +393,7 @@ impl Dataplane {
     /// each; the first to answer becomes its endpoint).
     pub fn update_peers(
         &self,
-        set: Vec<(PeerConfig, Vec<SocketAddr>)>,
+        set: Vec<(PeerConfig, sink::Candidates)>,
         remove: &[[u8; 32]],
     ) -> Result<(), DataplaneError> {
         {
@@ -401,12 +401,14 @@ impl Dataplane {
             for k in remove {
                 e.remove_peer(k);
             }
-            for (p, mut candidates) in set {
+            for (p, c) in set {
                 let key = p.public_key;
                 e.set_peer(p);
                 // The relay last: a direct path that answers wins the handshake.
-                candidates.extend(self.shared.relay_candidate(&key));
-                e.set_candidates(&key, candidates);
+                let relay = self.shared.relay_candidate(&key);
+                let all = c.direct.iter().chain(&c.quiet).copied().chain(relay);
+                e.set_candidates(&key, all.collect());
+                e.set_quiet(&key, c.quiet);
             }
         }
         self.shared.sync_routes()

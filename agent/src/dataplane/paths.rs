@@ -76,6 +76,14 @@ impl Dataplane {
         lock(&self.shared.reflex).address(Instant::now(), fresh)
     }
 
+    /// Punches a hole to peer `key` (the controller told both sides to, now): its NAT's
+    /// addresses are probed at once and through the punch window.
+    pub fn punch(&self, key: &[u8; 32]) {
+        let mut out = Outbox::default();
+        self.shared.engine().punch(key, Instant::now(), &mut out);
+        self.shared.send(&mut out, &self.shared.stop);
+    }
+
     /// The relay's addresses (the controllers').
     pub fn set_relay_servers(&self, servers: Vec<SocketAddr>) {
         lock(&self.shared.relayed).set_servers(servers);

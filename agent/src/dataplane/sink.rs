@@ -80,6 +80,14 @@ impl MapSink for ControllerSink {
     }
 }
 
+/// Where a peer may be reached: its own addresses in the order to try them, and its NAT's
+/// outside addresses, probed only when the controller has both sides punch at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Candidates {
+    pub direct: Vec<SocketAddr>,
+    pub quiet: Vec<SocketAddr>,
+}
+
 /// Turns the controller's maps into peer changes for the engine: what to set and which keys to
 /// remove. Pure (it remembers only what earlier maps said), so its rules are tested alone.
 ///
@@ -156,12 +164,13 @@ impl MapPeers {
     }
 
     /// Each of `set` with its candidates from `map`: every endpoint the controller has for it,
-    /// those outside the prefixes routed into the tunnel first.
+    /// those outside the prefixes routed into the tunnel first, then its outside addresses
+    /// (quiet: probed only in a hole punch).
     pub fn with_candidates(
         &self,
         map: &NetworkMap,
         set: Vec<PeerConfig>,
-    ) -> Vec<(PeerConfig, Vec<SocketAddr>)> {
+    ) -> Vec<(PeerConfig, Candidates)> {
         let by_key: HashMap<&[u8], &RemotePeer> = map
             .peers
             .iter()
@@ -169,10 +178,13 @@ impl MapPeers {
             .collect();
         set.into_iter()
             .map(|c| {
-                let eps = by_key
-                    .get(c.public_key.as_slice())
-                    .map(|p| p.endpoints.as_slice());
-                let candidates = self.candidates(eps.unwrap_or_default());
+                let p = by_key.get(c.public_key.as_slice());
+                let eps = p.map(|p| p.endpoints.as_slice());
+                let outside = p.map(|p| p.outside.as_slice()).unwrap_or_default();
+                let candidates = Candidates {
+                    direct: self.candidates(eps.unwrap_or_default()),
+                    quiet: outside.iter().filter_map(|e| e.parse().ok()).collect(),
+                };
                 (c, candidates)
             })
             .collect()
@@ -354,10 +366,16 @@ mod tests {
         };
         let (set, _) = m.changes(&moved, Some(&delta), &[[1; 32]]);
         assert_eq!(set[0].endpoint, None, "the engine keeps the path it has");
+        let mut moved = moved;
+        moved.peers[0].outside = vec!["198.51.100.7:9".into()];
         let with = m.with_candidates(&moved, set);
         assert_eq!(
             with[0].1,
-            vec!["192.0.2.7:1".parse::<SocketAddr>().unwrap()]
+            Candidates {
+                direct: vec!["192.0.2.7:1".parse().unwrap()],
+                quiet: vec!["198.51.100.7:9".parse().unwrap()],
+            },
+            "a NAT's outside address is a quiet candidate"
         );
     }
 
@@ -380,7 +398,7 @@ mod tests {
         let (set, _) = m.changes(&full, Some(&delta), &[[1; 32], [2; 32]]);
         let with = m.with_candidates(&full, set);
         assert_eq!(with.len(), 2, "{with:?}");
-        let gw2: Vec<String> = with[1].1.iter().map(ToString::to_string).collect();
+        let gw2: Vec<String> = with[1].1.direct.iter().map(ToString::to_string).collect();
         assert_eq!(gw2, ["192.0.2.3:5", "10.20.0.2:5"]);
         // An exit node's default route is no reason to reorder: WireGuard's packets skip it.
         full.peers[0].allowed_ips.push("0.0.0.0/0".into());

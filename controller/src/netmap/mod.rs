@@ -410,6 +410,16 @@ impl NetState {
         self.refresh_primaries(rev);
     }
 
+    /// Whether `b` is in `a`'s map (both are peers; the policy lets them exchange packets).
+    pub fn sees(&self, a: &str, b: &str) -> bool {
+        match (self.peers.get(a), self.policy.current.as_deref()) {
+            (Some(me), p) if a != b && self.peers.contains_key(b) => {
+                p.is_none_or(|p| compile::part(p, self, &me.view()).sees(b))
+            }
+            _ => false,
+        }
+    }
+
     /// Who `me` may exchange packets with under `policy` (everyone without one).
     fn visible(&self, policy: Option<&Policy>, me: &Entry) -> Visible {
         match policy {
@@ -537,6 +547,7 @@ fn remote(p: &PeerRecord) -> RemotePeer {
         public_key: p.public_key.clone(),
         allowed_ips: p.addresses.clone(),
         endpoints: p.endpoints.clone(),
+        outside: p.outside.clone(),
         hostname: p.hostname.clone(),
         tags: p.tags.clone(),
     }

@@ -133,8 +133,9 @@ async fn session(
     let Some(hello) = read_hello(&mut inbound).await? else {
         return Ok(());
     };
-    if !hello.endpoints.is_empty() {
-        ctl.report_endpoints(id, &hello.endpoints).await?;
+    if !hello.endpoints.is_empty() || !hello.outside.is_empty() {
+        ctl.report_endpoints(id, &hello.endpoints, &hello.outside)
+            .await?;
     }
     // What its agent routes to: read and written only when it differs from what it said last.
     let mut advertised: Vec<String> = hello
@@ -160,20 +161,25 @@ async fn session(
             .wait_for(hello.known_revision, Duration::from_secs(2))
             .await;
     }
-    let (number, replaced) = ctl.sessions.open(&id.peer_id);
+    let opened = ctl.sessions.open(&id.peer_id);
+    let number = opened.number;
     let _close = CloseOnDrop(ctl, id, number);
+    let understands = |c: &str| hello.capabilities.iter().any(|h| h == c);
     tracing::info!(known = hello.known_revision, "agent connected");
     let renew = crate::service::gateways::LIVE_RENEW;
     let mut live = Live {
         ctl,
         id,
         number,
-        replaced,
+        replaced: opened.replaced,
+        punches: understands("punch").then_some(opened.punches),
+        punch_asks: crate::pacing::TokenBucket::new(2, 10),
         changes,
         sent: hello.known_revision,
         gateway: None,
         renew: tokio::time::interval_at(tokio::time::Instant::now() + renew, renew),
         ticket_due: tokio::time::Instant::now(),
+        tickets: understands("relay"),
     };
     let mut first = true;
     loop {
@@ -221,6 +227,10 @@ struct Live<'a> {
     id: &'a AgentIdentity,
     number: u64,
     replaced: std::sync::Arc<tokio::sync::Notify>,
+    /// Hole punches for this agent, if it understands them.
+    punches: Option<tokio::sync::mpsc::Receiver<canopy_proto::v1::Punch>>,
+    /// Punch requests this agent may make (2 a second, 10 at once; more are ignored).
+    punch_asks: crate::pacing::TokenBucket,
     changes: tokio::sync::watch::Receiver<crate::store::Revision>,
     /// The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
     sent: crate::store::Revision,
@@ -229,6 +239,8 @@ struct Live<'a> {
     renew: tokio::time::Interval,
     /// When to send the next relay ticket (well before the last one expires).
     ticket_due: tokio::time::Instant,
+    /// Whether the agent understands relay tickets.
+    tickets: bool,
 }
 
 /// How often a session sends a fresh relay ticket.
@@ -333,13 +345,22 @@ impl Live<'_> {
                             self.keep_live(true).await;
                         }
                     }
-                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints).await?,
+                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints, &e.outside).await?,
+                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Punch(p)) })) => {
+                        if self.punch_asks.admit(ctl.clock.instant()).is_ok() {
+                            ctl.request_punch(id, &p.peer_id).await?;
+                        }
+                    }
                     Ok(Some(_)) => return Err(Status::invalid_argument("unexpected Sync message")),
                     Ok(None) => return Ok(false),
                     Err(s) => return Err(super::client_fault(s)),
                 },
                 _ = self.renew.tick() => self.keep_live(false).await,
-                _ = tokio::time::sleep_until(self.ticket_due) => {
+                Some(p) = recv_punch(&mut self.punches) => {
+                    // A reader that does not read misses it; the agent asks again later.
+                    let _ = tx.try_send(Ok(SyncResponse { msg: Some(sync_response::Msg::Punch(p)) }));
+                }
+                _ = tokio::time::sleep_until(self.ticket_due), if self.tickets => {
                     self.ticket_due = tokio::time::Instant::now() + TICKET_EVERY;
                     if let Some(t) = ctl.relay_ticket(id) {
                         // A reader that does not read misses this one; the next comes later.
@@ -351,6 +372,16 @@ impl Live<'_> {
                 _ = ctl.closing() => return Err(Status::unavailable("controller is shutting down")),
             }
         }
+    }
+}
+
+/// The next punch for a session that takes them; never, for one that does not.
+async fn recv_punch(
+    punches: &mut Option<tokio::sync::mpsc::Receiver<canopy_proto::v1::Punch>>,
+) -> Option<canopy_proto::v1::Punch> {
+    match punches {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -401,7 +401,8 @@ pub async fn serve(
             let _ = bg_stopped.await;
         },
     ));
-    let stun = p.stun.map(|sock| {
+    let mut side = vec![tokio::spawn(crate::service::punch::follow(ctl.clone()))];
+    side.extend(p.stun.map(|sock| {
         let relay =
             (!ctl.relay_secret.is_empty()).then(|| relay::Relay::new(ctl.relay_secret.to_vec()));
         tokio::spawn(udp::serve(
@@ -409,7 +410,7 @@ pub async fn serve(
             ctl.clock.clone(),
             relay,
         ))
-    });
+    }));
     let shutdown = async move {
         shutdown.await;
         ctl.begin_shutdown();
@@ -432,7 +433,7 @@ pub async fn serve(
             shutdown,
         )
         .await?;
-    if let Some(t) = stun {
+    for t in side {
         t.abort();
     }
     let _ = bg_stop.send(());

@@ -74,14 +74,21 @@ impl Controller {
         })
     }
 
-    /// Records the endpoints an agent reports, if they changed.
-    pub async fn report_endpoints(&self, id: &AgentIdentity, endpoints: &[String]) -> Result<()> {
-        if endpoints.len() > MAX_ENDPOINTS {
+    /// Records the endpoints an agent reports (its own, and where it is seen from outside its
+    /// NAT), if they changed.
+    pub async fn report_endpoints(
+        &self,
+        id: &AgentIdentity,
+        endpoints: &[String],
+        outside: &[String],
+    ) -> Result<()> {
+        if endpoints.len() > MAX_ENDPOINTS || outside.len() > canopy_proto::MAX_OUTSIDE {
             return Err(Error::InvalidArgument(format!(
-                "at most {MAX_ENDPOINTS} endpoints"
+                "at most {MAX_ENDPOINTS} endpoints and {} outside addresses",
+                canopy_proto::MAX_OUTSIDE
             )));
         }
-        for e in endpoints {
+        for e in endpoints.iter().chain(outside) {
             model::parse_endpoint(e)?;
         }
         let key = &keys::peer(&id.network_id, &id.peer_id);
@@ -90,10 +97,11 @@ impl Controller {
                 return Err(Error::NotFound("peer was removed".into()));
             };
             let mut p: PeerRecord = decode(&kv)?;
-            if p.endpoints == endpoints {
+            if p.endpoints == endpoints && p.outside == outside {
                 return Ok(Some(()));
             }
             p.endpoints = endpoints.to_vec();
+            p.outside = outside.to_vec();
             let r = self
                 .store
                 .txn(

@@ -202,6 +202,7 @@ impl Controller {
                 credential_hash: req.credential.hash().to_vec(),
                 join_token_id: reads.token.id.clone(),
                 exit_node: String::new(),
+                outside: Vec::new(),
             };
             let txn = enroll_writes(txn, &reads.token, &peer, &ips, req);
             if !self.store.txn(txn).await?.succeeded {

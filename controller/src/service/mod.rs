@@ -20,6 +20,7 @@ pub mod gateways;
 mod networks;
 mod peers;
 mod policy;
+pub mod punch;
 mod routes;
 mod sessions;
 mod tenants;
@@ -119,6 +120,8 @@ pub struct Controller {
     /// The key relay tickets are signed with (shared by all replicas through the store);
     /// empty: no relay.
     pub relay_secret: Arc<Vec<u8>>,
+    /// Recent hole punches and the budget for more.
+    punches: Arc<Mutex<punch::PunchState>>,
 }
 
 /// What a removed peer's credential entry becomes: still found by its hash, marked removed.
@@ -163,6 +166,7 @@ impl Controller {
             store,
             cache,
             sessions: Sessions::default(),
+            punches: Arc::default(),
             public_url,
             ca_sha256,
             closing,

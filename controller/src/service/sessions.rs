@@ -16,28 +16,55 @@ struct SessionEntry {
     acked: Revision,
     /// Notified when a newer session of the same peer replaces this one.
     replaced: Arc<tokio::sync::Notify>,
+    /// Hole punches for the session to pass on (bounded: a full box drops the punch).
+    punches: tokio::sync::mpsc::Sender<canopy_proto::v1::Punch>,
+}
+
+/// What a newly opened session holds: its number, what tells it it was replaced, and where
+/// its punches arrive.
+pub struct Opened {
+    pub number: u64,
+    pub replaced: Arc<tokio::sync::Notify>,
+    pub punches: tokio::sync::mpsc::Receiver<canopy_proto::v1::Punch>,
 }
 
 /// (last session number, peer id → its live session).
 type SessionTable = (u64, HashMap<String, SessionEntry>);
 
 impl Sessions {
-    /// Registers a new session of `peer`, ending the one it had: returns the session number
-    /// and what the session is told through when it is replaced in turn.
-    pub fn open(&self, peer: &str) -> (u64, Arc<tokio::sync::Notify>) {
+    /// Registers a new session of `peer`, ending the one it had.
+    pub fn open(&self, peer: &str) -> Opened {
         let mut g = self.lock();
         g.0 += 1;
         let number = g.0;
         let replaced = Arc::new(tokio::sync::Notify::new());
+        let (tx, punches) = tokio::sync::mpsc::channel(4);
         let entry = SessionEntry {
             number,
             acked: 0,
             replaced: replaced.clone(),
+            punches: tx,
         };
         if let Some(old) = g.1.insert(peer.to_string(), entry) {
             old.replaced.notify_one();
         }
-        (number, replaced)
+        Opened {
+            number,
+            replaced,
+            punches,
+        }
+    }
+    /// Hands `punch` to `peer`'s live session on this replica; `false`: none here (or its
+    /// box is full).
+    pub fn punch(&self, peer: &str, punch: canopy_proto::v1::Punch) -> bool {
+        self.lock()
+            .1
+            .get(peer)
+            .is_some_and(|e| e.punches.try_send(punch).is_ok())
+    }
+    /// Whether `peer` has a live session on this replica.
+    pub fn has(&self, peer: &str) -> bool {
+        self.lock().1.contains_key(peer)
     }
     pub fn ack(&self, peer: &str, session: u64, rev: Revision) {
         if let Some(e) = self.lock().1.get_mut(peer)
