@@ -35,13 +35,16 @@ impl Engine {
         }
     }
 
-    /// Adds `addr` as peer `key`'s last candidate (if it has room and not already).
-    pub fn add_candidate(&mut self, key: &[u8; 32], addr: SocketAddr) {
+    /// Adds `addr` as peer `key`'s last candidate (if it has room and not already). A
+    /// handshake still waiting for an answer starts again at once, to the new address too,
+    /// rather than at its next retry 5 s on (the relay that just became ready gets it).
+    pub fn add_candidate(&mut self, key: &[u8; 32], addr: SocketAddr, out: &mut Outbox) {
         if let Some(p) = self.by_key.get(key).and_then(|i| self.peers.get_mut(i))
             && !p.candidates.contains(&addr)
             && p.candidates.len() < MAX_CANDIDATES
         {
             p.candidates.push(addr);
+            p.retry_handshake(out);
         }
     }
 }

@@ -198,6 +198,7 @@ impl Engine {
                         candidates: Vec::new(),
                         quiet: Vec::new(),
                         punch_until: None,
+                        initiated: false,
                         heard: None,
                         probed: None,
                         probe_gap: peer::PROBE_UP,

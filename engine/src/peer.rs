@@ -60,6 +60,8 @@ pub(crate) struct Peer {
     pub(crate) quiet: Vec<SocketAddr>,
     /// Until when a hole punch is on.
     pub(crate) punch_until: Option<Instant>,
+    /// A handshake initiation went out (it may still wait for an answer).
+    pub(crate) initiated: bool,
     /// When an authenticated packet last came from the endpoint.
     pub(crate) heard: Option<Instant>,
     /// When better candidates were last probed, and the wait before the next probe (doubling
@@ -95,6 +97,25 @@ impl Peer {
     /// Whether `c` may be probed now (it is not quiet, or a punch is on).
     fn probing(&self, c: &SocketAddr) -> bool {
         self.punch_until.is_some() || !self.quiet.contains(c)
+    }
+
+    /// Sends a new handshake initiation (to the endpoint and every candidate it may probe)
+    /// if one went out and no session came of it yet.
+    pub(crate) fn retry_handshake(&mut self, out: &mut Outbox) {
+        if !self.initiated || self.tunn.time_since_last_handshake().is_some() {
+            return;
+        }
+        let off = out.grow(INITIATION_LEN + 64);
+        match self
+            .tunn
+            .format_handshake_initiation(&mut out.buf[off..], true)
+        {
+            TunnResult::WriteToNetwork(b) => {
+                let n = b.len();
+                self.send(off, n, out);
+            }
+            _ => out.keep(off, 0),
+        }
     }
 
     /// Opens a hole punch of [`PUNCH_WINDOW`]: the quiet candidates are probed now and every
@@ -205,8 +226,9 @@ impl Peer {
     /// each other candidate, so the first address that answers becomes the endpoint (the
     /// answer's source, by roaming): a LAN path wins over a NAT's, a reachable one over a dead
     /// one. Nowhere to send: dropped.
-    pub(crate) fn send(&self, off: usize, n: usize, out: &mut Outbox) {
+    pub(crate) fn send(&mut self, off: usize, n: usize, out: &mut Outbox) {
         let initiation = n == INITIATION_LEN && out.buf[off] == 1;
+        self.initiated |= initiation;
         let endpoint = self.config.endpoint;
         let others = self
             .candidates

@@ -363,3 +363,26 @@ fn quiet_candidates_are_probed_only_while_a_punch_is_on() {
     );
     assert_eq!(endpoint(&p), Some(p.b_addr));
 }
+
+#[test]
+fn a_waiting_handshake_goes_to_a_candidate_added_later_at_once() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let relay: SocketAddr = "192.0.2.250:1".parse().unwrap();
+    let cfg = peer_of(key(2), "198.51.100.9:9", &["10.0.0.2/32"]);
+    let k = cfg.public_key;
+    p.a.set_peer(cfg);
+    let mut out = Outbox::default();
+    p.a.add_candidate(&k, "198.51.100.8:8".parse().unwrap(), &mut out);
+    assert_eq!(out.net_packets().count(), 0, "no handshake was waiting");
+    p.a.handle_tun(
+        p.now,
+        [ipv4("10.0.0.1", "10.0.0.2", b"hi").as_slice()],
+        &mut out,
+    );
+    out.clear();
+    p.a.add_candidate(&k, relay, &mut out);
+    let to: Vec<SocketAddr> = out.net_packets().map(|(a, _)| a).collect();
+    assert!(to.contains(&relay), "{to:?}");
+    let init: Vec<Vec<u8>> = out.net_packets().take(1).map(|(_, d)| d.to_vec()).collect();
+    assert_eq!(init[0].len(), 148, "a handshake initiation");
+}

@@ -8,7 +8,7 @@ use crate::netns::{Host, Lab};
 /// Puts `inside` behind router `router` (a host on the lab bridge): `inside` loses its own
 /// link to the bridge and gets 10.(90+n).0.2/24 on a veth to the router (10.(90+n).0.1),
 /// with its default route there; the router forwards and masquerades what leaves by its
-/// bridge link, with `extra` appended to the masquerade rule (e.g. "random-fully").
+/// bridge link, with `extra` appended to the masquerade rule (e.g. "fully-random", iptables' --random-fully).
 pub fn behind_nat(lab: &Lab, router: &Host, inside: &Host, n: u8, extra: &str) {
     let run = |ns: &str, cmd: &[&str]| lab.ok(ns, cmd);
     run(&inside.ns, &["ip", "link", "del", &inside.dev]);
@@ -67,7 +67,7 @@ pub fn behind_one_nat(lab: &Lab, router: &Host, inside: &[&Host], n: u8) {
 }
 
 /// Makes `router` forward and masquerade what leaves by its bridge link, with `extra` appended
-/// to the rule (e.g. "random-fully").
+/// to the rule (e.g. "fully-random", iptables' --random-fully).
 fn masquerade(lab: &Lab, router: &Host, extra: &str) {
     lab.ok(&router.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     lab.ok(&router.ns, &["nft", "add", "table", "ip", "nat"]);
@@ -86,4 +86,51 @@ fn masquerade(lab: &Lab, router: &Host, extra: &str) {
     rule.push("masquerade");
     rule.extend(extra.split_whitespace());
     lab.ok(&router.ns, &rule);
+}
+
+/// Makes `router` drop what arrives unasked on its outside link for the router itself, as
+/// home routers and cloud NAT gateways do: a peer's probe that arrives before the node behind
+/// has sent out is dropped and leaves no conntrack entry behind (a bare Linux router accepts
+/// it, and the entry makes it remap its node's port).
+pub fn drop_unsolicited(lab: &Lab, router: &Host) {
+    lab.ok(&router.ns, &["nft", "add", "table", "ip", "fw"]);
+    let chain = "add chain ip fw input { type filter hook input priority filter; }";
+    lab.ok(&router.ns, &["nft", chain]);
+    lab.ok(
+        &router.ns,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "fw",
+            "input",
+            "iifname",
+            &router.dev,
+            "ct",
+            "state",
+            "new",
+            "drop",
+        ],
+    );
+}
+
+/// Replaces `router`'s masquerade rule with a plain one (ports kept when free): a NAT that
+/// scrambled ports (`fully-random`) relaxed. Mappings it made stay until they expire.
+pub fn relax(lab: &Lab, router: &Host) {
+    lab.ok(&router.ns, &["nft", "flush", "chain", "ip", "nat", "post"]);
+    lab.ok(
+        &router.ns,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "nat",
+            "post",
+            "oifname",
+            &router.dev,
+            "masquerade",
+        ],
+    );
 }

@@ -108,12 +108,16 @@ impl Dataplane {
             return;
         }
         let keys = self.peer_keys();
-        let mut e = self.shared.engine();
-        for k in keys {
-            if let Some(a) = self.shared.relay_candidate(&k) {
-                e.add_candidate(&k, a);
+        let mut out = Outbox::default();
+        {
+            let mut e = self.shared.engine();
+            for k in keys {
+                if let Some(a) = self.shared.relay_candidate(&k) {
+                    e.add_candidate(&k, a, &mut out);
+                }
             }
         }
+        self.shared.send(&mut out, &self.shared.stop);
         tracing::info!("the relay is ready: peers that cannot be reached directly go through it");
     }
 

@@ -146,9 +146,20 @@ fn peer_json(p: &Peer) -> Value {
     use base64::Engine as _;
     json!({"id": p.id, "network_id": p.network_id, "hostname": p.hostname,
            "public_key": base64::engine::general_purpose::STANDARD.encode(&p.public_key),
-           "addresses": p.addresses, "endpoints": p.endpoints, "tags": p.tags,
+           "addresses": p.addresses, "endpoints": p.endpoints, "outside": p.outside, "tags": p.tags,
            "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix,
            "exit_node": p.exit_node})
+}
+
+/// A peer's endpoints for the table: its own, then its NAT's outside address(es) marked.
+fn endpoints_text(p: &Peer) -> String {
+    let outside = p.outside.iter().map(|o| format!("{o} (outside)"));
+    let all: Vec<String> = p.endpoints.iter().cloned().chain(outside).collect();
+    if all.is_empty() {
+        "-".into()
+    } else {
+        all.join(",")
+    }
 }
 
 pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {
@@ -171,11 +182,7 @@ pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {
                     p.id.clone(),
                     p.hostname.clone(),
                     p.addresses.join(","),
-                    if p.endpoints.is_empty() {
-                        "-".into()
-                    } else {
-                        p.endpoints.join(",")
-                    },
+                    endpoints_text(p),
                     if p.online {
                         "online".into()
                     } else {

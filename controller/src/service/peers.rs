@@ -149,6 +149,7 @@ impl Controller {
             online: acked.is_some(),
             acked_revision: acked.unwrap_or(0),
             exit_node: p.exit_node.clone(),
+            outside: p.outside.clone(),
         }
     }
 }
