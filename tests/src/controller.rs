@@ -88,19 +88,22 @@ pub fn addr(s: &Value, i: usize) -> String {
 
 /// Starts `canopy serve` in the lab's hub and returns a console for it.
 pub fn controller<'a>(lab: &'a Lab, dir: &Path, data: &'a Path) -> Console<'a> {
+    controller_with(lab, dir, data, &[])
+}
+
+/// [`controller`] with more `serve` flags.
+pub fn controller_with<'a>(lab: &'a Lab, dir: &Path, data: &'a Path, more: &[&str]) -> Console<'a> {
     let canopy = bin("canopy");
-    let pid = lab.spawn(
-        &lab.hub,
-        &[
-            canopy.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "192.0.2.254:7443",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &dir.join("serve.log"),
-    );
+    let mut args = vec![
+        canopy.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "192.0.2.254:7443",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend(more);
+    let pid = lab.spawn(&lab.hub, &args, &dir.join("serve.log"));
     let con = Console { lab, data, pid };
     wait_until("the controller", || {
         data.join("admin-token").exists() && con.run(&["network", "list"]).status.success()

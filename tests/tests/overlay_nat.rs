@@ -314,3 +314,64 @@ fn a_port_scrambling_nat_is_relayed_then_goes_direct_once_relaxed() {
     println!("direct {:?} after the NAT relaxed", t.elapsed());
     assert!(lab.ping(&a.host.ns, &ba, Duration::from_secs(2)));
 }
+
+/// A relayed pair's relay dies (here the controller's own, with the controller): the pair
+/// carries on through another relay (`canopy relay`, which the controller told the agents of).
+#[test]
+fn a_relayed_pair_fails_over_to_another_relay_when_its_relay_dies() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let relay_at = "192.0.2.254:3478";
+    let con = controller_with(&lab, dir.path(), &data, &["--relay", relay_at]);
+    let secret = data.join("relay-secret");
+    let canopy = canopy_tests::netns::bin("canopy");
+    let relay = lab.spawn(
+        &lab.hub,
+        &[
+            canopy.to_str().unwrap(),
+            "relay",
+            "--listen",
+            relay_at,
+            "--secret-file",
+            secret.to_str().unwrap(),
+        ],
+        &dir.path().join("relay.log"),
+    );
+    let join = network_with_token(&con, "nat", "100.64.26.0/24", 3);
+    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
+    behind_nat(&lab, &r1, &in1, 1, "");
+    behind_nat(&lab, &r2, &in2, 2, "fully-random");
+    drop_unsolicited(&lab, &r1);
+    drop_unsolicited(&lab, &r2);
+    let a = spawn_agent(&lab, dir.path(), &join, "a", in1, &[]);
+    let b = spawn_agent(&lab, dir.path(), &join, "b", in2, &[]);
+    for n in [&a, &b] {
+        wait_until("the agents to see each other", || {
+            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
+        });
+    }
+    let ba = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
+    assert!(lab.ping(&a.host.ns, &ba, WAIT));
+    wait_until("a relayed path", || path_why(&lab, &a).0 == "relayed");
+    lab.stop(con.pid);
+    let t = Instant::now();
+    assert!(
+        lab.ping(&a.host.ns, &ba, Duration::from_secs(10)),
+        "through the other relay within 10 s"
+    );
+    println!("relayed again {:?} after its relay died", t.elapsed());
+    // And the other way round: the survivor dies too, the controller comes back.
+    lab.stop(relay);
+    let _con = controller_with(&lab, dir.path(), &data, &["--relay", relay_at]);
+    let t = Instant::now();
+    assert!(lab.ping(
+        &b.host.ns,
+        &addr(&status(&lab, &a.host.ns, &a.state).unwrap(), 0),
+        Duration::from_secs(40)
+    ));
+    println!(
+        "relayed again {:?} after the controller came back",
+        t.elapsed()
+    );
+}

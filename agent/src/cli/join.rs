@@ -113,7 +113,7 @@ pub(super) async fn join(
             iface: iface.interface.clone(),
             state,
             tx,
-            stun: controllers,
+            stun: controllers.clone(),
             maps: client.maps(),
             asks: client.punch_asks(),
         });
@@ -126,7 +126,11 @@ pub(super) async fn join(
         client.endpoints = tokio::sync::watch::channel(fixed).1;
         None
     };
-    let relay = tokio::spawn(take_relay_tickets(dp.clone(), client.relay_tickets()));
+    let relay = tokio::spawn(take_relay_tickets(
+        dp.clone(),
+        client.relay_tickets(),
+        controllers.clone(),
+    ));
     let punches = tokio::spawn(take_punches(dp.clone(), client.punches()));
     let stop = async {
         tokio::select! {
@@ -329,14 +333,26 @@ async fn take_punches(
     }
 }
 
-/// Hands each relay ticket the controller sends to the data plane (which binds with it).
+/// Hands each relay ticket the controller sends to the data plane (which binds with it at
+/// the controllers' UDP ports and at the relays the ticket names).
 async fn take_relay_tickets(
     dp: Arc<Dataplane>,
     mut tickets: tokio::sync::watch::Receiver<Option<canopy_proto::v1::RelayTicket>>,
+    controllers: Vec<std::net::SocketAddr>,
 ) {
     while tickets.changed().await.is_ok() {
         let t = tickets.borrow_and_update().clone();
         if let Some(t) = t {
+            let mut servers = controllers.clone();
+            let more = t
+                .relays
+                .iter()
+                .filter_map(|r| r.parse::<std::net::SocketAddr>().ok())
+                .take(8);
+            servers.extend(more);
+            servers.sort();
+            servers.dedup();
+            dp.set_relay_servers(servers);
             dp.set_relay_ticket(t.ticket);
         }
     }

@@ -38,12 +38,15 @@ impl Shared {
         let sock = self.socket();
         if out.net.iter().any(|(to, _)| relayed::is_stand_in(to)) {
             {
-                let r = lock(&self.relayed);
+                let mut r = lock(&self.relayed);
                 let now = Instant::now();
                 for (to, range) in out.net.iter().filter(|(to, _)| relayed::is_stand_in(to)) {
                     if let Some((server, bytes)) = r.wrap(to, out.net_bytes(range.clone()), now) {
                         let _ = sock.send_to(&bytes, server);
                     }
+                }
+                for (server, bind) in r.quiet_binds(now) {
+                    let _ = sock.send_to(&bind, server);
                 }
             }
             out.net.retain(|(to, _)| !relayed::is_stand_in(to));

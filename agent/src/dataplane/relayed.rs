@@ -12,19 +12,26 @@ use canopy_proto::relay::{self, Message};
 
 /// A ticket older than this without a BOUND is not trusted to work.
 const BOUND_FRESH: Duration = Duration::from_secs(60);
+/// A relay sent to but not heard from this long is asked again (BINDs to every relay): if it
+/// died, another's BOUND moves the datagrams there.
+const QUIET: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Default)]
 pub struct Relayed {
-    /// The relay's addresses (the controllers'); datagrams go to the one that answered a BIND
-    /// last (another replica takes over when one goes away).
+    /// The relays' addresses (the controllers' and `canopy relay`s); datagrams go to the one
+    /// heard from last (another takes over when one goes away).
     servers: Vec<SocketAddr>,
     ticket: Option<Vec<u8>>,
-    /// When each server last sent BOUND.
+    /// When each server last sent BOUND or a relayed datagram.
     bound: HashMap<SocketAddr, Instant>,
     /// Stand-in endpoint → peer key.
     keys: HashMap<SocketAddr, [u8; 32]>,
     /// Whether every peer was given the relay as a candidate since it became ready.
     spread: bool,
+    /// When a datagram first went out through the relay since one was last heard from.
+    waiting: Option<Instant>,
+    /// When BINDs last went out because the relay went quiet.
+    rebound: Option<Instant>,
 }
 
 /// The stand-in endpoint of peer `key`: `[100::k0k1:k2k3:k4k5:k6k7]:1`.
@@ -68,7 +75,7 @@ impl Relayed {
         self.server(now).is_some()
     }
 
-    /// The server that answered a BIND last, if lately.
+    /// The server heard from last (a BOUND or a relayed datagram), if lately.
     fn server(&self, now: Instant) -> Option<SocketAddr> {
         let fresh = self
             .bound
@@ -95,13 +102,26 @@ impl Relayed {
 
     /// A datagram for stand-in endpoint `to`, wrapped for the relay: where to send it.
     pub fn wrap(
-        &self,
+        &mut self,
         to: &SocketAddr,
         data: &[u8],
         now: Instant,
     ) -> Option<(SocketAddr, Vec<u8>)> {
         let key = self.keys.get(to)?;
-        Some((self.server(now)?, relay::wrap(true, key, data)))
+        let out = (self.server(now)?, relay::wrap(true, key, data));
+        self.waiting.get_or_insert(now);
+        Some(out)
+    }
+
+    /// BINDs to send because the relay in use went quiet (sent to for [`QUIET`], nothing
+    /// heard), at most once per [`QUIET`]; none otherwise.
+    pub fn quiet_binds(&mut self, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        let quiet = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) >= QUIET);
+        if !quiet(self.waiting) || !(self.rebound.is_none() || quiet(self.rebound)) {
+            return Vec::new();
+        }
+        self.rebound = Some(now);
+        self.binds()
     }
 
     /// A datagram from `from`: `None` if it is not the relay's; else what WireGuard should see
@@ -118,9 +138,16 @@ impl Relayed {
         Some(match relay::parse(d) {
             Some(Message::Bound) => {
                 self.bound.insert(from, now);
+                self.waiting = None;
                 None
             }
-            Some(Message::Recv { from: key, data }) => Some((self.stand_in_for(&key), data)),
+            Some(Message::Recv { from: key, data }) => {
+                // A relay that just forwarded to us works: answers go back through it (when
+                // another relay dies, the first datagram through the survivor moves us there).
+                self.bound.insert(from, now);
+                self.waiting = None;
+                Some((self.stand_in_for(&key), data))
+            }
             _ => None,
         })
     }
@@ -168,6 +195,39 @@ mod tests {
             r.unwrap(server, &[4; 32], now),
             None,
             "WireGuard from the server's address"
+        );
+    }
+
+    #[test]
+    fn a_relay_that_goes_quiet_is_left_for_one_that_answers() {
+        let (x, y): (SocketAddr, SocketAddr) = (
+            "192.0.2.254:7443".parse().unwrap(),
+            "192.0.2.254:3478".parse().unwrap(),
+        );
+        let mut r = Relayed::default();
+        r.set_servers(vec![x, y]);
+        r.set_ticket(b"tkt".to_vec());
+        let t = Instant::now();
+        r.unwrap(y, &relay::bound(), t);
+        r.unwrap(x, &relay::bound(), t + Duration::from_millis(1));
+        let b = r.stand_in_for(&[2; 32]);
+        let later = t + Duration::from_secs(1);
+        assert_eq!(r.wrap(&b, b"d", later).unwrap().0, x, "heard from last");
+        assert!(r.quiet_binds(later).is_empty(), "not quiet yet");
+        // x died: nothing back for QUIET; BINDs go to both, y answers, datagrams move to y.
+        let quiet = later + QUIET;
+        assert_eq!(r.quiet_binds(quiet).len(), 2);
+        assert!(r.quiet_binds(quiet).is_empty(), "once per QUIET");
+        r.unwrap(y, &relay::bound(), quiet);
+        assert_eq!(r.wrap(&b, b"d", quiet).unwrap().0, y);
+        // A datagram relayed to us by x counts as hearing from it.
+        let from_peer = relay::wrap(false, &[2; 32], b"x lives");
+        r.unwrap(x, &from_peer, quiet + Duration::from_millis(1));
+        assert_eq!(
+            r.wrap(&b, b"d", quiet + Duration::from_millis(1))
+                .unwrap()
+                .0,
+            x
         );
     }
 }

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run the controller.
     Serve(server::cli::ServeArgs),
+    /// Run a relay for agents that cannot reach each other directly (UDP; ciphertext only).
+    Relay(server::cli::RelayArgs),
     #[command(flatten)]
     Console(console::Command),
 }
@@ -35,6 +37,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => server::cli::serve(a).await,
+        Command::Relay(a) => server::cli::relay(a).await,
         Command::Console(c) => console::run(cli.globals, c).await,
     };
     match result {

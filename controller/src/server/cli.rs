@@ -50,6 +50,49 @@ pub struct ServeArgs {
     /// their outside address from this controller).
     #[arg(long)]
     no_stun: bool,
+    /// A `canopy relay` to tell agents of (UDP HOST:PORT; repeatable), besides this
+    /// controller's own UDP port: relayed peers fail over between them.
+    #[arg(long = "relay")]
+    relays: Vec<std::net::SocketAddr>,
+    /// Datagrams a second one address may have relayed by this controller (bursts of twice
+    /// that).
+    #[arg(long, default_value_t = super::relay::PER_SOURCE)]
+    relay_rate: u32,
+}
+
+/// Flags of `canopy relay`: a relay (and STUN server) of its own for the agents of the
+/// controller whose relay key it holds. It sees ciphertext and public keys only.
+#[derive(Args, Debug)]
+pub struct RelayArgs {
+    /// UDP address to listen on (tell the controller: `canopy serve --relay HOST:PORT`).
+    #[arg(long, default_value = "0.0.0.0:3478")]
+    listen: std::net::SocketAddr,
+    /// The controller's relay key: its DATA/relay-secret.
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Datagrams a second one address may have relayed (bursts of twice that).
+    #[arg(long, default_value_t = super::relay::PER_SOURCE)]
+    rate: u32,
+}
+
+/// Runs a relay until SIGINT or SIGTERM.
+pub async fn relay(a: RelayArgs) -> anyhow::Result<()> {
+    let secret = super::relay::read_secret_file(&a.secret_file).map_err(anyhow::Error::msg)?;
+    let sock = tokio::net::UdpSocket::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on UDP {}", a.listen))?;
+    let at = sock.local_addr()?;
+    println!("canopy: relay on UDP {at}; tell agents of it with `canopy serve --relay {at}`");
+    let relay = super::relay::Relay::new(secret, a.rate);
+    let clock = crate::clock::Clock::system();
+    let task = tokio::spawn(super::udp::serve(
+        std::sync::Arc::new(sock),
+        clock,
+        Some(relay),
+    ));
+    shutdown_signal().await;
+    task.abort();
+    Ok(())
 }
 
 /// Runs the controller until SIGINT or SIGTERM.
@@ -69,6 +112,8 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listener: crate::server::listener::ListenerLimits::default(),
         clock: crate::clock::Clock::system(),
         stun: !a.no_stun,
+        relays: a.relays,
+        relay_rate: a.relay_rate,
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

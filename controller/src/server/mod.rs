@@ -3,6 +3,7 @@
 
 mod agent;
 pub mod cli;
+mod config;
 mod console;
 mod hosted;
 pub mod listener;
@@ -10,6 +11,7 @@ mod operator;
 pub mod relay;
 pub mod stun;
 mod udp;
+pub use config::ServeConfig;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,63 +92,6 @@ impl std::str::FromStr for StoreSpec {
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct ServeConfig {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    /// Defaults to `embedded:<data_dir>/store.redb`.
-    pub store: Option<StoreSpec>,
-    /// The URL agents and consoles use to reach this controller (`https://HOST:PORT`).
-    /// Defaults to the listen address (127.0.0.1 when listening on all addresses).
-    pub advertise: Option<String>,
-    /// Extra names/addresses for the server certificate.
-    pub tls_sans: Vec<String>,
-    /// New agent sessions accepted per second (and at once); more are paced.
-    pub session_starts_per_sec: u32,
-    /// Leader election and background jobs.
-    pub background: crate::leader::BackgroundConfig,
-    /// Multi-tenant hosted mode: sign-up open, plans and quotas.
-    pub hosted: bool,
-    /// The operator credential (for OperatorService); none disables it.
-    pub operator_token: Option<String>,
-    /// Console requests per second per tenant (bursts of twice that).
-    pub api_requests_per_sec: u32,
-    /// Make a new admin token for the self-managed tenant even if `DATA/admin-token` exists.
-    pub reset_admin_token: bool,
-    /// Hosted sign-ups one source address (IPv4, or IPv6 /64) may make an hour.
-    pub signups_per_hour: u32,
-    /// TLS handshake deadline and how many may be in progress at once.
-    pub listener: listener::ListenerLimits,
-    /// What "now" is (token expiry, leases, timestamps): the system's, or a test's.
-    pub clock: crate::clock::Clock,
-    /// Answer STUN Binding requests on UDP at the listen address (agents behind NAT learn
-    /// their outside address).
-    pub stun: bool,
-}
-
-impl ServeConfig {
-    /// The defaults for everything but where to listen and where the data dir is.
-    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
-        Self {
-            listen,
-            data_dir,
-            store: None,
-            advertise: None,
-            tls_sans: Vec::new(),
-            session_starts_per_sec: crate::service::DEFAULT_SESSION_STARTS,
-            background: crate::leader::BackgroundConfig::default(),
-            hosted: false,
-            operator_token: None,
-            api_requests_per_sec: crate::service::DEFAULT_API_RATE,
-            reset_admin_token: false,
-            signups_per_hour: crate::service::DEFAULT_SIGNUPS_PER_HOUR,
-            listener: listener::ListenerLimits::default(),
-            clock: crate::clock::Clock::system(),
-            stun: true,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("data dir {path}: {source}")]
@@ -187,6 +132,8 @@ pub struct Prepared {
     pub listener_limits: listener::ListenerLimits,
     /// The STUN port (UDP, the listener's address), if bound.
     pub stun: Option<tokio::net::UdpSocket>,
+    /// Datagrams a second the relay there takes from one address.
+    pub relay_rate: u32,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -289,7 +236,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     let cache = Cache::start(store.clone()).await?;
     let relay_secret = relay::secret(store.as_ref()).await?;
     let mut controller = Controller::new(store, cache, public_url, tls.ca_sha256);
+    relay::write_secret_file(&config.data_dir, &relay_secret).map_err(dd)?;
     controller.relay_secret = std::sync::Arc::new(relay_secret);
+    controller.relays = std::sync::Arc::new(config.relays.clone());
     controller.clock = config.clock.clone();
     controller.set_session_start_rate(config.session_starts_per_sec);
     controller.hosted = config.hosted;
@@ -323,6 +272,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         new_admin_token,
         background: config.background.clone(),
         stun,
+        relay_rate: config.relay_rate,
     })
 }
 
@@ -403,8 +353,8 @@ pub async fn serve(
     ));
     let mut side = vec![tokio::spawn(crate::service::punch::follow(ctl.clone()))];
     side.extend(p.stun.map(|sock| {
-        let relay =
-            (!ctl.relay_secret.is_empty()).then(|| relay::Relay::new(ctl.relay_secret.to_vec()));
+        let relay = (!ctl.relay_secret.is_empty())
+            .then(|| relay::Relay::new(ctl.relay_secret.to_vec(), p.relay_rate));
         tokio::spawn(udp::serve(
             std::sync::Arc::new(sock),
             ctl.clock.clone(),

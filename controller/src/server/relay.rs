@@ -17,10 +17,9 @@ use canopy_proto::relay::{self, Message, Ticket};
 use crate::pacing::KeyedLimiter;
 use crate::store::{Compare, Op, Store, StoreError, Txn};
 
-/// Datagrams a second one address may have relayed (a busy tunnel at ~100 Mbit/s), and the
-/// burst.
-const PER_SOURCE: f64 = 10_000.0;
-const BURST: u32 = 20_000;
+/// Datagrams a second one address may have relayed by default (a busy tunnel at ~100 Mbit/s;
+/// `--relay-rate`); bursts of twice that.
+pub const PER_SOURCE: u32 = 10_000;
 /// Bindings held at once, at most.
 const MAX_BINDINGS: usize = 100_000;
 /// How long a ticket lives.
@@ -46,12 +45,18 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(secret: Vec<u8>) -> Self {
+    /// A relay that checks tickets with `secret` and relays at most `per_source` datagrams
+    /// a second from one address.
+    pub fn new(secret: Vec<u8>, per_source: u32) -> Self {
         Self {
             secret,
             by_peer: HashMap::new(),
             by_addr: HashMap::new(),
-            limiter: KeyedLimiter::new(PER_SOURCE, BURST, MAX_BINDINGS),
+            limiter: KeyedLimiter::new(
+                f64::from(per_source),
+                per_source.saturating_mul(2),
+                MAX_BINDINGS,
+            ),
             stats: RelayStats::default(),
         }
     }
@@ -145,6 +150,29 @@ pub async fn secret(store: &dyn Store) -> Result<Vec<u8>, StoreError> {
     Ok(kv.map(|kv| kv.value).unwrap_or_else(|| fresh.to_vec()))
 }
 
+/// The file `canopy relay --secret-file` reads: the relay key, base64, mode 0600.
+pub const SECRET_FILE: &str = "relay-secret";
+
+/// Writes the relay key to `DATA/relay-secret` (0600), for `canopy relay` instances.
+pub fn write_secret_file(data_dir: &std::path::Path, secret: &[u8]) -> std::io::Result<()> {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(secret);
+    crate::files::write_private(&data_dir.join(SECRET_FILE), text.as_bytes())
+}
+
+/// Reads a relay key written by [`write_secret_file`].
+pub fn read_secret_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let text = crate::files::read_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("{}: not a relay key: {e}", path.display()))?;
+    if key.len() < 16 {
+        return Err(format!("{}: the relay key is too short", path.display()));
+    }
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,7 +188,7 @@ mod tests {
 
     #[test]
     fn bound_peers_of_one_network_reach_each_other_and_nobody_else_does() {
-        let mut r = Relay::new(b"k".to_vec());
+        let mut r = Relay::new(b"k".to_vec(), PER_SOURCE);
         let now = Instant::now();
         let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
             "198.51.100.1:1".parse().unwrap(),

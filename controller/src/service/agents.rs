@@ -32,6 +32,7 @@ impl Controller {
         Some(canopy_proto::v1::RelayTicket {
             ticket: t.mint(&self.relay_secret),
             expires_at_unix: i64::try_from(expires).ok()?,
+            relays: self.relays.iter().map(ToString::to_string).collect(),
         })
     }
 

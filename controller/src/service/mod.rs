@@ -120,6 +120,9 @@ pub struct Controller {
     /// The key relay tickets are signed with (shared by all replicas through the store);
     /// empty: no relay.
     pub relay_secret: Arc<Vec<u8>>,
+    /// Relays besides this controller's UDP port (`canopy relay`), told to agents with their
+    /// tickets.
+    pub relays: Arc<Vec<std::net::SocketAddr>>,
     /// Recent hole punches and the budget for more.
     punches: Arc<Mutex<punch::PunchState>>,
 }
@@ -183,6 +186,7 @@ impl Controller {
             signup_rate: Arc::new(Mutex::new(signup_limiter(DEFAULT_SIGNUPS_PER_HOUR))),
             clock: crate::clock::Clock::system(),
             relay_secret: Arc::new(Vec::new()),
+            relays: Arc::default(),
             admission: Arc::new(Mutex::new(crate::pacing::TokenBucket::new(
                 DEFAULT_SESSION_STARTS,
                 DEFAULT_SESSION_STARTS,
