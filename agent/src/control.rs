@@ -168,6 +168,8 @@ pub struct ControlClient {
     punches: broadcast::Sender<canopy_proto::v1::Punch>,
     /// Peer ids this node asks the controller to punch a hole to.
     asks: broadcast::Sender<String>,
+    /// How this node reaches its peers, reported when it changes.
+    paths: std::sync::Arc<watch::Sender<Vec<canopy_proto::v1::PairPath>>>,
     pub backoff: Backoff,
 }
 
@@ -215,6 +217,7 @@ impl ControlClient {
             relay: watch::channel(None).0,
             punches: broadcast::channel(16).0,
             asks: broadcast::channel(64).0,
+            paths: std::sync::Arc::new(watch::channel(Vec::new()).0),
             backoff: Backoff::default(),
         }
     }
@@ -233,6 +236,12 @@ impl ControlClient {
     /// no session is up).
     pub fn punch_asks(&self) -> broadcast::Sender<String> {
         self.asks.clone()
+    }
+
+    /// Where to report how this node reaches its peers (sent on the open session when it
+    /// changes, and at the start of each one).
+    pub fn path_reports(&self) -> std::sync::Arc<watch::Sender<Vec<canopy_proto::v1::PairPath>>> {
+        self.paths.clone()
     }
 
     pub fn enrollment(&self) -> &Enrollment {
@@ -371,9 +380,24 @@ impl ControlClient {
         // Whether anyone can still change the endpoints (a fixed list has no sender).
         let mut endpoints_live = true;
         let mut asks = self.asks.subscribe();
+        let mut paths = self.paths.subscribe();
+        paths.mark_changed();
         loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
+                Ok(()) = paths.changed() => {
+                    let pairs = paths.borrow_and_update().clone();
+                    if pairs.is_empty() {
+                        continue;
+                    }
+                    let report = SyncRequest {
+                        msg: Some(sync_request::Msg::Paths(canopy_proto::v1::Paths { pairs })),
+                    };
+                    if tx.send(report).await.is_err() {
+                        return Ok(SessionEnd::Lost("outbound stream closed".into()));
+                    }
+                    continue;
+                }
                 Ok(peer_id) = asks.recv() => {
                     let ask = SyncRequest {
                         msg: Some(sync_request::Msg::Punch(PunchRequest { peer_id })),

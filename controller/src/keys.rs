@@ -29,6 +29,8 @@
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
 //!                                    and the last admin token)
 //! audit/<tenant>/<ms, 20 digits>-<r> AuditEntry: key order is time order
+//! paths/<network>/<peer>             PathsRecord: how that peer's agent reaches its peers (written
+//!                                    by its session when a path changes; not cached)
 //! punch/<network>                    PunchRecord: the last hole punch asked for there (overwritten;
 //!                                    every replica's punch watcher tells its sessions)
 //! leader                             the replica holding the background-work lease (its id and
@@ -142,6 +144,13 @@ pub fn parse_gwlive(key: &[u8]) -> Option<(&str, &str)> {
 }
 
 pub const ALL_POLICIES: &str = "/canopy/v1/policies/";
+pub fn paths_of(network: &str) -> String {
+    format!("{ROOT}paths/{network}/")
+}
+pub fn paths(network: &str, peer: &str) -> String {
+    format!("{ROOT}paths/{network}/{peer}")
+}
+
 pub const ALL_PUNCH: &str = "/canopy/v1/punch/";
 pub fn punch(network: &str) -> String {
     format!("{ALL_PUNCH}{network}")

@@ -79,7 +79,7 @@ async fn call_first(
         }
         3 => {
             if let Ok(r) = ListPeersRequest::decode(body) {
-                let _ = ctl.list_peers(c, &r.network).await;
+                let _ = ctl.list_peers(c, &r.network, r.paths).await;
             }
         }
         4 => {
@@ -228,6 +228,7 @@ pub(crate) fn controller_seeds() -> Vec<Vec<u8>> {
             3,
             ListPeersRequest {
                 network: "prod".into(),
+                paths: false,
             }
             .encode_to_vec(),
         ),

@@ -158,6 +158,7 @@ impl TestController {
     pub async fn peers(&self, network: &str) -> Vec<Peer> {
         let req = ListPeersRequest {
             network: network.into(),
+            paths: false,
         };
         let list = self.console().await.list_peers(req).await.unwrap();
         list.into_inner().peers

@@ -106,6 +106,7 @@ async fn refuses_unknown_ids_and_bad_tokens(con: &mut canopy_controller::console
         "peers of unknown",
         con.list_peers(ListPeersRequest {
             network: "nope".into(),
+            paths: false,
         })
         .await,
         Code::NotFound,

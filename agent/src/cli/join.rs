@@ -116,6 +116,7 @@ pub(super) async fn join(
             stun: controllers.clone(),
             maps: client.maps(),
             asks: client.punch_asks(),
+            paths: client.path_reports(),
         });
         Some(tokio::spawn(follow))
     } else {
@@ -219,6 +220,7 @@ struct Follow {
     stun: Vec<std::net::SocketAddr>,
     maps: tokio::sync::watch::Receiver<Option<canopy_proto::v1::NetworkMap>>,
     asks: tokio::sync::broadcast::Sender<String>,
+    paths: Arc<tokio::sync::watch::Sender<Vec<canopy_proto::v1::PairPath>>>,
 }
 
 /// Keeps the endpoints reported to the controller current: the listen port (checked every
@@ -251,6 +253,7 @@ async fn follow_endpoints(f: Follow) {
         plan_punches(&f, &mut planner, &punch::outside_of(&local, outside, port));
         if n.is_multiple_of(5) {
             save_counters(&f, &planner);
+            report_paths(&f, &planner, n.is_multiple_of(60));
         }
         let look = moved || n == 1 || n.is_multiple_of(10);
         if !look && seen == outside {
@@ -312,6 +315,51 @@ fn plan_punches(f: &Follow, planner: &mut punch::Planner, mine: &[String]) {
         // No session up: dropped; asked again at the next try.
         let _ = f.asks.send(id);
     }
+}
+
+/// Reports this node's paths to the controller when one changed (direct, relayed, where), or
+/// with `anyway` (every minute: fresh handshake ages).
+fn report_paths(f: &Follow, planner: &punch::Planner, anyway: bool) {
+    let (_, peers) = f.dp.counters();
+    let map = f.maps.borrow();
+    let Some(m) = map.as_ref() else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    let mut pairs: Vec<canopy_proto::v1::PairPath> = m
+        .peers
+        .iter()
+        .filter_map(|r| {
+            let p = peers
+                .iter()
+                .find(|p| p.config.public_key == r.public_key.as_slice())?;
+            let v = path_json(p, planner.why(&p.config.public_key, &r.outside, now));
+            let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            Some(canopy_proto::v1::PairPath {
+                peer_id: r.peer_id.clone(),
+                path: text("path"),
+                via: if text("path") == "relayed" {
+                    String::new()
+                } else {
+                    text("via")
+                },
+                why: text("why"),
+                last_handshake_secs: v["last_handshake_secs"].as_i64().unwrap_or(-1),
+            })
+        })
+        .collect();
+    pairs.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    let kinds = |ps: &[canopy_proto::v1::PairPath]| -> Vec<(String, String, String)> {
+        let k = |p: &canopy_proto::v1::PairPath| (p.peer_id.clone(), p.path.clone(), p.via.clone());
+        ps.iter().map(k).collect()
+    };
+    f.paths.send_if_modified(|held| {
+        let changed = anyway || kinds(held) != kinds(&pairs);
+        if changed {
+            *held = pairs;
+        }
+        changed
+    });
 }
 
 /// Hands each hole punch the controller asks for to the data plane.

@@ -154,6 +154,10 @@ pub enum PeerCmd {
     List {
         #[arg(long)]
         network: String,
+        /// Also how each peer reaches the others (direct, or relayed and why), as its agent
+        /// last reported.
+        #[arg(long)]
+        paths: bool,
     },
     Get {
         peer_id: String,
@@ -403,9 +407,13 @@ async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
 async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
     let mut cl = client(conn).await?;
     match c {
-        PeerCmd::List { network } => {
-            let r = reply(cl.list_peers(ListPeersRequest { network }).await)?;
-            output::peers(json, &r.peers)
+        PeerCmd::List { network, paths } => {
+            let r = reply(cl.list_peers(ListPeersRequest { network, paths }).await)?;
+            output::peers(json, &r.peers)?;
+            if paths && !json {
+                output::paths(&r.peers);
+            }
+            Ok(())
         }
         PeerCmd::Get { peer_id } => {
             let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;

@@ -146,9 +146,13 @@ fn peer_json(p: &Peer) -> Value {
     use base64::Engine as _;
     json!({"id": p.id, "network_id": p.network_id, "hostname": p.hostname,
            "public_key": base64::engine::general_purpose::STANDARD.encode(&p.public_key),
-           "addresses": p.addresses, "endpoints": p.endpoints, "outside": p.outside, "tags": p.tags,
+           "addresses": p.addresses, "endpoints": p.endpoints, "tags": p.tags,
            "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix,
-           "exit_node": p.exit_node})
+           "exit_node": p.exit_node, "outside": p.outside,
+           "paths": p.paths.iter().map(|x| json!({"peer_id": x.peer_id, "path": x.path,
+               "via": x.via, "why": x.why, "last_handshake_secs": x.last_handshake_secs}))
+               .collect::<Vec<_>>(),
+           "paths_at": p.paths_at_unix})
 }
 
 /// A peer's endpoints for the table: its own, then its NAT's outside address(es) marked.
@@ -159,6 +163,35 @@ fn endpoints_text(p: &Peer) -> String {
         "-".into()
     } else {
         all.join(",")
+    }
+}
+
+/// Each peer's paths to the others, one line a pair: "web → db: direct 192.0.2.7:51820,
+/// handshake 12 s ago" or "relayed (not direct: …)".
+pub fn paths(peers: &[Peer]) {
+    let name: std::collections::HashMap<&str, &str> = peers
+        .iter()
+        .map(|p| (p.id.as_str(), p.hostname.as_str()))
+        .collect();
+    println!();
+    for p in peers {
+        if p.paths_at_unix == 0 {
+            println!("{}: no paths reported", p.hostname);
+            continue;
+        }
+        for x in &p.paths {
+            let to = name.get(x.peer_id.as_str()).copied().unwrap_or(&x.peer_id);
+            let hs = match x.last_handshake_secs {
+                s if s < 0 => "no handshake".to_string(),
+                s => format!("handshake {s} s ago"),
+            };
+            let why = if x.why.is_empty() {
+                String::new()
+            } else {
+                format!(" (not direct: {})", x.why)
+            };
+            println!("{} → {to}: {} {}{why}, {hs}", p.hostname, x.path, x.via);
+        }
     }
 }
 

@@ -174,6 +174,7 @@ async fn session(
         replaced: opened.replaced,
         punches: understands("punch").then_some(opened.punches),
         punch_asks: crate::pacing::TokenBucket::new(2, 10),
+        path_writes: crate::pacing::TokenBucket::with_rate(0.1, 3),
         changes,
         sent: hello.known_revision,
         gateway: None,
@@ -231,6 +232,8 @@ struct Live<'a> {
     punches: Option<tokio::sync::mpsc::Receiver<canopy_proto::v1::Punch>>,
     /// Punch requests this agent may make (2 a second, 10 at once; more are ignored).
     punch_asks: crate::pacing::TokenBucket,
+    /// Path reports this agent may have written (one per 10 s, 3 at once).
+    path_writes: crate::pacing::TokenBucket,
     changes: tokio::sync::watch::Receiver<crate::store::Revision>,
     /// The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
     sent: crate::store::Revision,
@@ -346,6 +349,13 @@ impl Live<'_> {
                         }
                     }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints, &e.outside).await?,
+                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Paths(p)) })) => {
+                        // One write per 10 s; a report over that is dropped (the agent reports
+                        // again on its next change, and every minute).
+                        if self.path_writes.admit(ctl.clock.instant()).is_ok() {
+                            ctl.report_paths(id, p.pairs).await?;
+                        }
+                    }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Punch(p)) })) => {
                         if self.punch_asks.admit(ctl.clock.instant()).is_ok() {
                             ctl.request_punch(id, &p.peer_id).await?;

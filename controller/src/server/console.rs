@@ -121,7 +121,8 @@ impl ConsoleService for ConsoleApi {
 
     async fn list_peers(&self, req: Request<ListPeersRequest>) -> R<ListPeersResponse> {
         let c = self.caller(&req).await?;
-        let peers = self.ctl.list_peers(&c, &req.into_inner().network).await?;
+        let req = req.into_inner();
+        let peers = self.ctl.list_peers(&c, &req.network, req.paths).await?;
         Ok(Response::new(ListPeersResponse { peers }))
     }
 

@@ -1,6 +1,6 @@
 //! What agents do after enrolling: authenticate, report endpoints, follow their map.
 
-use canopy_proto::v1::{IndexRecord, PeerRecord};
+use canopy_proto::v1::{IndexRecord, PairPath, PeerRecord};
 use prost::Message;
 
 use super::{AgentIdentity, Controller, decode};
@@ -112,6 +112,44 @@ impl Controller {
                 )
                 .await?;
             Ok(r.succeeded.then_some(()))
+        })
+        .await
+    }
+
+    /// Records how agent `id` reaches its peers (what `peer list --paths` shows). Bounded:
+    /// at most one entry per peer of a network's size limit, short strings, known paths.
+    pub async fn report_paths(&self, id: &AgentIdentity, pairs: Vec<PairPath>) -> Result<()> {
+        const MAX_PAIRS: usize = 4096;
+        let bad = |what: &str| Error::InvalidArgument(format!("path report: {what}"));
+        if pairs.len() > MAX_PAIRS {
+            return Err(bad("too many peers"));
+        }
+        for p in &pairs {
+            if p.peer_id.len() > 64 || p.via.len() > 64 || p.why.len() > 512 {
+                return Err(bad("a field is too long"));
+            }
+            if !matches!(p.path.as_str(), "direct" | "relayed" | "none") {
+                return Err(bad("path must be direct, relayed or none"));
+            }
+        }
+        let record = canopy_proto::v1::PathsRecord {
+            pairs,
+            at_unix: self.now_unix(),
+        };
+        let (key, peer) = (
+            &keys::paths(&id.network_id, &id.peer_id),
+            &keys::peer(&id.network_id, &id.peer_id),
+        );
+        let value = &record.encode_to_vec();
+        // Only while the peer exists (a removed one's record would outlive it).
+        crate::txn::retry("record paths", |_| async move {
+            let Some(kv) = self.store.get(peer.as_bytes()).await? else {
+                return Err(Error::NotFound("peer was removed".into()));
+            };
+            let txn = Txn::new()
+                .when(Compare::unchanged(peer.clone(), kv.mod_revision))
+                .then(Op::put(key.clone(), value.clone()));
+            Ok(self.store.txn(txn).await?.succeeded.then_some(()))
         })
         .await
     }

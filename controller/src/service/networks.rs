@@ -151,6 +151,7 @@ impl Controller {
                 .then(Op::delete(keys::netdel(&net.id)))
                 .then(Op::delete(keys::policy(&net.id)))
                 .then(Op::delete(keys::punch(&net.id)))
+                .then(Op::delete_prefix(keys::paths_of(&net.id)))
                 .then(Op::delete_prefix(keys::routes(&net.id)))
                 .then(Op::delete_prefix(keys::gwlives(&net.id)))
                 .then(Op::delete(keys::netpeers(&net.id)));

@@ -26,12 +26,31 @@ pub(super) fn retag(tags: &[String], add: &[String], remove: &[String]) -> Vec<S
 }
 
 impl Controller {
-    pub async fn list_peers(&self, c: &Caller, network: &str) -> Result<Vec<Peer>> {
+    /// A network's peers; with `paths`, how each reaches the others (its agent's last report).
+    pub async fn list_peers(&self, c: &Caller, network: &str, paths: bool) -> Result<Vec<Peer>> {
         let (net, _) = self.resolve_network(c, network).await?;
-        let r = self.store.range(keys::peers(&net.id).as_bytes()).await?;
+        let prefixes = [
+            keys::peers(&net.id).into_bytes(),
+            keys::paths_of(&net.id).into_bytes(),
+        ];
+        let r = self
+            .store
+            .range_many(&prefixes[..1 + usize::from(paths)])
+            .await?;
         let mut out = Vec::with_capacity(r.kvs.len());
+        let mut reported = std::collections::HashMap::new();
         for kv in &r.kvs {
-            out.push(self.peer_view(&decode(kv)?));
+            if kv.key.starts_with(&prefixes[0]) {
+                out.push(self.peer_view(&decode(kv)?));
+            } else if let Some(peer) = kv.key.strip_prefix(prefixes[1].as_slice()) {
+                let rec: canopy_proto::v1::PathsRecord = decode(kv)?;
+                reported.insert(String::from_utf8_lossy(peer).into_owned(), rec);
+            }
+        }
+        for p in &mut out {
+            if let Some(rec) = reported.remove(&p.id) {
+                (p.paths, p.paths_at_unix) = (rec.pairs, rec.at_unix);
+            }
         }
         out.sort_by_key(|p| ip_sort_key(&p.addresses));
         Ok(out)
@@ -105,6 +124,7 @@ impl Controller {
             let mut txn = Txn::new()
                 .when(Compare::unchanged(keys::peer(&p.network_id, &p.id), rev))
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
+                .then(Op::delete(keys::paths(&p.network_id, &p.id)))
                 .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
                 .then(Op::put(keys::netdel(&p.network_id), p.id.clone()))
                 .then(Op::put(keys::netpeers(&p.network_id), "recount"));
@@ -150,6 +170,7 @@ impl Controller {
             acked_revision: acked.unwrap_or(0),
             exit_node: p.exit_node.clone(),
             outside: p.outside.clone(),
+            ..Default::default()
         }
     }
 }

@@ -16,14 +16,16 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::store::{EventKind, Op, Txn};
 
-/// One pair is punched at most this often (either side may ask; both usually do).
+/// One pair is punched at most this often with the same outside addresses (either side may
+/// ask; both usually do); new addresses on either side may be punched at once.
 const PAIR_GAP: Duration = Duration::from_secs(10);
 /// Pairs remembered for [`PAIR_GAP`], at most (more: the oldest are forgotten).
 const MAX_RECENT: usize = 10_000;
 
 /// What this replica remembers of recent punches, and its budget for writing them.
 pub struct PunchState {
-    recent: HashMap<(String, String, String), Instant>,
+    /// (network, lower peer id, higher peer id, both sides' outside addresses) → when.
+    recent: HashMap<(String, String, String, Vec<String>), Instant>,
     budget: crate::pacing::TokenBucket,
 }
 
@@ -40,9 +42,15 @@ impl Default for PunchState {
 impl PunchState {
     /// Whether the pair may be punched now (not within [`PAIR_GAP`], and within the budget);
     /// if so it counts as punched.
-    fn admit(&mut self, network: &str, a: &str, b: &str, now: Instant) -> bool {
-        let (x, y) = if a < b { (a, b) } else { (b, a) };
-        let key = (network.to_string(), x.to_string(), y.to_string());
+    fn admit(&mut self, network: &str, ab: [(&str, &[String]); 2], now: Instant) -> bool {
+        let [(a, oa), (b, ob)] = ab;
+        let ((x, ox), (y, oy)) = if a < b {
+            ((a, oa), (b, ob))
+        } else {
+            ((b, ob), (a, oa))
+        };
+        let outside = ox.iter().chain(oy).cloned().collect();
+        let key = (network.to_string(), x.to_string(), y.to_string(), outside);
         if self
             .recent
             .get(&key)
@@ -82,7 +90,11 @@ impl Controller {
             return Ok(false);
         }
         let now = self.clock.instant();
-        if !self.lock_punches().admit(net, &id.peer_id, target, now) {
+        let pair = [
+            (id.peer_id.as_str(), &me.outside[..]),
+            (target, &other.outside[..]),
+        ];
+        if !self.lock_punches().admit(net, pair, now) {
             return Ok(false);
         }
         let record = PunchRecord {
@@ -152,18 +164,27 @@ pub async fn follow(ctl: Controller) {
 mod tests {
     use super::*;
 
+    fn pair<'a>(a: &'a str, b: &'a str, outside: &'a [String]) -> [(&'a str, &'a [String]); 2] {
+        [(a, outside), (b, &[])]
+    }
+
     #[test]
-    fn a_pair_is_punched_once_per_gap_whichever_side_asks() {
+    fn a_pair_is_punched_once_per_gap_whichever_side_asks_unless_its_addresses_change() {
         let mut s = PunchState::default();
         let t = Instant::now();
-        assert!(s.admit("n", "a", "b", t));
+        let o = vec!["198.51.100.1:1".to_string()];
+        assert!(s.admit("n", pair("a", "b", &o), t));
+        let b_asks = [("b", &[][..]), ("a", &o[..])];
+        let later = t + Duration::from_secs(1);
+        assert!(!s.admit("n", b_asks, later), "the other side asked too");
+        assert!(s.admit("n", pair("a", "c", &o), t), "another pair");
+        assert!(s.admit("m", pair("a", "b", &o), t), "another network");
+        let moved = vec!["198.51.100.1:2".to_string()];
         assert!(
-            !s.admit("n", "b", "a", t + Duration::from_secs(1)),
-            "the other side asked too"
+            s.admit("n", pair("a", "b", &moved), t),
+            "a new outside address"
         );
-        assert!(s.admit("n", "a", "c", t), "another pair");
-        assert!(s.admit("m", "a", "b", t), "another network");
-        assert!(s.admit("n", "a", "b", t + PAIR_GAP));
+        assert!(s.admit("n", pair("a", "b", &o), t + PAIR_GAP));
     }
 
     #[test]
@@ -171,7 +192,7 @@ mod tests {
         let mut s = PunchState::default();
         let t = Instant::now();
         let granted = (0..1000)
-            .filter(|i| s.admit("n", "a", &format!("p{i}"), t))
+            .filter(|i| s.admit("n", pair("a", &format!("p{i}"), &[]), t))
             .count();
         assert_eq!(granted, 400, "the burst, then nothing in the same instant");
     }
