@@ -402,6 +402,14 @@ impl Cache {
         st.networks.get(network).map(|s| s.revision)
     }
 
+    /// The tenant that owns `network`.
+    pub fn network_tenant(&self, network: &str) -> Option<String> {
+        let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        st.networks
+            .get(network)
+            .map(|s| s.network.tenant_id.clone())
+    }
+
     /// Whether `b` is in `a`'s map.
     pub fn sees(&self, network: &str, a: &str, b: &str) -> bool {
         let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());

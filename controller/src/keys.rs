@@ -31,6 +31,7 @@
 //! audit/<tenant>/<ms, 20 digits>-<r> AuditEntry: key order is time order
 //! paths/<network>/<peer>             PathsRecord: how that peer's agent reaches its peers (written
 //!                                    by its session when a path changes; not cached)
+//! relayuse/<tenant>/<yyyy-mm>        RelayUseRecord: bytes relayed for the tenant that month (UTC)
 //! punch/<network>                    PunchRecord: the last hole punch asked for there (overwritten;
 //!                                    every replica's punch watcher tells its sessions)
 //! leader                             the replica holding the background-work lease (its id and
@@ -149,6 +150,10 @@ pub fn paths_of(network: &str) -> String {
 }
 pub fn paths(network: &str, peer: &str) -> String {
     format!("{ROOT}paths/{network}/{peer}")
+}
+
+pub fn relayuse(tenant: &str, month: &str) -> String {
+    format!("{ROOT}relayuse/{tenant}/{month}")
 }
 
 pub const ALL_PUNCH: &str = "/canopy/v1/punch/";

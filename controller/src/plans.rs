@@ -64,6 +64,16 @@ impl Plan {
         }
     }
 
+    /// MiB the relay forwards for the tenant per calendar month; `None`: no limit.
+    pub fn relay_mib_per_month(self) -> Option<u64> {
+        match self {
+            Plan::Free => Some(1 << 10),
+            Plan::Team => Some(100 << 10),
+            Plan::Business => Some(1 << 20),
+            Plan::SelfManaged => None,
+        }
+    }
+
     pub fn quotas(self) -> Quotas {
         match self {
             Plan::Free => Quotas {

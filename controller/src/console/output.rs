@@ -328,7 +328,8 @@ pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
     if json {
         return print_json(
             json!({"plan": u.plan, "networks": u.networks, "active_join_tokens": u.active_join_tokens,
-            "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens, "api_tokens": q.api_tokens},
+            "quotas": {"networks": q.networks, "peers_per_network": q.peers_per_network, "active_join_tokens": q.active_join_tokens, "api_tokens": q.api_tokens, "relay_mib_per_month": q.relay_mib_per_month},
+            "relay_bytes_this_month": u.relay_bytes_this_month,
             "per_network": u.per_network.iter().map(|n| json!({"network_id": n.network_id, "name": n.name, "peers": n.peers, "agents_online": n.agents_online})).collect::<Vec<_>>()}),
         );
     }
@@ -339,6 +340,14 @@ pub fn usage(json: bool, u: &Usage) -> anyhow::Result<()> {
         limit(q.networks),
         u.active_join_tokens,
         limit(q.active_join_tokens)
+    );
+    let relay_limit = match q.relay_mib_per_month {
+        0 => "no limit".to_string(),
+        m => format!("{m} MiB"),
+    };
+    say!(
+        "relayed this month: {:.1} MiB of {relay_limit}",
+        u.relay_bytes_this_month as f64 / 1048576.0
     );
     table(
         &["NETWORK", "PEERS", "ONLINE"],

@@ -83,7 +83,9 @@ pub async fn relay(a: RelayArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on UDP {}", a.listen))?;
     let at = sock.local_addr()?;
     println!("canopy: relay on UDP {at}; tell agents of it with `canopy serve --relay {at}`");
-    let relay = super::relay::Relay::new(secret, a.rate);
+    let relay = std::sync::Arc::new(std::sync::Mutex::new(super::relay::Relay::new(
+        secret, a.rate,
+    )));
     let clock = crate::clock::Clock::system();
     let task = tokio::spawn(super::udp::serve(
         std::sync::Arc::new(sock),
@@ -114,6 +116,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         stun: !a.no_stun,
         relays: a.relays,
         relay_rate: a.relay_rate,
+        relay_flush: crate::service::relayuse::FLUSH,
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub relays: Vec<SocketAddr>,
     /// Datagrams a second one address may have relayed here (and twice that at once).
     pub relay_rate: u32,
+    /// How often the relay's use is counted into the store (against hosted plans).
+    pub relay_flush: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -65,6 +67,7 @@ impl ServeConfig {
             stun: true,
             relays: Vec::new(),
             relay_rate: super::relay::PER_SOURCE,
+            relay_flush: crate::service::relayuse::FLUSH,
         }
     }
 }

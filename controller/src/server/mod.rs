@@ -134,6 +134,8 @@ pub struct Prepared {
     pub stun: Option<tokio::net::UdpSocket>,
     /// Datagrams a second the relay there takes from one address.
     pub relay_rate: u32,
+    /// How often its use is counted into the store.
+    pub relay_flush: Duration,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -273,6 +275,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         background: config.background.clone(),
         stun,
         relay_rate: config.relay_rate,
+        relay_flush: config.relay_flush,
     })
 }
 
@@ -352,15 +355,18 @@ pub async fn serve(
         },
     ));
     let mut side = vec![tokio::spawn(crate::service::punch::follow(ctl.clone()))];
-    side.extend(p.stun.map(|sock| {
-        let relay = (!ctl.relay_secret.is_empty())
-            .then(|| relay::Relay::new(ctl.relay_secret.to_vec(), p.relay_rate));
-        tokio::spawn(udp::serve(
-            std::sync::Arc::new(sock),
-            ctl.clock.clone(),
-            relay,
-        ))
-    }));
+    if let Some(sock) = p.stun {
+        let relay = (!ctl.relay_secret.is_empty()).then(|| {
+            let r = relay::Relay::new(ctl.relay_secret.to_vec(), p.relay_rate);
+            Arc::new(std::sync::Mutex::new(r))
+        });
+        if let Some(r) = &relay {
+            let count = crate::service::relayuse::follow(ctl.clone(), r.clone(), p.relay_flush);
+            side.push(tokio::spawn(count));
+        }
+        let clock = ctl.clock.clone();
+        side.push(tokio::spawn(udp::serve(Arc::new(sock), clock, relay)));
+    }
     let shutdown = async move {
         shutdown.await;
         ctl.begin_shutdown();

@@ -42,6 +42,11 @@ pub struct Relay {
     by_addr: HashMap<SocketAddr, (PeerKey, u64)>,
     limiter: KeyedLimiter,
     pub stats: RelayStats,
+    /// Bytes forwarded per network since [`Relay::take_usage`] (bounded: a network is here only
+    /// through a verified binding).
+    usage: HashMap<String, u64>,
+    /// Networks whose tenant used up its plan's relay quota: their datagrams are dropped.
+    blocked: std::collections::HashSet<String>,
 }
 
 impl Relay {
@@ -58,7 +63,26 @@ impl Relay {
                 MAX_BINDINGS,
             ),
             stats: RelayStats::default(),
+            usage: HashMap::new(),
+            blocked: std::collections::HashSet::new(),
         }
+    }
+
+    /// Bytes forwarded per network since the last call.
+    pub fn take_usage(&mut self) -> HashMap<String, u64> {
+        std::mem::take(&mut self.usage)
+    }
+
+    /// Puts counts that could not be stored back, to be taken again.
+    pub fn restore_usage(&mut self, usage: HashMap<String, u64>) {
+        for (n, b) in usage {
+            *self.usage.entry(n).or_default() += b;
+        }
+    }
+
+    /// Refuses datagrams of these networks from now on (and no others).
+    pub fn set_blocked(&mut self, networks: std::collections::HashSet<String>) {
+        self.blocked = networks;
     }
 
     /// What to send for datagram `d` from `from` (a relay message): the answer or the
@@ -125,10 +149,15 @@ impl Relay {
         if *dexp <= now_unix {
             return None;
         }
+        if self.blocked.contains(network) {
+            return None;
+        }
         let (dst, src) = (*dst, *src);
+        let network = network.clone();
         self.limiter.admit(&from.ip().to_string(), now).ok()?;
         self.stats.forwarded += 1;
         self.stats.bytes += data.len() as u64;
+        *self.usage.entry(network).or_default() += data.len() as u64;
         Some((dst, relay::wrap(false, &src, data)))
     }
 }
@@ -254,5 +283,29 @@ mod tests {
             None
         );
         assert_eq!(r.stats.forwarded, 2);
+    }
+
+    #[test]
+    fn bytes_are_counted_per_network_and_a_blocked_network_is_not_relayed() {
+        let mut r = Relay::new(b"k".to_vec(), PER_SOURCE);
+        let now = Instant::now();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "198.51.100.1:1".parse().unwrap(),
+            "198.51.100.2:2".parse().unwrap(),
+        );
+        r.handle(a, &relay::bind(&ticket("n1", 1, 100)), 10, now)
+            .unwrap();
+        r.handle(b, &relay::bind(&ticket("n1", 2, 100)), 10, now)
+            .unwrap();
+        let send = relay::wrap(true, &[2; 32], &[0u8; 100]);
+        assert!(r.handle(a, &send, 10, now).is_some());
+        assert!(r.handle(a, &send, 10, now).is_some());
+        assert_eq!(r.take_usage(), HashMap::from([("n1".to_string(), 200)]));
+        assert!(r.take_usage().is_empty(), "taken");
+        r.set_blocked(["n1".to_string()].into());
+        assert_eq!(r.handle(a, &send, 10, now), None, "over its tenant's quota");
+        assert!(r.take_usage().is_empty());
+        r.set_blocked(Default::default());
+        assert!(r.handle(a, &send, 10, now).is_some(), "a new month");
     }
 }

@@ -21,6 +21,7 @@ mod networks;
 mod peers;
 mod policy;
 pub mod punch;
+pub mod relayuse;
 mod routes;
 mod sessions;
 mod tenants;

@@ -25,6 +25,7 @@ fn quotas(p: Plan) -> Quotas {
         peers_per_network: q.peers_per_network,
         active_join_tokens: q.active_join_tokens,
         api_tokens: q.api_tokens,
+        relay_mib_per_month: p.relay_mib_per_month().unwrap_or(0),
     }
 }
 
@@ -229,6 +230,7 @@ impl Controller {
             networks: nets.len() as u32,
             active_join_tokens: active as u32,
             per_network,
+            relay_bytes_this_month: self.relay_used(&c.tenant).await?,
         })
     }
 }
