@@ -13,6 +13,8 @@
 # blocked (nftables in B; only the controller's port passes), so it goes through the relay on
 # the controller's UDP port (in A);
 #   ONLY="managed policy gateway relayed" bash benches/dataplane.sh
+# RELAY_RATE=N raises the relay's per-source cap (default 10,000 datagrams/s) to measure the
+# relay itself rather than its limit.
 #   RUNS=5 SECONDS_PER_RUN=5 ONLY="raw canopy" bash benches/dataplane.sh
 # CANOPY_AGENT=path runs that canopy-agent binary instead of this tree's (an older build, to
 # compare before and after a change, each against wireguard-go in its own run).
@@ -134,7 +136,7 @@ run_userspace() {  # tag port command... (each implementation gets its own names
 # $pids).
 run_managed() {
   local data=$work/ctl-$1
-  ip netns exec $A "$canopy" serve --listen 192.0.2.1:7443 --data-dir "$data" > "$work/serve-$1.log" 2>&1 & pids+=($!)
+  ip netns exec $A "$canopy" serve --listen 192.0.2.1:7443 --data-dir "$data" ${RELAY_RATE:+--relay-rate "$RELAY_RATE"} > "$work/serve-$1.log" 2>&1 & pids+=($!)
   for _ in $(seq 100); do [ -s "$data/admin-token" ] && break; sleep 0.1; done
   con=("$canopy" --server https://192.0.2.1:7443 --token "$(cat "$data/admin-token")" --ca "$data/ca.pem")
   for _ in $(seq 50); do ip netns exec $A "${con[@]}" network list > /dev/null 2>&1 && break; sleep 0.1; done
