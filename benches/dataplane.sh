@@ -204,7 +204,7 @@ for k in $ONLY; do
     gateway) run_gateway; measure gateway "$to"; stop_all; SRV_NS=$B; ip netns del $S ;;
     relayed)
       run_managed relayed
-      path=$(ip netns exec $B "$agent" status --json --state-dir "$work/relayed-b" | py "import json,sys; print(json.load(sys.stdin)['peers'][0]['path'])")
+      path=$(ip netns exec $B "$agent" status --json --state-dir "$work/relayed-b" | py "import json,sys; print((json.load(sys.stdin)['peers'][0]['path'] or {}).get('path'))")
       echo "  relayed: B's path to A: $path" >&2
       measure relayed "$to"; stop_all; ip netns exec $B nft delete table inet relayonly ;;
     bt) WG_SUDO=1 run_userspace t 51822 "$tools/bin/boringtun-cli" --foreground --disable-drop-privileges
