@@ -13,11 +13,12 @@
 #   python3            TCP transfers in the data-plane tests, result parsing in the benchmarks
 #   python3-grpcio     a third-party gRPC client (Python's grpcio) in the tests, under Debian's
 #                      /usr/bin/python3
+#   python3-prometheus-client  a real OpenMetrics parser for the /metrics tests
 #   coturn             turnutils_stunclient, a third-party STUN client, against the controller's
 #                      STUN port (coturn's own server stays disabled, as Debian ships it)
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server wireguard-tools wireguard-go iproute2 iputils-ping
-      iperf3 nftables python3 python3-grpcio coturn)
+      iperf3 nftables python3 python3-grpcio python3-prometheus-client coturn)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -51,5 +52,6 @@ command -v ping >/dev/null || fail "ping is missing"
 nft --version >/dev/null || fail "nft (nftables) does not run"
 python3 -c 'import hashlib, socket' || fail "python3 does not run"
 /usr/bin/python3 -c 'import grpc' || fail "Debian's python3 cannot import grpc (python3-grpcio)"
+/usr/bin/python3 -c 'import prometheus_client.openmetrics.parser' || fail "Debian's python3 cannot import prometheus_client (python3-prometheus-client)"
 command -v turnutils_stunclient >/dev/null || fail "turnutils_stunclient (coturn) is missing"
-echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, nft, python3, grpcio, stunclient work"
+echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, nft, python3, grpcio, prometheus_client, stunclient work"

@@ -15,6 +15,7 @@ pub mod control;
 pub mod dataplane;
 pub use canopy_engine as engine;
 pub mod keys;
+pub mod metrics;
 pub mod punch;
 pub mod state;
 pub mod uapi;

@@ -23,6 +23,7 @@ pub mod files;
 pub mod ipam;
 pub mod keys;
 pub mod leader;
+pub mod metrics;
 pub mod model;
 pub mod netmap;
 pub mod pacing;

@@ -13,6 +13,8 @@
 pub mod backoff;
 pub mod files;
 pub mod join;
+pub mod metrics;
+pub use prometheus_client;
 pub mod netmap;
 pub mod relay;
 pub mod stun;

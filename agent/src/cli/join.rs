@@ -133,6 +133,10 @@ pub(super) async fn join(
         controllers.clone(),
     ));
     let punches = tokio::spawn(take_punches(dp.clone(), client.punches()));
+    let metrics = match iface.metrics {
+        Some(addr) => Some(serve_metrics(addr, &dp, &client).await?),
+        None => None,
+    };
     let stop = async {
         tokio::select! {
             _ = shutdown_signal() => {}
@@ -140,7 +144,7 @@ pub(super) async fn join(
         }
     };
     let result = client.run(&mut sink, stop).await;
-    for t in watcher.into_iter().chain([relay, punches]) {
+    for t in watcher.into_iter().chain([relay, punches]).chain(metrics) {
         t.abort();
         let _ = t.await;
     }
@@ -360,6 +364,29 @@ fn report_paths(f: &Follow, planner: &punch::Planner, anyway: bool) {
         }
         changed
     });
+}
+
+/// Starts `GET /metrics` on `addr`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    dp: &Arc<Dataplane>,
+    client: &ControlClient,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let live = crate::metrics::AgentLive {
+        dp: dp.clone(),
+        maps: client.maps(),
+        connected: client.connected(),
+    };
+    let registry = Arc::new(live.registry());
+    Ok(tokio::spawn(async move {
+        let serve = canopy_proto::metrics::serve(l, registry, std::future::pending());
+        if let Err(e) = serve.await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    }))
 }
 
 /// Hands each hole punch the controller asks for to the data plane.

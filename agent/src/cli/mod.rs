@@ -85,6 +85,9 @@ struct IfaceOpts {
     /// clears it). The controller connection and WireGuard's own traffic stay direct.
     #[arg(long)]
     exit_node: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; off by default).
+    #[arg(long, env = "CANOPY_AGENT_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,7 +106,7 @@ enum Command {
         #[arg(long)]
         hostname: Option<String>,
         #[command(flatten)]
-        iface: IfaceOpts,
+        iface: Box<IfaceOpts>,
     },
     /// Show this node's enrollment, address and peers.
     Status {
@@ -150,7 +153,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             state,
             hostname,
             iface,
-        } => join::join(&join_string, &state.state_dir, hostname, iface).await,
+        } => join::join(&join_string, &state.state_dir, hostname, *iface).await,
     }
 }
 

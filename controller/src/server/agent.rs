@@ -45,6 +45,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<EnrollResponse>, Status> {
         let r = req.into_inner();
         let resp = self.ctl.enroll_request(&r).await?;
+        self.ctl.metrics.enrollments.inc();
         Ok(Response::new(resp))
     }
 
@@ -60,9 +61,11 @@ impl AgentService for AgentApi {
         let id = self.ctl.authenticate_agent(&credential).await?;
         // Pace one peer's reconnect loop on its own, then the replica's admission.
         if let Err(wait) = self.ctl.admit_peer_session(&id.peer_id) {
+            self.ctl.metrics.sessions_paced.inc();
             return Err(paced("this peer is reconnecting too often", wait));
         }
         if let Err(wait) = self.ctl.admit_session() {
+            self.ctl.metrics.sessions_paced.inc();
             return Err(paced("controller is pacing reconnects", wait));
         }
         let inbound = req.into_inner();
@@ -354,6 +357,7 @@ impl Live<'_> {
                         // again on its next change, and every minute).
                         if self.path_writes.admit(ctl.clock.instant()).is_ok() {
                             ctl.report_paths(id, p.pairs).await?;
+                            ctl.metrics.path_reports.inc();
                         }
                     }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Punch(p)) })) => {

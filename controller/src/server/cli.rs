@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// that).
     #[arg(long, default_value_t = super::relay::PER_SOURCE)]
     relay_rate: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; off by default,
+    /// never on the gRPC port).
+    #[arg(long, env = "CANOPY_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Flags of `canopy relay`: a relay (and STUN server) of its own for the agents of the
@@ -117,6 +121,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         relays: a.relays,
         relay_rate: a.relay_rate,
         relay_flush: crate::service::relayuse::FLUSH,
+        metrics: a.metrics,
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

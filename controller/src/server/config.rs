@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub relay_rate: u32,
     /// How often the relay's use is counted into the store (against hosted plans).
     pub relay_flush: std::time::Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) here; never on the gRPC port.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -68,6 +70,7 @@ impl ServeConfig {
             relays: Vec::new(),
             relay_rate: super::relay::PER_SOURCE,
             relay_flush: crate::service::relayuse::FLUSH,
+            metrics: None,
         }
     }
 }

@@ -136,6 +136,8 @@ pub struct Prepared {
     pub relay_rate: u32,
     /// How often its use is counted into the store.
     pub relay_flush: Duration,
+    /// The `/metrics` listener, if asked for.
+    pub metrics: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -227,6 +229,14 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         true => stun::bind(local_addr).await,
         false => None,
     };
+    let metrics = match config.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
     // First start is race-free for replicas sharing a data dir: one creates the CA and the
     // admin token under this lock, the others wait and read them.
     let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock"))
@@ -276,6 +286,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         stun,
         relay_rate: config.relay_rate,
         relay_flush: config.relay_flush,
+        metrics,
     })
 }
 
@@ -355,8 +366,9 @@ pub async fn serve(
         },
     ));
     let mut side = vec![tokio::spawn(crate::service::punch::follow(ctl.clone()))];
+    let mut relay = None;
     if let Some(sock) = p.stun {
-        let relay = (!ctl.relay_secret.is_empty()).then(|| {
+        relay = (!ctl.relay_secret.is_empty()).then(|| {
             let r = relay::Relay::new(ctl.relay_secret.to_vec(), p.relay_rate);
             Arc::new(std::sync::Mutex::new(r))
         });
@@ -365,7 +377,24 @@ pub async fn serve(
             side.push(tokio::spawn(count));
         }
         let clock = ctl.clock.clone();
-        side.push(tokio::spawn(udp::serve(Arc::new(sock), clock, relay)));
+        side.push(tokio::spawn(udp::serve(
+            Arc::new(sock),
+            clock,
+            relay.clone(),
+        )));
+    }
+    if let Some(l) = p.metrics {
+        let live = crate::metrics::Live {
+            ctl: ctl.clone(),
+            relay,
+        };
+        let registry = Arc::new(ctl.metrics.registry(live));
+        let serve = canopy_proto::metrics::serve(l, registry, std::future::pending());
+        side.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::warn!(error = %e, "the metrics listener stopped");
+            }
+        }));
     }
     let shutdown = async move {
         shutdown.await;
@@ -377,6 +406,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))
         .layer(tower::util::MapResponseLayer::new(client_faults))
+        .layer(crate::metrics::RpcLayer(p.controller.metrics.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

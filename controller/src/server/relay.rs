@@ -68,6 +68,11 @@ impl Relay {
         }
     }
 
+    /// Peers bound now.
+    pub fn bindings(&self) -> usize {
+        self.by_peer.len()
+    }
+
     /// Bytes forwarded per network since the last call.
     pub fn take_usage(&mut self) -> HashMap<String, u64> {
         std::mem::take(&mut self.usage)

@@ -126,6 +126,7 @@ pub struct Controller {
     pub relays: Arc<Vec<std::net::SocketAddr>>,
     /// Recent hole punches and the budget for more.
     punches: Arc<Mutex<punch::PunchState>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What a removed peer's credential entry becomes: still found by its hash, marked removed.
@@ -171,6 +172,7 @@ impl Controller {
             cache,
             sessions: Sessions::default(),
             punches: Arc::default(),
+            metrics: Arc::default(),
             public_url,
             ca_sha256,
             closing,

@@ -104,6 +104,7 @@ impl Controller {
         };
         let put = Op::put(keys::punch(net), record.encode_to_vec());
         self.store.txn(Txn::new().then(put)).await?;
+        self.metrics.punches.inc();
         Ok(true)
     }
 
