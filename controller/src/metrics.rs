@@ -173,6 +173,8 @@ impl Collector for Live {
             None,
             ConstGauge::new(ctl.cache.applied()),
         )?;
+        convergence(ctl, &mut enc)?;
+        store_writes(&mut enc)?;
         let Some(relay) = &self.relay else {
             return Ok(());
         };
@@ -216,6 +218,66 @@ impl Collector for Live {
             vec![(vec![], ConstGauge::new(bindings))],
         )
     }
+}
+
+/// The read → decide → write operations of this process (`txn::retry`).
+fn store_writes(enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &crate::txn::STATS;
+    let ops = s.operations.load(Relaxed);
+    put(
+        enc,
+        "canopy_store_operations",
+        "Read-decide-write store operations that ended (committed or failed)",
+        None,
+        ConstCounter::new(ops),
+    )?;
+    put(
+        enc,
+        "canopy_store_conflicts",
+        "Attempts lost to a conflicting write and retried",
+        None,
+        ConstCounter::new(s.conflicts.load(Relaxed)),
+    )?;
+    put(
+        enc,
+        "canopy_store_gave_up",
+        "Operations that gave up after repeated conflicts (Unavailable)",
+        None,
+        ConstCounter::new(s.gave_up.load(Relaxed)),
+    )?;
+    let secs = s.micros.load(Relaxed) as f64 / 1e6;
+    put(
+        enc,
+        "canopy_store_operation",
+        "Time store operations took, summed (divide by canopy_store_operations_total)",
+        Some(&Unit::Seconds),
+        ConstCounter::new(secs),
+    )
+}
+
+/// Per network with sessions here: its revision, the lowest one an agent acknowledged (the gap
+/// is how far the slowest agent lags), and how many sessions it has.
+fn convergence(ctl: &Controller, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let (mut revs, mut acked, mut live) = (Vec::new(), Vec::new(), Vec::new());
+    for (net, (n, min)) in ctl.sessions.by_network() {
+        let labels = vec![("network", net.clone())];
+        let rev = ctl.cache.network_revision(&net).unwrap_or(0);
+        revs.push((labels.clone(), ConstGauge::new(rev)));
+        acked.push((labels.clone(), ConstGauge::new(min)));
+        live.push((labels, ConstGauge::new(n as i64)));
+    }
+    let help = "The lowest map revision an agent of the network acknowledged on this replica";
+    put_family(
+        enc,
+        "canopy_network_revision",
+        "A network's map revision",
+        None,
+        revs,
+    )?;
+    put_family(enc, "canopy_network_acked_revision_min", help, None, acked)?;
+    let help = "Live Sync sessions of the network on this replica";
+    put_family(enc, "canopy_network_sync_sessions", help, None, live)
 }
 
 /// Counts every gRPC call by method and code, and times it to its answer headers.

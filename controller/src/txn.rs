@@ -8,11 +8,41 @@
 //! operation's future `Send` for tonic.
 
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use canopy_proto::backoff::Backoff;
 
 use crate::error::{Error, Result};
+
+/// Process-wide counts for `/metrics`: operations run, attempts lost to a conflicting write,
+/// operations that gave up, and the time operations took (microseconds, summed).
+pub static STATS: Stats = Stats::new();
+
+pub struct Stats {
+    pub operations: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub gave_up: AtomicU64,
+    pub micros: AtomicU64,
+}
+
+impl Stats {
+    const fn new() -> Self {
+        Self {
+            operations: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            gave_up: AtomicU64::new(0),
+            micros: AtomicU64::new(0),
+        }
+    }
+    fn done(&self, start: Instant, conflicts: usize) {
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.operations.fetch_add(1, Relaxed);
+        self.conflicts.fetch_add(conflicts as u64, Relaxed);
+        self.micros.fetch_add(us, Relaxed);
+    }
+}
 
 /// How many attempts an operation gets, and for how long, before it answers Unavailable.
 #[derive(Clone, Copy, Debug)]
@@ -58,13 +88,18 @@ where
             let retry = u32::try_from(n - 1).unwrap_or(u32::MAX);
             tokio::time::sleep(budget.pause.delay(retry)).await;
         }
-        if let Some(v) = attempt(n).await? {
+        let outcome = attempt(n).await;
+        if !matches!(outcome, Ok(None)) {
+            STATS.done(start, n);
+        }
+        if let Some(v) = outcome? {
             if n > 0 {
                 tracing::debug!(what, attempts = n + 1, "committed after conflicts");
             }
             return Ok(v);
         }
     }
+    STATS.gave_up.fetch_add(1, Relaxed);
     tracing::warn!(what, "gave up after repeated conflicting writes");
     Err(Error::Unavailable(format!(
         "{what}: too many concurrent changes; try again"

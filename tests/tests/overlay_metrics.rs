@@ -55,6 +55,23 @@ fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
         ) >= 2.0
     );
 
+    assert!(
+        get(&c, "canopy_store_operations_total{}") >= 2.0,
+        "the enrollments"
+    );
+    // Converged: the slowest agent acknowledged the network's revision.
+    let rev = c
+        .keys()
+        .find(|k| k.starts_with("canopy_network_revision{"))
+        .unwrap()
+        .clone();
+    let acked = rev.replace("_revision{", "_acked_revision_min{");
+    wait_until("the agents to acknowledge the network's revision", || {
+        let c = scrape(&lab, &lab.hub, ctl_url);
+        get(&c, &acked) == get(&c, &rev)
+    });
+    assert_eq!(get(&c, &rev.replace("_revision{", "_sync_sessions{")), 2.0);
+
     let agent_url = "http://127.0.0.1:9465/metrics";
     let before = scrape(&lab, &a.host.ns, agent_url);
     assert_eq!(get(&before, "canopy_agent_controller_connected{}"), 1.0);

@@ -164,7 +164,7 @@ async fn session(
             .wait_for(hello.known_revision, Duration::from_secs(2))
             .await;
     }
-    let opened = ctl.sessions.open(&id.peer_id);
+    let opened = ctl.sessions.open(&id.network_id, &id.peer_id);
     let number = opened.number;
     let _close = CloseOnDrop(ctl, id, number);
     let understands = |c: &str| hello.capabilities.iter().any(|h| h == c);

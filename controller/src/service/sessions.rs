@@ -13,6 +13,7 @@ pub struct Sessions(Arc<Mutex<SessionTable>>);
 
 struct SessionEntry {
     number: u64,
+    network: String,
     acked: Revision,
     /// Notified when a newer session of the same peer replaces this one.
     replaced: Arc<tokio::sync::Notify>,
@@ -32,8 +33,8 @@ pub struct Opened {
 type SessionTable = (u64, HashMap<String, SessionEntry>);
 
 impl Sessions {
-    /// Registers a new session of `peer`, ending the one it had.
-    pub fn open(&self, peer: &str) -> Opened {
+    /// Registers a new session of `peer` (of `network`), ending the one it had.
+    pub fn open(&self, network: &str, peer: &str) -> Opened {
         let mut g = self.lock();
         g.0 += 1;
         let number = g.0;
@@ -41,6 +42,7 @@ impl Sessions {
         let (tx, punches) = tokio::sync::mpsc::channel(4);
         let entry = SessionEntry {
             number,
+            network: network.to_string(),
             acked: 0,
             replaced: replaced.clone(),
             punches: tx,
@@ -83,6 +85,16 @@ impl Sessions {
     pub fn get(&self, peer: &str) -> Option<Revision> {
         self.lock().1.get(peer).map(|e| e.acked)
     }
+    /// Per network with live sessions here: how many, and the lowest revision they acked.
+    pub fn by_network(&self) -> HashMap<String, (u64, Revision)> {
+        let mut out: HashMap<String, (u64, Revision)> = HashMap::new();
+        for e in self.lock().1.values() {
+            let s = out.entry(e.network.clone()).or_insert((0, Revision::MAX));
+            (s.0, s.1) = (s.0 + 1, s.1.min(e.acked));
+        }
+        out
+    }
+
     /// How many sessions are live.
     pub fn len(&self) -> usize {
         self.lock().1.len()
