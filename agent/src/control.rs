@@ -348,16 +348,16 @@ impl ControlClient {
         }
     }
 
-    async fn session(
+    /// Opens a Sync stream that starts with Hello: where to send, and what comes back.
+    async fn open(
         &self,
         channel: tonic::transport::Channel,
-        sink: &mut dyn MapSink,
-    ) -> Result<SessionEnd, ControlError> {
+        endpoints: &mut watch::Receiver<Reported>,
+    ) -> Result<(Outbound, tonic::Streaming<canopy_proto::v1::SyncResponse>), ControlError> {
         let mut client = AgentServiceClient::new(channel)
             .max_decoding_message_size(canopy_proto::MAX_ANSWER_BYTES);
         let (tx, rx) = mpsc::channel(8);
-        let mut endpoints = self.endpoints.clone();
-        tx.send(self.hello(&mut endpoints))
+        tx.send(self.hello(endpoints))
             .await
             .map_err(|_| ControlError::Protocol("outbound closed".into()))?;
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
@@ -371,11 +371,22 @@ impl ControlClient {
             req.metadata_mut().insert("canopy-peer", v);
         }
         let me = &self.enrollment;
-        let mut inbound = client
+        let inbound = client
             .sync(req)
             .await
             .map_err(|s| classify(s, me))?
             .into_inner();
+        Ok((tx, inbound))
+    }
+
+    async fn session(
+        &self,
+        channel: tonic::transport::Channel,
+        sink: &mut dyn MapSink,
+    ) -> Result<SessionEnd, ControlError> {
+        let mut endpoints = self.endpoints.clone();
+        let (tx, mut inbound) = self.open(channel, &mut endpoints).await?;
+        let me = &self.enrollment;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         // Whether anyone can still change the endpoints (a fixed list has no sender).
         let mut endpoints_live = true;
@@ -387,23 +398,15 @@ impl ControlClient {
                 m = inbound.message() => m,
                 Ok(()) = paths.changed() => {
                     let pairs = paths.borrow_and_update().clone();
-                    if pairs.is_empty() {
-                        continue;
-                    }
-                    let report = SyncRequest {
-                        msg: Some(sync_request::Msg::Paths(canopy_proto::v1::Paths { pairs })),
-                    };
-                    if tx.send(report).await.is_err() {
-                        return Ok(SessionEnd::Lost("outbound stream closed".into()));
+                    let report = sync_request::Msg::Paths(canopy_proto::v1::Paths { pairs });
+                    if !push(&tx, report).await {
+                        return Ok(closed());
                     }
                     continue;
                 }
                 Ok(peer_id) = asks.recv() => {
-                    let ask = SyncRequest {
-                        msg: Some(sync_request::Msg::Punch(PunchRequest { peer_id })),
-                    };
-                    if tx.send(ask).await.is_err() {
-                        return Ok(SessionEnd::Lost("outbound stream closed".into()));
+                    if !push(&tx, sync_request::Msg::Punch(PunchRequest { peer_id })).await {
+                        return Ok(closed());
                     }
                     continue;
                 }
@@ -414,14 +417,12 @@ impl ControlClient {
                     }
                     let now = endpoints.borrow_and_update().clone();
                     tracing::info!(endpoints = ?now.local, outside = ?now.outside, "reporting new endpoints");
-                    let report = SyncRequest {
-                        msg: Some(sync_request::Msg::Endpoints(Endpoints {
-                            endpoints: now.local,
-                            outside: now.outside,
-                        })),
-                    };
-                    if tx.send(report).await.is_err() {
-                        return Ok(SessionEnd::Lost("outbound stream closed".into()));
+                    let report = sync_request::Msg::Endpoints(Endpoints {
+                        endpoints: now.local,
+                        outside: now.outside,
+                    });
+                    if !push(&tx, report).await {
+                        return Ok(closed());
                     }
                     continue;
                 }
@@ -439,19 +440,10 @@ impl ControlClient {
             self.stats
                 .bytes
                 .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
-            // A relay ticket is no map change: kept, not acknowledged.
-            match msg.msg {
-                Some(sync_response::Msg::Relay(t)) => {
-                    self.relay.send_replace(Some(t));
-                    continue;
-                }
-                Some(sync_response::Msg::Punch(p)) => {
-                    let _ = self.punches.send(p);
-                    continue;
-                }
-                _ => {}
-            }
-            let revision = self.apply(msg.msg, sink)?;
+            let Some(update) = self.take_side(msg.msg) else {
+                continue;
+            };
+            let revision = self.apply(update, sink)?;
             self.connected.send_replace(true);
             let ack = SyncRequest {
                 msg: Some(sync_request::Msg::Ack(Ack { revision })),
@@ -459,6 +451,22 @@ impl ControlClient {
             if tx.send(ack).await.is_err() {
                 return Ok(SessionEnd::Lost("outbound stream closed".into()));
             }
+        }
+    }
+
+    /// Keeps what is no map change (a relay ticket, a hole punch: not acknowledged); returns
+    /// the rest (`None`: taken).
+    fn take_side(&self, m: Option<sync_response::Msg>) -> Option<Option<sync_response::Msg>> {
+        match m {
+            Some(sync_response::Msg::Relay(t)) => {
+                self.relay.send_replace(Some(t));
+                None
+            }
+            Some(sync_response::Msg::Punch(p)) => {
+                let _ = self.punches.send(p);
+                None
+            }
+            other => Some(other),
         }
     }
 
@@ -524,6 +532,20 @@ impl ControlClient {
         );
         Ok(m.revision)
     }
+}
+
+type Outbound = mpsc::Sender<SyncRequest>;
+
+/// Sends `m` on the stream (an empty path report is not sent); `false`: the stream is closed.
+async fn push(tx: &Outbound, m: sync_request::Msg) -> bool {
+    if matches!(&m, sync_request::Msg::Paths(p) if p.pairs.is_empty()) {
+        return true;
+    }
+    tx.send(SyncRequest { msg: Some(m) }).await.is_ok()
+}
+
+fn closed() -> SessionEnd {
+    SessionEnd::Lost("outbound stream closed".into())
 }
 
 /// Only the controller's typed "this peer was removed" answer, naming this very peer, is

@@ -3,6 +3,7 @@
 //! the map) bytes each way, last handshake age and whether it is relayed; packets dropped by
 //! reason; the map revision applied; whether the controller stream is up.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use canopy_proto::metrics::{Labels, put, put_family};
@@ -15,6 +16,7 @@ use canopy_proto::v1::NetworkMap;
 use tokio::sync::watch;
 
 use crate::dataplane::{self, Dataplane};
+use crate::engine::PeerStatus;
 
 pub struct AgentLive {
     pub dp: Arc<Dataplane>,
@@ -36,74 +38,85 @@ impl AgentLive {
     }
 }
 
+type Row = (Labels, u64);
+
+fn counters(v: Vec<Row>) -> Vec<(Labels, ConstCounter<u64>)> {
+    v.into_iter()
+        .map(|(l, n)| (l, ConstCounter::new(n)))
+        .collect()
+}
+
+fn gauges(v: Vec<Row>) -> Vec<(Labels, ConstGauge<i64>)> {
+    let g = |n: u64| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+    v.into_iter().map(|(l, n)| (l, g(n))).collect()
+}
+
+impl AgentLive {
+    /// The map's revision, and peer hostnames by key (the `peer` label; bounded by the map).
+    fn map_view(&self) -> (i64, HashMap<Vec<u8>, String>) {
+        let map = self.maps.borrow();
+        let m = map.as_ref();
+        let names = m.iter().flat_map(|m| &m.peers);
+        let names = names.map(|p| (p.public_key.clone(), p.hostname.clone()));
+        (m.map_or(0, |m| m.revision), names.collect())
+    }
+}
+
+/// The per-peer families.
+fn per_peer(
+    enc: &mut DescriptorEncoder,
+    peers: &[PeerStatus],
+    names: &HashMap<Vec<u8>, String>,
+) -> std::fmt::Result {
+    let label = |k: &[u8; 32]| -> Labels {
+        let name = names.get(k.as_slice()).cloned();
+        vec![("peer", name.unwrap_or_else(|| crate::keys::encode(k)))]
+    };
+    let rows = |f: &dyn Fn(&PeerStatus) -> Option<u64>| -> Vec<Row> {
+        let rows = peers
+            .iter()
+            .filter_map(|p| Some((label(&p.config.public_key), f(p)?)));
+        rows.collect()
+    };
+    let bytes = Some(&Unit::Bytes);
+    put_family(
+        enc,
+        "canopy_agent_peer_received",
+        "Bytes received from each peer",
+        bytes,
+        counters(rows(&|p| Some(p.rx_bytes))),
+    )?;
+    put_family(
+        enc,
+        "canopy_agent_peer_sent",
+        "Bytes sent to each peer",
+        bytes,
+        counters(rows(&|p| Some(p.tx_bytes))),
+    )?;
+    let age = rows(&|p| p.since_handshake.map(|d| d.as_secs()));
+    put_family(
+        enc,
+        "canopy_agent_peer_last_handshake",
+        "Time since the last handshake with each peer",
+        Some(&Unit::Seconds),
+        gauges(age),
+    )?;
+    let relayed = |p: &PeerStatus| p.config.endpoint.is_some_and(|e| dataplane::is_relayed(&e));
+    let relayed = rows(&|p| Some(u64::from(relayed(p))));
+    put_family(
+        enc,
+        "canopy_agent_peer_relayed",
+        "1 while a peer is reached through the relay",
+        None,
+        gauges(relayed),
+    )
+}
+
 impl Collector for AgentLive {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let (drops, peers) = self.dp.counters();
-        let (revision, names) = {
-            let map = self.maps.borrow();
-            let m = map.as_ref();
-            let names: std::collections::HashMap<Vec<u8>, String> = m
-                .iter()
-                .flat_map(|m| &m.peers)
-                .map(|p| (p.public_key.clone(), p.hostname.clone()))
-                .collect();
-            (m.map_or(0, |m| m.revision), names)
-        };
-        let peer = |k: &[u8; 32]| -> Labels {
-            let name = names.get(k.as_slice()).cloned();
-            vec![("peer", name.unwrap_or_else(|| crate::keys::encode(k)))]
-        };
-        let rows = |f: &dyn Fn(&crate::engine::PeerStatus) -> Option<u64>| {
-            let rows = peers
-                .iter()
-                .filter_map(|p| Some((peer(&p.config.public_key), f(p)?)));
-            rows.collect::<Vec<_>>()
-        };
-        let counters = |v: Vec<(Labels, u64)>| {
-            v.into_iter()
-                .map(|(l, n)| (l, ConstCounter::new(n)))
-                .collect()
-        };
-        let gauges = |v: Vec<(Labels, u64)>| {
-            v.into_iter()
-                .map(|(l, n)| (l, ConstGauge::new(n as i64)))
-                .collect()
-        };
-        let bytes = Some(&Unit::Bytes);
-        put_family(
-            &mut enc,
-            "canopy_agent_peer_received",
-            "Bytes received from each peer",
-            bytes,
-            counters(rows(&|p| Some(p.rx_bytes))),
-        )?;
-        put_family(
-            &mut enc,
-            "canopy_agent_peer_sent",
-            "Bytes sent to each peer",
-            bytes,
-            counters(rows(&|p| Some(p.tx_bytes))),
-        )?;
-        let age = rows(&|p| p.since_handshake.map(|d| d.as_secs()));
-        put_family(
-            &mut enc,
-            "canopy_agent_peer_last_handshake",
-            "Time since the last handshake with each peer",
-            Some(&Unit::Seconds),
-            gauges(age),
-        )?;
-        let relayed = rows(&|p| {
-            Some(u64::from(
-                p.config.endpoint.is_some_and(|e| dataplane::is_relayed(&e)),
-            ))
-        });
-        put_family(
-            &mut enc,
-            "canopy_agent_peer_relayed",
-            "1 while a peer is reached through the relay",
-            None,
-            gauges(relayed),
-        )?;
+        let (revision, names) = self.map_view();
+        per_peer(&mut enc, &peers, &names)?;
         let reasons = [
             ("spoofed", drops.spoofed),
             ("no_route", drops.no_route),
@@ -112,14 +125,14 @@ impl Collector for AgentLive {
         ];
         let dropped = reasons
             .iter()
-            .map(|(r, n)| (vec![("reason", (*r).to_string())], ConstCounter::new(*n)))
+            .map(|(r, n)| (vec![("reason", (*r).to_string())], *n))
             .collect();
         put_family(
             &mut enc,
             "canopy_agent_dropped_packets",
             "Packets the engine refused, by reason",
             None,
-            dropped,
+            counters(dropped),
         )?;
         put(
             &mut enc,

@@ -26,23 +26,9 @@ fn get(m: &HashMap<String, f64>, sample: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {sample} in {:?}", m.keys().collect::<Vec<_>>()))
 }
 
-#[test]
-fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
-    let lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("ctl");
-    let ctl_url = "http://192.0.2.254:9464/metrics";
-    let con = controller_with(&lab, dir.path(), &data, &["--metrics", "192.0.2.254:9464"]);
-    let join = network_with_token(&con, "m", "100.64.30.0/24", 2);
-    let metrics = ["--metrics", "127.0.0.1:9465"];
-    let a = start_agent_with(&lab, dir.path(), &join, "a", 1, &metrics);
-    let b = start_agent_with(&lab, dir.path(), &join, "b", 2, &metrics);
-    for n in [&a, &b] {
-        wait_until("the agents to see each other", || {
-            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
-        });
-    }
-    let c = scrape(&lab, &lab.hub, ctl_url);
+/// The controller's metrics once two agents enrolled and follow their maps.
+fn controller_counts(lab: &Lab, ctl_url: &str) {
+    let c = scrape(lab, &lab.hub, ctl_url);
     assert_eq!(get(&c, "canopy_enrollments_total{}"), 2.0);
     assert_eq!(get(&c, "canopy_sync_sessions{}"), 2.0);
     assert_eq!(get(&c, "canopy_leader{}"), 1.0);
@@ -67,10 +53,29 @@ fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
         .clone();
     let acked = rev.replace("_revision{", "_acked_revision_min{");
     wait_until("the agents to acknowledge the network's revision", || {
-        let c = scrape(&lab, &lab.hub, ctl_url);
+        let c = scrape(lab, &lab.hub, ctl_url);
         get(&c, &acked) == get(&c, &rev)
     });
     assert_eq!(get(&c, &rev.replace("_revision{", "_sync_sessions{")), 2.0);
+}
+
+#[test]
+fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let ctl_url = "http://192.0.2.254:9464/metrics";
+    let con = controller_with(&lab, dir.path(), &data, &["--metrics", "192.0.2.254:9464"]);
+    let join = network_with_token(&con, "m", "100.64.30.0/24", 2);
+    let metrics = ["--metrics", "127.0.0.1:9465"];
+    let a = start_agent_with(&lab, dir.path(), &join, "a", 1, &metrics);
+    let b = start_agent_with(&lab, dir.path(), &join, "b", 2, &metrics);
+    for n in [&a, &b] {
+        wait_until("the agents to see each other", || {
+            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
+        });
+    }
+    controller_counts(&lab, ctl_url);
 
     let agent_url = "http://127.0.0.1:9465/metrics";
     let before = scrape(&lab, &a.host.ns, agent_url);

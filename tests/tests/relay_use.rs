@@ -41,20 +41,11 @@ async fn arrivals(sock: &UdpSocket, within: Duration) -> usize {
     n
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relayed_bytes_count_against_the_plan_and_a_tenant_past_its_quota_is_refused() {
-    let cluster = Cluster::new();
-    let r = server::spawn(&ServeConfig {
-        store: Some(StoreSpec::Etcd(vec![cluster.etcd.endpoint.clone()])),
-        hosted: true,
-        operator_token: Some(OPERATOR.into()),
-        relay_flush: Duration::from_millis(200),
-        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), cluster.dir.path().into())
-    })
-    .await
-    .unwrap();
-    let (tenant, token) = signup(&r, "acme", "free").await;
-    let mut con = console_as(&r, &token).await;
+/// A tenant on the free plan with two peers bound at the controller's relay: its id and API
+/// token, the peers' sockets, and the Unix time their tickets were made at.
+async fn tenant_with_bound_pair(r: &Running) -> (String, String, UdpSocket, UdpSocket, u64) {
+    let (tenant, token) = signup(r, "acme", "free").await;
+    let mut con = console_as(r, &token).await;
     let join = JoinString::parse(&network_and_join(&mut con, "n", "100.64.0.0/24").await).unwrap();
     let (a_peer, _) = control::enroll(&join, [1; 32], "a").await.unwrap();
     control::enroll(&join, [2; 32], "b").await.unwrap();
@@ -82,6 +73,23 @@ async fn relayed_bytes_count_against_the_plan_and_a_tenant_past_its_quota_is_ref
             .unwrap();
         assert_eq!(arrivals(s, Duration::from_millis(300)).await, 1, "BOUND");
     }
+    (tenant, token, a, b, now)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_bytes_count_against_the_plan_and_a_tenant_past_its_quota_is_refused() {
+    let cluster = Cluster::new();
+    let r = server::spawn(&ServeConfig {
+        store: Some(StoreSpec::Etcd(vec![cluster.etcd.endpoint.clone()])),
+        hosted: true,
+        operator_token: Some(OPERATOR.into()),
+        relay_flush: Duration::from_millis(200),
+        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), cluster.dir.path().into())
+    })
+    .await
+    .unwrap();
+    let (tenant, token, a, b, now) = tenant_with_bound_pair(&r).await;
+    let relay_at = r.local_addr;
     let send = relay::wrap(true, &[2; 32], &[7u8; 1000]);
     // In rounds of ten: a burst of a hundred would overflow b's receive buffer.
     let mut arrived = 0;

@@ -101,42 +101,7 @@ pub(super) async fn join(
     client.controllers.extend(iface.controllers.iter().cloned());
     client.advertised_routes = offered_routes(&iface);
     client.exit_node = iface.exit_node.clone().unwrap_or_default();
-    let watcher = if iface.endpoints.is_empty() {
-        let local = dataplane::local_endpoints(&iface.interface, dp.listen_port());
-        let (tx, rx) = tokio::sync::watch::channel(Reported {
-            local,
-            outside: Vec::new(),
-        });
-        client.endpoints = rx;
-        let follow = follow_endpoints(Follow {
-            dp: dp.clone(),
-            iface: iface.interface.clone(),
-            state,
-            tx,
-            stun: controllers.clone(),
-            maps: client.maps(),
-            asks: client.punch_asks(),
-            paths: client.path_reports(),
-        });
-        Some(tokio::spawn(follow))
-    } else {
-        let fixed = Reported {
-            local: iface.endpoints,
-            outside: Vec::new(),
-        };
-        client.endpoints = tokio::sync::watch::channel(fixed).1;
-        None
-    };
-    let relay = tokio::spawn(take_relay_tickets(
-        dp.clone(),
-        client.relay_tickets(),
-        controllers.clone(),
-    ));
-    let punches = tokio::spawn(take_punches(dp.clone(), client.punches()));
-    let metrics = match iface.metrics {
-        Some(addr) => Some(serve_metrics(addr, &dp, &client).await?),
-        None => None,
-    };
+    let tasks = background(&iface, &dp, state, &controllers, &mut client).await?;
     let stop = async {
         tokio::select! {
             _ = shutdown_signal() => {}
@@ -144,7 +109,7 @@ pub(super) async fn join(
         }
     };
     let result = client.run(&mut sink, stop).await;
-    for t in watcher.into_iter().chain([relay, punches]).chain(metrics) {
+    for t in tasks {
         t.abort();
         let _ = t.await;
     }
@@ -159,6 +124,53 @@ pub(super) async fn join(
         Err(ControlError::Removed) => bail!("{}", ControlError::Removed),
         Err(e) => Err(e.into()),
     }
+}
+
+/// What runs beside the control stream: following this node's endpoints (unless fixed by
+/// `--endpoint`), relay tickets, hole punches, and `/metrics` if asked for.
+async fn background(
+    iface: &IfaceOpts,
+    dp: &Arc<Dataplane>,
+    state: StateDir,
+    controllers: &[std::net::SocketAddr],
+    client: &mut ControlClient,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    if iface.endpoints.is_empty() {
+        let local = dataplane::local_endpoints(&iface.interface, dp.listen_port());
+        let (tx, rx) = tokio::sync::watch::channel(Reported {
+            local,
+            outside: Vec::new(),
+        });
+        client.endpoints = rx;
+        let follow = follow_endpoints(Follow {
+            dp: dp.clone(),
+            iface: iface.interface.clone(),
+            state,
+            tx,
+            stun: controllers.to_vec(),
+            maps: client.maps(),
+            asks: client.punch_asks(),
+            paths: client.path_reports(),
+        });
+        tasks.push(tokio::spawn(follow));
+    } else {
+        let fixed = Reported {
+            local: iface.endpoints.clone(),
+            outside: Vec::new(),
+        };
+        client.endpoints = tokio::sync::watch::channel(fixed).1;
+    }
+    tasks.push(tokio::spawn(take_relay_tickets(
+        dp.clone(),
+        client.relay_tickets(),
+        controllers.to_vec(),
+    )));
+    tasks.push(tokio::spawn(take_punches(dp.clone(), client.punches())));
+    if let Some(addr) = iface.metrics {
+        tasks.push(serve_metrics(addr, dp, client).await?);
+    }
+    Ok(tasks)
 }
 
 /// The saved enrollment and map, or a new enrollment with the join string (once: a lost

@@ -9,6 +9,7 @@ mod hosted;
 pub mod listener;
 mod operator;
 pub mod relay;
+mod side;
 pub mod stun;
 mod udp;
 pub use config::ServeConfig;
@@ -225,18 +226,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     })?;
     let public_url = public_url(config, local_addr)?;
     let names = certificate_names(config, local_addr, &public_url)?;
-    let stun = match config.stun {
-        true => stun::bind(local_addr).await,
-        false => None,
-    };
-    let metrics = match config.metrics {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen { addr, source })?,
-        ),
-        None => None,
-    };
+    let (stun, metrics) = side_listeners(config, local_addr).await?;
     // First start is race-free for replicas sharing a data dir: one creates the CA and the
     // admin token under this lock, the others wait and read them.
     let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock"))
@@ -288,6 +278,27 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         relay_flush: config.relay_flush,
         metrics,
     })
+}
+
+/// The STUN/relay port (UDP at the gRPC address, unless turned off) and the `/metrics`
+/// listener (if asked for).
+async fn side_listeners(
+    config: &ServeConfig,
+    local_addr: SocketAddr,
+) -> Result<(Option<tokio::net::UdpSocket>, Option<TcpListener>), ServeError> {
+    let stun = match config.stun {
+        true => stun::bind(local_addr).await,
+        false => None,
+    };
+    let metrics = match config.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    Ok((stun, metrics))
 }
 
 /// gRPC health, every service serving.
@@ -365,37 +376,7 @@ pub async fn serve(
             let _ = bg_stopped.await;
         },
     ));
-    let mut side = vec![tokio::spawn(crate::service::punch::follow(ctl.clone()))];
-    let mut relay = None;
-    if let Some(sock) = p.stun {
-        relay = (!ctl.relay_secret.is_empty()).then(|| {
-            let r = relay::Relay::new(ctl.relay_secret.to_vec(), p.relay_rate);
-            Arc::new(std::sync::Mutex::new(r))
-        });
-        if let Some(r) = &relay {
-            let count = crate::service::relayuse::follow(ctl.clone(), r.clone(), p.relay_flush);
-            side.push(tokio::spawn(count));
-        }
-        let clock = ctl.clock.clone();
-        side.push(tokio::spawn(udp::serve(
-            Arc::new(sock),
-            clock,
-            relay.clone(),
-        )));
-    }
-    if let Some(l) = p.metrics {
-        let live = crate::metrics::Live {
-            ctl: ctl.clone(),
-            relay,
-        };
-        let registry = Arc::new(ctl.metrics.registry(live));
-        let serve = canopy_proto::metrics::serve(l, registry, std::future::pending());
-        side.push(tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                tracing::warn!(error = %e, "the metrics listener stopped");
-            }
-        }));
-    }
+    let side = side::spawn(&ctl, p.stun, p.metrics, p.relay_rate, p.relay_flush);
     let shutdown = async move {
         shutdown.await;
         ctl.begin_shutdown();
