@@ -112,4 +112,40 @@ fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
     );
     let now = get(&scrape(&lab, &b.host.ns, agent_url), no_route);
     assert!(now >= was + 3.0, "no-route drops {was} → {now}");
+    dashboard_names_exist(&[
+        scrape(&lab, &lab.hub, "http://192.0.2.254:9464/metrics"),
+        scrape(&lab, &a.host.ns, agent_url),
+    ]);
+}
+
+/// Every metric the Grafana dashboard in deploy/ queries is one the endpoints serve.
+fn dashboard_names_exist(scrapes: &[HashMap<String, f64>]) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/monitoring/grafana-dashboard.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let served: std::collections::HashSet<&str> = scrapes
+        .iter()
+        .flat_map(|m| m.keys())
+        .map(|k| k.split('{').next().unwrap())
+        .collect();
+    let mut queried: Vec<&str> = text
+        .match_indices("canopy_")
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            &rest[..end.unwrap_or(rest.len())]
+        })
+        .filter(|n| n.contains('_') && *n != "canopy_")
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() > 10, "{queried:?}");
+    for n in queried {
+        assert!(
+            served.contains(n),
+            "the dashboard queries {n}, which no endpoint serves"
+        );
+    }
 }
