@@ -3,6 +3,7 @@
 //! gateway does (Linux MASQUERADE: address-and-port-dependent filtering, ports kept when
 //! free).
 
+use crate::controller::{Node, peers_seen, spawn_agent, wait_until};
 use crate::netns::{Host, Lab};
 
 /// Puts `inside` behind router `router` (a host on the lab bridge): `inside` loses its own
@@ -73,6 +74,11 @@ fn masquerade(lab: &Lab, router: &Host, extra: &str) {
     lab.ok(&router.ns, &["nft", "add", "table", "ip", "nat"]);
     let chain = "add chain ip nat post { type nat hook postrouting priority srcnat; }";
     lab.ok(&router.ns, &["nft", chain]);
+    masquerade_rule(lab, router, extra);
+}
+
+/// The masquerade rule for what leaves `router` by its bridge link, with `extra` appended.
+fn masquerade_rule(lab: &Lab, router: &Host, extra: &str) {
     let mut rule = vec![
         "nft",
         "add",
@@ -119,18 +125,40 @@ pub fn drop_unsolicited(lab: &Lab, router: &Host) {
 /// scrambled ports (`fully-random`) relaxed. Mappings it made stay until they expire.
 pub fn relax(lab: &Lab, router: &Host) {
     lab.ok(&router.ns, &["nft", "flush", "chain", "ip", "nat", "post"]);
-    lab.ok(
-        &router.ns,
-        &[
-            "nft",
-            "add",
-            "rule",
-            "ip",
-            "nat",
-            "post",
-            "oifname",
-            &router.dev,
-            "masquerade",
-        ],
-    );
+    masquerade_rule(lab, router, "");
+}
+
+/// How [`natted_pair`] puts its two agents behind their routers.
+pub struct Nats {
+    /// Appended to each router's masquerade rule ("" or "fully-random").
+    pub extra: [&'static str; 2],
+    /// Whether the routers drop unsolicited inbound ([`drop_unsolicited`]).
+    pub firewalled: bool,
+}
+
+/// Agents `a` (host 3, behind router host 2) and `b` (host 5, behind router host 4) joined
+/// with `join`, started once the routers are set up; returns when each sees the other:
+/// (a, b, a's router, b's router) and when the agents were started.
+pub fn natted_pair(
+    lab: &Lab,
+    dir: &std::path::Path,
+    join: &str,
+    nats: Nats,
+) -> (Node, Node, Host, Host, std::time::Instant) {
+    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
+    behind_nat(lab, &r1, &in1, 1, nats.extra[0]);
+    behind_nat(lab, &r2, &in2, 2, nats.extra[1]);
+    if nats.firewalled {
+        drop_unsolicited(lab, &r1);
+        drop_unsolicited(lab, &r2);
+    }
+    let t = std::time::Instant::now();
+    let a = spawn_agent(lab, dir, join, "a", in1, &[]);
+    let b = spawn_agent(lab, dir, join, "b", in2, &[]);
+    for n in [&a, &b] {
+        wait_until("the agents to see each other", || {
+            peers_seen(lab, n).is_some_and(|p| p.len() == 1)
+        });
+    }
+    (a, b, r1, r2, t)
 }

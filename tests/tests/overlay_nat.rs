@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use canopy_tests::controller::*;
-use canopy_tests::nat::{behind_nat, drop_unsolicited, relax};
+use canopy_tests::nat::{Nats, behind_nat, natted_pair, relax};
 use canopy_tests::netns::Lab;
 
 /// A peer behind a NAT learns its outside address (the router's, by STUN on its WireGuard
@@ -88,17 +88,11 @@ fn two_peers_behind_their_own_nats_connect_within_10_s() {
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
     let join = network_with_token(&con, "nat", "100.64.21.0/24", 3);
-    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
-    behind_nat(&lab, &r1, &in1, 1, "");
-    behind_nat(&lab, &r2, &in2, 2, "");
-    let t = Instant::now();
-    let a = spawn_agent(&lab, dir.path(), &join, "a", in1, &[]);
-    let b = spawn_agent(&lab, dir.path(), &join, "b", in2, &[]);
-    for n in [&a, &b] {
-        wait_until("the agents to see each other", || {
-            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
-        });
-    }
+    let nats = Nats {
+        extra: ["", ""],
+        firewalled: false,
+    };
+    let (a, b, _, _, t) = natted_pair(&lab, dir.path(), &join, nats);
     let ba = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
     assert!(
         lab.ping(&a.host.ns, &ba, Duration::from_secs(10)),
@@ -228,19 +222,11 @@ fn two_peers_behind_home_routers_punch_through_to_a_direct_path() {
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
     let join = network_with_token(&con, "nat", "100.64.24.0/24", 3);
-    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
-    behind_nat(&lab, &r1, &in1, 1, "");
-    behind_nat(&lab, &r2, &in2, 2, "");
-    drop_unsolicited(&lab, &r1);
-    drop_unsolicited(&lab, &r2);
-    let t = Instant::now();
-    let a = spawn_agent(&lab, dir.path(), &join, "a", in1, &[]);
-    let b = spawn_agent(&lab, dir.path(), &join, "b", in2, &[]);
-    for n in [&a, &b] {
-        wait_until("the agents to see each other", || {
-            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
-        });
-    }
+    let nats = Nats {
+        extra: ["", ""],
+        firewalled: true,
+    };
+    let (a, b, r1, r2, t) = natted_pair(&lab, dir.path(), &join, nats);
     let ba = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
     assert!(lab.ping(&a.host.ns, &ba, Duration::from_secs(10)));
     println!("a → b {:?} after the agents started", t.elapsed());
@@ -278,19 +264,11 @@ fn a_port_scrambling_nat_is_relayed_then_goes_direct_once_relaxed() {
     let data = dir.path().join("ctl");
     let con = controller(&lab, dir.path(), &data);
     let join = network_with_token(&con, "nat", "100.64.25.0/24", 3);
-    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
-    behind_nat(&lab, &r1, &in1, 1, "");
-    behind_nat(&lab, &r2, &in2, 2, "fully-random");
-    drop_unsolicited(&lab, &r1);
-    drop_unsolicited(&lab, &r2);
-    let t = Instant::now();
-    let a = spawn_agent(&lab, dir.path(), &join, "a", in1, &[]);
-    let b = spawn_agent(&lab, dir.path(), &join, "b", in2, &[]);
-    for n in [&a, &b] {
-        wait_until("the agents to see each other", || {
-            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
-        });
-    }
+    let nats = Nats {
+        extra: ["", "fully-random"],
+        firewalled: true,
+    };
+    let (a, b, _, r2, t) = natted_pair(&lab, dir.path(), &join, nats);
     let ba = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
     assert!(lab.ping(&a.host.ns, &ba, Duration::from_secs(5)));
     let connected = t.elapsed();
@@ -355,18 +333,11 @@ fn a_relayed_pair_fails_over_to_another_relay_when_its_relay_dies() {
         &dir.path().join("relay.log"),
     );
     let join = network_with_token(&con, "nat", "100.64.26.0/24", 3);
-    let (r1, in1, r2, in2) = (lab.host(2), lab.host(3), lab.host(4), lab.host(5));
-    behind_nat(&lab, &r1, &in1, 1, "");
-    behind_nat(&lab, &r2, &in2, 2, "fully-random");
-    drop_unsolicited(&lab, &r1);
-    drop_unsolicited(&lab, &r2);
-    let a = spawn_agent(&lab, dir.path(), &join, "a", in1, &[]);
-    let b = spawn_agent(&lab, dir.path(), &join, "b", in2, &[]);
-    for n in [&a, &b] {
-        wait_until("the agents to see each other", || {
-            peers_seen(&lab, n).is_some_and(|p| p.len() == 1)
-        });
-    }
+    let nats = Nats {
+        extra: ["", "fully-random"],
+        firewalled: true,
+    };
+    let (a, b, _, _, _) = natted_pair(&lab, dir.path(), &join, nats);
     let ba = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
     assert!(lab.ping(&a.host.ns, &ba, WAIT));
     wait_until("a relayed path", || path_why(&lab, &a).0 == "relayed");
