@@ -405,3 +405,49 @@ async fn a_reconnect_storm_is_paced_and_every_agent_gets_back() {
         a.stop().await;
     }
 }
+
+/// A change that has nothing for an agent (its own endpoints, here) is not sent to it, yet the
+/// agent counts as current through it: its acknowledged revision reaches the network's, which
+/// is what `peer list` and the convergence metrics compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_nothing_to_apply_is_current_through_the_networks_revision() {
+    let c = TestController::start().await;
+    c.network("n", &["100.64.0.0/24"]).await;
+    let join = c.token("n", 0).await;
+    let first = canopy_agent::control::Reported {
+        local: vec!["192.0.2.10:51820".into()],
+        outside: vec![],
+    };
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    let _a = TestAgent::join_configured(&join, "a", |cl| cl.endpoints = rx)
+        .await
+        .unwrap();
+    let current = || async {
+        let nets = c
+            .console()
+            .await
+            .list_networks(ListNetworksRequest {})
+            .await;
+        let rev = nets.unwrap().into_inner().networks[0].revision;
+        (rev, c.peers("n").await[0].acked_revision)
+    };
+    for round in 0..3 {
+        let moved = format!("192.0.2.{}:51820", 20 + round);
+        tx.send_replace(canopy_agent::control::Reported {
+            local: vec![moved],
+            outside: vec![],
+        });
+        let t = std::time::Instant::now();
+        loop {
+            let (rev, acked) = current().await;
+            if acked == rev {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "acked {acked} of {rev}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -180,6 +180,8 @@ async fn session(
         path_writes: crate::pacing::TokenBucket::with_rate(0.1, 3),
         changes,
         sent: hello.known_revision,
+        acked: 0,
+        quiet_through: 0,
         gateway: None,
         renew: tokio::time::interval_at(tokio::time::Instant::now() + renew, renew),
         ticket_due: tokio::time::Instant::now(),
@@ -240,6 +242,10 @@ struct Live<'a> {
     changes: tokio::sync::watch::Receiver<crate::store::Revision>,
     /// The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
     sent: crate::store::Revision,
+    /// The last revision the agent acknowledged.
+    acked: crate::store::Revision,
+    /// The newest revision whose delta had nothing for this agent (not sent).
+    quiet_through: crate::store::Revision,
     /// As a gateway: the holder id of the live record this session keeps.
     gateway: Option<String>,
     renew: tokio::time::Interval,
@@ -315,7 +321,16 @@ impl Live<'_> {
                     self.sent = d.revision;
                     Some(sync_response::Msg::Delta(d))
                 }
-                Some(Update::Delta(_)) => None,
+                Some(Update::Delta(d)) => {
+                    // Nothing in it for this agent: once it holds what was sent, it is current
+                    // through this revision too.
+                    self.quiet_through = d.revision;
+                    if self.acked == self.sent {
+                        let (peer, n) = (&self.id.peer_id, self.number);
+                        self.ctl.sessions.ack(peer, n, d.revision);
+                    }
+                    None
+                }
             });
         }
     }
@@ -346,7 +361,13 @@ impl Live<'_> {
                                 a.revision, self.sent
                             )));
                         }
-                        ctl.sessions.ack(&id.peer_id, self.number, a.revision);
+                        self.acked = a.revision;
+                        // Current through the changes that had nothing for it, too.
+                        let through = match a.revision == self.sent {
+                            true => a.revision.max(self.quiet_through),
+                            false => a.revision,
+                        };
+                        ctl.sessions.ack(&id.peer_id, self.number, through);
                         if self.gateway.is_none() && a.revision == self.sent {
                             self.keep_live(true).await;
                         }
