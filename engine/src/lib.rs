@@ -199,6 +199,8 @@ impl Engine {
                         quiet: Vec::new(),
                         punch_until: None,
                         initiated: false,
+                        waiting_since: None,
+                        retried_early: false,
                         heard: None,
                         probed: None,
                         probe_gap: peer::PROBE_UP,
@@ -559,6 +561,7 @@ impl Engine {
             }
             peer.punch_probe(now, out);
             peer.probe_up(now, out);
+            peer.early_retry(now, out);
         }
     }
 }

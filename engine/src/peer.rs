@@ -62,6 +62,10 @@ pub(crate) struct Peer {
     pub(crate) punch_until: Option<Instant>,
     /// A handshake initiation went out (it may still wait for an answer).
     pub(crate) initiated: bool,
+    /// When a timer tick first saw that initiation unanswered, and whether it was sent again
+    /// early (once: WireGuard's own retry comes 5 s on).
+    pub(crate) waiting_since: Option<Instant>,
+    pub(crate) retried_early: bool,
     /// When an authenticated packet last came from the endpoint.
     pub(crate) heard: Option<Instant>,
     /// When better candidates were last probed, and the wait before the next probe (doubling
@@ -79,6 +83,9 @@ const ROAM_HOLD: Duration = Duration::from_secs(5);
 /// probed at the better ones, and how far apart probes get while those stay silent.
 pub const PROBE_UP: Duration = Duration::from_secs(2);
 pub const PROBE_MAX: Duration = Duration::from_secs(64);
+
+/// How long a handshake waits for an answer before it is sent again early (once).
+pub const EARLY_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a hole punch probes a peer's quiet candidates (every timer tick).
 pub const PUNCH_WINDOW: Duration = Duration::from_secs(3);
@@ -115,6 +122,30 @@ impl Peer {
                 self.send(off, n, out);
             }
             _ => out.keep(off, 0),
+        }
+    }
+
+    /// For a peer with other candidates (a managed one: the relay among them), a handshake
+    /// unanswered for [`EARLY_RETRY`] is sent again once, to every candidate, before WireGuard's
+    /// own retry at 5 s: the first may have gone to the relay before the other side was bound
+    /// there. A peer with its endpoint only keeps WireGuard's timers exactly. A session ends
+    /// the wait.
+    pub(crate) fn early_retry(&mut self, now: Instant, out: &mut Outbox) {
+        if self.tunn.time_since_last_handshake().is_some() {
+            (self.initiated, self.waiting_since, self.retried_early) = (false, None, false);
+            return;
+        }
+        let others = self
+            .candidates
+            .iter()
+            .any(|c| Some(*c) != self.config.endpoint);
+        if !self.initiated || self.retried_early || !others {
+            return;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= EARLY_RETRY {
+            self.retried_early = true;
+            self.retry_handshake(out);
         }
     }
 

@@ -386,3 +386,37 @@ fn a_waiting_handshake_goes_to_a_candidate_added_later_at_once() {
     let init: Vec<Vec<u8>> = out.net_packets().take(1).map(|(_, d)| d.to_vec()).collect();
     assert_eq!(init[0].len(), 148, "a handshake initiation");
 }
+
+#[test]
+fn an_unanswered_handshake_to_a_managed_peer_is_sent_again_once_after_a_second() {
+    let mut p = Pair::new(&["10.0.0.2/32"]);
+    let cfg = peer_of(key(2), "198.51.100.9:9", &["10.0.0.2/32"]);
+    let k = cfg.public_key;
+    p.a.set_peer(cfg);
+    let relay: SocketAddr = "192.0.2.250:1".parse().unwrap();
+    p.a.set_candidates(&k, vec!["198.51.100.9:9".parse().unwrap(), relay]);
+    let mut out = Outbox::default();
+    p.a.handle_tun(
+        p.now,
+        [ipv4("10.0.0.1", "10.0.0.2", b"hi").as_slice()],
+        &mut out,
+    );
+    // Initiations to the relay (each goes to the endpoint as well).
+    let initiations = |out: &Outbox| {
+        out.net_packets()
+            .filter(|(to, d)| *to == relay && d.len() == 148 && d[0] == 1)
+            .count()
+    };
+    assert_eq!(initiations(&out), 1);
+    let mut sent_again = 0;
+    for _ in 0..12 {
+        p.advance(Duration::from_millis(250));
+        out.clear();
+        p.a.handle_timeout(p.now, &mut out);
+        sent_again += initiations(&out);
+    }
+    assert_eq!(
+        sent_again, 1,
+        "once within 3 s (WireGuard's own retry is at 5 s)"
+    );
+}
