@@ -226,6 +226,20 @@ fn a_handshake_goes_to_every_candidate_and_the_one_that_answers_becomes_the_endp
     assert_eq!(out.net_packets().count(), 1);
 }
 
+/// B takes A's handshake initiation `init` (from A's address); its answer reaches A from
+/// `relay`, into `out`: the handshake completes through the relay.
+fn answer_through(p: &mut Pair, init: &[Vec<u8>], relay: SocketAddr, out: &mut Outbox) {
+    let mut at_b = Outbox::default();
+    p.b.handle_network(
+        p.now,
+        init.iter().map(|d| (p.a_addr, d.as_slice())),
+        &mut at_b,
+    );
+    let answer: Vec<Vec<u8>> = at_b.net_packets().map(|(_, d)| d.to_vec()).collect();
+    out.clear();
+    p.a.handle_network(p.now, answer.iter().map(|d| (relay, d.as_slice())), out);
+}
+
 #[test]
 fn a_peer_reached_by_a_worse_path_is_probed_at_the_better_one_and_stays_there() {
     let mut p = Pair::new(&["10.0.0.2/32"]);
@@ -242,23 +256,11 @@ fn a_peer_reached_by_a_worse_path_is_probed_at_the_better_one_and_stays_there() 
         &mut out,
     );
     let init: Vec<Vec<u8>> = out.net_packets().take(1).map(|(_, d)| d.to_vec()).collect();
-    let mut at_b = Outbox::default();
-    p.b.handle_network(
-        p.now,
-        init.iter().map(|d| (p.a_addr, d.as_slice())),
-        &mut at_b,
-    );
-    let answer: Vec<Vec<u8>> = at_b.net_packets().map(|(_, d)| d.to_vec()).collect();
-    out.clear();
-    p.a.handle_network(
-        p.now,
-        answer.iter().map(|d| (relay, d.as_slice())),
-        &mut out,
-    );
+    answer_through(&mut p, &init, relay, &mut out);
     assert_eq!(endpoint(&p), Some(relay));
     // The queued packet follows through the relay; B, confirmed, may send now.
     let queued: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
-    at_b.clear();
+    let mut at_b = Outbox::default();
     p.b.handle_network(
         p.now,
         queued.iter().map(|d| (p.a_addr, d.as_slice())),
@@ -319,19 +321,7 @@ fn quiet_candidates_are_probed_only_while_a_punch_is_on() {
     );
     // Through the relay: B answers, A's queued packet follows.
     let init: Vec<Vec<u8>> = out.net_packets().map(|(_, d)| d.to_vec()).collect();
-    let mut at_b = Outbox::default();
-    p.b.handle_network(
-        p.now,
-        init.iter().map(|d| (p.a_addr, d.as_slice())),
-        &mut at_b,
-    );
-    let answer: Vec<Vec<u8>> = at_b.net_packets().map(|(_, d)| d.to_vec()).collect();
-    out.clear();
-    p.a.handle_network(
-        p.now,
-        answer.iter().map(|d| (relay, d.as_slice())),
-        &mut out,
-    );
+    answer_through(&mut p, &init, relay, &mut out);
     assert_eq!(endpoint(&p), Some(relay));
     p.advance(Duration::from_secs(6));
     out.clear();

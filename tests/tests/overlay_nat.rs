@@ -62,17 +62,9 @@ fn a_peer_behind_nat_reports_its_outside_address_and_reaches_a_public_peer_direc
         "direct both ways {:?} after the agents started",
         started.elapsed()
     );
-    wait_until("status to say direct", || path(&lab, &public) == "direct");
-}
-
-/// The path `n`'s status reports to its one peer ("direct", "relayed"; "" before the agent
-/// wrote its counters).
-fn path(lab: &Lab, n: &Node) -> String {
-    let s = status(lab, &n.host.ns, &n.state).unwrap_or_default();
-    s["peers"][0]["path"]["path"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
+    wait_until("status to say direct", || {
+        path_why(&lab, &public).0 == "direct"
+    });
 }
 
 /// Two peers each behind its own bare MASQUERADE router (no input firewall). They meet through
@@ -102,9 +94,9 @@ fn two_peers_behind_their_own_nats_connect_within_10_s() {
     let eps = lab.wg(&a.host.ns, &a.iface, "endpoints");
     println!("a's endpoint for b: {eps}");
     wait_until("status to say how a reaches b", || {
-        !path(&lab, &a).is_empty()
+        !path_why(&lab, &a).0.is_empty()
     });
-    println!("a reaches b: {}", path(&lab, &a));
+    println!("a reaches b: {}", path_why(&lab, &a).0);
     let ab = addr(&status(&lab, &a.host.ns, &a.state).unwrap(), 0);
     assert!(lab.ping(&b.host.ns, &ab, Duration::from_secs(5)), "b → a");
 }
@@ -133,7 +125,7 @@ fn two_peers_behind_one_nat_use_their_lan_addresses() {
         lab.wg(&a.host.ns, &a.iface, "endpoints")
             .contains("10.93.0.3:")
     });
-    wait_until("status to say direct", || path(&lab, &a) == "direct");
+    wait_until("status to say direct", || path_why(&lab, &a).0 == "direct");
 }
 
 /// The path `n`'s status reports to its peer named `host`.

@@ -169,14 +169,22 @@ fn endpoints_text(p: &Peer) -> String {
 /// Each peer's paths to the others, one line a pair: "web → db: direct 192.0.2.7:51820,
 /// handshake 12 s ago" or "relayed (not direct: …)".
 pub fn paths(peers: &[Peer]) {
+    println!();
+    for line in path_lines(peers) {
+        println!("{line}");
+    }
+}
+
+/// The lines [`paths`] prints, escaped: hostnames and reasons come from agents.
+fn path_lines(peers: &[Peer]) -> Vec<String> {
     let name: std::collections::HashMap<&str, &str> = peers
         .iter()
         .map(|p| (p.id.as_str(), p.hostname.as_str()))
         .collect();
-    println!();
+    let mut out = Vec::new();
     for p in peers {
         if p.paths_at_unix == 0 {
-            println!("{}: no paths reported", p.hostname);
+            out.push(format!("{}: no paths reported", p.hostname));
             continue;
         }
         for x in &p.paths {
@@ -190,9 +198,15 @@ pub fn paths(peers: &[Peer]) {
             } else {
                 format!(" (not direct: {})", x.why)
             };
-            println!("{} → {to}: {} {}{why}, {hs}", p.hostname, x.path, x.via);
+            out.push(format!(
+                "{} → {to}: {} {}{why}, {hs}",
+                p.hostname, x.path, x.via
+            ));
         }
     }
+    out.iter()
+        .map(|l| canopy_proto::text::escape(l).into_owned())
+        .collect()
 }
 
 pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {
@@ -427,6 +441,42 @@ pub fn audit(json: bool, entries: &[AuditEntry]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn path_lines_name_the_peers_and_escape_what_agents_reported() {
+        use super::{Peer, path_lines};
+        use canopy_proto::v1::PairPath;
+        let pair = |to: &str, why: &str| PairPath {
+            peer_id: to.into(),
+            path: "relayed".into(),
+            why: why.into(),
+            last_handshake_secs: 3,
+            ..Default::default()
+        };
+        let peers = [
+            Peer {
+                id: "peer_a".into(),
+                hostname: "a".into(),
+                paths: vec![pair("peer_b", "no answer\x1b[2J")],
+                paths_at_unix: 1,
+                ..Default::default()
+            },
+            Peer {
+                id: "peer_b".into(),
+                hostname: "b".into(),
+                ..Default::default()
+            },
+        ];
+        let lines = path_lines(&peers);
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines[0].starts_with("a → b: relayed  (not direct: no answer"),
+            "{}",
+            lines[0]
+        );
+        assert!(!lines[0].contains('\x1b'), "{:?}", lines[0]);
+        assert_eq!(lines[1], "b: no paths reported");
+    }
+
     #[test]
     fn tables_align_by_display_width_and_escape_every_cell() {
         let rows = vec![
