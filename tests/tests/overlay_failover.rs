@@ -153,6 +153,9 @@ fn when_the_primary_gateway_dies_traffic_resumes_through_the_other_and_stays_the
         lab.ping(&client.host.ns, "10.20.0.5", WAIT),
         "client → site"
     );
+    // Both live first: the primary is the one live longest, which may change until the
+    // second gateway's record lands (it may have started its session earlier).
+    wait_until("both gateways live", || ids.iter().all(|id| live(&con, id)));
     let first = primary(&con).unwrap();
     let (dead, other) = if first == ids[0] { (0, 1) } else { (1, 0) };
 
