@@ -258,7 +258,7 @@ impl Cache {
                         if let Some(n) = self.decode::<NetworkRecord>(&e.kv.key, &e.kv.value) {
                             st.networks
                                 .entry(id.to_string())
-                                .and_modify(|s| s.network = n.clone())
+                                .and_modify(|s| s.set_network(n.clone(), rev))
                                 .or_insert_with(|| NetState::new(n, rev));
                         }
                     }
@@ -348,10 +348,10 @@ impl Cache {
         st.networks.get(network).is_some_and(|s| s.is_live(peer))
     }
 
-    /// The CIDRs of `network`.
-    pub fn network_cidrs(&self, network: &str) -> Option<Vec<String>> {
+    /// The record of `network`.
+    pub fn network(&self, network: &str) -> Option<NetworkRecord> {
         let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
-        st.networks.get(network).map(|s| s.network.cidrs.clone())
+        st.networks.get(network).map(|s| s.network.clone())
     }
 
     /// Whether route `id` of `network` carries its prefix now.

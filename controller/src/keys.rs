@@ -16,6 +16,7 @@
 //!                                    are exact from its revision on (no deletion is unknown)
 //! ipam/<network>/<address>           IndexRecord(peer id): an address is claimed create-if-absent
 //! pubkeys/<network>/<key hex>        IndexRecord(peer id): a key joins a network once
+//! dnsnames/<network>/<label>        IndexRecord(peer id): a DNS name is claimed create-if-absent
 //! credentials/<sha256 hex>           IndexRecord("<network>/<peer>"): agent Sync credential; after
 //!                                    removal marked removed_at_unix (pruned after a retention)
 //! tokens/<tenant>/<token>            JoinTokenRecord
@@ -70,6 +71,12 @@ pub fn ipams(network: &str) -> String {
 }
 pub fn ipam(network: &str, addr: &std::net::IpAddr) -> String {
     format!("{ROOT}ipam/{network}/{addr}")
+}
+pub fn dnsnames(network: &str) -> String {
+    format!("{ROOT}dnsnames/{network}/")
+}
+pub fn dnsname(network: &str, label: &str) -> String {
+    format!("{ROOT}dnsnames/{network}/{label}")
 }
 pub fn pubkeys(network: &str) -> String {
     format!("{ROOT}pubkeys/{network}/")

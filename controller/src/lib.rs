@@ -25,6 +25,7 @@ pub mod keys;
 pub mod leader;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod netmap;
 pub mod pacing;
 pub mod plans;

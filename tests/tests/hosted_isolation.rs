@@ -97,6 +97,7 @@ fn cases(
         (Call::GetNetwork, net.to_string(), "net_0000000000000000"),
         (Call::GetNetwork, "shared-name".to_string(), "no-such-name"),
         (Call::DeleteNetwork, net.to_string(), "net_0000000000000000"),
+        (Call::SetNetworkDns, net.to_string(), "net_0000000000000000"),
         (
             Call::CreateJoinToken,
             net.to_string(),
@@ -149,6 +150,7 @@ fn cases(
 enum Call {
     GetNetwork,
     DeleteNetwork,
+    SetNetworkDns,
     CreateJoinToken,
     ListJoinTokens,
     RevokeJoinToken,
@@ -230,6 +232,13 @@ async fn call_more(a: &mut Client, call: Call, id: String) -> String {
                 exit_node: String::new(),
             };
             missing(&what, a.set_exit_node(req).await)
+        }
+        Call::SetNetworkDns => {
+            let req = SetNetworkDnsRequest {
+                network: id,
+                domain: "stolen.example".into(),
+            };
+            missing(&what, a.set_network_dns(req).await)
         }
         Call::GetPolicy => missing(&what, a.get_policy(GetPolicyRequest { network: id }).await),
         Call::SetPolicy => {

@@ -122,6 +122,14 @@ pub enum NetworkCmd {
     Delete {
         network: String,
     },
+    /// Put the network's peer names under another DNS zone: peers resolve each other as
+    /// NAME.ZONE (default: NETWORK.canopy).
+    SetDns {
+        network: String,
+        /// The zone, e.g. corp.canopy; "" goes back to NETWORK.canopy.
+        #[arg(long)]
+        domain: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -365,6 +373,11 @@ async fn network(conn: &ConnOpts, json: bool, c: NetworkCmd) -> anyhow::Result<(
                 ),
                 serde_json::json!({"deleted": network, "peers_removed": r.peers_removed}),
             )
+        }
+        NetworkCmd::SetDns { network, domain } => {
+            let req = SetNetworkDnsRequest { network, domain };
+            let n = reply(cl.set_network_dns(req).await)?;
+            output::networks(json, &[n], true)
         }
     }
 }

@@ -67,7 +67,8 @@ fn time(unix: i64) -> String {
 }
 
 fn network_json(n: &Network) -> Value {
-    json!({"id": n.id, "name": n.name, "cidrs": n.cidrs, "created_at": n.created_at_unix, "revision": n.revision})
+    json!({"id": n.id, "name": n.name, "cidrs": n.cidrs, "created_at": n.created_at_unix, "revision": n.revision,
+           "dns_domain": n.dns_domain})
 }
 
 pub fn networks(json: bool, nets: &[Network], single: bool) -> anyhow::Result<()> {
@@ -79,13 +80,14 @@ pub fn networks(json: bool, nets: &[Network], single: bool) -> anyhow::Result<()
         });
     }
     table(
-        &["ID", "NAME", "CIDRS", "CREATED"],
+        &["ID", "NAME", "CIDRS", "DNS", "CREATED"],
         nets.iter()
             .map(|n| {
                 vec![
                     n.id.clone(),
                     n.name.clone(),
                     n.cidrs.join(","),
+                    n.dns_domain.clone(),
                     time(n.created_at_unix),
                 ]
             })
@@ -144,7 +146,7 @@ pub fn join_string(json: bool, t: Option<&JoinToken>, join: &str) -> anyhow::Res
 
 fn peer_json(p: &Peer) -> Value {
     use base64::Engine as _;
-    json!({"id": p.id, "network_id": p.network_id, "hostname": p.hostname,
+    json!({"id": p.id, "network_id": p.network_id, "hostname": p.hostname, "dns_name": p.dns_name,
            "public_key": base64::engine::general_purpose::STANDARD.encode(&p.public_key),
            "addresses": p.addresses, "endpoints": p.endpoints, "tags": p.tags,
            "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix,
@@ -217,6 +219,7 @@ pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {
         &[
             "ID",
             "HOSTNAME",
+            "DNS",
             "ADDRESSES",
             "ENDPOINTS",
             "STATUS",
@@ -228,6 +231,7 @@ pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {
                 vec![
                     p.id.clone(),
                     p.hostname.clone(),
+                    p.dns_name.clone(),
                     p.addresses.join(","),
                     endpoints_text(p),
                     if p.online {

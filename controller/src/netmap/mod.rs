@@ -6,15 +6,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use canopy_proto::v1::{
-    InboundRule, NetworkDelta, NetworkMap, NetworkRecord, PeerRecord, PolicyPart, RemotePeer,
-    RouteRecord,
+    NetworkDelta, NetworkMap, NetworkRecord, PeerRecord, RemotePeer, RouteRecord,
 };
 use ipnetwork::IpNetwork;
 
 use crate::model::Revision;
-use crate::policy::compile::{self, Directory, Inbound, Visible};
+use crate::policy::Policy;
+use crate::policy::compile::{self, Directory, Visible};
 use crate::policy::eval::PeerView;
-use crate::policy::{Policy, Proto, Selector};
+use wire::{policy_part, remote};
+
+mod wire;
 
 /// Removed peers remembered per network, so agents resuming from an older revision can get a delta.
 const TOMBSTONES: usize = 1024;
@@ -70,6 +72,8 @@ pub struct NetState {
     delta_floor: Revision,
     /// The last revision that changed this network's membership or policy.
     pub revision: Revision,
+    /// The last revision that changed what every map says of the network itself (its zone).
+    network_rev: Revision,
     policy: Policies,
     routes: BTreeMap<String, RouteRecord>,
     /// Gateways whose agent is live (a `gwlive/` record), by id: since when (ms).
@@ -114,6 +118,15 @@ impl NetState {
             revision: floor,
             ..Default::default()
         }
+    }
+
+    /// The network's record as of `rev`: a new DNS zone goes to every agent (a full map).
+    pub fn set_network(&mut self, network: NetworkRecord, rev: Revision) {
+        if network.dns_domain != self.network.dns_domain {
+            self.network_rev = rev;
+            self.revision = rev;
+        }
+        self.network = network;
     }
 
     pub fn peer(&self, id: &str) -> Option<&PeerRecord> {
@@ -465,6 +478,8 @@ impl NetState {
             peers,
             policy,
             routes: me.routes.iter().map(ToString::to_string).collect(),
+            dns_domain: crate::names::zone(&self.network),
+            dns_name: crate::names::peer_name(&me.record),
         })
     }
 
@@ -484,7 +499,9 @@ impl NetState {
             // The routes it advertises changed: a full map says which (and its policy part).
             || me.routes_rev > base
             // Its exit node changed: which peer carries 0.0.0.0/0 for it.
-            || me.exit_rev > base;
+            || me.exit_rev > base
+            // The network's zone changed.
+            || self.network_rev > base;
         if full {
             return self.full_map(self_id, at).map(Update::Full);
         }
@@ -538,54 +555,6 @@ impl NetState {
             policy_changed,
             policy,
         }))
-    }
-}
-
-fn remote(p: &PeerRecord) -> RemotePeer {
-    RemotePeer {
-        peer_id: p.id.clone(),
-        public_key: p.public_key.clone(),
-        allowed_ips: p.addresses.clone(),
-        endpoints: p.endpoints.clone(),
-        outside: p.outside.clone(),
-        hostname: p.hostname.clone(),
-        tags: p.tags.clone(),
-    }
-}
-
-/// A peer's inbound rules as the agent receives them.
-fn policy_part(inbound: &[Inbound]) -> PolicyPart {
-    let rule = |r: &Inbound| {
-        let mut out = InboundRule {
-            proto: match r.proto {
-                Proto::Any => canopy_proto::v1::Protocol::Any,
-                Proto::Tcp => canopy_proto::v1::Protocol::Tcp,
-                Proto::Udp => canopy_proto::v1::Protocol::Udp,
-                Proto::Icmp => canopy_proto::v1::Protocol::Icmp,
-            } as i32,
-            ports: r
-                .ports
-                .iter()
-                .map(|p| canopy_proto::v1::PortRange {
-                    first: u32::from(p.first),
-                    last: u32::from(p.last),
-                })
-                .collect(),
-            dst: r.dst.iter().map(ToString::to_string).collect(),
-            ..Default::default()
-        };
-        for s in &r.from {
-            match s {
-                Selector::Any => out.from_any = true,
-                Selector::Tag(t) => out.from_tags.push(t.clone()),
-                Selector::Peer(id) => out.from_peers.push(id.clone()),
-                Selector::Cidr(_) => {}
-            }
-        }
-        out
-    };
-    PolicyPart {
-        inbound: inbound.iter().map(rule).collect(),
     }
 }
 

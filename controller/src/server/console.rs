@@ -74,6 +74,15 @@ impl ConsoleService for ConsoleApi {
         Ok(Response::new(DeleteNetworkResponse { peers_removed }))
     }
 
+    async fn set_network_dns(&self, req: Request<SetNetworkDnsRequest>) -> R<Network> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let n = self.ctl.set_network_dns(&c, &r.network, &r.domain).await?;
+        self.audit(&c, "network.set-dns", &n.id, &n.dns_domain)
+            .await;
+        Ok(Response::new(n))
+    }
+
     async fn create_join_token(
         &self,
         req: Request<CreateJoinTokenRequest>,

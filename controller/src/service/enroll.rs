@@ -3,7 +3,8 @@
 //! The operation reads (token, network, used addresses, peer count, tenant), the pure
 //! functions below decide (is the request well formed, may the token be used, is there room
 //! under the plan, which addresses), and one transaction conditioned on everything read
-//! writes the peer, its addresses, its key and credential index and the token's use count.
+//! writes the peer, its addresses, its DNS name, its key and credential index and the token's
+//! use count.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -174,6 +175,7 @@ impl Controller {
                 ));
             }
             let used = self.used_addresses(&net.id).await?;
+            let names = self.index_keys(&keys::dnsnames(&net.id)).await?;
             // The tenant as it is now (suspension, plan change, deletion).
             let tenant = self.tenant_guard(&reads.token.tenant_id).await?;
             let mut txn = Txn::new()
@@ -203,6 +205,7 @@ impl Controller {
                 join_token_id: reads.token.id.clone(),
                 exit_node: String::new(),
                 outside: Vec::new(),
+                dns_name: crate::names::pick(hostname, &names),
             };
             let txn = enroll_writes(txn, &reads.token, &peer, &ips, req);
             if !self.store.txn(txn).await?.succeeded {
@@ -278,13 +281,23 @@ impl Controller {
 
     async fn used_addresses(&self, network_id: &str) -> Result<HashSet<IpAddr>> {
         Ok(self
+            .index_keys(&keys::ipams(network_id))
+            .await?
+            .iter()
+            .filter_map(|k| k.parse().ok())
+            .collect())
+    }
+
+    /// The last segment of every key under `prefix` (an index: addresses, DNS names).
+    async fn index_keys(&self, prefix: &str) -> Result<HashSet<String>> {
+        Ok(self
             .store
-            .range(keys::ipams(network_id).as_bytes())
+            .range(prefix.as_bytes())
             .await?
             .kvs
             .iter()
             .filter_map(|kv| kv.key.rsplit(|b| *b == b'/').next())
-            .filter_map(|k| std::str::from_utf8(k).ok()?.parse().ok())
+            .filter_map(|k| Some(std::str::from_utf8(k).ok()?.to_string()))
             .collect())
     }
 
@@ -372,6 +385,11 @@ fn enroll_writes(
     }
     let mut used = token.clone();
     used.uses += 1;
+    // Claimed like an address: two enrollments picking one name cannot both commit.
+    let name_key = keys::dnsname(net, &peer.dns_name);
+    txn = txn
+        .when(Compare::absent(name_key.clone()))
+        .then(Op::put(name_key, index(peer.id.clone())));
     let cred_key = keys::credential(&req.credential.hash());
     txn.then(Op::put(
         keys::token(&token.tenant_id, &token.id),

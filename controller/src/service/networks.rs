@@ -37,6 +37,7 @@ impl Controller {
                 name: name.to_string(),
                 cidrs: nets.iter().map(|n| n.to_string()).collect(),
                 created_at_unix: self.now_unix(),
+                dns_domain: String::new(),
             };
             let name_key = keys::netname(&c.tenant, name);
             let r = self
@@ -130,6 +131,37 @@ impl Controller {
         ))
     }
 
+    /// Puts the network's peer names under `domain` (empty: back to NAME.canopy). Every agent
+    /// gets a full map with the new zone.
+    pub async fn set_network_dns(
+        &self,
+        c: &Caller,
+        reference: &str,
+        domain: &str,
+    ) -> Result<Network> {
+        c.require_admin()?;
+        let domain = match domain {
+            "" => String::new(),
+            d => crate::names::check_zone(d).map_err(Error::InvalidArgument)?,
+        };
+        let domain = &domain;
+        crate::txn::retry("set network dns", |_| async move {
+            let (mut net, net_rev) = self.resolve_network(c, reference).await?;
+            net.dns_domain.clone_from(domain);
+            let key = keys::network(&c.tenant, &net.id);
+            let txn = Txn::new()
+                .when(Compare::unchanged(key.clone(), net_rev))
+                .then(Op::put(key, net.encode_to_vec()));
+            let r = self.store.txn(txn).await?;
+            if r.succeeded {
+                tracing::info!(network = %net.id, zone = %crate::names::zone(&net), "network DNS zone set");
+                return Ok(Some(network_view(&net, r.revision)));
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     /// Deletes a network with its peers, addresses and join tokens, in one transaction.
     pub async fn delete_network(&self, c: &Caller, reference: &str) -> Result<u32> {
         c.require_admin()?;
@@ -148,6 +180,7 @@ impl Controller {
                 .then(Op::delete_prefix(keys::peers(&net.id)))
                 .then(Op::delete_prefix(keys::ipams(&net.id)))
                 .then(Op::delete_prefix(keys::pubkeys(&net.id)))
+                .then(Op::delete_prefix(keys::dnsnames(&net.id)))
                 .then(Op::delete(keys::netdel(&net.id)))
                 .then(Op::delete(keys::policy(&net.id)))
                 .then(Op::delete(keys::punch(&net.id)))
@@ -221,6 +254,7 @@ fn network_view(n: &NetworkRecord, revision: Revision) -> Network {
         cidrs: n.cidrs.clone(),
         created_at_unix: n.created_at_unix,
         revision,
+        dns_domain: crate::names::zone(n),
     }
 }
 

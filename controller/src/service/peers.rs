@@ -126,6 +126,7 @@ impl Controller {
                 .then(Op::delete(keys::peer(&p.network_id, &p.id)))
                 .then(Op::delete(keys::paths(&p.network_id, &p.id)))
                 .then(Op::delete(keys::pubkey(&p.network_id, &p.public_key)))
+                .then(Op::delete(keys::dnsname(&p.network_id, &p.dns_name)))
                 .then(Op::put(keys::netdel(&p.network_id), p.id.clone()))
                 .then(Op::put(keys::netpeers(&p.network_id), "recount"));
             for a in &p.addresses {
@@ -170,6 +171,10 @@ impl Controller {
             acked_revision: acked.unwrap_or(0),
             exit_node: p.exit_node.clone(),
             outside: p.outside.clone(),
+            dns_name: match self.cache.network(&p.network_id) {
+                Some(n) => format!("{}.{}", crate::names::peer_name(p), crate::names::zone(&n)),
+                None => crate::names::peer_name(p),
+            },
             ..Default::default()
         }
     }

@@ -241,7 +241,7 @@ impl Controller {
                 return Ok(Some(())); // removed meanwhile: the session ends on its own
             };
             // A network's CIDRs never change: the cache's copy is the record's.
-            let Some(cidrs) = self.cache.network_cidrs(net_id) else {
+            let Some(cidrs) = self.cache.network(net_id).map(|n| n.cidrs) else {
                 return Ok(Some(()));
             };
             let existing = self.route_records(net_id).await?;
