@@ -6,6 +6,7 @@
 //! - [`keys`]: Curve25519 keys in `wg`'s base64 form.
 //! - [`state`]: the state directory (key 0600, enrollment, last applied map).
 //! - [`control`]: enrollment and the Sync session (resume, backoff, acks), as a library.
+//! - [`dns`]: the resolver for the network's zone on the overlay address, and split DNS.
 //! - [`cli`]: the `canopy-agent` command line; the binary only calls [`cli::main`].
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod dns;
 pub use canopy_engine as engine;
 pub mod keys;
 pub mod metrics;

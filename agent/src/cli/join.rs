@@ -170,6 +170,10 @@ async fn background(
     if let Some(addr) = iface.metrics {
         tasks.push(serve_metrics(addr, dp, client).await?);
     }
+    if !iface.no_dns {
+        let dns = crate::dns::serve::run(iface.interface.clone(), client.maps());
+        tasks.push(tokio::spawn(dns));
+    }
     Ok(tasks)
 }
 

@@ -88,6 +88,10 @@ struct IfaceOpts {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; off by default).
     #[arg(long, env = "CANOPY_AGENT_METRICS")]
     metrics: Option<std::net::SocketAddr>,
+    /// Do not answer the network's names (NAME.NETWORK.canopy) on this node's overlay
+    /// addresses, port 53, nor register them with systemd-resolved.
+    #[arg(long)]
+    no_dns: bool,
 }
 
 #[derive(Subcommand, Debug)]
