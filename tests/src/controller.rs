@@ -155,6 +155,18 @@ pub fn spawn_agent(
     host: Host,
     extra: &[&str],
 ) -> Node {
+    spawn_agent_as(lab, dir, join, (name, name), host, extra)
+}
+
+/// [`spawn_agent`] with state and interface named after `name`, reporting `hostname`.
+pub fn spawn_agent_as(
+    lab: &Lab,
+    dir: &Path,
+    join: &str,
+    (name, hostname): (&str, &str),
+    host: Host,
+    extra: &[&str],
+) -> Node {
     let (state, iface) = (dir.join(name), format!("{}{name}", lab.id));
     let agent = bin("canopy-agent");
     let args = [
@@ -166,7 +178,7 @@ pub fn spawn_agent(
         "--interface",
         &iface,
         "--hostname",
-        name,
+        hostname,
     ];
     let pid = lab.spawn(
         &host.ns,
