@@ -10,6 +10,7 @@
 //! | `engine_tunnel` | a packet read from the TUN device, sent through an established tunnel both ways |
 //! | `controller` | a console or agent request (first byte: which), as protobuf bytes, run by a real controller on an embedded store |
 //! | `stun` | a datagram at the controller's STUN port, or an answer at an agent's WireGuard socket |
+//! | `dns` | a question at an agent's resolver (UDP and TCP) |
 //!
 //! [`mutate`] is the driver's mutation engine (`src/bin/fuzz.rs` runs it for millions of
 //! inputs; `tests/smoke.rs` runs a short burst of each target in CI and replays
@@ -39,6 +40,17 @@ pub struct Target {
 }
 
 pub const TARGETS: &[Target] = &[
+    Target {
+        name: "dns",
+        run: dns,
+        seeds: dns_seeds,
+        dictionary: &[
+            "\x04prod\x06canopy\x00",
+            "\x00\x01\x00\x01",
+            "\x00\x1c",
+            "\x00\x29\x10\x00",
+        ],
+    },
     Target {
         name: "stun",
         run: stun,
@@ -205,6 +217,59 @@ fn stun_seeds() -> Vec<Vec<u8>> {
         stun::binding_request(&id),
         stun::binding_response(&id, "192.0.2.1:51820".parse().expect("addr")),
         stun::binding_response(&id, "[2001:db8::1]:51820".parse().expect("addr")),
+    ]
+}
+
+// ----- DNS -----
+
+thread_local! {
+    static ZONE: canopy_agent::dns::Zone = {
+        let peer = canopy_proto::v1::RemotePeer {
+            dns_name: "web1".into(),
+            allowed_ips: vec!["100.64.0.2/32".into(), "fd7a::2/128".into()],
+            ..Default::default()
+        };
+        let map = canopy_proto::v1::NetworkMap {
+            dns_domain: "prod.canopy".into(),
+            dns_name: "me".into(),
+            cidrs: vec!["100.64.0.0/24".into(), "fd7a::/64".into()],
+            addresses: vec!["100.64.0.1/32".into()],
+            peers: vec![peer],
+            ..Default::default()
+        };
+        canopy_agent::dns::Zone::from_map(&map).expect("zone")
+    };
+}
+
+/// A question at an agent's resolver: answered (within UDP's size, with the question's id)
+/// or dropped, over UDP and TCP; never a panic.
+fn dns(data: &[u8]) {
+    use canopy_agent::dns::{Transport, answer};
+    ZONE.with(|z| {
+        if let Some(out) = answer(Some(z), data, Transport::Udp) {
+            assert!(out.len() <= 1232, "UDP answer of {} bytes", out.len());
+            assert_eq!(out[..2], data[..2], "the question's id");
+        }
+        let _ = answer(Some(z), data, Transport::Tcp);
+        let _ = answer(None, data, Transport::Udp);
+    });
+}
+
+fn dns_seeds() -> Vec<Vec<u8>> {
+    let q = |name: &[u8], qtype: u8, edns: bool| {
+        let mut p = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+        p.extend_from_slice(name);
+        p.extend_from_slice(&[0, qtype, 0, 1]);
+        if edns {
+            p.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        p
+    };
+    vec![
+        q(b"\x04web1\x04prod\x06canopy\x00", 1, false),
+        q(b"\x04web1\x04prod\x06canopy\x00", 28, true),
+        q(b"\x04prod\x06canopy\x00", 6, true),
+        q(b"\x07example\x03com\x00", 1, false),
     ]
 }
 
