@@ -16,6 +16,10 @@ pub struct InterfaceConfig {
     pub addresses: Vec<IpNetwork>,
     pub listen_port: Option<u16>,
     pub mtu: Option<u16>,
+    /// `DNS =`, as wg-quick reads it: addresses are the DNS servers to use while the
+    /// interface is up, anything else a search domain.
+    pub dns: Vec<std::net::IpAddr>,
+    pub dns_search: Vec<String>,
 }
 
 impl std::fmt::Debug for InterfaceConfig {
@@ -25,6 +29,8 @@ impl std::fmt::Debug for InterfaceConfig {
             .field("addresses", &self.addresses)
             .field("listen_port", &self.listen_port)
             .field("mtu", &self.mtu)
+            .field("dns", &self.dns)
+            .field("dns_search", &self.dns_search)
             .finish()
     }
 }
@@ -54,7 +60,6 @@ fn err(line: usize, key: Option<&str>, message: impl Into<String>) -> ConfigErro
 /// wg-quick keys that canopy-agent does not act on: rejected with a clear reason rather than
 /// silently ignored.
 const UNSUPPORTED: &[&str] = &[
-    "dns",
     "table",
     "preup",
     "postup",
@@ -125,6 +130,8 @@ struct Parser {
     addresses: Vec<IpNetwork>,
     listen_port: Option<u16>,
     mtu: Option<u16>,
+    dns: Vec<std::net::IpAddr>,
+    dns_search: Vec<String>,
     /// (line of its [Peer], the peer, whether it had a PublicKey).
     peers: Vec<(usize, PeerConfig, bool)>,
 }
@@ -185,6 +192,14 @@ impl Parser {
                     return Err(format!("{m} is outside 576-65535"));
                 }
                 self.mtu = Some(m);
+            }
+            "dns" => {
+                for d in list(value) {
+                    match d.parse() {
+                        Ok(ip) => self.dns.push(ip),
+                        Err(_) => self.dns_search.push(search_domain(d)?),
+                    }
+                }
             }
             _ => return Err("unknown key in [Interface]".into()),
         }
@@ -252,9 +267,26 @@ impl Parser {
                 addresses: self.addresses,
                 listen_port: self.listen_port,
                 mtu: self.mtu,
+                dns: self.dns,
+                dns_search: self.dns_search,
             },
             peers: out,
         })
+    }
+}
+
+/// A search domain of `DNS =`: letters, digits, '-', '_' and dots, at most 253 bytes.
+fn search_domain(d: &str) -> Result<String, String> {
+    let ok = d.len() <= 253
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !d.starts_with('.');
+    if ok {
+        Ok(d.to_string())
+    } else {
+        Err(format!(
+            "{d:?} is neither an IP address (a DNS server) nor a search domain"
+        ))
     }
 }
 
@@ -331,6 +363,22 @@ mod tests {
     }
 
     #[test]
+    fn dns_takes_servers_and_search_domains_like_wg_quick() {
+        let text = format!(
+            "[Interface]\nPrivateKey = {KEY}\nDNS = 10.0.0.53, fd00::53, corp.example\nDNS = lab\n"
+        );
+        let c = parse(&text).unwrap().interface;
+        assert_eq!(
+            c.dns,
+            [
+                "10.0.0.53".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.dns_search, ["corp.example", "lab"]);
+    }
+
+    #[test]
     fn errors_name_the_line_and_the_key() {
         let cases = [
             (
@@ -384,6 +432,10 @@ mod tests {
             (
                 format!("[Interface]\nPrivateKey = {KEY}\nMTU = 100\n"),
                 "line 3: MTU: 100 is outside 576-65535",
+            ),
+            (
+                format!("[Interface]\nPrivateKey = {KEY}\nDNS = 10.0.0.53, corp example\n"),
+                "line 3: DNS: \"corp example\" is neither an IP address (a DNS server) nor a search domain",
             ),
         ];
         for (text, want) in cases {

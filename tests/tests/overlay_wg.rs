@@ -29,6 +29,38 @@ fn a_bad_wg_quick_file_is_refused_naming_its_line_and_leaves_no_interface() {
     assert!(!link.status.success(), "no interface left behind");
 }
 
+#[test]
+fn a_wg_quick_file_with_dns_comes_up_and_says_where_its_servers_go() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = lab.host(1);
+    let a = node(&lab, "a");
+    let file = dir.path().join(format!("{}.conf", a.iface));
+    let text = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = 10.9.0.1/24\nDNS = 10.9.0.53, corp.example\n",
+        a.key.to_base64()
+    );
+    std::fs::write(&file, text).unwrap();
+    let log = dir.path().join("a.log");
+    up(&lab, &h1.ns, &file, &log);
+    let t = std::time::Instant::now();
+    let said = loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        if said.contains("DNS") || t.elapsed() > WAIT {
+            break said;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(said.contains("is up"), "{said}");
+    // This machine has neither systemd-resolved nor resolvconf: the agent says what to do.
+    assert!(
+        said.contains("nameserver 10.9.0.53; search corp.example"),
+        "{said}"
+    );
+    let link = lab.run(&h1.ns, &["ip", "link", "show", &a.iface]);
+    assert!(link.status.success(), "the interface is up");
+}
+
 /// Node `a` up in namespace `ns` from a wg-quick file with one peer, its UAPI socket there.
 fn one_node_up(lab: &Lab, ns: &str, dir: &Path) -> Node {
     let (a, b) = (node(lab, "a"), node(lab, "b"));

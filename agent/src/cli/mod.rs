@@ -293,6 +293,7 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cfg = config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (dns, search) = (cfg.interface.dns.clone(), cfg.interface.dns_search.clone());
     let spec = InterfaceSpec {
         name,
         private_key: cfg.interface.private_key,
@@ -307,11 +308,22 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
         dp.name(),
         dp.listen_port()
     );
+    let with_dns = !dns.is_empty() || !search.is_empty();
+    if with_dns {
+        // As wg-quick: the servers take every query while the interface is up.
+        match crate::dns::system::register_all(dp.name(), &dns, &search) {
+            Ok(done) => println!("DNS: {done}"),
+            Err(todo) => eprintln!("warning: DNS: {todo}"),
+        }
+    }
     let deleted = tokio::select! {
         _ = shutdown_signal() => false,
         _ = dp.deleted() => true,
     };
     let name = dp.name().to_string();
+    if with_dns {
+        crate::dns::system::unregister_all(&name);
+    }
     dp.stop().await;
     if deleted {
         bail!("interface {name} was deleted");
