@@ -92,15 +92,15 @@ fn agents_answer_peer_names_with_dig_and_follow_changes_within_a_second() {
     );
     assert_eq!(
         dig(&lab, ns, &a4, "db.prod.canopy", "AAAA", true).1,
-        [b6.clone()]
+        [b6.as_str()]
     );
     assert_eq!(
         dig(&lab, ns, &a6, "web1-2.prod.canopy", "A", false).1,
-        [c4.clone()]
+        [c4.as_str()]
     );
     assert_eq!(
         dig(&lab, ns, &a4, "web1.prod.canopy", "AAAA", false).1,
-        [a6.clone()]
+        [a6.as_str()]
     );
     // b's own resolver, asked over the tunnel from a.
     assert_eq!(dig(&lab, ns, &b4, "web1-2.prod.canopy", "A", false).1, [c4]);
