@@ -393,15 +393,20 @@ impl ControlClient {
         let mut asks = self.asks.subscribe();
         let mut paths = self.paths.subscribe();
         paths.mark_changed();
+        // What this session's controller holds of the paths (the first report is full).
+        let mut held = None;
         loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
                 Ok(()) = paths.changed() => {
                     let pairs = paths.borrow_and_update().clone();
-                    let report = sync_request::Msg::Paths(canopy_proto::v1::Paths { pairs });
-                    if !push(&tx, report).await {
+                    let Some((report, now_held)) = crate::report::paths_delta(held.as_ref(), &pairs, crate::report::unix_now()) else {
+                        continue;
+                    };
+                    if !push(&tx, sync_request::Msg::Paths(report)).await {
                         return Ok(closed());
                     }
+                    held = Some(now_held);
                     continue;
                 }
                 Ok(peer_id) = asks.recv() => {
@@ -536,9 +541,10 @@ impl ControlClient {
 
 type Outbound = mpsc::Sender<SyncRequest>;
 
-/// Sends `m` on the stream (an empty path report is not sent); `false`: the stream is closed.
+/// Sends `m` on the stream (a path report saying nothing is not sent); `false`: the stream is
+/// closed.
 async fn push(tx: &Outbound, m: sync_request::Msg) -> bool {
-    if matches!(&m, sync_request::Msg::Paths(p) if p.pairs.is_empty()) {
+    if matches!(&m, sync_request::Msg::Paths(p) if p.pairs.is_empty() && p.removed.is_empty()) {
         return true;
     }
     tx.send(SyncRequest { msg: Some(m) }).await.is_ok()

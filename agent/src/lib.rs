@@ -19,5 +19,6 @@ pub use canopy_engine as engine;
 pub mod keys;
 pub mod metrics;
 pub mod punch;
+pub mod report;
 pub mod state;
 pub mod uapi;

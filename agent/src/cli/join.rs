@@ -338,7 +338,7 @@ fn plan_punches(f: &Follow, planner: &mut punch::Planner, mine: &[String]) {
 }
 
 /// Reports this node's paths to the controller when one changed (direct, relayed, where), or
-/// with `anyway` (every minute: fresh handshake ages).
+/// with `anyway` (every minute: handshakes and bytes; the session sends what changed).
 fn report_paths(f: &Follow, planner: &punch::Planner, anyway: bool) {
     let (_, peers) = f.dp.counters();
     let map = f.maps.borrow();
@@ -365,6 +365,11 @@ fn report_paths(f: &Follow, planner: &punch::Planner, anyway: bool) {
                 },
                 why: text("why"),
                 last_handshake_secs: v["last_handshake_secs"].as_i64().unwrap_or(-1),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                last_handshake_unix: p
+                    .since_handshake
+                    .map_or(0, |d| crate::report::unix_now() - d.as_secs() as i64),
             })
         })
         .collect();

@@ -167,13 +167,12 @@ pub enum PeerCmd {
         #[arg(long)]
         paths: bool,
     },
-    Get {
-        peer_id: String,
-    },
+    /// Show one peer: its names and addresses, and how it reaches each of its peers (path,
+    /// last handshake, bytes) as its agent last reported.
+    #[command(visible_alias = "show")]
+    Get { peer_id: String },
     /// Remove a peer: its address is freed and its credential stops working at once.
-    Remove {
-        peer_id: String,
-    },
+    Remove { peer_id: String },
     /// Add and remove tags: `canopy peer tag PEER +db -web` (what access policies name).
     Tag {
         peer_id: String,
@@ -430,7 +429,21 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
         }
         PeerCmd::Get { peer_id } => {
             let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;
-            output::peers(json, &[p])
+            // The other peers' hostnames, for its paths.
+            let list = ListPeersRequest {
+                network: p.network_id.clone(),
+                paths: false,
+            };
+            let names = match cl.list_peers(list).await {
+                Ok(r) => r
+                    .into_inner()
+                    .peers
+                    .into_iter()
+                    .map(|q| (q.id, q.hostname))
+                    .collect(),
+                Err(_) => Default::default(),
+            };
+            output::peer_detail(json, &p, &names)
         }
         PeerCmd::Tag { peer_id, changes } => {
             let (mut add, mut remove) = (Vec::new(), Vec::new());

@@ -151,10 +151,65 @@ fn peer_json(p: &Peer) -> Value {
            "addresses": p.addresses, "endpoints": p.endpoints, "tags": p.tags,
            "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix,
            "exit_node": p.exit_node, "outside": p.outside,
+           "last_handshake": p.last_handshake_unix, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes,
+           "quiet_secs": p.quiet_secs,
            "paths": p.paths.iter().map(|x| json!({"peer_id": x.peer_id, "path": x.path,
-               "via": x.via, "why": x.why, "last_handshake_secs": x.last_handshake_secs}))
+               "via": x.via, "why": x.why, "last_handshake_secs": x.last_handshake_secs,
+               "rx_bytes": x.rx_bytes, "tx_bytes": x.tx_bytes}))
                .collect::<Vec<_>>(),
            "paths_at": p.paths_at_unix})
+}
+
+/// What STATUS says: offline, online, or online with no handshake with any peer for a while
+/// (its data plane is broken though its agent talks to the controller).
+fn status_text(p: &Peer) -> String {
+    match (p.online, p.quiet_secs) {
+        (false, _) => "offline".into(),
+        (true, 0) => "online".into(),
+        (true, q) => format!("online, NO HANDSHAKE for {}m", q / 60),
+    }
+}
+
+/// `canopy peer show`: one peer, and each of its paths with handshake age and bytes.
+/// `names`: peer id → hostname, for the paths.
+pub fn peer_detail(
+    json: bool,
+    p: &Peer,
+    names: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(peer_json(p));
+    }
+    let mut lines = vec![
+        format!("peer:       {}", p.id),
+        format!("hostname:   {}", p.hostname),
+        format!("dns name:   {}", p.dns_name),
+        format!("addresses:  {}", p.addresses.join(", ")),
+        format!("endpoints:  {}", endpoints_text(p)),
+        format!("tags:       {}", p.tags.join(", ")),
+        format!("status:     {}", status_text(p)),
+        format!(
+            "handshake:  {} (newest with any peer)",
+            time(p.last_handshake_unix)
+        ),
+        format!("traffic:    rx {} B, tx {} B", p.rx_bytes, p.tx_bytes),
+        format!("reported:   {}", time(p.paths_at_unix)),
+    ];
+    for x in &p.paths {
+        let to = names.get(&x.peer_id).unwrap_or(&x.peer_id);
+        let hs = match x.last_handshake_secs {
+            s if s < 0 => "no handshake".to_string(),
+            s => format!("handshake {s} s ago"),
+        };
+        lines.push(format!(
+            "  → {to}: {} {}, {hs}, rx {} B, tx {} B",
+            x.path, x.via, x.rx_bytes, x.tx_bytes
+        ));
+    }
+    for l in lines {
+        println!("{}", canopy_proto::text::escape(&l));
+    }
+    Ok(())
 }
 
 /// A peer's endpoints for the table: its own, then its NAT's outside address(es) marked.
@@ -234,11 +289,7 @@ pub fn peers(json: bool, peers: &[Peer]) -> anyhow::Result<()> {
                     p.dns_name.clone(),
                     p.addresses.join(","),
                     endpoints_text(p),
-                    if p.online {
-                        "online".into()
-                    } else {
-                        "offline".into()
-                    },
+                    status_text(p),
                     if p.online {
                         p.acked_revision.to_string()
                     } else {

@@ -164,7 +164,9 @@ async fn session(
             .wait_for(hello.known_revision, Duration::from_secs(2))
             .await;
     }
-    let opened = ctl.sessions.open(&id.network_id, &id.peer_id);
+    let opened = ctl
+        .sessions
+        .open(&id.network_id, &id.peer_id, ctl.now_unix());
     let number = opened.number;
     let _close = CloseOnDrop(ctl, id, number);
     let understands = |c: &str| hello.capabilities.iter().any(|h| h == c);
@@ -178,6 +180,8 @@ async fn session(
         punches: understands("punch").then_some(opened.punches),
         punch_asks: crate::pacing::TokenBucket::new(2, 10),
         path_writes: crate::pacing::TokenBucket::with_rate(0.1, 3),
+        paths: Default::default(),
+        paths_dirty: false,
         changes,
         sent: hello.known_revision,
         acked: 0,
@@ -239,6 +243,9 @@ struct Live<'a> {
     punch_asks: crate::pacing::TokenBucket,
     /// Path reports this agent may have written (one per 10 s, 3 at once).
     path_writes: crate::pacing::TokenBucket,
+    /// How it reaches its peers, merged from its reports; `paths_dirty`: not written yet.
+    paths: std::collections::BTreeMap<String, canopy_proto::v1::PairPath>,
+    paths_dirty: bool,
     changes: tokio::sync::watch::Receiver<crate::store::Revision>,
     /// The agent's map is at `sent` once it applies what was sent; it may not ack beyond it.
     sent: crate::store::Revision,
@@ -259,6 +266,29 @@ struct Live<'a> {
 const TICKET_EVERY: Duration = Duration::from_secs(5 * 60);
 
 impl Live<'_> {
+    /// A path report: merged at once (what `peer list` flags comes from it), written to the
+    /// store at most once per 10 s (the rest at the next renewal tick).
+    async fn take_paths(&mut self, report: canopy_proto::v1::Paths) -> Result<(), Status> {
+        use crate::service::health;
+        health::check(&report)?;
+        health::merge(&mut self.paths, report, self.ctl.now_unix())?;
+        let summary = health::summarize(self.paths.values());
+        (self.ctl.sessions).set_health(&self.id.peer_id, self.number, summary);
+        self.paths_dirty = true;
+        self.write_paths().await
+    }
+
+    async fn write_paths(&mut self) -> Result<(), Status> {
+        if !self.paths_dirty || self.path_writes.admit(self.ctl.clock.instant()).is_err() {
+            return Ok(());
+        }
+        self.paths_dirty = false;
+        let pairs = crate::service::health::aged(&self.paths, self.ctl.now_unix());
+        self.ctl.report_paths(self.id, pairs).await?;
+        self.ctl.metrics.path_reports.inc();
+        Ok(())
+    }
+
     /// A gateway's agent that has applied everything sent to it is live: record it (once, then
     /// renew it every tick). Best effort: a store error is logged and retried at the next tick.
     async fn keep_live(&mut self, caught_up: bool) {
@@ -373,14 +403,7 @@ impl Live<'_> {
                         }
                     }
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Endpoints(e)) })) => ctl.report_endpoints(id, &e.endpoints, &e.outside).await?,
-                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Paths(p)) })) => {
-                        // One write per 10 s; a report over that is dropped (the agent reports
-                        // again on its next change, and every minute).
-                        if self.path_writes.admit(ctl.clock.instant()).is_ok() {
-                            ctl.report_paths(id, p.pairs).await?;
-                            ctl.metrics.path_reports.inc();
-                        }
-                    }
+                    Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Paths(p)) })) => self.take_paths(p).await?,
                     Ok(Some(SyncRequest { msg: Some(sync_request::Msg::Punch(p)) })) => {
                         if self.punch_asks.admit(ctl.clock.instant()).is_ok() {
                             ctl.request_punch(id, &p.peer_id).await?;
@@ -390,7 +413,10 @@ impl Live<'_> {
                     Ok(None) => return Ok(false),
                     Err(s) => return Err(super::client_fault(s)),
                 },
-                _ = self.renew.tick() => self.keep_live(false).await,
+                _ = self.renew.tick() => {
+                    self.keep_live(false).await;
+                    self.write_paths().await?;
+                }
                 Some(p) = recv_punch(&mut self.punches) => {
                     // A reader that does not read misses it; the agent asks again later.
                     let _ = tx.try_send(Ok(SyncResponse { msg: Some(sync_response::Msg::Punch(p)) }));

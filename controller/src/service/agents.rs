@@ -116,22 +116,9 @@ impl Controller {
         .await
     }
 
-    /// Records how agent `id` reaches its peers (what `peer list --paths` shows). Bounded:
-    /// at most one entry per peer of a network's size limit, short strings, known paths.
+    /// Records how agent `id` reaches its peers (what `peer list --paths` and `peer show`
+    /// show), as merged and checked by its session (`health`).
     pub async fn report_paths(&self, id: &AgentIdentity, pairs: Vec<PairPath>) -> Result<()> {
-        const MAX_PAIRS: usize = 4096;
-        let bad = |what: &str| Error::InvalidArgument(format!("path report: {what}"));
-        if pairs.len() > MAX_PAIRS {
-            return Err(bad("too many peers"));
-        }
-        for p in &pairs {
-            if p.peer_id.len() > 64 || p.via.len() > 64 || p.why.len() > 512 {
-                return Err(bad("a field is too long"));
-            }
-            if !matches!(p.path.as_str(), "direct" | "relayed" | "none") {
-                return Err(bad("path must be direct, relayed or none"));
-            }
-        }
         let record = canopy_proto::v1::PathsRecord {
             pairs,
             at_unix: self.now_unix(),

@@ -17,6 +17,7 @@ mod audit;
 mod enroll;
 pub mod exits;
 pub mod gateways;
+pub mod health;
 mod networks;
 mod peers;
 mod policy;

@@ -49,7 +49,7 @@ impl Controller {
         }
         for p in &mut out {
             if let Some(rec) = reported.remove(&p.id) {
-                (p.paths, p.paths_at_unix) = (rec.pairs, rec.at_unix);
+                self.with_paths(p, rec);
             }
         }
         out.sort_by_key(|p| ip_sort_key(&p.addresses));
@@ -79,8 +79,33 @@ impl Controller {
         )))
     }
 
+    /// One peer, with how it reaches its peers (its agent's last report, from the store, so
+    /// whichever replica holds its session).
     pub async fn get_peer(&self, c: &Caller, peer_id: &str) -> Result<Peer> {
-        Ok(self.peer_view(&self.find_peer(c, peer_id).await?.0))
+        let rec = self.find_peer(c, peer_id).await?.0;
+        let mut p = self.peer_view(&rec);
+        let key = keys::paths(&rec.network_id, &rec.id);
+        if let Some(kv) = self.store.get(key.as_bytes()).await? {
+            self.with_paths(&mut p, decode(&kv)?);
+        }
+        Ok(p)
+    }
+
+    /// `p` with its agent's recorded paths, aged to now; and the summary from them, unless
+    /// its live session here said more recently.
+    fn with_paths(&self, p: &mut Peer, rec: canopy_proto::v1::PathsRecord) {
+        let held = rec
+            .pairs
+            .into_iter()
+            .map(|x| (x.peer_id.clone(), x))
+            .collect();
+        p.paths = super::health::aged(&held, self.now_unix());
+        p.paths_at_unix = rec.at_unix;
+        if self.sessions.health(&p.id).and_then(|(_, h)| h).is_none() {
+            let h = super::health::summarize(&p.paths);
+            (p.last_handshake_unix, p.rx_bytes, p.tx_bytes) =
+                (h.newest_handshake_unix, h.rx_bytes, h.tx_bytes);
+        }
     }
 
     /// Adds and removes tags of a peer (an admin's word: agents cannot claim tags). Its
@@ -158,6 +183,13 @@ impl Controller {
 
     pub(super) fn peer_view(&self, p: &PeerRecord) -> Peer {
         let acked = self.sessions.get(&p.id);
+        let (mut hs, mut rx, mut tx, mut quiet) = (0, 0, 0, 0);
+        if let Some((opened, h)) = self.sessions.health(&p.id) {
+            quiet = super::health::quiet_secs(self.now_unix(), opened, h.as_ref());
+            if let Some(h) = h {
+                (hs, rx, tx) = (h.newest_handshake_unix, h.rx_bytes, h.tx_bytes);
+            }
+        }
         Peer {
             id: p.id.clone(),
             network_id: p.network_id.clone(),
@@ -175,6 +207,10 @@ impl Controller {
                 Some(n) => format!("{}.{}", crate::names::peer_name(p), crate::names::zone(&n)),
                 None => crate::names::peer_name(p),
             },
+            last_handshake_unix: hs,
+            rx_bytes: rx,
+            tx_bytes: tx,
+            quiet_secs: quiet,
             ..Default::default()
         }
     }

@@ -15,6 +15,9 @@ struct SessionEntry {
     number: u64,
     network: String,
     acked: Revision,
+    /// When it opened (Unix seconds), and its agent's data plane as last reported.
+    opened_unix: i64,
+    health: Option<super::health::Health>,
     /// Notified when a newer session of the same peer replaces this one.
     replaced: Arc<tokio::sync::Notify>,
     /// Hole punches for the session to pass on (bounded: a full box drops the punch).
@@ -33,8 +36,9 @@ pub struct Opened {
 type SessionTable = (u64, HashMap<String, SessionEntry>);
 
 impl Sessions {
-    /// Registers a new session of `peer` (of `network`), ending the one it had.
-    pub fn open(&self, network: &str, peer: &str) -> Opened {
+    /// Registers a new session of `peer` (of `network`), opened at `now` (Unix seconds),
+    /// ending the one it had.
+    pub fn open(&self, network: &str, peer: &str, now: i64) -> Opened {
         let mut g = self.lock();
         g.0 += 1;
         let number = g.0;
@@ -44,6 +48,8 @@ impl Sessions {
             number,
             network: network.to_string(),
             acked: 0,
+            opened_unix: now,
+            health: None,
             replaced: replaced.clone(),
             punches: tx,
         };
@@ -74,6 +80,18 @@ impl Sessions {
         {
             e.acked = e.acked.max(rev);
         }
+    }
+    /// What `peer`'s session `session` last heard of its data plane.
+    pub fn set_health(&self, peer: &str, session: u64, h: super::health::Health) {
+        if let Some(e) = self.lock().1.get_mut(peer)
+            && e.number == session
+        {
+            e.health = Some(h);
+        }
+    }
+    /// When `peer`'s live session opened and its data plane as last reported.
+    pub fn health(&self, peer: &str) -> Option<(i64, Option<super::health::Health>)> {
+        self.lock().1.get(peer).map(|e| (e.opened_unix, e.health))
     }
     pub fn close(&self, peer: &str, session: u64) {
         let mut g = self.lock();
