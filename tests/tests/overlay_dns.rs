@@ -114,9 +114,19 @@ fn agents_answer_peer_names_with_dig_and_follow_changes_within_a_second() {
         "nothing is forwarded"
     );
 
-    // Removed: NXDOMAIN at the other agents within a second.
     let list = con.ok(&["peer", "list", "--network", "prod", "--json"]);
     let peers: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let id_of = |host: &str| {
+        let p = peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["hostname"] == host);
+        p.unwrap()["id"].as_str().unwrap().to_string()
+    };
+    status_in_the_console(&lab, &con, (&a, &id_of("web1")), (&b4, &id_of("db")));
+
+    // Removed: NXDOMAIN at the other agents within a second.
     let db = peers
         .as_array()
         .unwrap()
@@ -193,4 +203,30 @@ print("sent")
         "NOERROR",
         "TCP still served"
     );
+}
+
+/// `canopy peer show` tells how `a` reaches `b` (direct, with a handshake, as a's agent
+/// reported), and `peer list` shows both online under their DNS names, not flagged.
+fn status_in_the_console(
+    lab: &Lab,
+    con: &Console,
+    (a, a_id): (&Node, &str),
+    (b4, b_id): (&str, &str),
+) {
+    assert!(lab.ping(&a.host.ns, b4, Duration::from_secs(5)));
+    wait_until("a's path to b in peer show", || {
+        let v: serde_json::Value =
+            serde_json::from_str(&con.ok(&["peer", "show", a_id, "--json"])).unwrap();
+        v["dns_name"] == "web1.prod.canopy"
+            && v["paths"].as_array().unwrap().iter().any(|p| {
+                p["peer_id"] == b_id
+                    && p["path"] == "direct"
+                    && p["last_handshake_secs"].as_i64() >= Some(0)
+            })
+    });
+    let text = con.ok(&["peer", "show", a_id]);
+    assert!(text.contains("→ db: direct"), "{text}");
+    let list = con.ok(&["peer", "list", "--network", "prod"]);
+    assert!(list.contains("db.prod.canopy"), "{list}");
+    assert!(!list.contains("NO HANDSHAKE"), "{list}");
 }
