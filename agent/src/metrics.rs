@@ -1,7 +1,8 @@
 //! The agent's metrics (`canopy-agent join … --metrics ADDR`, `GET /metrics`), read from the
 //! data plane and the control client at scrape time: per peer (labelled by hostname, bounded by
 //! the map) bytes each way, last handshake age and whether it is relayed; packets dropped by
-//! reason; the map revision applied; whether the controller stream is up.
+//! reason; the map revision applied; whether the controller stream is up; questions to the
+//! resolver by answer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,6 +141,22 @@ impl Collector for AgentLive {
             "The network map revision applied",
             None,
             ConstGauge::new(revision),
+        )?;
+        let dns = crate::dns::serve::RCODES
+            .iter()
+            .zip(&crate::dns::serve::ANSWERED);
+        let dns = dns.map(|(c, n)| {
+            (
+                vec![("rcode", (*c).to_string())],
+                n.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
+        put_family(
+            &mut enc,
+            "canopy_agent_dns_queries",
+            "Questions to the agent's resolver, by answer (dropped: none sent)",
+            None,
+            counters(dns.collect()),
         )?;
         let up = i64::from(*self.connected.borrow());
         put(

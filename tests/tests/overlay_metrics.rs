@@ -112,6 +112,25 @@ fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
     );
     let now = get(&scrape(&lab, &b.host.ns, agent_url), no_route);
     assert!(now >= was + 3.0, "no-route drops {was} → {now}");
+
+    // Questions to a's resolver, by answer.
+    let aa = addr(&status(&lab, &a.host.ns, &a.state).unwrap(), 0);
+    let ask = |name: &str| {
+        let at = format!("@{aa}");
+        lab.run(
+            &a.host.ns,
+            &["dig", &at, name, "+short", "+time=1", "+tries=1"],
+        )
+    };
+    let out = ask("b.m.canopy");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ba);
+    ask("nobody.m.canopy");
+    ask("example.com");
+    let m = scrape(&lab, &a.host.ns, agent_url);
+    for rcode in ["noerror", "nxdomain", "refused"] {
+        let q = format!(r#"canopy_agent_dns_queries_total{{rcode="{rcode}"}}"#);
+        assert!(get(&m, &q) >= 1.0, "{q}");
+    }
     dashboard_names_exist(&[
         scrape(&lab, &lab.hub, "http://192.0.2.254:9464/metrics"),
         scrape(&lab, &a.host.ns, agent_url),

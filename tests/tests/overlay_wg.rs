@@ -30,7 +30,7 @@ fn a_bad_wg_quick_file_is_refused_naming_its_line_and_leaves_no_interface() {
 }
 
 #[test]
-fn a_wg_quick_file_with_dns_comes_up_and_says_where_its_servers_go() {
+fn a_wg_quick_file_with_dns_comes_up_says_where_its_servers_go_and_serves_metrics() {
     let lab = Lab::new();
     let dir = tempfile::tempdir().unwrap();
     let h1 = lab.host(1);
@@ -42,7 +42,13 @@ fn a_wg_quick_file_with_dns_comes_up_and_says_where_its_servers_go() {
     );
     std::fs::write(&file, text).unwrap();
     let log = dir.path().join("a.log");
-    up(&lab, &h1.ns, &file, &log);
+    up_with(
+        &lab,
+        &h1.ns,
+        &file,
+        &log,
+        &["CANOPY_AGENT_METRICS=127.0.0.1:9466"],
+    );
     let t = std::time::Instant::now();
     let said = loop {
         let said = std::fs::read_to_string(&log).unwrap_or_default();
@@ -59,6 +65,11 @@ fn a_wg_quick_file_with_dns_comes_up_and_says_where_its_servers_go() {
     );
     let link = lab.run(&h1.ns, &["ip", "link", "show", &a.iface]);
     assert!(link.status.success(), "the interface is up");
+    // `up` serves metrics too.
+    let get = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9466/metrics').read().decode())";
+    let m = lab.run(&h1.ns, &["python3", "-c", get]);
+    let m = String::from_utf8_lossy(&m.stdout);
+    assert!(m.contains("canopy_agent_dropped_packets_total"), "{m}");
 }
 
 /// Node `a` up in namespace `ns` from a wg-quick file with one peer, its UAPI socket there.

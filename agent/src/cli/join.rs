@@ -168,7 +168,7 @@ async fn background(
     )));
     tasks.push(tokio::spawn(take_punches(dp.clone(), client.punches())));
     if let Some(addr) = iface.metrics {
-        tasks.push(serve_metrics(addr, dp, client).await?);
+        tasks.push(serve_metrics_for(addr, dp, Some(client)).await?);
     }
     if !iface.no_dns {
         let dns = crate::dns::serve::run(iface.interface.clone(), client.maps());
@@ -387,19 +387,19 @@ fn report_paths(f: &Follow, planner: &punch::Planner, anyway: bool) {
     });
 }
 
-/// Starts `GET /metrics` on `addr`.
-async fn serve_metrics(
+/// Starts `GET /metrics` on `addr`; without a control client (`up`), no map and no controller.
+pub(super) async fn serve_metrics_for(
     addr: std::net::SocketAddr,
     dp: &Arc<Dataplane>,
-    client: &ControlClient,
+    client: Option<&ControlClient>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let live = crate::metrics::AgentLive {
         dp: dp.clone(),
-        maps: client.maps(),
-        connected: client.connected(),
+        maps: client.map_or_else(|| tokio::sync::watch::channel(None).1, |c| c.maps()),
+        connected: client.map_or_else(|| tokio::sync::watch::channel(false).1, |c| c.connected()),
     };
     let registry = Arc::new(live.registry());
     Ok(tokio::spawn(async move {

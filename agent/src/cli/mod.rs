@@ -98,7 +98,12 @@ struct IfaceOpts {
 enum Command {
     /// Bring up an interface from a wg-quick style file; it takes the file's name
     /// (/etc/canopy/wg0.conf → wg0). Runs until stopped.
-    Up { config: PathBuf },
+    Up {
+        config: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics (peers labelled by public key).
+        #[arg(long, env = "CANOPY_AGENT_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// Enroll with a controller (once), bring up the interface and follow the controller's
     /// network map until stopped. Running it again resumes with the same key and address.
     Join {
@@ -151,7 +156,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { state, json } => status(&state.state_dir, json),
-        Command::Up { config } => up(&config).await,
+        Command::Up { config, metrics } => up(&config, metrics).await,
         Command::Join {
             join_string,
             state,
@@ -278,7 +283,7 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn up(path: &std::path::Path) -> anyhow::Result<()> {
+async fn up(path: &std::path::Path, metrics: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -302,7 +307,12 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
         mtu: cfg.interface.mtu.unwrap_or(DEFAULT_MTU),
         offload: dataplane::offload_from_env(),
     };
-    let dp = Dataplane::start(spec, cfg.peers).await?;
+    let dp = std::sync::Arc::new(Dataplane::start(spec, cfg.peers).await?);
+    let metrics = match metrics {
+        // No controller here: no map revision, and peers go by their keys.
+        Some(addr) => Some(join::serve_metrics_for(addr, &dp, None).await?),
+        None => None,
+    };
     println!(
         "{} is up, listening on UDP port {}",
         dp.name(),
@@ -324,7 +334,13 @@ async fn up(path: &std::path::Path) -> anyhow::Result<()> {
     if with_dns {
         crate::dns::system::unregister_all(&name);
     }
-    dp.stop().await;
+    if let Some(t) = metrics {
+        t.abort();
+        let _ = t.await;
+    }
+    if let Ok(dp) = std::sync::Arc::try_unwrap(dp) {
+        dp.stop().await;
+    }
     if deleted {
         bail!("interface {name} was deleted");
     }

@@ -23,6 +23,26 @@ const TCP_QUESTIONS: usize = 256;
 
 type Zones = watch::Receiver<Option<Arc<Zone>>>;
 
+/// Questions answered, by response code (`canopy_agent_dns_queries_total`): NOERROR, FORMERR,
+/// SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, and last those that got no answer.
+pub static ANSWERED: [std::sync::atomic::AtomicU64; 7] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 7];
+/// The `rcode` label of each [`ANSWERED`] slot.
+pub const RCODES: [&str; 7] = [
+    "noerror", "formerr", "servfail", "nxdomain", "notimp", "refused", "dropped",
+];
+
+/// [`answer`], counted.
+fn counted(zone: Option<&Zone>, packet: &[u8], t: Transport) -> Option<Vec<u8>> {
+    let out = answer(zone, packet, t);
+    let slot = match &out {
+        Some(o) if o.len() >= 4 => usize::from(o[3] & 0x0f).min(5),
+        _ => 6,
+    };
+    ANSWERED[slot].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    out
+}
+
 /// Serves the zone of each map `maps` yields on `iface`'s overlay addresses until dropped,
 /// and registers it with systemd-resolved where that runs (saying what to do where not).
 pub async fn run(iface: String, mut maps: watch::Receiver<Option<NetworkMap>>) {
@@ -115,7 +135,7 @@ async fn serve_udp(sock: UdpSocket, zones: Zones) {
             }
         };
         let zone = zones.borrow().clone();
-        if let Some(out) = answer(zone.as_deref(), &buf[..n], Transport::Udp) {
+        if let Some(out) = counted(zone.as_deref(), &buf[..n], Transport::Udp) {
             let _ = sock.send_to(&out, from).await;
         }
     }
@@ -152,7 +172,7 @@ async fn tcp_connection(mut conn: TcpStream, zones: Zones) -> std::io::Result<()
             Err(_) => return Ok(()),
         };
         let zone = zones.borrow().clone();
-        let Some(out) = answer(zone.as_deref(), &buf[..len], Transport::Tcp) else {
+        let Some(out) = counted(zone.as_deref(), &buf[..len], Transport::Tcp) else {
             return Ok(());
         };
         let Ok(out_len) = u16::try_from(out.len()) else {
