@@ -402,12 +402,12 @@ impl Cache {
         st.networks.get(network).map(|s| s.revision)
     }
 
-    /// The tenant that owns `network`.
-    pub fn network_tenant(&self, network: &str) -> Option<String> {
+    /// Per network (by id): its tenant and how many peers it has.
+    pub fn census(&self) -> HashMap<String, (String, usize)> {
         let st = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
-        st.networks
-            .get(network)
-            .map(|s| s.network.tenant_id.clone())
+        let nets = st.networks.iter();
+        nets.map(|(id, s)| (id.clone(), (s.network.tenant_id.clone(), s.peer_count())))
+            .collect()
     }
 
     /// Whether `b` is in `a`'s map.

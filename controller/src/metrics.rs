@@ -174,6 +174,7 @@ impl Collector for Live {
             ConstGauge::new(ctl.cache.applied()),
         )?;
         convergence(ctl, &mut enc)?;
+        tenants(ctl, &mut enc)?;
         store_writes(&mut enc)?;
         let Some(relay) = &self.relay else {
             return Ok(());
@@ -256,16 +257,56 @@ fn store_writes(enc: &mut DescriptorEncoder) -> std::fmt::Result {
     )
 }
 
+/// Per tenant (hosted: one label per subscriber, bounded by the tenants with networks): its
+/// networks and peers, and its agents with a session on this replica.
+fn tenants(ctl: &Controller, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let census = ctl.cache.census();
+    let mut per: std::collections::BTreeMap<&str, [i64; 3]> = Default::default();
+    for (tenant, peers) in census.values() {
+        let t = per.entry(tenant).or_default();
+        t[0] += 1;
+        t[1] += *peers as i64;
+    }
+    for (net, acks) in ctl.sessions.by_network() {
+        if let Some((tenant, _)) = census.get(&net) {
+            per.entry(tenant).or_default()[2] += acks.len() as i64;
+        }
+    }
+    let rows = |i: usize| -> Vec<(canopy_proto::metrics::Labels, ConstGauge<i64>)> {
+        let row =
+            |(t, v): (&&str, &[i64; 3])| (vec![("tenant", t.to_string())], ConstGauge::new(v[i]));
+        per.iter().map(row).collect()
+    };
+    put_family(
+        enc,
+        "canopy_tenant_networks",
+        "A tenant's networks",
+        None,
+        rows(0),
+    )?;
+    put_family(
+        enc,
+        "canopy_tenant_peers",
+        "A tenant's peers",
+        None,
+        rows(1),
+    )?;
+    let help = "A tenant's agents with a Sync session on this replica";
+    put_family(enc, "canopy_tenant_sync_sessions", help, None, rows(2))
+}
+
 /// Per network with sessions here: its revision, the lowest one an agent acknowledged (the gap
 /// is how far the slowest agent lags), and how many sessions it has.
 fn convergence(ctl: &Controller, enc: &mut DescriptorEncoder) -> std::fmt::Result {
-    let (mut revs, mut acked, mut live) = (Vec::new(), Vec::new(), Vec::new());
-    for (net, (n, min)) in ctl.sessions.by_network() {
+    let (mut revs, mut acked, mut p99, mut live) = (vec![], vec![], vec![], vec![]);
+    for (net, acks) in ctl.sessions.by_network() {
         let labels = vec![("network", net.clone())];
         let rev = ctl.cache.network_revision(&net).unwrap_or(0);
         revs.push((labels.clone(), ConstGauge::new(rev)));
-        acked.push((labels.clone(), ConstGauge::new(min)));
-        live.push((labels, ConstGauge::new(n as i64)));
+        acked.push((labels.clone(), ConstGauge::new(acks[0])));
+        // At least 99% of the agents acknowledged this revision (the slowest 1% may lag).
+        p99.push((labels.clone(), ConstGauge::new(acks[acks.len() / 100])));
+        live.push((labels, ConstGauge::new(acks.len() as i64)));
     }
     let help = "The lowest map revision an agent of the network acknowledged on this replica";
     put_family(
@@ -276,6 +317,8 @@ fn convergence(ctl: &Controller, enc: &mut DescriptorEncoder) -> std::fmt::Resul
         revs,
     )?;
     put_family(enc, "canopy_network_acked_revision_min", help, None, acked)?;
+    let help = "A revision at least 99% of the network's agents on this replica acknowledged";
+    put_family(enc, "canopy_network_acked_revision_p99", help, None, p99)?;
     let help = "Live Sync sessions of the network on this replica";
     put_family(enc, "canopy_network_sync_sessions", help, None, live)
 }

@@ -57,6 +57,19 @@ fn controller_counts(lab: &Lab, ctl_url: &str) {
         get(&c, &acked) == get(&c, &rev)
     });
     assert_eq!(get(&c, &rev.replace("_revision{", "_sync_sessions{")), 2.0);
+    let c = scrape(lab, &lab.hub, ctl_url);
+    let p99 = rev.replace("_revision{", "_acked_revision_p99{");
+    assert_eq!(get(&c, &p99), get(&c, &rev));
+    // The one tenant of a self-managed controller: its network, peers and sessions.
+    let tenant = |family: &str| {
+        let k = c
+            .keys()
+            .find(|k| k.starts_with(&format!("{family}{{tenant=")));
+        get(&c, k.unwrap_or_else(|| panic!("no {family}")))
+    };
+    assert_eq!(tenant("canopy_tenant_networks"), 1.0);
+    assert_eq!(tenant("canopy_tenant_peers"), 2.0);
+    assert_eq!(tenant("canopy_tenant_sync_sessions"), 2.0);
 }
 
 #[test]

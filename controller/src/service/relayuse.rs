@@ -43,7 +43,7 @@ impl Controller {
         let month = month_of(self.now_unix());
         let mut per_tenant: HashMap<String, (u64, Vec<&String>)> = HashMap::new();
         for (net, bytes) in per_network {
-            if let Some(t) = self.cache.network_tenant(net) {
+            if let Some(t) = self.cache.network(net).map(|n| n.tenant_id) {
                 let e = per_tenant.entry(t).or_default();
                 e.0 += bytes;
                 e.1.push(net);

@@ -103,13 +103,13 @@ impl Sessions {
     pub fn get(&self, peer: &str) -> Option<Revision> {
         self.lock().1.get(peer).map(|e| e.acked)
     }
-    /// Per network with live sessions here: how many, and the lowest revision they acked.
-    pub fn by_network(&self) -> HashMap<String, (u64, Revision)> {
-        let mut out: HashMap<String, (u64, Revision)> = HashMap::new();
+    /// Per network with live sessions here: the revision each acknowledged, lowest first.
+    pub fn by_network(&self) -> HashMap<String, Vec<Revision>> {
+        let mut out: HashMap<String, Vec<Revision>> = HashMap::new();
         for e in self.lock().1.values() {
-            let s = out.entry(e.network.clone()).or_insert((0, Revision::MAX));
-            (s.0, s.1) = (s.0 + 1, s.1.min(e.acked));
+            out.entry(e.network.clone()).or_default().push(e.acked);
         }
+        out.values_mut().for_each(|v| v.sort_unstable());
         out
     }
 
