@@ -187,9 +187,12 @@ fn status_json(
         "public_key": keys::encode(public_key),
         "addresses": map.addresses,
         "revision": map.revision,
+        "dns_name": map.dns_name,
+        "dns_domain": map.dns_domain,
         "peers": map.peers.iter().map(|p| serde_json::json!({
             "peer_id": p.peer_id,
             "hostname": p.hostname,
+            "dns_name": p.dns_name,
             "public_key": keys::encode(&p.public_key),
             "allowed_ips": p.allowed_ips,
             "endpoints": p.endpoints,
@@ -259,6 +262,19 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     say!("public key: {}", keys::encode(&key.public_key()));
     say!("addresses:  {}", map.addresses.join(", "));
     say!("revision:   {}", map.revision);
+    if !map.dns_domain.is_empty() {
+        let at = map
+            .addresses
+            .first()
+            .and_then(|a| a.split('/').next())
+            .unwrap_or("");
+        say!(
+            "dns name:   {}.{} (names under {} answered at {at}:53)",
+            map.dns_name,
+            map.dns_domain,
+            map.dns_domain
+        );
+    }
     say!("peers:      {}", map.peers.len());
     for p in &map.peers {
         say!(
