@@ -127,15 +127,8 @@ async fn not_in_cache(ctl: &Controller, id: &AgentIdentity) -> Result<(), Status
     ))
 }
 
-async fn session(
-    ctl: &Controller,
-    id: &AgentIdentity,
-    mut inbound: Streaming<SyncRequest>,
-    tx: &Tx,
-) -> Result<(), Status> {
-    let Some(hello) = read_hello(&mut inbound).await? else {
-        return Ok(());
-    };
+/// What a Hello says besides the revision: endpoints, advertised routes, the exit node.
+async fn take_hello(ctl: &Controller, id: &AgentIdentity, hello: &Hello) -> Result<(), Status> {
     if !hello.endpoints.is_empty() || !hello.outside.is_empty() {
         ctl.report_endpoints(id, &hello.endpoints, &hello.outside)
             .await?;
@@ -157,6 +150,19 @@ async fn session(
     if !hello.exit_node.is_empty() {
         ctl.take_exit_node(id, &hello.exit_node).await;
     }
+    Ok(())
+}
+
+async fn session(
+    ctl: &Controller,
+    id: &AgentIdentity,
+    mut inbound: Streaming<SyncRequest>,
+    tx: &Tx,
+) -> Result<(), Status> {
+    let Some(hello) = read_hello(&mut inbound).await? else {
+        return Ok(());
+    };
+    take_hello(ctl, id, &hello).await?;
     let changes = ctl.cache.subscribe(&id.network_id);
     // An agent may hold a revision the cache has not reached yet (it enrolled through the store).
     if hello.known_revision > ctl.cache.applied() {
