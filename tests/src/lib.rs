@@ -334,6 +334,19 @@ impl TestAgent {
         }
     }
 
+    /// Asks for a hole punch with `peer` as the agent's planner does, once its session is up
+    /// (the session takes asks only while it runs; until then a send has no receiver).
+    pub async fn ask_punch(&self, peer: &str) {
+        let t = std::time::Instant::now();
+        while self.client.punch_asks().send(peer.to_string()).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "no session took the ask"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn map(&self) -> NetworkMap {
         self.maps.borrow().clone().unwrap_or_default()
     }

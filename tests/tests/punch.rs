@@ -41,12 +41,9 @@ async fn a_punch_asked_by_one_side_reaches_both_sides_once_per_pair() {
     let (mut at_a, mut at_b) = (a.client.punches(), b.client.punches());
     let mut at_stranger = stranger.client.punches();
     // Asking for a peer of another network (or no peer at all) punches nothing.
-    a.client
-        .punch_asks()
-        .send(stranger.peer_id.clone())
-        .unwrap();
-    a.client.punch_asks().send("peer_nobody".into()).unwrap();
-    a.client.punch_asks().send(b.peer_id.clone()).unwrap();
+    a.ask_punch(&stranger.peer_id).await;
+    a.ask_punch("peer_nobody").await;
+    a.ask_punch(&b.peer_id).await;
     let to_a = TestAgent::next_punch(&mut at_a, 5 * SECOND).await.unwrap();
     let to_b = TestAgent::next_punch(&mut at_b, 5 * SECOND).await.unwrap();
     assert_eq!(to_a.peer_id, b.peer_id, "A probes B");
@@ -55,7 +52,7 @@ async fn a_punch_asked_by_one_side_reaches_both_sides_once_per_pair() {
     assert_eq!(to_b.peer_id, a.peer_id, "and B probes A at the same moment");
     assert_eq!(to_b.outside, ["198.51.100.1:4000"]);
     // B asks too (both sides usually do): the pair was punched just now.
-    b.client.punch_asks().send(a.peer_id.clone()).unwrap();
+    b.ask_punch(&a.peer_id).await;
     assert!(TestAgent::next_punch(&mut at_a, SECOND).await.is_none());
     assert!(TestAgent::next_punch(&mut at_b, SECOND).await.is_none());
     assert!(
@@ -80,11 +77,7 @@ async fn no_punch_without_an_outside_address_or_between_peers_the_policy_keeps_a
     let plain2 = TestAgent::join(&join, "plain2").await.unwrap();
     let (mut at_db, mut at_plain2) = (db.client.punches(), plain2.client.punches());
     // Neither side behind a NAT: nothing to punch.
-    plain
-        .client
-        .punch_asks()
-        .send(plain2.peer_id.clone())
-        .unwrap();
+    plain.ask_punch(&plain2.peer_id).await;
     assert!(
         TestAgent::next_punch(&mut at_plain2, 2 * SECOND)
             .await
@@ -101,7 +94,7 @@ async fn no_punch_without_an_outside_address_or_between_peers_the_policy_keeps_a
     .await
     .unwrap();
     tokio::time::sleep(SECOND / 2).await;
-    web.client.punch_asks().send(db.peer_id.clone()).unwrap();
+    web.ask_punch(&db.peer_id).await;
     assert!(
         TestAgent::next_punch(&mut at_db, 2 * SECOND)
             .await

@@ -476,7 +476,7 @@ async fn a_punch_reaches_both_sides_when_their_sessions_are_on_different_replica
     })
     .await;
     let (mut at_x, mut at_y) = (x.client.punches(), y.client.punches());
-    x.client.punch_asks().send(y_id.clone()).unwrap();
+    x.ask_punch(&y_id).await;
     let to_y = TestAgent::next_punch(&mut at_y, 5 * SECOND).await;
     assert_eq!(to_y.map(|p| p.peer_id), Some(x.peer_id.clone()));
     let to_x = TestAgent::next_punch(&mut at_x, 5 * SECOND).await;
