@@ -102,6 +102,20 @@ fn per_peer(
         Some(&Unit::Seconds),
         gauges(age),
     )?;
+    put_family(
+        enc,
+        "canopy_agent_peer_handshake_attempts",
+        "Handshake initiations sent to each peer",
+        None,
+        counters(rows(&|p| Some(p.handshake_attempts))),
+    )?;
+    put_family(
+        enc,
+        "canopy_agent_peer_handshake_failures",
+        "Handshakes with each peer given up unanswered (after 90 s of retries)",
+        None,
+        counters(rows(&|p| Some(p.handshake_failures))),
+    )?;
     let relayed = |p: &PeerStatus| p.config.endpoint.is_some_and(|e| dataplane::is_relayed(&e));
     let relayed = rows(&|p| Some(u64::from(relayed(p))));
     put_family(

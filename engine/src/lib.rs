@@ -36,6 +36,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -195,6 +196,9 @@ impl Engine {
                         config: config.clone(),
                         inbound,
                         policy_drops: 0,
+                        handshake_attempts: 0,
+                        handshake_failures: 0,
+                        expiry_counted: false,
                         candidates: Vec::new(),
                         quiet: Vec::new(),
                         punch_until: None,
@@ -283,6 +287,8 @@ impl Engine {
             policy_drops: p.policy_drops,
             rx_bytes: rx as u64,
             tx_bytes: tx as u64,
+            handshake_attempts: p.handshake_attempts,
+            handshake_failures: p.handshake_failures,
         })
     }
 
@@ -556,6 +562,13 @@ impl Engine {
                 TunnResult::WriteToNetwork(b) => {
                     let n = b.len();
                     peer.send(off, n, out);
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    // An initiation given up unanswered (not an idle session's keys dropped:
+                    // a session clears `initiated`).
+                    peer.handshake_failures += u64::from(peer.initiated && !peer.expiry_counted);
+                    peer.expiry_counted = true;
+                    out.keep(off, 0);
                 }
                 _ => out.keep(off, 0),
             }

@@ -30,6 +30,9 @@ pub struct PeerStatus {
     pub policy_drops: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Handshake initiations sent, and attempts given up unanswered (90 s of retries).
+    pub handshake_attempts: u64,
+    pub handshake_failures: u64,
 }
 
 /// Counters of packets the engine refused, for tests and `status`.
@@ -51,6 +54,10 @@ pub(crate) struct Peer {
     /// What it may open on this node, while a policy is in force.
     pub(crate) inbound: Arc<Rules>,
     pub(crate) policy_drops: u64,
+    pub(crate) handshake_attempts: u64,
+    pub(crate) handshake_failures: u64,
+    /// The last attempt's expiry was counted (boringtun says so at every tick after it).
+    pub(crate) expiry_counted: bool,
     /// Other addresses it may be reached at (the controller's candidates): a handshake
     /// initiation goes to each of them too, and the first that answers becomes the endpoint.
     pub(crate) candidates: Vec<SocketAddr>,
@@ -260,6 +267,10 @@ impl Peer {
     pub(crate) fn send(&mut self, off: usize, n: usize, out: &mut Outbox) {
         let initiation = n == INITIATION_LEN && out.buf[off] == 1;
         self.initiated |= initiation;
+        if initiation {
+            self.handshake_attempts += 1;
+            self.expiry_counted = false;
+        }
         let endpoint = self.config.endpoint;
         let others = self
             .candidates

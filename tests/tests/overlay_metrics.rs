@@ -110,6 +110,17 @@ fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
             r#"canopy_agent_peer_last_handshake_seconds{peer="b"}"#
         ) < 30.0
     );
+    // One of the two initiated the handshake; neither gave one up.
+    let count = |ns: &str, family: &str, peer: &str| {
+        let m = scrape(&lab, ns, agent_url);
+        get(
+            &m,
+            &format!(r#"canopy_agent_peer_handshake_{family}_total{{peer="{peer}"}}"#),
+        )
+    };
+    let initiated = count(&a.host.ns, "attempts", "b") + count(&b.host.ns, "attempts", "a");
+    assert!(initiated >= 1.0);
+    assert_eq!(count(&a.host.ns, "failures", "b"), 0.0);
     // On one LAN the pair settles on the direct path (a first handshake may go by the relay).
     wait_until("a reaches b directly, by its metrics", || {
         let m = scrape(&lab, &a.host.ns, agent_url);
@@ -126,24 +137,7 @@ fn controller_and_agent_metrics_count_enrollments_traffic_and_drops() {
     let now = get(&scrape(&lab, &b.host.ns, agent_url), no_route);
     assert!(now >= was + 3.0, "no-route drops {was} → {now}");
 
-    // Questions to a's resolver, by answer.
-    let aa = addr(&status(&lab, &a.host.ns, &a.state).unwrap(), 0);
-    let ask = |name: &str| {
-        let at = format!("@{aa}");
-        lab.run(
-            &a.host.ns,
-            &["dig", &at, name, "+short", "+time=1", "+tries=1"],
-        )
-    };
-    let out = ask("b.m.canopy");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ba);
-    ask("nobody.m.canopy");
-    ask("example.com");
-    let m = scrape(&lab, &a.host.ns, agent_url);
-    for rcode in ["noerror", "nxdomain", "refused"] {
-        let q = format!(r#"canopy_agent_dns_queries_total{{rcode="{rcode}"}}"#);
-        assert!(get(&m, &q) >= 1.0, "{q}");
-    }
+    dns_answers_are_counted(&lab, &a, &ba);
     dashboard_names_exist(&[
         scrape(&lab, &lab.hub, "http://192.0.2.254:9464/metrics"),
         scrape(&lab, &a.host.ns, agent_url),
@@ -179,5 +173,29 @@ fn dashboard_names_exist(scrapes: &[HashMap<String, f64>]) {
             served.contains(n),
             "the dashboard queries {n}, which no endpoint serves"
         );
+    }
+}
+
+/// Questions to a's resolver (`dig` for b, a missing name, a name outside the zone), counted
+/// by answer.
+fn dns_answers_are_counted(lab: &Lab, a: &Node, ba: &str) {
+    let agent_url = "http://127.0.0.1:9465/metrics";
+    // Questions to a's resolver, by answer.
+    let aa = addr(&status(lab, &a.host.ns, &a.state).unwrap(), 0);
+    let ask = |name: &str| {
+        let at = format!("@{aa}");
+        lab.run(
+            &a.host.ns,
+            &["dig", &at, name, "+short", "+time=1", "+tries=1"],
+        )
+    };
+    let out = ask("b.m.canopy");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ba);
+    ask("nobody.m.canopy");
+    ask("example.com");
+    let m = scrape(lab, &a.host.ns, agent_url);
+    for rcode in ["noerror", "nxdomain", "refused"] {
+        let q = format!(r#"canopy_agent_dns_queries_total{{rcode="{rcode}"}}"#);
+        assert!(get(&m, &q) >= 1.0, "{q}");
     }
 }

@@ -101,6 +101,9 @@ fn a_lost_initiation_is_retried_every_rekey_timeout_and_given_up_after_90_second
         "no retry after REKEY_ATTEMPT_TIME: {retries:?}"
     );
     assert_eq!(retries.len(), 17, "{retries:?}");
+    // Counted for `status` and the metrics: the first and 17 retries sent, one attempt given up.
+    let st = p.a.peers().remove(0);
+    assert_eq!((st.handshake_attempts, st.handshake_failures), (18, 1));
 }
 
 #[test]
@@ -178,7 +181,9 @@ fn after_nine_minutes_without_a_handshake_every_key_is_dropped() {
     );
     // REJECT_AFTER_TIME * 3: sessions and handshake state are zeroed on both sides: no
     // handshake to report, and the next packet needs a new one.
-    assert_eq!(p.a.peer(&pubkey(key(2))).unwrap().since_handshake, None);
+    let st = p.a.peer(&pubkey(key(2))).unwrap();
+    assert_eq!(st.since_handshake, None);
+    assert_eq!(st.handshake_failures, 0, "an idle session's keys dropped is no failure");
     let next = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"after the wipe")]);
     let kinds: Vec<u8> = next.iter().map(|d| d[0]).collect();
     assert_eq!(kinds, vec![INIT]);
