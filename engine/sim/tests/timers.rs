@@ -183,7 +183,10 @@ fn after_nine_minutes_without_a_handshake_every_key_is_dropped() {
     // handshake to report, and the next packet needs a new one.
     let st = p.a.peer(&pubkey(key(2))).unwrap();
     assert_eq!(st.since_handshake, None);
-    assert_eq!(st.handshake_failures, 0, "an idle session's keys dropped is no failure");
+    assert_eq!(
+        st.handshake_failures, 0,
+        "an idle session's keys dropped is no failure"
+    );
     let next = p.send_b(&[ipv4("10.0.0.2", "10.0.0.1", b"after the wipe")]);
     let kinds: Vec<u8> = next.iter().map(|d| d[0]).collect();
     assert_eq!(kinds, vec![INIT]);
