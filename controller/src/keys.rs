@@ -30,6 +30,7 @@
 //! apitokensver/<tenant>              bumped by every API token create/revoke (guards the quota
 //!                                    and the last admin token)
 //! audit/<tenant>/<ms, 20 digits>-<r> AuditEntry: key order is time order
+//! websessions/<sha256 hex>           WebSessionRecord: a browser signed in to the web console
 //! paths/<network>/<peer>             PathsRecord: how that peer's agent reaches its peers (written
 //!                                    by its session when a path changes; not cached)
 //! relayuse/<tenant>/<yyyy-mm>        RelayUseRecord: bytes relayed for the tenant that month (UTC)
@@ -83,6 +84,9 @@ pub fn pubkeys(network: &str) -> String {
 }
 pub fn pubkey(network: &str, key: &[u8]) -> String {
     format!("{ROOT}pubkeys/{network}/{}", hex::encode(key))
+}
+pub fn websession(hash: &[u8; 32]) -> String {
+    format!("{ROOT}websessions/{}", hex::encode(hash))
 }
 pub fn credential(hash: &[u8; 32]) -> String {
     format!("{ROOT}credentials/{}", hex::encode(hash))

@@ -12,6 +12,7 @@
 //! - [`clock`]: wall-clock time for expiry, leases and timestamps (manual in tests).
 //! - [`txn`]: the one retry loop for read → decide → write operations (jittered backoff).
 //! - [`pacing`]: admission of new agent sessions (reconnect storms).
+//! - [`web`]: the web console (pages over the same operations, sessions, CSRF, CSP).
 //! - [`console`]: the CLI client. [`tls`], [`secret`], [`keys`], [`files`]: supporting pieces.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -36,3 +37,4 @@ pub mod service;
 pub mod store;
 pub mod tls;
 pub mod txn;
+pub mod web;

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// never on the gRPC port).
     #[arg(long, env = "CANOPY_METRICS")]
     metrics: Option<std::net::SocketAddr>,
+    /// Serve the web console at https://ADDR/ (e.g. 127.0.0.1:8443), with the controller's
+    /// certificate; off by default, and on at the listen address, port 8443, with --hosted.
+    #[arg(long, env = "CANOPY_WEB")]
+    web: Option<std::net::SocketAddr>,
 }
 
 /// Flags of `canopy relay`: a relay (and STUN server) of its own for the agents of the
@@ -122,6 +126,9 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         relay_rate: a.relay_rate,
         relay_flush: crate::service::relayuse::FLUSH,
         metrics: a.metrics,
+        web: a.web.or(a
+            .hosted
+            .then(|| std::net::SocketAddr::new(a.listen.ip(), 8443))),
         operator_token: match &a.operator_token_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)

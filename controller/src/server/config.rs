@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub relay_flush: std::time::Duration,
     /// Serve Prometheus metrics (`GET /metrics`) here; never on the gRPC port.
     pub metrics: Option<SocketAddr>,
+    /// Serve the web console here (HTTPS with the controller's certificate).
+    pub web: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -71,6 +73,7 @@ impl ServeConfig {
             relay_rate: super::relay::PER_SOURCE,
             relay_flush: crate::service::relayuse::FLUSH,
             metrics: None,
+            web: None,
         }
     }
 }

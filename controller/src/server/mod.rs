@@ -139,6 +139,8 @@ pub struct Prepared {
     pub relay_flush: Duration,
     /// The `/metrics` listener, if asked for.
     pub metrics: Option<TcpListener>,
+    /// The web console's listener, if asked for.
+    pub web: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -226,7 +228,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
     })?;
     let public_url = public_url(config, local_addr)?;
     let names = certificate_names(config, local_addr, &public_url)?;
-    let (stun, metrics) = side_listeners(config, local_addr).await?;
+    let (stun, metrics, web) = side_listeners(config, local_addr).await?;
     // First start is race-free for replicas sharing a data dir: one creates the CA and the
     // admin token under this lock, the others wait and read them.
     let _init = crate::files::lock_exclusive(&config.data_dir.join("init.lock"))
@@ -277,15 +279,22 @@ pub async fn prepare(config: &ServeConfig) -> Result<Prepared, ServeError> {
         relay_rate: config.relay_rate,
         relay_flush: config.relay_flush,
         metrics,
+        web,
     })
 }
 
-/// The STUN/relay port (UDP at the gRPC address, unless turned off) and the `/metrics`
-/// listener (if asked for).
+type SideListeners = (
+    Option<tokio::net::UdpSocket>,
+    Option<TcpListener>,
+    Option<TcpListener>,
+);
+
+/// The STUN/relay port (UDP at the gRPC address, unless turned off), the `/metrics` listener
+/// and the web console's (if asked for).
 async fn side_listeners(
     config: &ServeConfig,
     local_addr: SocketAddr,
-) -> Result<(Option<tokio::net::UdpSocket>, Option<TcpListener>), ServeError> {
+) -> Result<SideListeners, ServeError> {
     let stun = match config.stun {
         true => stun::bind(local_addr).await,
         false => None,
@@ -298,7 +307,15 @@ async fn side_listeners(
         ),
         None => None,
     };
-    Ok((stun, metrics))
+    let web = match config.web {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    Ok((stun, metrics, web))
 }
 
 /// gRPC health, every service serving.
@@ -376,7 +393,18 @@ pub async fn serve(
             let _ = bg_stopped.await;
         },
     ));
-    let side = side::spawn(&ctl, p.stun, p.metrics, p.relay_rate, p.relay_flush);
+    let mut side = side::spawn(&ctl, p.stun, p.metrics, p.relay_rate, p.relay_flush);
+    if let Some(l) = p.web {
+        let tls = crate::web::tls_config(&p.tls.server_chain_pem, &p.tls.server_key_pem)
+            .map_err(ServeError::Setup)?;
+        tracing::info!(addr = ?l.local_addr().ok(), "web console serving");
+        side.push(tokio::spawn(crate::web::serve(
+            l,
+            tls,
+            ctl.clone(),
+            std::future::pending(),
+        )));
+    }
     let shutdown = async move {
         shutdown.await;
         ctl.begin_shutdown();

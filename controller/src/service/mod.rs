@@ -27,6 +27,7 @@ mod routes;
 mod sessions;
 mod tenants;
 mod tokens;
+pub mod websessions;
 
 pub use sessions::Sessions;
 pub use tenants::TenantGuard;
@@ -274,16 +275,21 @@ impl Controller {
     // ----- API tokens -----
 
     pub async fn authenticate_console(&self, bearer: &str) -> Result<Caller> {
-        let unknown = || Error::Unauthenticated("API token is not valid".into());
         if !bearer.starts_with(secret::API_TOKEN) {
             return Err(Error::Unauthenticated(
                 "that is not an API token (API tokens start with 'cat_')".into(),
             ));
         }
         let hash = Secret::from_string(bearer.to_string()).hash();
+        self.authenticate_token_hash(&hash).await
+    }
+
+    /// The caller an API token (by its hash) stands for, if it is still valid.
+    pub(crate) async fn authenticate_token_hash(&self, hash: &[u8; 32]) -> Result<Caller> {
+        let unknown = || Error::Unauthenticated("API token is not valid".into());
         let kv = self
             .store
-            .get(keys::apitoken(&hash).as_bytes())
+            .get(keys::apitoken(hash).as_bytes())
             .await?
             .ok_or_else(unknown)?;
         let rec: ApiTokenRecord = decode(&kv)?;
