@@ -17,10 +17,12 @@
 #   coturn             turnutils_stunclient, a third-party STUN client, against the controller's
 #                      STUN port (coturn's own server stays disabled, as Debian ships it)
 #   bind9-dnsutils     dig, to ask the agents' resolvers for peer names as users do
+#   chromium, chromium-driver, python3-selenium: a real browser, headless, driven through the
+#                      web console's journeys (nothing is downloaded at test time)
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server wireguard-tools wireguard-go iproute2 iputils-ping
       iperf3 nftables python3 python3-grpcio python3-prometheus-client coturn
-      bind9-dnsutils)
+      bind9-dnsutils chromium chromium-driver python3-selenium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -57,4 +59,6 @@ python3 -c 'import hashlib, socket' || fail "python3 does not run"
 /usr/bin/python3 -c 'import prometheus_client.openmetrics.parser' || fail "Debian's python3 cannot import prometheus_client (python3-prometheus-client)"
 command -v turnutils_stunclient >/dev/null || fail "turnutils_stunclient (coturn) is missing"
 dig -v >/dev/null 2>&1 || fail "dig (bind9-dnsutils) does not run"
-echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, nft, python3, grpcio, prometheus_client, stunclient, dig work"
+chromedriver --version >/dev/null || fail "chromedriver (chromium-driver) does not run"
+/usr/bin/python3 -c 'import selenium.webdriver' || fail "Debian's python3 cannot import selenium (python3-selenium)"
+echo "install-deps: protoc, etcd, wg, wireguard-go, iperf3, ip, ping, nft, python3, grpcio, prometheus_client, stunclient, dig, chromedriver, selenium work"

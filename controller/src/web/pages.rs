@@ -354,6 +354,8 @@ fn tokens_section(s: &WebSession, net: &str, tokens: &[JoinToken], now: i64) -> 
                 "revoked"
             } else if t.expires_at_unix != 0 && t.expires_at_unix <= now {
                 "expired"
+            } else if t.max_uses != 0 && t.uses >= t.max_uses {
+                "used up"
             } else {
                 "usable"
             };

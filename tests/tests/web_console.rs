@@ -1,0 +1,85 @@
+//! The web console in a real browser: Debian's headless Chromium driven by Selenium
+//! (`tests/py/web_journey.py`) against `canopy serve --web` in a lab namespace, with a real
+//! agent joining from another namespace. Screenshots of every page are written to
+//! `target/tmp/web-console/` for a person to look at.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use canopy_tests::controller::*;
+use canopy_tests::netns::{Lab, bin};
+
+const URL: &str = "https://192.0.2.254:8443";
+
+fn shots() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-console");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs a journey of `web_journey.py` in the hub namespace; its JSON line.
+fn browse(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/web_journey.py");
+    let shots = shots();
+    let mut cmd = vec![
+        "/usr/bin/python3",
+        script,
+        args[0],
+        URL,
+        args[1],
+        shots.to_str().unwrap(),
+    ];
+    cmd.extend(&args[2..]);
+    let out = lab.run(&lab.hub, &cmd);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{}: {stdout}\n{stderr}", args[0]);
+    serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}")).unwrap()
+}
+
+#[test]
+fn a_browser_signs_in_creates_a_network_and_token_sees_an_agent_join_live_and_removes_it() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let con = controller_with(&lab, dir.path(), &data, &["--web", "192.0.2.254:8443"]);
+    let admin = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let h = lab.host(1);
+    let (agent, state) = (bin("canopy-agent"), dir.path().join("node1"));
+    let iface = format!("{}w1", lab.id);
+    let join = [
+        "--",
+        "ip",
+        "netns",
+        "exec",
+        &h.ns,
+        agent.to_str().unwrap(),
+        "join",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--interface",
+        &iface,
+        "--hostname",
+        "node1",
+    ];
+    let mut args = vec!["journey", admin.trim()];
+    args.extend(join);
+    let m = browse(&lab, &args);
+    eprintln!("journey: {m}");
+    let appeared = m["peer_appeared_after_agent_start_s"].as_f64().unwrap();
+    assert!(
+        appeared < 5.0,
+        "the peer appeared {appeared} s after its agent started"
+    );
+
+    // A read-scope token: no write controls, and a write it forges is refused.
+    let created = con.ok(&["apitoken", "create", "viewer", "--scope", "read"]);
+    let viewer = created
+        .split_whitespace()
+        .find(|w| w.starts_with("cat_"))
+        .unwrap();
+    let m = browse(&lab, &["readonly", viewer, "webnet"]);
+    assert_eq!(m["forged_write_status"], 403);
+}
