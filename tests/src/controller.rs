@@ -32,6 +32,11 @@ pub struct Console<'a> {
 impl Console<'_> {
     pub fn run(&self, args: &[&str]) -> std::process::Output {
         let token = std::fs::read_to_string(self.data.join("admin-token")).unwrap_or_default();
+        self.run_as(token.trim(), args)
+    }
+
+    /// [`Console::run`] with another API token (another tenant's, a read-scope one).
+    pub fn run_as(&self, token: &str, args: &[&str]) -> std::process::Output {
         let ca = self.data.join("ca.pem");
         let canopy = bin("canopy");
         let mut cmd = vec![
@@ -39,7 +44,7 @@ impl Console<'_> {
             "--server",
             "https://192.0.2.254:7443",
             "--token",
-            token.trim(),
+            token,
             "--ca",
             ca.to_str().unwrap(),
         ];
@@ -47,7 +52,15 @@ impl Console<'_> {
         self.lab.run(&self.lab.hub, &cmd)
     }
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
+        self.ok_as(None, args)
+    }
+
+    /// [`Console::ok`] with another API token when `token` is given.
+    pub fn ok_as(&self, token: Option<&str>, args: &[&str]) -> String {
+        let o = match token {
+            Some(t) => self.run_as(t, args),
+            None => self.run(args),
+        };
         assert!(
             o.status.success(),
             "canopy {args:?}: {}",

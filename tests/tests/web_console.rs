@@ -83,3 +83,67 @@ fn a_browser_signs_in_creates_a_network_and_token_sees_an_agent_join_live_and_re
     let m = browse(&lab, &["readonly", viewer, "webnet"]);
     assert_eq!(m["forged_write_status"], 403);
 }
+
+/// Signs up tenant `org` on the hosted controller: its API token.
+fn sign_up(con: &Console, org: &str) -> String {
+    let email = format!("{org}@example.test");
+    let out = con.ok(&[
+        "--json", "tenant", "signup", "--org", org, "--email", &email,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["api_token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let more = ["--hosted", "--web", "192.0.2.254:8443"];
+    let con = controller_with(&lab, dir.path(), &data, &more);
+    let (a, b) = (sign_up(&con, "tenant-a"), sign_up(&con, "tenant-b"));
+    let a = Some(a.as_str());
+    con.ok_as(
+        a,
+        &["network", "create", "anet", "--cidr", "100.64.88.0/24"],
+    );
+    let join = con.ok_as(a, &["token", "create", "--network", "anet", "--uses", "2"]);
+    let node = start_agent(&lab, dir.path(), join.trim(), "pa", 1);
+    wait_until("A's agent to enroll", || {
+        status(&lab, &node.host.ns, &node.state).is_some()
+    });
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend(args);
+        serde_json::from_str(&con.ok_as(a, &all)).unwrap()
+    };
+    let net = json(&["network", "get", "anet"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let peer = json(&["peer", "list", "--network", "anet"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = json(&["token", "list", "--network", "anet"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let paths = [
+        format!("/networks/{net}"),
+        "/networks/anet".to_string(),
+        format!("/networks/{net}/peers"),
+        format!("/peers/{peer}/remove"),
+        format!("/tokens/{token}/revoke"),
+    ];
+    let mut args = vec!["isolation", b.as_str()];
+    args.extend(paths.iter().map(String::as_str));
+    browse(&lab, &args);
+    // A's objects are all still there.
+    let peers = json(&["peer", "list", "--network", "anet"]);
+    assert_eq!(peers.as_array().unwrap().len(), 1);
+    assert_eq!(
+        json(&["token", "list", "--network", "anet"])[0]["revoked"],
+        false
+    );
+}
