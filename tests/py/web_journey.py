@@ -22,6 +22,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select
 
 
 def browser(width=1200):
@@ -123,6 +124,18 @@ def journey(url, token, shots, agent):
     actions = [c.text for c in d.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(2)")]
     check(actions == ["peer.remove", "peer.enroll"], f"the join and the removal: {actions}")
     shot(d, shots, "07-audit")
+    # A read-scope API token made on the API tokens page (shown once).
+    d.get(url + "/apitokens")
+    field(d, "Name").send_keys("viewer")
+    Select(field(d, "Scope")).select_by_value("read")
+    press(d, "Create API token")
+    wait_for(d, "the new API token", lambda: d.find_elements(By.ID, "secret"), 10)
+    out["read_token"] = d.find_element(By.ID, "secret").text.strip()
+    check(out["read_token"].startswith("cat_"), "an API token")
+    shot(d, shots, "09-api-token")
+    d.get(url + "/usage")
+    check("Networks" in d.page_source and "webnet" in d.page_source, "usage lists the network")
+    shot(d, shots, "09-usage")
     # At phone width the pages still work (no horizontal scroll of the page itself).
     d.set_window_size(390, 844)
     d.get(url + "/networks/webnet")
@@ -164,8 +177,21 @@ def readonly(url, token, shots, network):
 
 def isolation(url, token, shots, paths):
     d = browser()
-    sign_in(d, url, token, shots, "20-tenant-b-signin")
     out = {}
+    if token == "signup":
+        # Tenant B signs up on the page (hosted): its first token is shown once, signed in.
+        d.get(url + "/signin")
+        d.find_element(By.LINK_TEXT, "Sign up").click()
+        wait_for(d, "the sign-up page", lambda: d.current_url.endswith("/signup"), 10)
+        field(d, "Organisation").send_keys("tenant-b")
+        field(d, "Email").send_keys("b@example.test")
+        shot(d, shots, "20-signup")
+        press(d, "Sign up")
+        wait_for(d, "the first API token", lambda: d.find_elements(By.ID, "secret"), 10)
+        out["b_token"] = d.find_element(By.ID, "secret").text.strip()
+        check(out["b_token"].startswith("cat_"), "an API token")
+    else:
+        sign_in(d, url, token, shots, "20-tenant-b-signin")
     for p in paths:
         if p.endswith("/remove") or p.endswith("/revoke"):
             d.get(url + "/networks")

@@ -67,20 +67,19 @@ fn a_browser_signs_in_creates_a_network_and_token_sees_an_agent_join_live_and_re
     let mut args = vec!["journey", admin.trim()];
     args.extend(join);
     let m = browse(&lab, &args);
-    eprintln!("journey: {m}");
     let appeared = m["peer_appeared_after_agent_start_s"].as_f64().unwrap();
+    eprintln!("the new peer was on the page {appeared} s after its agent started");
     assert!(
         appeared < 5.0,
         "the peer appeared {appeared} s after its agent started"
     );
 
-    // A read-scope token: no write controls, and a write it forges is refused.
-    let created = con.ok(&["apitoken", "create", "viewer", "--scope", "read"]);
-    let viewer = created
-        .split_whitespace()
-        .find(|w| w.starts_with("cat_"))
-        .unwrap();
-    let m = browse(&lab, &["readonly", viewer, "webnet"]);
+    // The read-scope token the journey made on the API tokens page: no write controls, and a
+    // write it forges is refused.
+    let viewer = m["read_token"].as_str().unwrap().to_string();
+    let listed = con.ok(&["apitoken", "list"]);
+    assert!(listed.contains("viewer"), "{listed}");
+    let m = browse(&lab, &["readonly", &viewer, "webnet"]);
     assert_eq!(m["forged_write_status"], 403);
 }
 
@@ -101,7 +100,7 @@ fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
     let data = dir.path().join("ctl");
     let more = ["--hosted", "--web", "192.0.2.254:8443"];
     let con = controller_with(&lab, dir.path(), &data, &more);
-    let (a, b) = (sign_up(&con, "tenant-a"), sign_up(&con, "tenant-b"));
+    let a = sign_up(&con, "tenant-a");
     let a = Some(a.as_str());
     con.ok_as(
         a,
@@ -136,9 +135,14 @@ fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
         format!("/peers/{peer}/remove"),
         format!("/tokens/{token}/revoke"),
     ];
-    let mut args = vec!["isolation", b.as_str()];
+    // Tenant B signs up on the page, then tries A's objects.
+    let mut args = vec!["isolation", "signup"];
     args.extend(paths.iter().map(String::as_str));
-    browse(&lab, &args);
+    let m = browse(&lab, &args);
+    // B exists, signed up on the page, and has nothing.
+    let b = m["b_token"].as_str().unwrap();
+    let b_nets = con.ok_as(Some(b), &["--json", "network", "list"]);
+    assert_eq!(b_nets.trim(), "[]");
     // A's objects are all still there.
     let peers = json(&["peer", "list", "--network", "anet"]);
     assert_eq!(peers.as_array().unwrap().len(), 1);

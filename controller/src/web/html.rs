@@ -48,7 +48,8 @@ pub fn page(title: &str, viewer: Option<&Viewer>, body: &str) -> String {
     let nav = match viewer {
         Some(v) => format!(
             r#"<header><nav aria-label="Main"><a class="brand" href="/networks">Canopy</a>
-<a href="/networks">Networks</a> <a href="/audit">Audit log</a>
+<a href="/networks">Networks</a> <a href="/apitokens">API tokens</a> <a href="/usage">Plan and usage</a>
+<a href="/audit">Audit log</a>
 <span class="who">{} · {}</span>
 <form method="post" action="/signout" class="inline">{}<button type="submit">Sign out</button></form>
 </nav></header>"#,

@@ -5,6 +5,7 @@
 //! ([`crate::service::websessions`]); forms carry a CSRF token; every response carries a
 //! strict Content-Security-Policy. Live updates: server-sent events per network.
 
+mod account;
 mod audit;
 mod html;
 mod pages;
@@ -36,6 +37,10 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 struct Web {
     ctl: Controller,
 }
+
+/// Where a request came from (the TCP peer): sign-up is throttled by it.
+#[derive(Clone, Copy, Debug)]
+struct ClientAddr(std::net::SocketAddr);
 
 /// A TLS configuration for browsers (HTTP/1.1) from the controller's PEM chain and key.
 pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, String> {
@@ -71,9 +76,17 @@ pub async fn serve(
             continue;
         };
         let app = app.clone();
+        let from = {
+            use tonic::transport::server::Connected as _;
+            conn.connect_info().remote_addr()
+        };
+        let from = ClientAddr(from.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()));
         tokio::spawn(async move {
             use tower::ServiceExt as _;
-            let svc = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+                req.extensions_mut().insert(from);
+                app.clone().oneshot(req)
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ)

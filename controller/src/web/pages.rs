@@ -11,11 +11,12 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use canopy_proto::v1::{JoinToken, Peer};
 
+use super::account;
 use super::html::{self, Viewer, esc, seg};
 use super::{Web, error_page, session, set_cookie};
 use crate::service::websessions::{WebSession, csrf_matches};
 
-type FormData = Form<HashMap<String, String>>;
+pub(super) type FormData = Form<HashMap<String, String>>;
 
 pub(super) fn router() -> Router<Web> {
     Router::new()
@@ -30,12 +31,19 @@ pub(super) fn router() -> Router<Web> {
         .route("/peers/{id}/remove", post(remove_peer))
         .route("/tokens/{id}/revoke", post(revoke_token))
         .route("/audit", get(super::audit::audit))
+        .route(
+            "/apitokens",
+            get(account::api_tokens).post(account::create_api_token),
+        )
+        .route("/apitokens/{id}/revoke", post(account::revoke_api_token))
+        .route("/usage", get(account::usage))
+        .route("/signup", get(account::signup_page).post(account::signup))
         .route("/static/app.css", get(css))
         .route("/static/app.js", get(js))
         .layer(DefaultBodyLimit::max(16 * 1024))
 }
 
-fn viewer(s: &WebSession) -> Viewer<'_> {
+pub(super) fn viewer(s: &WebSession) -> Viewer<'_> {
     Viewer {
         tenant: &s.caller.tenant,
         admin: s.caller.scope == crate::plans::Scope::Admin,
@@ -48,7 +56,7 @@ pub(super) fn render(s: &WebSession, title: &str, body: &str) -> Response {
 }
 
 /// The session of a form post, whose CSRF token must be the session's.
-async fn checked(
+pub(super) async fn checked(
     web: &Web,
     headers: &HeaderMap,
     f: &HashMap<String, String>,
@@ -64,7 +72,7 @@ async fn checked(
     Ok(s)
 }
 
-fn field<'a>(f: &'a HashMap<String, String>, k: &str) -> &'a str {
+pub(super) fn field<'a>(f: &'a HashMap<String, String>, k: &str) -> &'a str {
     f.get(k).map_or("", |v| v.trim())
 }
 
@@ -84,21 +92,25 @@ async fn js() -> Response {
     (h, include_str!("static/app.js")).into_response()
 }
 
-fn signin_form(message: Option<&str>) -> Response {
+fn signin_form(message: Option<&str>, hosted: bool) -> Response {
+    let signup = match hosted {
+        true => r#"<p>New here? <a href="/signup">Sign up</a></p>"#,
+        false => "",
+    };
     let body = format!(
         r#"{}<form method="post" action="/signin" class="card">
 <label for="token">API token</label>
 <input id="token" name="token" type="password" autocomplete="off" required placeholder="cat_…">
 <p class="hint">An API token of your tenant (<code>canopy apitoken create</code>, or the admin token a
 controller wrote to <code>DATA/admin-token</code>). The page acts with its scope.</p>
-<button type="submit">Sign in</button></form>"#,
+<button type="submit">Sign in</button></form>{signup}"#,
         message.map(html::alert).unwrap_or_default()
     );
     Html(html::page("Sign in", None, &body)).into_response()
 }
 
-async fn signin_page() -> Response {
-    signin_form(None)
+async fn signin_page(State(web): State<Web>) -> Response {
+    signin_form(None, web.ctl.hosted)
 }
 
 async fn signin(State(web): State<Web>, Form(f): FormData) -> Response {
@@ -114,7 +126,8 @@ async fn signin(State(web): State<Web>, Form(f): FormData) -> Response {
             r
         }
         Err(e @ crate::error::Error::Unauthenticated(_)) => {
-            (StatusCode::UNAUTHORIZED, signin_form(Some(&e.to_string()))).into_response()
+            let page = signin_form(Some(&e.to_string()), web.ctl.hosted);
+            (StatusCode::UNAUTHORIZED, page).into_response()
         }
         Err(e) => error_page(&e),
     }
