@@ -109,6 +109,9 @@ def journey(url, token, shots, agent):
         out["peer_appeared_after_agent_start_s"] = round(time.monotonic() - started, 3)
         check(d.execute_script("return window.__canopy_marker") == 1, "the page was not reloaded")
         shot(d, shots, "05-peer-joined")
+        out.update(policy(d, shots))
+        d.get(url + "/networks/webnet")
+        wait_for(d, "the peer listed", lambda: any("node1" in r for r in peer_rows(d)), 5)
         d.find_element(By.XPATH, "//button[@aria-label='Remove peer node1']").click()
         wait_for(d, "the peer gone after Remove", lambda: not any("node1" in r for r in peer_rows(d)), 5)
         shot(d, shots, "06-peer-removed")
@@ -116,7 +119,7 @@ def journey(url, token, shots, agent):
         agent.terminate()
     d.get(url + "/audit")
     actions = [c.text for c in d.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(2)")]
-    for a in ("token.create", "peer.remove", "network.create", "web.signin"):
+    for a in ("token.create", "peer.remove", "network.create", "web.signin", "policy.update"):
         check(a in actions, f"{a} in the audit log: {actions}")
     field(d, "Action starts with").send_keys("peer.")
     press(d, "Filter")
@@ -144,6 +147,44 @@ def journey(url, token, shots, agent):
     shot(d, shots, "08-phone")
     d.quit()
     return out
+
+
+GOOD_POLICY = '''[[rule]]
+name = "ssh from anywhere"
+from = ["*"]
+to = ["*"]
+proto = "tcp"
+ports = ["22"]
+'''
+
+
+def policy(d, shots):
+    """The policy editor: a bad document is refused and kept, a good one saved, a test
+    answered with its explanation."""
+    d.find_element(By.LINK_TEXT, "Access policy").click()
+    wait_for(d, "the policy page", lambda: d.current_url.endswith("/policy"), 10)
+    text = d.find_element(By.ID, "text")
+    text.send_keys("[[rule]]\nfrom = 5\n")
+    press(d, "Check and save")
+    wait_for(d, "the refusal", lambda: d.find_elements(By.CSS_SELECTOR, "p.error"), 10)
+    check("from = 5" in d.find_element(By.ID, "text").get_attribute("value"), "the text is kept")
+    shot(d, shots, "05b-policy-refused")
+    d.find_element(By.ID, "text").clear()
+    d.find_element(By.ID, "text").send_keys(GOOD_POLICY)
+    press(d, "Check and save")
+    wait_for(d, "the saved policy", lambda: "Revision" in d.find_element(By.ID, "main").text, 10)
+    field(d, "From (peer id or hostname)").send_keys("node1")
+    field(d, "To (peer, or an address)").send_keys("node1")
+    field(d, "Port").clear()
+    field(d, "Port").send_keys("22")
+    press(d, "Test")
+    wait_for(d, "the test result", lambda: d.find_elements(By.CSS_SELECTOR, "section[aria-label='Test result']"), 10)
+    result = d.find_element(By.CSS_SELECTOR, "section[aria-label='Test result']").text
+    check(result.startswith("allowed"), f"ssh is allowed: {result}")
+    saved = d.find_element(By.ID, "text").get_attribute("value")
+    check(saved.strip() == GOOD_POLICY.strip(), f"saved as typed: {saved!r}")
+    shot(d, shots, "05c-policy-test")
+    return {"policy_test": result.splitlines()[0]}
 
 
 def post_from_page(d, path):

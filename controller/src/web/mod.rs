@@ -9,6 +9,7 @@ mod account;
 mod audit;
 mod html;
 mod pages;
+mod policy;
 
 use std::sync::Arc;
 use std::time::Duration;

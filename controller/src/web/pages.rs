@@ -37,6 +37,10 @@ pub(super) fn router() -> Router<Web> {
         )
         .route("/apitokens/{id}/revoke", post(account::revoke_api_token))
         .route("/usage", get(account::usage))
+        .route(
+            "/networks/{net}/policy",
+            get(super::policy::policy).post(super::policy::set_policy),
+        )
         .route("/signup", get(account::signup_page).post(account::signup))
         .route("/static/app.css", get(css))
         .route("/static/app.js", get(js))
@@ -431,11 +435,12 @@ async fn network(State(web): State<Web>, headers: HeaderMap, Path(net): Path<Str
         .await
         .unwrap_or_default();
     let body = format!(
-        r#"<p>CIDRs {} · DNS zone {} · revision {}</p>
+        r#"<p>CIDRs {} · DNS zone {} · revision {} · <a href="/networks/{}/policy">Access policy</a></p>
 <section id="peers" data-live="/networks/{}/peers" aria-live="polite">{peers}</section>{}"#,
         esc(&n.cidrs.join(", ")),
         esc(&n.dns_domain),
         n.revision,
+        seg(&n.name),
         seg(&n.name),
         tokens_section(&s, &n.name, &tokens, web.ctl.now_unix())
     );
