@@ -1,5 +1,5 @@
 //! The elected replica's jobs: expired join tokens, credentials removed peers left behind,
-//! and audit entries past their plan's retention. Every write is fenced by the leader record.
+//! expired web console sessions, and audit entries past their plan's retention. Every write is fenced by the leader record.
 
 use std::collections::HashSet;
 
@@ -16,6 +16,7 @@ pub struct JobReport {
     pub tokens_deleted: usize,
     pub credentials_deleted: usize,
     pub stale_gateways: usize,
+    pub web_sessions_deleted: usize,
 }
 
 /// Runs the background jobs as the leader holding `fence`. Each write is fenced.
@@ -91,7 +92,33 @@ pub async fn run_jobs(
         }
     }
     report.stale_gateways = sweep_gateways(store, fence, now_ms).await?;
+    report.web_sessions_deleted = sweep_web_sessions(store, fence, now_ms).await?;
     Ok(report)
+}
+
+/// Deletes web console sessions past their expiry (signed-out browsers delete their own).
+async fn sweep_web_sessions(
+    store: &dyn Store,
+    fence: Revision,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let mut swept = 0;
+    let prefix = format!("{}websessions/", keys::ROOT);
+    for kv in &store.range(prefix.as_bytes()).await?.kvs {
+        let expired = canopy_proto::v1::WebSessionRecord::decode(kv.value.as_slice())
+            .map_or(true, |s| s.expires_at_unix <= now_ms / 1000);
+        if !expired {
+            continue;
+        }
+        let txn = Txn::new()
+            .when(Compare::unchanged(LEADER_KEY, fence))
+            .when(Compare::unchanged(kv.key.clone(), kv.mod_revision))
+            .then(Op::delete(kv.key.clone()));
+        if store.txn(txn).await?.succeeded {
+            swept += 1;
+        }
+    }
+    Ok(swept)
 }
 
 /// Deletes the live records of gateways nobody renewed (the replica holding the session died):

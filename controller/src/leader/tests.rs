@@ -339,3 +339,30 @@ async fn the_leader_sweeps_gateway_records_nobody_renews_and_keeps_renewed_ones(
         .collect();
     assert_eq!(ids, [Some(("net_1", "peer_live"))]);
 }
+
+#[tokio::test]
+async fn expired_web_sessions_are_swept_and_current_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+    let now = now_ms();
+    let session = |expires: i64| {
+        canopy_proto::v1::WebSessionRecord {
+            expires_at_unix: expires,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let (old, current) = (keys::websession(&[1; 32]), keys::websession(&[2; 32]));
+    let put = Txn::new()
+        .then(Op::put(old.clone(), session(now / 1000 - 1)))
+        .then(Op::put(current.clone(), session(now / 1000 + 3600)));
+    store.txn(put).await.unwrap();
+    let e = Elector::new(store.clone(), "a".into(), Duration::from_secs(10));
+    let f = e.round(now).await.unwrap().unwrap();
+    let r = run_jobs(store.as_ref(), f, now, &BackgroundConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(r.web_sessions_deleted, 1);
+    assert!(store.get(old.as_bytes()).await.unwrap().is_none());
+    assert!(store.get(current.as_bytes()).await.unwrap().is_some());
+}
