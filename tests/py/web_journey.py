@@ -247,6 +247,27 @@ def isolation(url, token, shots, paths):
     return out
 
 
+def operator(url, credential, shots, verb, org):
+    """The provider's page: every tenant listed; `verb` (Suspend or Resume) tenant `org`."""
+    d = browser()
+    d.get(url + "/operator/signin")
+    field(d, "Operator credential").send_keys(credential)
+    press(d, "Sign in as operator")
+    wait_for(d, "the tenants page", lambda: d.current_url.endswith("/operator"), 10)
+    rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    check(any("tenant-a" in r for r in rows) and any("tenant-b" in r for r in rows), f"{rows}")
+    d.find_element(By.XPATH, f"//button[@aria-label='{verb} tenant {org}']").click()
+    want = "suspended" if verb == "Suspend" else "active"
+    wait_for(d, f"{org} {want}", lambda: any(org in r.text and want in r.text
+             for r in d.find_elements(By.CSS_SELECTOR, "tbody tr")), 10)
+    shot(d, shots, f"30-operator-{verb.lower()}")
+    # The operator's session opens no tenant's pages.
+    d.get(url + "/networks")
+    check(d.current_url.endswith("/signin"), "no tenant pages for the operator")
+    d.quit()
+    return {"operator": verb}
+
+
 def main():
     cmd, url, token, shots = sys.argv[1:5]
     rest = sys.argv[5:]
@@ -254,6 +275,8 @@ def main():
         out = journey(url, token, shots, rest[rest.index("--") + 1:])
     elif cmd == "readonly":
         out = readonly(url, token, shots, rest[0])
+    elif cmd == "operator":
+        out = operator(url, token, shots, rest[0], rest[1])
     else:
         out = isolation(url, token, shots, rest)
     print(json.dumps(out))

@@ -98,7 +98,16 @@ fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
     let lab = Lab::new();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
-    let more = ["--hosted", "--web", "192.0.2.254:8443"];
+    let operator = dir.path().join("operator-token");
+    std::fs::write(&operator, "operator-credential-for-the-web-test").unwrap();
+    let op = operator.to_str().unwrap();
+    let more = [
+        "--hosted",
+        "--web",
+        "192.0.2.254:8443",
+        "--operator-token-file",
+        op,
+    ];
     let con = controller_with(&lab, dir.path(), &data, &more);
     let a = sign_up(&con, "tenant-a");
     let a = Some(a.as_str());
@@ -150,4 +159,12 @@ fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
         json(&["token", "list", "--network", "anet"])[0]["revoked"],
         false
     );
+
+    // The operator suspends A on the tenants page: A's writes are refused; resumed, they work.
+    let credential = "operator-credential-for-the-web-test";
+    browse(&lab, &["operator", credential, "Suspend", "tenant-a"]);
+    let more = ["network", "create", "more", "--cidr", "100.64.89.0/24"];
+    assert!(!con.run_as(a.unwrap(), &more).status.success(), "suspended");
+    browse(&lab, &["operator", credential, "Resume", "tenant-a"]);
+    con.ok_as(a, &more);
 }

@@ -30,7 +30,6 @@ impl Controller {
     pub async fn sign_in(&self, bearer: &str) -> Result<(String, WebSession)> {
         let caller = self.authenticate_console(bearer.trim()).await?;
         self.check_rate(&caller)?;
-        let cookie = Secret::generate(COOKIE_PREFIX);
         let csrf = Secret::generate("").expose().to_string();
         let rec = WebSessionRecord {
             api_token_hash: Secret::from_string(bearer.trim().to_string())
@@ -39,25 +38,71 @@ impl Controller {
             tenant_id: caller.tenant.clone(),
             csrf: csrf.clone(),
             expires_at_unix: self.now_unix() + SESSION_SECS,
+            operator: false,
         };
+        let cookie = self.save_session(rec).await?;
+        Ok((cookie, WebSession { caller, csrf }))
+    }
+
+    async fn save_session(&self, rec: WebSessionRecord) -> Result<String> {
+        let cookie = Secret::generate(COOKIE_PREFIX);
         let key = keys::websession(&cookie.hash());
         let txn = Txn::new().then(Op::put(key, rec.encode_to_vec()));
         self.store.txn(txn).await?;
-        let cookie = cookie.expose().to_string();
-        Ok((cookie, WebSession { caller, csrf }))
+        Ok(cookie.expose().to_string())
+    }
+
+    /// Signs the provider's operator in with the operator credential: the cookie and the CSRF
+    /// token of an operator session.
+    pub async fn sign_in_operator(&self, credential: &str) -> Result<(String, String)> {
+        self.authenticate_operator(credential.trim())?;
+        let csrf = Secret::generate("").expose().to_string();
+        let rec = WebSessionRecord {
+            api_token_hash: Secret::from_string(credential.trim().to_string())
+                .hash()
+                .to_vec(),
+            tenant_id: String::new(),
+            csrf: csrf.clone(),
+            expires_at_unix: self.now_unix() + SESSION_SECS,
+            operator: true,
+        };
+        Ok((self.save_session(rec).await?, csrf))
+    }
+
+    /// The CSRF token of the operator session a cookie names, while it is current and the
+    /// controller's operator credential is still the one it signed in with.
+    pub async fn operator_session(&self, cookie: &str) -> Result<String> {
+        let expired = || Error::Unauthenticated("signed out: sign in again".into());
+        let rec = self.session_record(cookie).await?.ok_or_else(expired)?;
+        let same = self.operator_token_hash.is_some_and(|h| {
+            use subtle::ConstantTimeEq as _;
+            bool::from(h.as_slice().ct_eq(&rec.api_token_hash))
+        });
+        if !rec.operator || !same {
+            return Err(expired());
+        }
+        Ok(rec.csrf)
+    }
+
+    /// The current (unexpired) session record a cookie names.
+    async fn session_record(&self, cookie: &str) -> Result<Option<WebSessionRecord>> {
+        if !cookie.starts_with(COOKIE_PREFIX) || cookie.len() > 100 {
+            return Ok(None);
+        }
+        let key = keys::websession(&Secret::from_string(cookie.to_string()).hash());
+        let Some(kv) = self.store.get(key.as_bytes()).await? else {
+            return Ok(None);
+        };
+        let rec: WebSessionRecord = decode(&kv)?;
+        Ok((rec.expires_at_unix > self.now_unix()).then_some(rec))
     }
 
     /// The session a cookie names, if it is current and its API token still valid; counted
     /// against the tenant's rate limit like any console call.
     pub async fn web_session(&self, cookie: &str) -> Result<WebSession> {
         let expired = || Error::Unauthenticated("signed out: sign in again".into());
-        if !cookie.starts_with(COOKIE_PREFIX) || cookie.len() > 100 {
-            return Err(expired());
-        }
-        let key = keys::websession(&Secret::from_string(cookie.to_string()).hash());
-        let kv = self.store.get(key.as_bytes()).await?.ok_or_else(expired)?;
-        let rec: WebSessionRecord = decode(&kv)?;
-        if rec.expires_at_unix <= self.now_unix() {
+        let rec = self.session_record(cookie).await?.ok_or_else(expired)?;
+        if rec.operator {
             return Err(expired());
         }
         let hash = <[u8; 32]>::try_from(rec.api_token_hash.as_slice()).map_err(|_| expired())?;

@@ -8,6 +8,7 @@
 mod account;
 mod audit;
 mod html;
+mod operator;
 mod pages;
 mod policy;
 

@@ -11,9 +11,9 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use canopy_proto::v1::{JoinToken, Peer};
 
-use super::account;
 use super::html::{self, Viewer, esc, seg};
 use super::{Web, error_page, session, set_cookie};
+use super::{account, operator};
 use crate::service::websessions::{WebSession, csrf_matches};
 
 pub(super) type FormData = Form<HashMap<String, String>>;
@@ -42,6 +42,16 @@ pub(super) fn router() -> Router<Web> {
             get(super::policy::policy).post(super::policy::set_policy),
         )
         .route("/signup", get(account::signup_page).post(account::signup))
+        .route("/operator", get(operator::tenants))
+        .route(
+            "/operator/signin",
+            get(operator::signin_page).post(operator::signin),
+        )
+        .route("/operator/signout", post(operator::signout))
+        .route(
+            "/operator/tenants/{id}/{verb}",
+            post(operator::set_suspended),
+        )
         .route("/static/app.css", get(css))
         .route("/static/app.js", get(js))
         .layer(DefaultBodyLimit::max(16 * 1024))
