@@ -109,8 +109,8 @@ fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
         op,
     ];
     let con = controller_with(&lab, dir.path(), &data, &more);
-    let a = sign_up(&con, "tenant-a");
-    let a = Some(a.as_str());
+    let a_token = sign_up(&con, "tenant-a");
+    let a = Some(a_token.as_str());
     con.ok_as(
         a,
         &["network", "create", "anet", "--cidr", "100.64.88.0/24"],
@@ -164,7 +164,7 @@ fn a_tenant_cannot_reach_another_tenants_objects_by_url() {
     let credential = "operator-credential-for-the-web-test";
     browse(&lab, &["operator", credential, "Suspend", "tenant-a"]);
     let more = ["network", "create", "more", "--cidr", "100.64.89.0/24"];
-    assert!(!con.run_as(a.unwrap(), &more).status.success(), "suspended");
+    assert!(!con.run_as(&a_token, &more).status.success(), "suspended");
     browse(&lab, &["operator", credential, "Resume", "tenant-a"]);
     con.ok_as(a, &more);
 }
