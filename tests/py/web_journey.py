@@ -109,6 +109,11 @@ def journey(url, token, shots, agent):
         out["peer_appeared_after_agent_start_s"] = round(time.monotonic() - started, 3)
         check(d.execute_script("return window.__canopy_marker") == 1, "the page was not reloaded")
         shot(d, shots, "05-peer-joined")
+        heads = [h.text for h in d.find_elements(By.CSS_SELECTOR, "#peers thead th")]
+        for h in ("DNS name", "Status", "Revision", "Last handshake", "Paths"):
+            check(h in heads, f"the peers table shows {h}: {heads}")
+        row = next(r for r in peer_rows(d) if "node1" in r)
+        check("node1.webnet.canopy" in row and "online" in row, f"node1's row: {row}")
         out.update(policy(d, shots))
         d.get(url + "/networks/webnet")
         wait_for(d, "the peer listed", lambda: any("node1" in r for r in peer_rows(d)), 5)

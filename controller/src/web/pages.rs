@@ -264,6 +264,7 @@ fn peers_table(s: &WebSession, peers: &[Peer], revision: i64, now: i64) -> Strin
                     "-".into()
                 },
                 html::ago(now, p.last_handshake_unix),
+                esc(&paths_text(p)),
             ];
             if admin {
                 let what = format!("peer {}", p.hostname);
@@ -285,11 +286,29 @@ fn peers_table(s: &WebSession, peers: &[Peer], revision: i64, now: i64) -> Strin
         "Status",
         "Revision",
         "Last handshake",
+        "Paths",
     ];
     if admin {
         header.push("Actions");
     }
     html::table("Peers (live)", &header, &rows)
+}
+
+/// How a peer reaches its peers, as its agent last reported: "2 direct, 1 relayed".
+fn paths_text(p: &Peer) -> String {
+    if p.paths_at_unix == 0 {
+        return "not reported".into();
+    }
+    let count = |kind: &str| p.paths.iter().filter(|x| x.path == kind).count();
+    let parts: Vec<String> = [("direct", count("direct")), ("relayed", count("relayed"))]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    match parts.is_empty() {
+        true => "none yet".into(),
+        false => parts.join(", "),
+    }
 }
 
 async fn peers_of(web: &Web, s: &WebSession, net: &str) -> Result<String, Response> {
@@ -298,9 +317,10 @@ async fn peers_of(web: &Web, s: &WebSession, net: &str) -> Result<String, Respon
         .get_network(&s.caller, net)
         .await
         .map_err(|e| error_page(&e))?;
+    // With the agents' path reports (one more prefix read).
     let peers = web
         .ctl
-        .list_peers(&s.caller, &n.id, false)
+        .list_peers(&s.caller, &n.id, true)
         .await
         .map_err(|e| error_page(&e))?;
     Ok(peers_table(s, &peers, n.revision, web.ctl.now_unix()))
