@@ -73,11 +73,8 @@ pub(super) async fn create_api_token(
         Ok(x) => x,
         Err(e) => return error_page(&e),
     };
-    let detail = format!("{} {} (web console)", t.name, t.scope);
-    let audit = web
-        .ctl
-        .audit(&c.tenant, &c.token_id, "apitoken.create", &t.id, &detail);
-    audit.await;
+    let detail = format!("{} {}", t.name, t.scope);
+    super::pages::audit(&web, &s, "apitoken.create", &t.id, &detail).await;
     let body = format!(
         r#"<p class="warn" role="status">This API token is shown once: copy it now.</p>
 <pre id="secret" class="secret">{}</pre><button type="button" data-copy="secret">Copy API token</button>
@@ -100,11 +97,7 @@ pub(super) async fn revoke_api_token(
     let c = &s.caller;
     match web.ctl.revoke_api_token(c, &id).await {
         Ok(t) => {
-            let detail = format!("{} (web console)", t.name);
-            let audit = web
-                .ctl
-                .audit(&c.tenant, &c.token_id, "apitoken.revoke", &t.id, &detail);
-            audit.await;
+            super::pages::audit(&web, &s, "apitoken.revoke", &t.id, &t.name).await;
             Redirect::to("/apitokens").into_response()
         }
         Err(e) => error_page(&e),

@@ -65,6 +65,18 @@ pub(super) fn viewer(s: &WebSession) -> Viewer<'_> {
     }
 }
 
+/// Audits a change made on a page as the gRPC console does (the detail says where).
+pub(super) async fn audit(web: &Web, s: &WebSession, action: &str, object: &str, detail: &str) {
+    let detail = match detail {
+        "" => "(web console)".to_string(),
+        d => format!("{d} (web console)"),
+    };
+    let c = &s.caller;
+    (web.ctl
+        .audit(&c.tenant, &c.token_id, action, object, &detail))
+    .await;
+}
+
 pub(super) fn render(s: &WebSession, title: &str, body: &str) -> Response {
     Html(html::page(title, Some(&viewer(s)), body)).into_response()
 }
@@ -130,10 +142,7 @@ async fn signin_page(State(web): State<Web>) -> Response {
 async fn signin(State(web): State<Web>, Form(f): FormData) -> Response {
     match web.ctl.sign_in(field(&f, "token")).await {
         Ok((cookie, s)) => {
-            let audit = web
-                .ctl
-                .audit(&s.caller.tenant, &s.caller.token_id, "web.signin", "", "");
-            audit.await;
+            audit(&web, &s, "web.signin", "", "").await;
             let mut r = Redirect::to("/networks").into_response();
             r.headers_mut()
                 .insert(header::SET_COOKIE, set_cookie(Some(&cookie)));
@@ -221,16 +230,8 @@ async fn create_network(State(web): State<Web>, headers: HeaderMap, Form(f): For
         .await
     {
         Ok(n) => {
-            let detail = format!("{} {} (web console)", n.name, n.cidrs.join(","));
-            web.ctl
-                .audit(
-                    &s.caller.tenant,
-                    &s.caller.token_id,
-                    "network.create",
-                    &n.id,
-                    &detail,
-                )
-                .await;
+            let detail = format!("{} {}", n.name, n.cidrs.join(","));
+            audit(&web, &s, "network.create", &n.id, &detail).await;
             Redirect::to(&format!("/networks/{}", seg(&n.name))).into_response()
         }
         Err(e) => error_page(&e),
@@ -505,19 +506,8 @@ async fn create_token(
         Ok(x) => x,
         Err(e) => return error_page(&e),
     };
-    let detail = format!(
-        "network {} max uses {} (web console)",
-        t.network_id, t.max_uses
-    );
-    web.ctl
-        .audit(
-            &s.caller.tenant,
-            &s.caller.token_id,
-            "token.create",
-            &t.id,
-            &detail,
-        )
-        .await;
+    let detail = format!("network {} max uses {}", t.network_id, t.max_uses);
+    audit(&web, &s, "token.create", &t.id, &detail).await;
     let body = format!(
         r#"<p class="warn" role="status">This join string is shown once: copy it now.</p>
 <pre id="join" class="secret">{}</pre><button type="button" data-copy="join">Copy join string</button>
@@ -548,15 +538,7 @@ async fn remove_peer(
     if let Err(e) = web.ctl.remove_peer(&s.caller, &id).await {
         return error_page(&e);
     }
-    web.ctl
-        .audit(
-            &s.caller.tenant,
-            &s.caller.token_id,
-            "peer.remove",
-            &id,
-            "(web console)",
-        )
-        .await;
+    audit(&web, &s, "peer.remove", &id, "").await;
     Redirect::to(&format!("/networks/{}", seg(&p.network_id))).into_response()
 }
 
@@ -572,15 +554,7 @@ async fn revoke_token(
     };
     match web.ctl.revoke_join_token(&s.caller, &id).await {
         Ok(t) => {
-            web.ctl
-                .audit(
-                    &s.caller.tenant,
-                    &s.caller.token_id,
-                    "token.revoke",
-                    &t.id,
-                    "(web console)",
-                )
-                .await;
+            audit(&web, &s, "token.revoke", &t.id, "").await;
             Redirect::to(&format!("/networks/{}", seg(&t.network_id))).into_response()
         }
         Err(e) => error_page(&e),

@@ -126,11 +126,7 @@ pub(super) async fn set_policy(
             } else {
                 "policy.update"
             };
-            let (c, detail) = (&s.caller, format!("{diff} (web console)"));
-            let audit = web
-                .ctl
-                .audit(&c.tenant, &c.token_id, action, &p.network_id, &detail);
-            audit.await;
+            super::pages::audit(&web, &s, action, &p.network_id, &diff).await;
             Redirect::to(&format!("/networks/{}/policy", seg(&net))).into_response()
         }
         // Refused (a bad document, or edited from an older revision): the text stays.
