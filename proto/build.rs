@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/canopy/v1/hosted.proto",
         "proto/canopy/v1/operator.proto",
         "proto/canopy/v1/store.proto",
+        "proto/canopy/v1/lock.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("canopy_v1_descriptor.bin"))

@@ -4,6 +4,7 @@
 //! - [`v1`]: the protobuf messages and tonic client/server code generated from `proto/canopy/v1`.
 //! - [`netmap`]: what applying a `NetworkDelta` to a `NetworkMap` means.
 //! - [`join`]: the join string (`canopy1:…`) that carries controller URL, token secret and CA pin.
+//! - [`lock`]: tenant-signed membership: signing and verifying lock statements (Ed25519).
 //! - [`text`]: escaping and clipping of untrusted text before it is printed or echoed.
 //! - [`transport`]: the client side of TLS: a gRPC channel that trusts a CA file or a CA pin.
 //! - [`backoff`]: exponential backoff with jitter, for every retry loop.
@@ -13,6 +14,7 @@
 pub mod backoff;
 pub mod files;
 pub mod join;
+pub mod lock;
 pub mod metrics;
 pub use prometheus_client;
 pub mod netmap;
