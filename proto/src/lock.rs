@@ -4,7 +4,7 @@
 //! those exact bytes ([`v1::Signed`]), so nothing is ever re-encoded to be checked, and a
 //! signature for one kind of statement is never valid for another.
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use prost::Message;
 
 use crate::v1;
