@@ -12,9 +12,12 @@ downloaded), as a person would: every step by label and button, a screenshot of 
 
 Prints one JSON object of measurements; any failed check exits non-zero with its reason.
 """
+import atexit
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from selenium import webdriver
@@ -28,6 +31,11 @@ from selenium.webdriver.support.ui import Select
 def browser(width=1200):
     o = webdriver.ChromeOptions()
     o.binary_location = "/usr/bin/chromium"
+    # A profile of its own: two browsers sharing one (tests run in parallel) would be one
+    # Chromium, the second's pages opening in the first's lab.
+    profile = tempfile.mkdtemp(prefix="canopy-web-")
+    atexit.register(shutil.rmtree, profile, True)
+    o.add_argument(f"--user-data-dir={profile}")
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               # The controller's own CA signs its certificate; the browser is not told of it.
               "--ignore-certificate-errors", f"--window-size={width},900"):
