@@ -59,8 +59,8 @@ pub(super) async fn audit(State(web): State<Web>, headers: HeaderMap, q: Params)
     }
     let body = format!(
         r#"<form method="get" action="/audit" class="card filters">
-<label for="action">Action starts with</label><input id="action" name="action" value="{}" placeholder="peer.">
-<label for="object">Object id</label><input id="object" name="object" value="{}">
+<div><label for="action">Action starts with</label><input id="action" name="action" value="{}" placeholder="peer."></div>
+<div><label for="object">Object id</label><input id="object" name="object" value="{}"></div>
 <button type="submit">Filter</button></form>{}<nav aria-label="Pages" class="pages">{nav}</nav>"#,
         esc(action),
         esc(object),

@@ -33,10 +33,10 @@ fn editor(s: &WebSession, net: &str, text: &str, revision: i64, note: &str) -> S
 {save}</form>
 <h2>Test the policy in force</h2>
 <form method="get" action="/networks/{n}/policy" class="card filters">
-<label for="from">From (peer id or hostname)</label><input id="from" name="from" required>
-<label for="to">To (peer, or an address)</label><input id="to" name="to" required>
-<label for="proto">Protocol</label><select id="proto" name="proto"><option>tcp</option><option>udp</option><option>icmp</option></select>
-<label for="port">Port</label><input id="port" name="port" type="number" min="0" max="65535" value="443">
+<div><label for="from">From (peer id or hostname)</label><input id="from" name="from" required></div>
+<div><label for="to">To (peer, or an address)</label><input id="to" name="to" required></div>
+<div><label for="proto">Protocol</label><select id="proto" name="proto"><option>tcp</option><option>udp</option><option>icmp</option></select></div>
+<div><label for="port">Port</label><input id="port" name="port" type="number" min="0" max="65535" value="443"></div>
 <button type="submit">Test</button></form>"#,
         n = seg(net),
         csrf = html::csrf_field(&s.csrf),
