@@ -2,19 +2,14 @@
 //! plan's quotas, and (hosted) sign-up, throttled per source address like the gRPC sign-up.
 
 use axum::extract::{Extension, Form, Path, State};
-use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use canopy_proto::v1::Quotas;
 
 use super::html::{self, esc, seg};
-use super::pages::{FormData, checked, field, render};
-use super::{ClientAddr, Web, error_page, session, set_cookie};
+use super::pages::{FormData, csrf, field, render};
+use super::{ClientAddr, Signed, Web, error_page, set_cookie};
 
-pub(super) async fn api_tokens(State(web): State<Web>, headers: HeaderMap) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+pub(super) async fn api_tokens(State(web): State<Web>, Signed(s): Signed) -> Response {
     let tokens = match web.ctl.list_api_tokens(&s.caller).await {
         Ok(t) => t,
         Err(e) => return error_page(&e),
@@ -58,13 +53,12 @@ pub(super) async fn api_tokens(State(web): State<Web>, headers: HeaderMap) -> Re
 
 pub(super) async fn create_api_token(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Form(f): FormData,
 ) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     let c = &s.caller;
     let made = web
         .ctl
@@ -86,14 +80,13 @@ pub(super) async fn create_api_token(
 
 pub(super) async fn revoke_api_token(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(id): Path<String>,
     Form(f): FormData,
 ) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     let c = &s.caller;
     match web.ctl.revoke_api_token(c, &id).await {
         Ok(t) => {
@@ -111,11 +104,7 @@ fn of(n: u64, limit: u64) -> String {
     }
 }
 
-pub(super) async fn usage(State(web): State<Web>, headers: HeaderMap) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+pub(super) async fn usage(State(web): State<Web>, Signed(s): Signed) -> Response {
     let u = match web.ctl.usage(&s.caller).await {
         Ok(u) => u,
         Err(e) => return error_page(&e),

@@ -2,20 +2,15 @@
 //! newest 1000 are reachable, as `canopy audit` allows).
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::html::{self, esc};
 use super::pages::{Params, render};
-use super::{Web, error_page, session};
+use super::{Signed, Web, error_page};
 
 const PAGE: usize = 50;
 
-pub(super) async fn audit(State(web): State<Web>, headers: HeaderMap, q: Params) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+pub(super) async fn audit(State(web): State<Web>, Signed(s): Signed, q: Params) -> Response {
     let get = |k: &str| q.get(k).map_or("", |v| v.trim());
     let (action, object) = (clip(get("action")), clip(get("object")));
     let page = get("page")

@@ -141,6 +141,19 @@ async fn session(web: &Web, headers: &HeaderMap) -> Result<WebSession, Response>
     }
 }
 
+/// A signed-in session, as a handler argument: a request without one is sent to sign in.
+struct Signed(WebSession);
+
+impl axum::extract::FromRequestParts<Web> for Signed {
+    type Rejection = Response;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        web: &Web,
+    ) -> Result<Self, Response> {
+        session(web, &parts.headers).await.map(Signed)
+    }
+}
+
 /// The page an error becomes: its status and its message (escaped); an internal error only
 /// says that one happened (the log has it).
 fn error_page(e: &Error) -> Response {

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use canopy_proto::v1::{JoinToken, Peer};
 
 use super::html::{self, Viewer, esc, seg};
-use super::{Web, error_page, session, set_cookie};
+use super::{Signed, Web, error_page, session, set_cookie};
 use super::{account, operator};
 use crate::service::websessions::{WebSession, csrf_matches};
 
@@ -88,14 +88,22 @@ pub(super) async fn checked(
     f: &HashMap<String, String>,
 ) -> Result<WebSession, Response> {
     let s = session(web, headers).await?;
-    let got = f.get("csrf").map_or("", String::as_str);
-    if !csrf_matches(&s.csrf, got) {
-        let e = crate::error::Error::PermissionDenied(
-            "the form is stale or forged: reload the page".into(),
-        );
-        return Err(error_page(&e));
+    match csrf(&s, f) {
+        Some(refused) => Err(refused),
+        None => Ok(s),
     }
-    Ok(s)
+}
+
+/// The refusal of a form whose CSRF token is not the session's; `None`: it is.
+pub(super) fn csrf(s: &WebSession, f: &HashMap<String, String>) -> Option<Response> {
+    let got = f.get("csrf").map_or("", String::as_str);
+    if csrf_matches(&s.csrf, got) {
+        return None;
+    }
+    let e = crate::error::Error::PermissionDenied(
+        "the form is stale or forged: reload the page".into(),
+    );
+    Some(error_page(&e))
 }
 
 pub(super) fn field<'a>(f: &'a HashMap<String, String>, k: &str) -> &'a str {
@@ -167,11 +175,7 @@ async fn signout(State(web): State<Web>, headers: HeaderMap, Form(f): FormData) 
     r
 }
 
-async fn networks(State(web): State<Web>, headers: HeaderMap) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn networks(State(web): State<Web>, Signed(s): Signed) -> Response {
     let nets = match web.ctl.list_networks(&s.caller).await {
         Ok(n) => n,
         Err(e) => return error_page(&e),
@@ -214,11 +218,10 @@ async fn networks(State(web): State<Web>, headers: HeaderMap) -> Response {
     render(&s, "Networks", &body)
 }
 
-async fn create_network(State(web): State<Web>, headers: HeaderMap, Form(f): FormData) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn create_network(State(web): State<Web>, Signed(s): Signed, Form(f): FormData) -> Response {
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     let cidrs: Vec<String> = field(&f, "cidrs")
         .split(',')
         .map(|c| c.trim().to_string())
@@ -329,13 +332,9 @@ async fn peers_of(web: &Web, s: &WebSession, net: &str) -> Result<String, Respon
 
 async fn peers_fragment(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(net): Path<String>,
 ) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match peers_of(&web, &s, &net).await {
         Ok(t) => Html(t).into_response(),
         Err(r) => r,
@@ -346,13 +345,9 @@ async fn peers_fragment(
 /// for online status and handshakes), so the page refreshes its peers table.
 async fn peer_events(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(net): Path<String>,
 ) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let n = match web.ctl.get_network(&s.caller, &net).await {
         Ok(n) => n,
         Err(e) => return error_page(&e),
@@ -447,11 +442,7 @@ fn tokens_section(s: &WebSession, net: &str, tokens: &[JoinToken], now: i64) -> 
     out
 }
 
-async fn network(State(web): State<Web>, headers: HeaderMap, Path(net): Path<String>) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn network(State(web): State<Web>, Signed(s): Signed, Path(net): Path<String>) -> Response {
     let n = match web.ctl.get_network(&s.caller, &net).await {
         Ok(n) => n,
         Err(e) => return error_page(&e),
@@ -480,14 +471,13 @@ async fn network(State(web): State<Web>, headers: HeaderMap, Path(net): Path<Str
 
 async fn create_token(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(net): Path<String>,
     Form(f): FormData,
 ) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     let uses = field(&f, "uses").parse::<u32>().unwrap_or(1);
     let ttl = field(&f, "ttl_hours")
         .parse::<u64>()
@@ -523,14 +513,13 @@ async fn create_token(
 
 async fn remove_peer(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(id): Path<String>,
     Form(f): FormData,
 ) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     let p = match web.ctl.get_peer(&s.caller, &id).await {
         Ok(p) => p,
         Err(e) => return error_page(&e),
@@ -544,14 +533,13 @@ async fn remove_peer(
 
 async fn revoke_token(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(id): Path<String>,
     Form(f): FormData,
 ) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     match web.ctl.revoke_join_token(&s.caller, &id).await {
         Ok(t) => {
             audit(&web, &s, "token.revoke", &t.id, "").await;

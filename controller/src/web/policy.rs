@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 
 use axum::extract::{Form, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 
 use super::html::{self, esc, seg};
-use super::pages::{FormData, Params, checked, field, render, viewer};
-use super::{Web, error_page, session};
+use super::pages::{FormData, Params, csrf, field, render, viewer};
+use super::{Signed, Web, error_page};
 use crate::service::websessions::WebSession;
 
 /// The editor (read-only for a read-scope token) and the test form.
@@ -46,14 +46,10 @@ fn editor(s: &WebSession, net: &str, text: &str, revision: i64, note: &str) -> S
 
 pub(super) async fn policy(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(net): Path<String>,
     q: Params,
 ) -> Response {
-    let s = match session(&web, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let p = match web.ctl.get_policy(&s.caller, &net).await {
         Ok(p) => p,
         Err(e) => return error_page(&e),
@@ -103,14 +99,13 @@ async fn test_result(
 
 pub(super) async fn set_policy(
     State(web): State<Web>,
-    headers: HeaderMap,
+    Signed(s): Signed,
     Path(net): Path<String>,
     Form(f): FormData,
 ) -> Response {
-    let s = match checked(&web, &headers, &f).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    if let Some(r) = csrf(&s, &f) {
+        return r;
+    }
     let remove = field(&f, "do") == "remove";
     // Browsers send a textarea's lines with CRLF: stored as the console would send them.
     let text = &f
