@@ -132,6 +132,11 @@ async fn an_online_peer_without_any_handshake_for_three_minutes_is_flagged_and_d
     b.client.path_reports().send_replace(vec![none]);
     let p = until(&c, &a.peer_id, "a's report", |p| p.rx_bytes == 500).await;
     assert_eq!((p.tx_bytes, p.quiet_secs), (700, 0));
+    assert_eq!(
+        (p.paths_direct, p.paths_relayed),
+        (1, 0),
+        "the summary without paths read"
+    );
     assert!(p.last_handshake_unix > 0);
     until(&c, &b.peer_id, "b is fine at first", |p| {
         p.online && p.quiet_secs == 0

@@ -22,6 +22,8 @@ pub struct Health {
     pub pairs: u32,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    pub direct: u32,
+    pub relayed: u32,
 }
 
 /// Checks a report's bounds: counts, string lengths, known paths.
@@ -95,6 +97,8 @@ pub fn summarize<'a>(pairs: impl IntoIterator<Item = &'a PairPath>) -> Health {
         h.newest_handshake_unix = h.newest_handshake_unix.max(p.last_handshake_unix);
         h.rx_bytes = h.rx_bytes.saturating_add(p.rx_bytes);
         h.tx_bytes = h.tx_bytes.saturating_add(p.tx_bytes);
+        h.direct += u32::from(p.path == "direct");
+        h.relayed += u32::from(p.path == "relayed");
     }
     h
 }
@@ -231,5 +235,6 @@ mod tests {
         assert_eq!(quiet_secs(1400, opened, Some(&h(1100, 2))), 300);
         let s = summarize(&[pair("a", 5, 1), pair("b", 9, 2)]);
         assert_eq!((s.newest_handshake_unix, s.pairs, s.rx_bytes), (9, 2, 3));
+        assert_eq!((s.direct, s.relayed), (2, 0));
     }
 }

@@ -105,6 +105,7 @@ impl Controller {
             let h = super::health::summarize(&p.paths);
             (p.last_handshake_unix, p.rx_bytes, p.tx_bytes) =
                 (h.newest_handshake_unix, h.rx_bytes, h.tx_bytes);
+            (p.paths_direct, p.paths_relayed) = (h.direct, h.relayed);
         }
     }
 
@@ -184,10 +185,11 @@ impl Controller {
     pub(super) fn peer_view(&self, p: &PeerRecord) -> Peer {
         let acked = self.sessions.get(&p.id);
         let (mut hs, mut rx, mut tx, mut quiet) = (0, 0, 0, 0);
+        let mut summary = super::health::Health::default();
         if let Some((opened, h)) = self.sessions.health(&p.id) {
             quiet = super::health::quiet_secs(self.now_unix(), opened, h.as_ref());
             if let Some(h) = h {
-                (hs, rx, tx) = (h.newest_handshake_unix, h.rx_bytes, h.tx_bytes);
+                (hs, rx, tx, summary) = (h.newest_handshake_unix, h.rx_bytes, h.tx_bytes, h);
             }
         }
         Peer {
@@ -211,6 +213,8 @@ impl Controller {
             rx_bytes: rx,
             tx_bytes: tx,
             quiet_secs: quiet,
+            paths_direct: summary.direct,
+            paths_relayed: summary.relayed,
             ..Default::default()
         }
     }

@@ -298,20 +298,18 @@ fn peers_table(s: &WebSession, peers: &[Peer], revision: i64, now: i64) -> Strin
     html::table("Peers (live)", &header, &rows)
 }
 
-/// How a peer reaches its peers, as its agent last reported: "2 direct, 1 relayed".
+/// How a peer reaches its peers, as its agent reports them to its session here: "2 direct,
+/// 1 relayed" (a summary kept in memory: a refresh reads no path records).
 fn paths_text(p: &Peer) -> String {
-    if p.paths_at_unix == 0 {
-        return "not reported".into();
-    }
-    let count = |kind: &str| p.paths.iter().filter(|x| x.path == kind).count();
-    let parts: Vec<String> = [("direct", count("direct")), ("relayed", count("relayed"))]
+    let parts: Vec<String> = [("direct", p.paths_direct), ("relayed", p.paths_relayed)]
         .iter()
         .filter(|(_, n)| *n > 0)
         .map(|(k, n)| format!("{n} {k}"))
         .collect();
-    match parts.is_empty() {
-        true => "none yet".into(),
-        false => parts.join(", "),
+    match (p.online, parts.is_empty()) {
+        (false, _) => "-".into(),
+        (true, true) => "none yet".into(),
+        (true, false) => parts.join(", "),
     }
 }
 
@@ -321,10 +319,9 @@ async fn peers_of(web: &Web, s: &WebSession, net: &str) -> Result<String, Respon
         .get_network(&s.caller, net)
         .await
         .map_err(|e| error_page(&e))?;
-    // With the agents' path reports (one more prefix read).
     let peers = web
         .ctl
-        .list_peers(&s.caller, &n.id, true)
+        .list_peers(&s.caller, &n.id, false)
         .await
         .map_err(|e| error_page(&e))?;
     Ok(peers_table(s, &peers, n.revision, web.ctl.now_unix()))
