@@ -110,6 +110,15 @@ pub async fn enroll_with(
     let map = resp
         .map
         .ok_or_else(|| ControlError::Protocol("enrollment carried no map".into()))?;
+    if let Some(pin) = &join.lock_sha256 {
+        // The controller must show the key set the join string pins (or one after it).
+        let chain = map.lock.clone().unwrap_or_default();
+        canopy_proto::lock::Trust::pinned(&resp.network_id, &chain, pin).map_err(|e| {
+            ControlError::Protocol(format!(
+                "the network's lock does not match the join string ({e}): refusing this controller's map"
+            ))
+        })?;
+    }
     Ok((
         Enrollment {
             controller_url: join.controller_url.clone(),
@@ -117,6 +126,7 @@ pub async fn enroll_with(
             peer_id: resp.peer_id,
             network_id: resp.network_id,
             credential: resp.credential,
+            lock_sha256: join.lock_sha256.map(hex::encode),
         },
         map,
     ))
@@ -171,6 +181,8 @@ pub struct ControlClient {
     /// How this node reaches its peers, reported when it changes.
     paths: std::sync::Arc<watch::Sender<Vec<canopy_proto::v1::PairPath>>>,
     pub backoff: Backoff,
+    /// The network lock: what every map passes before it is applied.
+    lock: std::sync::Mutex<crate::lock::Guard>,
 }
 
 /// What this node says about where it can be reached.
@@ -201,10 +213,19 @@ impl ControlClient {
     /// `state`: where to persist maps (`None` keeps them in memory only, as a benchmark does).
     pub fn new(
         enrollment: Enrollment,
-        initial: Option<NetworkMap>,
+        mut initial: Option<NetworkMap>,
         state: Option<StateDir>,
     ) -> Self {
+        let pin = enrollment.lock_sha256.as_deref().and_then(|h| {
+            let b = hex::decode(h).ok()?;
+            <[u8; 32]>::try_from(b.as_slice()).ok()
+        });
+        let mut lock = crate::lock::Guard::new(&enrollment.network_id, pin, state.clone());
+        if let Some(m) = &mut initial {
+            lock.full(m, crate::report::unix_now());
+        }
         Self {
+            lock: std::sync::Mutex::new(lock),
             controllers: vec![enrollment.controller_url.clone()],
             enrollment,
             endpoints: watch::channel(Reported::default()).1,
@@ -220,6 +241,20 @@ impl ControlClient {
             paths: std::sync::Arc::new(watch::channel(Vec::new()).0),
             backoff: Backoff::default(),
         }
+    }
+
+    /// The network lock's gauges (metrics).
+    pub fn lock_stats(&self) -> std::sync::Arc<crate::lock::LockStats> {
+        self.guard().stats.clone()
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, crate::lock::Guard> {
+        self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Statements the lock refused in the map held now.
+    fn lock_refused(&self) -> u32 {
+        self.guard().refused()
     }
 
     /// Relay tickets as they come from the controller.
@@ -451,7 +486,10 @@ impl ControlClient {
             let revision = self.apply(update, sink)?;
             self.connected.send_replace(true);
             let ack = SyncRequest {
-                msg: Some(sync_request::Msg::Ack(Ack { revision })),
+                msg: Some(sync_request::Msg::Ack(Ack {
+                    revision,
+                    lock_refused: self.lock_refused(),
+                })),
             };
             if tx.send(ack).await.is_err() {
                 return Ok(SessionEnd::Lost("outbound stream closed".into()));
@@ -486,6 +524,7 @@ impl ControlClient {
             Some(sync_response::Msg::Full(mut m)) => {
                 self.stats.full_maps.fetch_add(1, Ordering::Relaxed);
                 canopy_proto::netmap::canonicalize(&mut m);
+                self.guard().full(&mut m, crate::report::unix_now());
                 sink.apply(&m, None).map_err(ControlError::Apply)?;
                 if let Some(s) = &self.state {
                     s.save_map(&m)?;
@@ -499,7 +538,10 @@ impl ControlClient {
                 self.map.send_replace(Some(m));
                 return Ok(rev);
             }
-            Some(sync_response::Msg::Delta(d)) => d,
+            Some(sync_response::Msg::Delta(mut d)) => {
+                self.guard().delta(&mut d, crate::report::unix_now());
+                d
+            }
             Some(sync_response::Msg::Relay(_) | sync_response::Msg::Punch(_)) | None => {
                 return Err(ControlError::Protocol("empty Sync message".into()));
             }

@@ -17,6 +17,7 @@ pub mod dataplane;
 pub mod dns;
 pub use canopy_engine as engine;
 pub mod keys;
+pub mod lock;
 pub mod metrics;
 pub mod punch;
 pub mod report;

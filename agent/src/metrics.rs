@@ -23,6 +23,7 @@ pub struct AgentLive {
     pub dp: Arc<Dataplane>,
     pub maps: watch::Receiver<Option<NetworkMap>>,
     pub connected: watch::Receiver<bool>,
+    pub lock: Arc<crate::lock::LockStats>,
 }
 
 impl std::fmt::Debug for AgentLive {
@@ -127,6 +128,34 @@ fn per_peer(
     )
 }
 
+impl AgentLive {
+    fn encode_lock(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let g = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        put(
+            enc,
+            "canopy_agent_lock_refused",
+            "Peers and routes of the map held now not signed by a trusted lock key (not applied)",
+            None,
+            g(n(&self.lock.refused_now)),
+        )?;
+        put(
+            enc,
+            "canopy_agent_lock_refusals",
+            "Peers and routes refused by the network lock since start",
+            None,
+            ConstCounter::new(n(&self.lock.refused_total)),
+        )?;
+        put(
+            enc,
+            "canopy_agent_lock_key_set_serial",
+            "Serial of the network lock key set this node trusts (0: not locked)",
+            None,
+            g(n(&self.lock.serial)),
+        )
+    }
+}
+
 impl Collector for AgentLive {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let (drops, peers) = self.dp.counters();
@@ -172,6 +201,7 @@ impl Collector for AgentLive {
             None,
             counters(dns.collect()),
         )?;
+        self.encode_lock(&mut enc)?;
         let up = i64::from(*self.connected.borrow());
         put(
             &mut enc,

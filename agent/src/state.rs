@@ -5,6 +5,8 @@
 //! enrollment     controller URL, CA pin, peer id, network id, Sync credential (mode 0600)
 //! map.pb         the last applied NetworkMap (protobuf), so the node keeps its network while
 //!                the controller is away and resumes from its revision
+//! lock.pb        a locked network's key set this node trusts (LockKeySet), moved forward only
+//!                by sets signed by a key of it; lock.json what it refused (for `status`)
 //! credential.pending  the Sync credential made for an enrollment in progress, with the hash of
 //!                the join string it is for (mode 0600): kept before asking, so a retry after a
 //!                lost answer gets the same enrollment; another join string gets a new one
@@ -42,6 +44,9 @@ pub struct Enrollment {
     pub peer_id: String,
     pub network_id: String,
     pub credential: String,
+    /// The join string's pin of its network's lock key set (SHA-256, hex), if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_sha256: Option<String>,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -139,7 +144,7 @@ impl StateDir {
 
     /// Forgets the enrollment and the map (the node was removed); keeps the key.
     pub fn clear_enrollment(&self) -> Result<(), StateError> {
-        for name in ["enrollment", "map.pb"] {
+        for name in ["enrollment", "map.pb", "lock.pb", "lock.json"] {
             let path = self.dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -213,6 +218,24 @@ impl StateDir {
 
     pub fn save_map(&self, map: &NetworkMap) -> Result<(), StateError> {
         write_atomic(&self.dir.join("map.pb"), &map.encode_to_vec(), 0o600)
+    }
+
+    /// The network lock's key set this node trusts, if it trusts one.
+    pub fn lock_trust(&self) -> Result<Option<canopy_proto::v1::LockKeySet>, StateError> {
+        self.read_optional("lock.pb", |b| canopy_proto::v1::LockKeySet::decode(b))
+    }
+
+    pub fn save_lock_trust(&self, set: &canopy_proto::v1::LockKeySet) -> Result<(), StateError> {
+        write_atomic(&self.dir.join("lock.pb"), &set.encode_to_vec(), 0o600)
+    }
+
+    /// What the lock refused in the map held now (JSON), for `canopy-agent status`.
+    pub fn save_lock_status(&self, json: &serde_json::Value) -> Result<(), StateError> {
+        write_atomic(&self.dir.join("lock.json"), json.to_string().as_bytes(), 0o600)
+    }
+
+    pub fn lock_status(&self) -> Result<Option<serde_json::Value>, StateError> {
+        self.read_optional("lock.json", |b| serde_json::from_slice::<serde_json::Value>(b))
     }
 
     /// The running agent's packet counters (JSON), for `canopy-agent status`.

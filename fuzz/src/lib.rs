@@ -187,6 +187,7 @@ fn join_seeds() -> Vec<Vec<u8>> {
         controller_url: "https://ctrl.example.com:7443".into(),
         token: "cjt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
         ca_sha256: [7; 32],
+        lock_sha256: Some([9; 32]),
     };
     vec![j.encode().into_bytes(), b"canopy1:".to_vec()]
 }

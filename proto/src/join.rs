@@ -1,7 +1,9 @@
 //! Join strings: one copy-pasteable line, `canopy1:<base64url(JoinPayload)>`.
 //!
 //! It carries the controller URL, the join token secret, and the SHA-256 of the controller's CA
-//! certificate, so the agent can pin the controller on first contact without a copy of the CA.
+//! certificate, so the agent can pin the controller on first contact without a copy of the CA;
+//! for a locked network, the SHA-256 of its key set then, so the agent trusts the tenant's keys
+//! and not whatever keys the controller shows it.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,6 +19,8 @@ pub struct JoinString {
     pub controller_url: String,
     pub token: String,
     pub ca_sha256: [u8; 32],
+    /// The network lock's key set (SHA-256 of its body) when the token was made.
+    pub lock_sha256: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for JoinString {
@@ -25,6 +29,7 @@ impl std::fmt::Debug for JoinString {
             .field("controller_url", &self.controller_url)
             .field("token", &"<redacted>")
             .field("ca_sha256", &hex::encode(self.ca_sha256))
+            .field("lock_sha256", &self.lock_sha256.map(hex::encode))
             .finish()
     }
 }
@@ -42,6 +47,8 @@ pub enum JoinStringError {
     Missing(&'static str),
     #[error("join string's CA hash is {0} bytes, expected 32")]
     CaHashLength(usize),
+    #[error("join string's lock hash is {0} bytes, expected 32")]
+    LockHashLength(usize),
     #[error("join string's controller URL {0:?} must start with https://")]
     Url(String),
 }
@@ -52,6 +59,7 @@ impl JoinString {
             controller_url: self.controller_url.clone(),
             token: self.token.clone(),
             ca_sha256: self.ca_sha256.to_vec(),
+            lock_sha256: self.lock_sha256.map(|h| h.to_vec()).unwrap_or_default(),
         };
         format!(
             "{PREFIX}{}",
@@ -82,10 +90,16 @@ impl JoinString {
             .as_slice()
             .try_into()
             .map_err(|_| JoinStringError::CaHashLength(p.ca_sha256.len()))?;
+        let lock_sha256 = match p.lock_sha256.len() {
+            0 => None,
+            32 => p.lock_sha256.as_slice().try_into().ok(),
+            n => return Err(JoinStringError::LockHashLength(n)),
+        };
         Ok(Self {
             controller_url: p.controller_url,
             token: p.token,
             ca_sha256,
+            lock_sha256,
         })
     }
 }
@@ -99,6 +113,7 @@ mod tests {
             controller_url: "https://127.0.0.1:7443".into(),
             token: "cjt_secret".into(),
             ca_sha256: [7; 32],
+            lock_sha256: None,
         }
     }
 
@@ -107,6 +122,11 @@ mod tests {
         let s = sample().encode();
         assert!(s.starts_with("canopy1:"));
         assert_eq!(JoinString::parse(&s).unwrap(), sample());
+        let locked = JoinString {
+            lock_sha256: Some([9; 32]),
+            ..sample()
+        };
+        assert_eq!(JoinString::parse(&locked.encode()).unwrap(), locked);
     }
 
     #[test]
@@ -130,6 +150,7 @@ mod tests {
             controller_url: "http://x".into(),
             token: "t".into(),
             ca_sha256: vec![0; 32],
+            lock_sha256: Vec::new(),
         };
         let s = format!("canopy1:{}", URL_SAFE_NO_PAD.encode(plain.encode_to_vec()));
         assert!(matches!(

@@ -400,6 +400,7 @@ pub(super) async fn serve_metrics_for(
         dp: dp.clone(),
         maps: client.map_or_else(|| tokio::sync::watch::channel(None).1, |c| c.maps()),
         connected: client.map_or_else(|| tokio::sync::watch::channel(false).1, |c| c.connected()),
+        lock: client.map(ControlClient::lock_stats).unwrap_or_default(),
     };
     let registry = Arc::new(live.registry());
     Ok(tokio::spawn(async move {

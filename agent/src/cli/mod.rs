@@ -251,8 +251,10 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             .as_u64()
             .unwrap_or(0)
     };
+    let lock = state.lock_status().ok().flatten().unwrap_or_default();
     if json {
-        let v = status_json(&e, &key.public_key(), &map, &counters);
+        let mut v = status_json(&e, &key.public_key(), &map, &counters);
+        v["lock"] = lock;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -296,7 +298,32 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             counters["policy"].as_u64().unwrap_or(0)
         );
     }
+    lock_status(&lock);
     Ok(())
+}
+
+/// The network lock's lines of `status`: the key set trusted, and what was refused.
+fn lock_status(lock: &serde_json::Value) {
+    if lock["locked"].as_bool() != Some(true) {
+        return;
+    }
+    let refused = lock["refused"].as_array().cloned().unwrap_or_default();
+    say!(
+        "lock:       key set {} ({} keys); refused {} (not signed by a trusted key)",
+        lock["serial"],
+        lock["keys"].as_array().map_or(0, Vec::len),
+        refused.len()
+    );
+    for r in refused {
+        say!(
+            "  refused {}: {}",
+            r["peer_id"].as_str().unwrap_or("?"),
+            r["reason"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(e) = lock["chain_error"].as_str() {
+        say!("  key set change refused: {e}");
+    }
 }
 
 async fn up(path: &std::path::Path, metrics: Option<std::net::SocketAddr>) -> anyhow::Result<()> {

@@ -74,6 +74,7 @@ impl Controller {
             controller_url: self.public_url.clone(),
             token: secret.expose().to_string(),
             ca_sha256: self.ca_sha256,
+            lock_sha256: net.lock.as_ref().and_then(canopy_proto::lock::pin),
         };
         tracing::info!(token = %rec.id, network = %net.id, max_uses, "join token created");
         Ok((token_view(&rec), join.encode()))

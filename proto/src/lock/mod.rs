@@ -6,8 +6,17 @@
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use prost::Message;
+use sha2::{Digest as _, Sha256};
 
 use crate::v1;
+
+mod admit;
+pub use admit::{Admit, Trust};
+
+/// At most this many key sets in a network's chain, keys in a set, revoked peers in a set.
+pub const MAX_CHAIN: usize = 64;
+pub const MAX_KEYS: usize = 16;
+pub const MAX_REVOKED: usize = 4096;
 
 /// What a statement is; each kind signs under its own domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +38,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LockError {
     #[error("not signed by a trusted key")]
     UntrustedKey,
@@ -95,10 +104,67 @@ pub fn next_key_set(
             next.serial, current.serial
         )));
     }
-    if next.keys.is_empty() || next.keys.iter().any(|k| k.len() != 32) {
-        return Err(LockError::Malformed("a key set needs 32-byte keys".into()));
-    }
+    check_set(&next)?;
     Ok(next)
+}
+
+/// A key set's own bounds: 1 to [`MAX_KEYS`] keys of 32 bytes, at most [`MAX_REVOKED`] revoked.
+fn check_set(set: &v1::LockKeySet) -> Result<(), LockError> {
+    if set.keys.is_empty() || set.keys.len() > MAX_KEYS || set.keys.iter().any(|k| k.len() != 32)
+    {
+        return Err(LockError::Malformed(format!(
+            "a key set needs 1 to {MAX_KEYS} keys of 32 bytes"
+        )));
+    }
+    if set.revoked.len() > MAX_REVOKED {
+        return Err(LockError::Malformed(format!(
+            "a key set revokes at most {MAX_REVOKED} peers"
+        )));
+    }
+    Ok(())
+}
+
+/// A network's first key set: serial 1, signed by a key of its own.
+pub fn first_key_set(network_id: &str, signed: &v1::Signed) -> Result<v1::LockKeySet, LockError> {
+    let set = v1::LockKeySet::decode(signed.body.as_slice())
+        .map_err(|e| LockError::Malformed(e.to_string()))?;
+    check_set(&set)?;
+    if set.network_id != network_id {
+        return Err(LockError::Malformed("a key set of another network".into()));
+    }
+    if set.serial != 1 {
+        return Err(LockError::Malformed("a first key set has serial 1".into()));
+    }
+    verify(Kind::KeySet, signed, &set.keys)
+}
+
+/// The key set at the end of `chain`, every link checked from the first: what a controller
+/// takes, and (with [`Trust`]) what an agent walks along.
+pub fn check_chain(network_id: &str, chain: &v1::LockChain) -> Result<v1::LockKeySet, LockError> {
+    let (first, rest) = chain
+        .key_sets
+        .split_first()
+        .ok_or_else(|| LockError::Malformed("an empty lock chain".into()))?;
+    if chain.key_sets.len() > MAX_CHAIN {
+        return Err(LockError::Malformed(format!(
+            "a lock chain holds at most {MAX_CHAIN} key sets"
+        )));
+    }
+    let mut set = first_key_set(network_id, first)?;
+    for next in rest {
+        set = next_key_set(&set, next)?;
+    }
+    Ok(set)
+}
+
+/// SHA-256 of a statement's body: how a join string pins a key set.
+pub fn body_sha256(signed: &v1::Signed) -> [u8; 32] {
+    Sha256::digest(&signed.body).into()
+}
+
+/// The pin of a chain's current key set (its last), if there is one.
+pub fn pin(chain: &v1::LockChain) -> Option<[u8; 32]> {
+    chain.key_sets.last().map(body_sha256)
 }
 
 /// A new signing key from 32 random bytes.
@@ -117,6 +183,7 @@ mod tests {
             addresses: vec!["100.64.0.2/32".into()],
             tags: vec!["web".into()],
             expires_at_unix: 0,
+            peer_id: "p1".into(),
         }
     }
 
@@ -169,6 +236,7 @@ mod tests {
             network_id: "net_1".into(),
             keys: trusted(&k1),
             serial: 1,
+            revoked: vec![],
         };
         let set2 = v1::LockKeySet {
             keys: trusted(&k2),

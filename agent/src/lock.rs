@@ -1,0 +1,179 @@
+//! The network lock on this node: the key set it trusts (pinned by the join string, or on
+//! first use for a node enrolled before its network was locked), kept in the state directory,
+//! and what it refused of the maps the controller sent. Every map and delta passes through
+//! [`Guard`] before anything applies it; a node that trusts a key set never applies a peer or
+//! route that key set did not sign, whatever the controller sends.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use canopy_proto::lock::Trust;
+use canopy_proto::v1::{NetworkDelta, NetworkMap};
+
+use crate::state::StateDir;
+
+/// Gauges for metrics: statements refused in the map held now, refusals since start, and the
+/// serial of the trusted key set (0: none).
+#[derive(Debug, Default)]
+pub struct LockStats {
+    pub refused_now: AtomicU64,
+    pub refused_total: AtomicU64,
+    pub serial: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct Guard {
+    network_id: String,
+    pin: Option<[u8; 32]>,
+    trust: Option<Trust>,
+    /// Peers of the map held now with something refused: how many statements, and why.
+    refused: BTreeMap<String, (u32, String)>,
+    /// Why the last key set change shown was not taken, if it was not.
+    chain_error: Option<String>,
+    state: Option<StateDir>,
+    pub stats: std::sync::Arc<LockStats>,
+}
+
+impl Guard {
+    /// The guard of an enrolled node: its pin, and the key set it trusts already.
+    pub fn new(network_id: &str, pin: Option<[u8; 32]>, state: Option<StateDir>) -> Self {
+        let trust = state
+            .as_ref()
+            .and_then(|s| s.lock_trust().ok().flatten())
+            .map(Trust::new);
+        let g = Self {
+            network_id: network_id.to_string(),
+            pin,
+            trust,
+            state,
+            ..Default::default()
+        };
+        g.publish();
+        g
+    }
+
+    /// Whether this node trusts a key set (and so verifies everything).
+    pub fn locked(&self) -> bool {
+        self.trust.is_some()
+    }
+
+    /// Statements refused in the map held now.
+    pub fn refused(&self) -> u32 {
+        self.refused.values().map(|(n, _)| *n).sum()
+    }
+
+    /// Takes what the key set it trusts allows of a full map (moving to a newer key set the
+    /// map's chain shows first).
+    pub fn full(&mut self, map: &mut NetworkMap, now: i64) {
+        self.follow_chain(map);
+        self.refused.clear();
+        if let Some(t) = &self.trust {
+            for (id, a) in t.admit_map(map, now) {
+                self.refused.insert(id, (a.refused(), reason(&a)));
+            }
+        }
+        self.after();
+    }
+
+    /// Takes what the key set allows of a delta: a refused upsert becomes a removal.
+    pub fn delta(&mut self, delta: &mut NetworkDelta, now: i64) {
+        for id in &delta.removed {
+            self.refused.remove(id);
+        }
+        if let Some(t) = &self.trust {
+            for (id, a) in t.admit_delta(&self.network_id, delta, now) {
+                match a.refused() {
+                    0 => self.refused.remove(&id),
+                    n => self.refused.insert(id, (n, reason(&a))),
+                };
+            }
+        }
+        self.after();
+    }
+
+    /// Establishes trust (the pin, else first use) and follows the map's chain.
+    fn follow_chain(&mut self, map: &NetworkMap) {
+        let Some(chain) = &map.lock else {
+            return;
+        };
+        let before = self.trust.as_ref().map(|t| t.key_set().clone());
+        if self.trust.is_none() {
+            let first = match &self.pin {
+                Some(pin) => Trust::pinned(&self.network_id, chain, pin),
+                None => {
+                    tracing::warn!("the network is locked: trusting its first key set (this node enrolled before the lock)");
+                    Trust::first_use(&self.network_id, chain)
+                }
+            };
+            match first {
+                Ok(t) => self.trust = Some(t),
+                Err(e) => {
+                    // With a pin, nothing is taken until the pinned set shows up.
+                    tracing::error!(error = %e, "refusing the network's lock key sets");
+                    self.chain_error = Some(e.to_string());
+                    if self.pin.is_some() {
+                        self.trust = None;
+                    }
+                    return;
+                }
+            }
+        }
+        if let Some(t) = &mut self.trust {
+            self.chain_error = match t.advance(chain) {
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, serial = t.key_set().serial, "refused a key set change");
+                    Some(e.to_string())
+                }
+            };
+        }
+        let after = self.trust.as_ref().map(|t| t.key_set());
+        if after != before.as_ref()
+            && let (Some(s), Some(set)) = (&self.state, after)
+        {
+            if let Err(e) = s.save_lock_trust(set) {
+                tracing::error!(error = %e, "could not keep the trusted key set");
+            }
+            tracing::info!(serial = set.serial, keys = set.keys.len(), "trusting the network's lock key set");
+        }
+    }
+
+    fn after(&mut self) {
+        let n = u64::from(self.refused());
+        let before = self.stats.refused_now.swap(n, Ordering::Relaxed);
+        if n > before {
+            self.stats.refused_total.fetch_add(n - before, Ordering::Relaxed);
+        }
+        if n > 0 && n != before {
+            tracing::warn!(refused = n, "refused peers or routes not signed by a trusted key");
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let serial = self.trust.as_ref().map_or(0, |t| t.key_set().serial);
+        self.stats.serial.store(serial, Ordering::Relaxed);
+        let Some(s) = &self.state else {
+            return;
+        };
+        let v = serde_json::json!({
+            "locked": self.trust.is_some(),
+            "serial": serial,
+            "keys": self.trust.as_ref().map(|t| t.key_set().keys.iter().map(hex::encode).collect::<Vec<_>>()),
+            "refused": self.refused.iter().map(|(id, (n, why))| serde_json::json!({"peer_id": id, "count": n, "reason": why})).collect::<Vec<_>>(),
+            "chain_error": self.chain_error,
+        });
+        if let Err(e) = s.save_lock_status(&v) {
+            tracing::debug!(error = %e, "could not write lock.json");
+        }
+    }
+}
+
+fn reason(a: &canopy_proto::lock::Admit) -> String {
+    match a {
+        canopy_proto::lock::Admit::Refused(e) => e.to_string(),
+        canopy_proto::lock::Admit::Taken { stripped } => {
+            format!("{stripped} route(s) not signed")
+        }
+    }
+}
