@@ -120,13 +120,34 @@ impl NetState {
         }
     }
 
-    /// The network's record as of `rev`: a new DNS zone goes to every agent (a full map).
+    /// The network's record as of `rev`: a new DNS zone or lock goes to every agent (a full
+    /// map).
     pub fn set_network(&mut self, network: NetworkRecord, rev: Revision) {
-        if network.dns_domain != self.network.dns_domain {
+        let lock_changed = network.lock != self.network.lock;
+        if network.dns_domain != self.network.dns_domain || lock_changed {
             self.network_rev = rev;
             self.revision = rev;
         }
         self.network = network;
+        if lock_changed {
+            // Unsigned routes leave force (or enter it, were the lock ever lifted).
+            let gateways: BTreeSet<String> =
+                self.routes.values().map(|r| r.peer_id.clone()).collect();
+            for g in gateways {
+                self.set_advertised(&g, rev);
+            }
+            self.refresh_primaries(rev);
+        }
+    }
+
+    /// Whether the network's membership is tenant-signed.
+    pub fn locked(&self) -> bool {
+        self.network.lock.is_some()
+    }
+
+    /// Whether `e` is in other peers' maps: in a locked network, only once signed.
+    fn admitted(&self, e: &Entry) -> bool {
+        !self.locked() || e.record.lock.is_some()
     }
 
     pub fn peer(&self, id: &str) -> Option<&PeerRecord> {
@@ -251,6 +272,9 @@ impl NetState {
     /// Whether route `r` is in force: made or approved by an admin, or auto-approved by the
     /// policy for its gateway.
     fn in_force(&self, r: &RouteRecord) -> bool {
+        if self.locked() && r.lock.is_none() {
+            return false;
+        }
         if !r.pending {
             return true;
         }
@@ -398,11 +422,22 @@ impl NetState {
     /// routes if it is `me`'s exit node.
     fn remote(&self, me: &Entry, p: &Entry) -> RemotePeer {
         let mut r = remote(&p.record);
-        r.allowed_ips.extend(self.routes_of(&p.record.id));
+        let mut carried = self.routes_of(&p.record.id);
         if me.record.exit_node == p.record.id {
             let exits = p.routes.iter().filter(|n| n.prefix() == 0);
-            r.allowed_ips.extend(exits.map(ToString::to_string));
+            carried.extend(exits.map(ToString::to_string));
         }
+        if self.locked() {
+            r.lock.clone_from(&p.record.lock);
+            // The tenant's signature of each route it carries.
+            let of = |prefix: &String| {
+                let mine = self.routes.values().filter(|x| x.peer_id == p.record.id);
+                mine.filter(|x| &x.prefix == prefix)
+                    .find_map(|x| x.lock.clone())
+            };
+            r.route_locks = carried.iter().filter_map(of).collect();
+        }
+        r.allowed_ips.extend(carried);
         r
     }
 
@@ -456,12 +491,14 @@ impl NetState {
         let (peers, policy) = match current {
             None => {
                 let others = self.peers.values().filter(|e| e.record.id != self_id);
+                let others = others.filter(|e| self.admitted(e));
                 (others.map(|e| self.remote(me, e)).collect(), None)
             }
             Some(p) => {
                 let part = compile::part(p, self, &me.view());
                 let ids = self.ids_of(part.visible, self_id);
                 let visible = ids.iter().filter_map(|id| self.peers.get(id));
+                let visible = visible.filter(|e| self.admitted(e));
                 (
                     visible.map(|e| self.remote(me, e)).collect(),
                     Some(policy_part(&part.inbound)),
@@ -480,6 +517,7 @@ impl NetState {
             routes: me.routes.iter().map(ToString::to_string).collect(),
             dns_domain: crate::names::zone(&self.network),
             dns_name: crate::names::peer_name(&me.record),
+            lock: self.network.lock.clone(),
         })
     }
 
@@ -506,7 +544,9 @@ impl NetState {
             return self.full_map(self_id, at).map(Update::Full);
         }
         let current = pol.current.as_deref();
-        let sees = |q: &Entry| current.is_none_or(|p| compile::sees(p, &me.view(), &q.view()));
+        let sees = |q: &Entry| {
+            self.admitted(q) && current.is_none_or(|p| compile::sees(p, &me.view(), &q.view()))
+        };
         let mut upserted = Vec::new();
         let mut removed = Vec::new();
         for (_, id) in self.by_revision.range((base + 1, String::new())..) {
@@ -538,7 +578,9 @@ impl NetState {
                 let (before, now) = (self.ids_of(before, self_id), self.ids_of(now, self_id));
                 let unchanged = |id: &&String| self.peers.get(*id).is_some_and(|q| q.rev <= base);
                 for id in now.difference(&before).filter(unchanged) {
-                    upserted.push(self.remote(me, &self.peers[id]));
+                    if self.admitted(&self.peers[id]) {
+                        upserted.push(self.remote(me, &self.peers[id]));
+                    }
                 }
                 removed.extend(before.difference(&now).filter(unchanged).cloned());
             }

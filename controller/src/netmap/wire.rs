@@ -15,6 +15,9 @@ pub(super) fn remote(p: &PeerRecord) -> RemotePeer {
         hostname: p.hostname.clone(),
         tags: p.tags.clone(),
         dns_name: crate::names::peer_name(p),
+        // Set by NetState for a locked network.
+        lock: None,
+        route_locks: Vec::new(),
     }
 }
 

@@ -363,7 +363,7 @@ impl Live<'_> {
                     self.quiet_through = d.revision;
                     if self.acked == self.sent {
                         let (peer, n) = (&self.id.peer_id, self.number);
-                        self.ctl.sessions.ack(peer, n, d.revision);
+                        self.ctl.sessions.ack(peer, n, d.revision, None);
                     }
                     None
                 }
@@ -403,7 +403,8 @@ impl Live<'_> {
                             true => a.revision.max(self.quiet_through),
                             false => a.revision,
                         };
-                        ctl.sessions.ack(&id.peer_id, self.number, through);
+                        let refused = Some(a.lock_refused);
+                        ctl.sessions.ack(&id.peer_id, self.number, through, refused);
                         if self.gateway.is_none() && a.revision == self.sent {
                             self.keep_live(true).await;
                         }

@@ -297,4 +297,39 @@ impl ConsoleService for ConsoleApi {
                 .await?,
         ))
     }
+
+    async fn get_network_lock(&self, req: Request<GetNetworkLockRequest>) -> R<NetworkLock> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        Ok(Response::new(self.ctl.get_network_lock(&c, &r.network).await?))
+    }
+
+    async fn set_lock_keys(&self, req: Request<SetLockKeysRequest>) -> R<NetworkLock> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let signed = r.key_set.unwrap_or_default();
+        let l = self.ctl.set_lock_keys(&c, &r.network, &signed).await?;
+        let detail = format!("key set {} ({} keys)", l.serial, l.keys.len());
+        self.audit(&c, "network.lock-keys", &l.network_id, &detail)
+            .await;
+        Ok(Response::new(l))
+    }
+
+    async fn sign_lock(&self, req: Request<SignLockRequest>) -> R<SignLockResponse> {
+        let c = self.caller(&req).await?;
+        let r = req.into_inner();
+        let out = self
+            .ctl
+            .sign_lock(&c, &r.network, &r.peers, &r.routes)
+            .await?;
+        let signed: Vec<&str> = r
+            .peers
+            .iter()
+            .map(|p| p.peer_id.as_str())
+            .chain(r.routes.iter().map(|x| x.route_id.as_str()))
+            .collect();
+        self.audit(&c, "network.lock-sign", &r.network, &signed.join(" "))
+            .await;
+        Ok(Response::new(out))
+    }
 }

@@ -206,6 +206,8 @@ impl Controller {
                 exit_node: String::new(),
                 outside: Vec::new(),
                 dns_name: crate::names::pick(hostname, &names),
+                // In a locked network: pending until the tenant signs it.
+                lock: None,
             };
             let txn = enroll_writes(txn, &reads.token, &peer, &ips, req);
             if !self.store.txn(txn).await?.succeeded {

@@ -15,6 +15,7 @@ mod agents;
 mod apitokens;
 mod audit;
 mod enroll;
+pub mod lock;
 pub mod exits;
 pub mod gateways;
 pub mod health;

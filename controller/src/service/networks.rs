@@ -38,6 +38,7 @@ impl Controller {
                 cidrs: nets.iter().map(|n| n.to_string()).collect(),
                 created_at_unix: self.now_unix(),
                 dns_domain: String::new(),
+                lock: None,
             };
             let name_key = keys::netname(&c.tenant, name);
             let r = self
@@ -255,6 +256,7 @@ fn network_view(n: &NetworkRecord, revision: Revision) -> Network {
         created_at_unix: n.created_at_unix,
         revision,
         dns_domain: crate::names::zone(n),
+        locked: n.lock.is_some(),
     }
 }
 

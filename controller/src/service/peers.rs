@@ -215,6 +215,9 @@ impl Controller {
             quiet_secs: quiet,
             paths_direct: summary.direct,
             paths_relayed: summary.relayed,
+            lock_state: self.lock_state(p).to_string(),
+            lock: p.lock.clone(),
+            lock_refused: self.sessions.lock_refused(&p.id).unwrap_or(0),
             ..Default::default()
         }
     }

@@ -84,7 +84,7 @@ fn route_prefix(prefix: &str) -> Result<IpNetwork> {
 }
 
 impl Controller {
-    async fn route_records(&self, network_id: &str) -> Result<Vec<(RouteRecord, i64)>> {
+    pub(super) async fn route_records(&self, network_id: &str) -> Result<Vec<(RouteRecord, i64)>> {
         let r = self
             .store
             .range(keys::routes(network_id).as_bytes())
@@ -112,6 +112,7 @@ impl Controller {
             state: state.to_string(),
             from_agent: r.from_agent,
             gateway_live: self.cache.gateway_live(&r.network_id, &r.peer_id),
+            lock: r.lock.clone(),
         }
     }
 
@@ -132,6 +133,7 @@ impl Controller {
                 created_at_unix: self.now_unix(),
                 pending: false,
                 from_agent: false,
+                lock: None,
             };
             let key = keys::route(&net.id, &rec.id);
             let txn = Txn::new()
@@ -273,6 +275,7 @@ impl Controller {
                     created_at_unix: self.now_unix(),
                     pending: true,
                     from_agent: true,
+                    lock: None,
                 };
                 let key = keys::route(net_id, &rec.id);
                 txn = txn.when(Compare::absent(key.clone())).then(Op::put(key, rec.encode_to_vec()));

@@ -15,6 +15,8 @@ struct SessionEntry {
     number: u64,
     network: String,
     acked: Revision,
+    /// Peers and routes its agent refused in the map it acked last (a locked network).
+    lock_refused: u32,
     /// When it opened (Unix seconds), and its agent's data plane as last reported.
     opened_unix: i64,
     health: Option<super::health::Health>,
@@ -48,6 +50,7 @@ impl Sessions {
             number,
             network: network.to_string(),
             acked: 0,
+            lock_refused: 0,
             opened_unix: now,
             health: None,
             replaced: replaced.clone(),
@@ -74,12 +77,19 @@ impl Sessions {
     pub fn has(&self, peer: &str) -> bool {
         self.lock().1.contains_key(peer)
     }
-    pub fn ack(&self, peer: &str, session: u64, rev: Revision) {
+    /// `peer`'s session `session` applied revision `rev`, refusing `lock_refused` statements
+    /// (`None`: as many as before).
+    pub fn ack(&self, peer: &str, session: u64, rev: Revision, lock_refused: Option<u32>) {
         if let Some(e) = self.lock().1.get_mut(peer)
             && e.number == session
         {
             e.acked = e.acked.max(rev);
+            e.lock_refused = lock_refused.unwrap_or(e.lock_refused);
         }
+    }
+    /// What `peer`'s agent refused of its last acked map, if it has a session here.
+    pub fn lock_refused(&self, peer: &str) -> Option<u32> {
+        self.lock().1.get(peer).map(|e| e.lock_refused)
     }
     /// What `peer`'s session `session` last heard of its data plane.
     pub fn set_health(&self, peer: &str, session: u64, h: super::health::Health) {

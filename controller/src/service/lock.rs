@@ -1,0 +1,253 @@
+//! The network lock (tenant-signed membership). The controller holds no signing key: it
+//! stores the key sets and signatures the tenant's console made, checks them so a mistake is
+//! a clear error, and keeps unsigned peers and routes out of maps. Agents check everything
+//! again against the keys they pinned; nothing here is trusted by them.
+
+use canopy_proto::lock::{self, Kind, LockError};
+use canopy_proto::v1::{
+    LockChain, LockKeySet, LockedPeer, LockedRoute, NetworkLock, NetworkRecord, PeerRecord,
+    PeerSignature, RouteRecord, RouteSignature, SignLockResponse, Signed,
+};
+use prost::Message as _;
+
+use super::{Caller, Controller, decode};
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::store::{Compare, Op, Txn};
+
+/// Signatures stored by one SignLock call, at most (one transaction).
+pub const MAX_SIGNATURES: usize = 100;
+
+fn invalid(what: &str, e: LockError) -> Error {
+    Error::InvalidArgument(format!("{what}: {e}"))
+}
+
+/// The key set a network's lock is at now (its chain checked link by link).
+fn current_set(net: &NetworkRecord) -> Result<Option<LockKeySet>> {
+    net.lock
+        .as_ref()
+        .map(|chain| {
+            lock::check_chain(&net.id, chain)
+                .map_err(|e| Error::Internal(format!("the stored lock chain: {e}")))
+        })
+        .transpose()
+}
+
+/// Whether `s` signs exactly what `p` is now (its key, addresses and tags).
+pub fn signs_peer(s: &LockedPeer, p: &PeerRecord) -> bool {
+    s.network_id == p.network_id
+        && s.peer_id == p.id
+        && s.public_key == p.public_key
+        && s.addresses == p.addresses
+        && s.tags == p.tags
+}
+
+/// A peer's signature checked against the network's keys (or, before the network is locked,
+/// against the key it names) and against the peer as it is.
+fn check_peer_signature(
+    trusted: Option<&LockKeySet>,
+    signed: &Signed,
+    p: &PeerRecord,
+) -> Result<()> {
+    let keys = trusted.map_or_else(|| vec![signed.key.clone()], |t| t.keys.clone());
+    let s: LockedPeer =
+        lock::verify(Kind::Peer, signed, &keys).map_err(|e| invalid(&format!("peer {}", p.id), e))?;
+    if !signs_peer(&s, p) {
+        return Err(Error::InvalidArgument(format!(
+            "the signature of peer {} does not sign it as it is (key, addresses and tags): fetch it again",
+            p.id
+        )));
+    }
+    if trusted.is_some_and(|t| t.revoked.contains(&p.public_key)) {
+        return Err(Error::FailedPrecondition(format!(
+            "peer {}'s key was revoked by the network lock",
+            p.id
+        )));
+    }
+    Ok(())
+}
+
+fn check_route_signature(
+    trusted: Option<&LockKeySet>,
+    signed: &Signed,
+    r: &RouteRecord,
+    gateway_key: &[u8],
+) -> Result<()> {
+    let keys = trusted.map_or_else(|| vec![signed.key.clone()], |t| t.keys.clone());
+    let s: LockedRoute = lock::verify(Kind::Route, signed, &keys)
+        .map_err(|e| invalid(&format!("route {}", r.id), e))?;
+    if s.network_id != r.network_id || s.prefix != r.prefix || s.gateway_public_key != gateway_key
+    {
+        return Err(Error::InvalidArgument(format!(
+            "the signature of route {} does not sign it as it is",
+            r.id
+        )));
+    }
+    Ok(())
+}
+
+impl Controller {
+    /// "" (not locked), "pending" (no signature), "signed", or "stale" (signed before its
+    /// tags or addresses changed: agents keep the signed ones until it is signed again).
+    pub(super) fn lock_state(&self, p: &PeerRecord) -> &'static str {
+        let locked = self
+            .cache
+            .network(&p.network_id)
+            .is_some_and(|n| n.lock.is_some());
+        match (&p.lock, locked) {
+            (_, false) => "",
+            (None, true) => "pending",
+            (Some(s), true) => match LockedPeer::decode(s.body.as_slice()) {
+                Ok(s) if signs_peer(&s, p) => "signed",
+                _ => "stale",
+            },
+        }
+    }
+
+    /// A network's lock: its key sets, what waits for a signature, what agents refused.
+    pub async fn get_network_lock(&self, c: &Caller, network: &str) -> Result<NetworkLock> {
+        let (net, _) = self.resolve_network(c, network).await?;
+        let set = current_set(&net)?.unwrap_or_default();
+        let mut out = NetworkLock {
+            network_id: net.id.clone(),
+            chain: net.lock.clone(),
+            keys: set.keys,
+            serial: set.serial,
+            revoked: set.revoked,
+            ..Default::default()
+        };
+        let peers = self.store.range(keys::peers(&net.id).as_bytes()).await?;
+        for kv in &peers.kvs {
+            let p: PeerRecord = decode(kv)?;
+            out.pending_peers += u32::from(net.lock.is_some() && p.lock.is_none());
+            if let Some(n) = self.sessions.lock_refused(&p.id).filter(|n| *n > 0) {
+                out.refused += n;
+                out.refusing_agents += 1;
+            }
+        }
+        for (r, _) in self.route_records(&net.id).await? {
+            out.unsigned_routes += u32::from(net.lock.is_some() && r.lock.is_none());
+        }
+        Ok(out)
+    }
+
+    /// Locks `network` with its first key set, or moves it to the next (signed by a key of the
+    /// current one).
+    pub async fn set_lock_keys(
+        &self,
+        c: &Caller,
+        network: &str,
+        signed: &Signed,
+    ) -> Result<NetworkLock> {
+        c.require_admin()?;
+        let id = crate::txn::retry("set lock keys", |_| async move {
+            let (mut net, net_rev) = self.resolve_network(c, network).await?;
+            let chain = match current_set(&net)? {
+                None => {
+                    lock::first_key_set(&net.id, signed).map_err(|e| invalid("the first key set", e))?;
+                    LockChain {
+                        key_sets: vec![signed.clone()],
+                    }
+                }
+                Some(current) => {
+                    lock::next_key_set(&current, signed).map_err(|e| invalid("the key set", e))?;
+                    let mut chain = net.lock.clone().unwrap_or_default();
+                    if chain.key_sets.len() >= lock::MAX_CHAIN {
+                        return Err(Error::ResourceExhausted(format!(
+                            "the network's lock holds {} key sets, the most it can",
+                            lock::MAX_CHAIN
+                        )));
+                    }
+                    chain.key_sets.push(signed.clone());
+                    chain
+                }
+            };
+            net.lock = Some(chain);
+            let key = keys::network(&c.tenant, &net.id);
+            let txn = Txn::new()
+                .when(Compare::unchanged(key.clone(), net_rev))
+                .then(Op::put(key, net.encode_to_vec()));
+            Ok(self.store.txn(txn).await?.succeeded.then_some(net.id))
+        })
+        .await?;
+        tracing::info!(network = %id, "network lock key set changed");
+        self.get_network_lock(c, &id).await
+    }
+
+    /// Stores the tenant's signatures of peers and routes (each checked against the network's
+    /// keys and the record as it is); a signed pending route is approved.
+    pub async fn sign_lock(
+        &self,
+        c: &Caller,
+        network: &str,
+        peers: &[PeerSignature],
+        routes: &[RouteSignature],
+    ) -> Result<SignLockResponse> {
+        c.require_admin()?;
+        if peers.len() + routes.len() > MAX_SIGNATURES {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_SIGNATURES} signatures in one call"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let ids = peers.iter().map(|p| &p.peer_id).chain(routes.iter().map(|r| &r.route_id));
+        if let Some(dup) = ids.into_iter().find(|id| !seen.insert(*id)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is signed twice in one call",
+                canopy_proto::text::quoted(dup)
+            )));
+        }
+        crate::txn::retry("sign lock", |_| async move {
+            let (net, net_rev) = self.resolve_network(c, network).await?;
+            let trusted = current_set(&net)?;
+            let mut txn =
+                Txn::new().when(Compare::unchanged(keys::network(&c.tenant, &net.id), net_rev));
+            for ps in peers {
+                let (key, mut p, rev) = self.peer_in(&net.id, &ps.peer_id).await?;
+                let signed = ps.signed.clone().unwrap_or_default();
+                check_peer_signature(trusted.as_ref(), &signed, &p)?;
+                p.lock = Some(signed);
+                txn = txn
+                    .when(Compare::unchanged(key.clone(), rev))
+                    .then(Op::put(key, p.encode_to_vec()));
+            }
+            for rs in routes {
+                let key = keys::route(&net.id, &rs.route_id);
+                let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "route {} not found",
+                        canopy_proto::text::quoted(&rs.route_id)
+                    ))
+                })?;
+                let mut r: RouteRecord = decode(&kv)?;
+                let (_, gw, _) = self.peer_in(&net.id, &r.peer_id).await?;
+                let signed = rs.signed.clone().unwrap_or_default();
+                check_route_signature(trusted.as_ref(), &signed, &r, &gw.public_key)?;
+                r.lock = Some(signed);
+                r.pending = false;
+                txn = txn
+                    .when(Compare::unchanged(key.clone(), kv.mod_revision))
+                    .then(Op::put(key, r.encode_to_vec()));
+            }
+            Ok(self.store.txn(txn).await?.succeeded.then_some(()))
+        })
+        .await?;
+        let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        Ok(SignLockResponse {
+            peers: n(peers.len()),
+            routes: n(routes.len()),
+        })
+    }
+
+    /// Peer `id` of network `net`: its key, record and revision.
+    async fn peer_in(&self, net: &str, id: &str) -> Result<(String, PeerRecord, i64)> {
+        let key = keys::peer(net, id);
+        let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "peer {} not found in the network",
+                canopy_proto::text::quoted(id)
+            ))
+        })?;
+        Ok((key, decode(&kv)?, kv.mod_revision))
+    }
+}
