@@ -249,7 +249,9 @@ impl ControlClient {
     }
 
     fn guard(&self) -> std::sync::MutexGuard<'_, crate::lock::Guard> {
-        self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Statements the lock refused in the map held now.

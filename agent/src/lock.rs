@@ -101,7 +101,9 @@ impl Guard {
             let first = match &self.pin {
                 Some(pin) => Trust::pinned(&self.network_id, chain, pin),
                 None => {
-                    tracing::warn!("the network is locked: trusting its first key set (this node enrolled before the lock)");
+                    tracing::warn!(
+                        "the network is locked: trusting its first key set (this node enrolled before the lock)"
+                    );
                     Trust::first_use(&self.network_id, chain)
                 }
             };
@@ -134,7 +136,11 @@ impl Guard {
             if let Err(e) = s.save_lock_trust(set) {
                 tracing::error!(error = %e, "could not keep the trusted key set");
             }
-            tracing::info!(serial = set.serial, keys = set.keys.len(), "trusting the network's lock key set");
+            tracing::info!(
+                serial = set.serial,
+                keys = set.keys.len(),
+                "trusting the network's lock key set"
+            );
         }
     }
 
@@ -142,10 +148,15 @@ impl Guard {
         let n = u64::from(self.refused());
         let before = self.stats.refused_now.swap(n, Ordering::Relaxed);
         if n > before {
-            self.stats.refused_total.fetch_add(n - before, Ordering::Relaxed);
+            self.stats
+                .refused_total
+                .fetch_add(n - before, Ordering::Relaxed);
         }
         if n > 0 && n != before {
-            tracing::warn!(refused = n, "refused peers or routes not signed by a trusted key");
+            tracing::warn!(
+                refused = n,
+                "refused peers or routes not signed by a trusted key"
+            );
         }
         self.publish();
     }

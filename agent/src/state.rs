@@ -231,11 +231,17 @@ impl StateDir {
 
     /// What the lock refused in the map held now (JSON), for `canopy-agent status`.
     pub fn save_lock_status(&self, json: &serde_json::Value) -> Result<(), StateError> {
-        write_atomic(&self.dir.join("lock.json"), json.to_string().as_bytes(), 0o600)
+        write_atomic(
+            &self.dir.join("lock.json"),
+            json.to_string().as_bytes(),
+            0o600,
+        )
     }
 
     pub fn lock_status(&self) -> Result<Option<serde_json::Value>, StateError> {
-        self.read_optional("lock.json", |b| serde_json::from_slice::<serde_json::Value>(b))
+        self.read_optional("lock.json", |b| {
+            serde_json::from_slice::<serde_json::Value>(b)
+        })
     }
 
     /// The running agent's packet counters (JSON), for `canopy-agent status`.

@@ -367,7 +367,10 @@ async fn sync_needs_a_valid_credential_and_starts_with_hello() {
     );
 
     let ack = SyncRequest {
-        msg: Some(sync_request::Msg::Ack(Ack { revision: 1 })),
+        msg: Some(sync_request::Msg::Ack(Ack {
+            revision: 1,
+            lock_refused: 0,
+        })),
     };
     let mut stream = agent
         .sync(sync(&enrollment.credential, ack))

@@ -182,13 +182,17 @@ async fn an_ack_for_a_revision_never_sent_ends_the_session_and_is_not_recorded()
         other => panic!("{other:?}"),
     };
     tx.send(SyncRequest {
-        msg: Some(sync_request::Msg::Ack(Ack { revision: rev })),
+        msg: Some(sync_request::Msg::Ack(Ack {
+            revision: rev,
+            lock_refused: 0,
+        })),
     })
     .await
     .unwrap();
     tx.send(SyncRequest {
         msg: Some(sync_request::Msg::Ack(Ack {
             revision: 9_000_000_000_000,
+            lock_refused: u32::MAX,
         })),
     })
     .await

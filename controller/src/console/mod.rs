@@ -8,6 +8,7 @@
 
 mod account;
 mod config;
+mod lock;
 mod output;
 mod policy;
 
@@ -130,6 +131,9 @@ pub enum NetworkCmd {
         #[arg(long)]
         domain: String,
     },
+    /// Tenant-signed membership: agents take only peers and routes your key signed.
+    #[command(subcommand)]
+    Lock(lock::LockCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,8 +175,26 @@ pub enum PeerCmd {
     /// last handshake, bytes) as its agent last reported.
     #[command(visible_alias = "show")]
     Get { peer_id: String },
-    /// Remove a peer: its address is freed and its credential stops working at once.
-    Remove { peer_id: String },
+    /// Remove a peer: its address is freed and its credential stops working at once. In a
+    /// locked network its key is revoked first if the lock key is at hand.
+    Remove {
+        peer_id: String,
+        /// The network lock key (default: ~/.config/canopy/lock/NETWORK_ID.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Sign a pending peer of a locked network as it is now (key, addresses, tags).
+    Sign {
+        peer_id: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Refuse unless the peer's WireGuard key is this one (from `canopy-agent status`).
+        #[arg(long)]
+        public_key: Option<String>,
+        /// The signature's lifetime, e.g. 30d (default: until removed).
+        #[arg(long)]
+        expires: Option<String>,
+    },
     /// Add and remove tags: `canopy peer tag PEER +db -web` (what access policies name).
     Tag {
         peer_id: String,
@@ -340,6 +362,9 @@ async fn client(conn: &ConnOpts) -> anyhow::Result<Client> {
 }
 
 async fn network(conn: &ConnOpts, json: bool, c: NetworkCmd) -> anyhow::Result<()> {
+    if let NetworkCmd::Lock(c) = c {
+        return lock::run(conn, json, c).await;
+    }
     let mut cl = client(conn).await?;
     match c {
         NetworkCmd::Create { name, cidrs } => {
@@ -378,6 +403,7 @@ async fn network(conn: &ConnOpts, json: bool, c: NetworkCmd) -> anyhow::Result<(
             let n = reply(cl.set_network_dns(req).await)?;
             output::networks(json, &[n], true)
         }
+        NetworkCmd::Lock(_) => unreachable!("handled above"),
     }
 }
 
@@ -417,6 +443,22 @@ async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
 }
 
 async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
+    if let PeerCmd::Sign {
+        peer_id,
+        key,
+        public_key,
+        expires,
+    } = c
+    {
+        let expires_at = match expires {
+            None => 0,
+            Some(d) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                i64::try_from((now + parse_duration(&d)?).as_secs())?
+            }
+        };
+        return lock::sign_peer(conn, json, peer_id, key, public_key, expires_at).await;
+    }
     let mut cl = client(conn).await?;
     match c {
         PeerCmd::List { network, paths } => {
@@ -472,17 +514,20 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
             let p = reply(cl.set_exit_node(req).await)?;
             output::peers(json, &[p])
         }
-        PeerCmd::Remove { peer_id } => {
+        PeerCmd::Sign { .. } => unreachable!("handled above"),
+        PeerCmd::Remove { peer_id, key } => {
+            let revoked = lock::revoke_peer(&mut cl, &peer_id, key).await?;
             reply(
                 cl.remove_peer(RemovePeerRequest {
                     peer_id: peer_id.clone(),
                 })
                 .await,
             )?;
+            let how = if revoked { " (its key revoked)" } else { "" };
             output::done(
                 json,
-                &format!("removed peer {peer_id}"),
-                serde_json::json!({"removed": peer_id}),
+                &format!("removed peer {peer_id}{how}"),
+                serde_json::json!({"removed": peer_id, "revoked": revoked}),
             )
         }
     }

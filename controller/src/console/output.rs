@@ -152,7 +152,7 @@ fn peer_json(p: &Peer) -> Value {
            "online": p.online, "acked_revision": p.acked_revision, "created_at": p.created_at_unix,
            "exit_node": p.exit_node, "outside": p.outside,
            "last_handshake": p.last_handshake_unix, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes,
-           "quiet_secs": p.quiet_secs,
+           "quiet_secs": p.quiet_secs, "lock_state": p.lock_state, "lock_refused": p.lock_refused,
            "paths": p.paths.iter().map(|x| json!({"peer_id": x.peer_id, "path": x.path,
                "via": x.via, "why": x.why, "last_handshake_secs": x.last_handshake_secs,
                "rx_bytes": x.rx_bytes, "tx_bytes": x.tx_bytes}))
@@ -163,10 +163,16 @@ fn peer_json(p: &Peer) -> Value {
 /// What STATUS says: offline, online, or online with no handshake with any peer for a while
 /// (its data plane is broken though its agent talks to the controller).
 fn status_text(p: &Peer) -> String {
-    match (p.online, p.quiet_secs) {
+    let s = match (p.online, p.quiet_secs) {
         (false, _) => "offline".into(),
         (true, 0) => "online".into(),
         (true, q) => format!("online, NO HANDSHAKE for {}m", q / 60),
+    };
+    match (p.lock_state.as_str(), p.lock_refused) {
+        ("pending", _) => format!("{s}, PENDING SIGNATURE"),
+        ("stale", _) => format!("{s}, signed before its tags changed"),
+        (_, 0) => s,
+        (_, n) => format!("{s}, REFUSED {n} unsigned"),
     }
 }
 

@@ -165,6 +165,14 @@ pub enum RouteCmd {
     Remove { route_id: String },
     /// Put a route a gateway's agent advertised (`--advertise-routes`) into force.
     Approve { route_id: String },
+    /// In a locked network: sign a route (so agents take it), approving it if pending.
+    Sign {
+        route_id: String,
+        #[arg(long)]
+        network: String,
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
+    },
 }
 
 fn route_json(r: &Route) -> serde_json::Value {
@@ -230,5 +238,10 @@ pub async fn route(conn: &ConnOpts, json: bool, c: RouteCmd) -> anyhow::Result<(
             let msg = format!("approved route {} ({} via {})", r.id, r.prefix, r.peer_id);
             output::done(json, &msg, route_json(&r))
         }
+        RouteCmd::Sign {
+            route_id,
+            network,
+            key,
+        } => super::lock::sign_route(conn, json, &network, &route_id, key).await,
     }
 }

@@ -301,7 +301,9 @@ impl ConsoleService for ConsoleApi {
     async fn get_network_lock(&self, req: Request<GetNetworkLockRequest>) -> R<NetworkLock> {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
-        Ok(Response::new(self.ctl.get_network_lock(&c, &r.network).await?))
+        Ok(Response::new(
+            self.ctl.get_network_lock(&c, &r.network).await?,
+        ))
     }
 
     async fn set_lock_keys(&self, req: Request<SetLockKeysRequest>) -> R<NetworkLock> {

@@ -50,8 +50,8 @@ fn check_peer_signature(
     p: &PeerRecord,
 ) -> Result<()> {
     let keys = trusted.map_or_else(|| vec![signed.key.clone()], |t| t.keys.clone());
-    let s: LockedPeer =
-        lock::verify(Kind::Peer, signed, &keys).map_err(|e| invalid(&format!("peer {}", p.id), e))?;
+    let s: LockedPeer = lock::verify(Kind::Peer, signed, &keys)
+        .map_err(|e| invalid(&format!("peer {}", p.id), e))?;
     if !signs_peer(&s, p) {
         return Err(Error::InvalidArgument(format!(
             "the signature of peer {} does not sign it as it is (key, addresses and tags): fetch it again",
@@ -76,8 +76,7 @@ fn check_route_signature(
     let keys = trusted.map_or_else(|| vec![signed.key.clone()], |t| t.keys.clone());
     let s: LockedRoute = lock::verify(Kind::Route, signed, &keys)
         .map_err(|e| invalid(&format!("route {}", r.id), e))?;
-    if s.network_id != r.network_id || s.prefix != r.prefix || s.gateway_public_key != gateway_key
-    {
+    if s.network_id != r.network_id || s.prefix != r.prefix || s.gateway_public_key != gateway_key {
         return Err(Error::InvalidArgument(format!(
             "the signature of route {} does not sign it as it is",
             r.id
@@ -144,7 +143,8 @@ impl Controller {
             let (mut net, net_rev) = self.resolve_network(c, network).await?;
             let chain = match current_set(&net)? {
                 None => {
-                    lock::first_key_set(&net.id, signed).map_err(|e| invalid("the first key set", e))?;
+                    lock::first_key_set(&net.id, signed)
+                        .map_err(|e| invalid("the first key set", e))?;
                     LockChain {
                         key_sets: vec![signed.clone()],
                     }
@@ -190,7 +190,10 @@ impl Controller {
             )));
         }
         let mut seen = std::collections::HashSet::new();
-        let ids = peers.iter().map(|p| &p.peer_id).chain(routes.iter().map(|r| &r.route_id));
+        let ids = peers
+            .iter()
+            .map(|p| &p.peer_id)
+            .chain(routes.iter().map(|r| &r.route_id));
         if let Some(dup) = ids.into_iter().find(|id| !seen.insert(*id)) {
             return Err(Error::InvalidArgument(format!(
                 "{} is signed twice in one call",
@@ -200,8 +203,10 @@ impl Controller {
         crate::txn::retry("sign lock", |_| async move {
             let (net, net_rev) = self.resolve_network(c, network).await?;
             let trusted = current_set(&net)?;
-            let mut txn =
-                Txn::new().when(Compare::unchanged(keys::network(&c.tenant, &net.id), net_rev));
+            let mut txn = Txn::new().when(Compare::unchanged(
+                keys::network(&c.tenant, &net.id),
+                net_rev,
+            ));
             for ps in peers {
                 let (key, mut p, rev) = self.peer_in(&net.id, &ps.peer_id).await?;
                 let signed = ps.signed.clone().unwrap_or_default();

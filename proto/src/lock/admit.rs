@@ -132,7 +132,9 @@ impl Trust {
             .as_ref()
             .ok_or_else(|| LockError::Malformed("not signed".into()))?;
         let m: v1::LockedPeer = verify(Kind::Peer, signed, &self.set.keys)?;
-        if m.network_id != network_id || m.public_key != peer.public_key || m.peer_id != peer.peer_id
+        if m.network_id != network_id
+            || m.public_key != peer.public_key
+            || m.peer_id != peer.peer_id
         {
             return Err(LockError::Malformed("signed for another peer".into()));
         }

@@ -4,7 +4,7 @@
 //! those exact bytes ([`v1::Signed`]), so nothing is ever re-encoded to be checked, and a
 //! signature for one kind of statement is never valid for another.
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, VerifyingKey};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
@@ -12,6 +12,7 @@ use crate::v1;
 
 mod admit;
 pub use admit::{Admit, Trust};
+pub use ed25519_dalek::SigningKey;
 
 /// At most this many key sets in a network's chain, keys in a set, revoked peers in a set.
 pub const MAX_CHAIN: usize = 64;
@@ -110,8 +111,7 @@ pub fn next_key_set(
 
 /// A key set's own bounds: 1 to [`MAX_KEYS`] keys of 32 bytes, at most [`MAX_REVOKED`] revoked.
 fn check_set(set: &v1::LockKeySet) -> Result<(), LockError> {
-    if set.keys.is_empty() || set.keys.len() > MAX_KEYS || set.keys.iter().any(|k| k.len() != 32)
-    {
+    if set.keys.is_empty() || set.keys.len() > MAX_KEYS || set.keys.iter().any(|k| k.len() != 32) {
         return Err(LockError::Malformed(format!(
             "a key set needs 1 to {MAX_KEYS} keys of 32 bytes"
         )));

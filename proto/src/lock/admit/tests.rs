@@ -82,7 +82,10 @@ fn revoked_and_expired_members_are_refused() {
     let mut m = member("p2", 2);
     m.expires_at_unix = 1_000;
     let mut p = remote(&m, Some(&k));
-    assert_eq!(t.admit(NET, &mut p.clone(), 999), Admit::Taken { stripped: 0 });
+    assert_eq!(
+        t.admit(NET, &mut p.clone(), 999),
+        Admit::Taken { stripped: 0 }
+    );
     assert!(matches!(t.admit(NET, &mut p, 1_000), Admit::Refused(_)));
 }
 
@@ -91,8 +94,11 @@ fn only_signed_routes_of_that_gateway_stay_in_its_allowed_ips() {
     let k = signing_key([1; 32]);
     let t = Trust::new(set(&[&k], 1, vec![]));
     let mut gw = remote(&member("gw", 5), Some(&k));
-    gw.allowed_ips
-        .extend(["10.1.0.0/16".to_string(), "0.0.0.0/0".to_string(), "10.9.0.0/16".into()]);
+    gw.allowed_ips.extend([
+        "10.1.0.0/16".to_string(),
+        "0.0.0.0/0".to_string(),
+        "10.9.0.0/16".into(),
+    ]);
     gw.route_locks = vec![
         route(&[5; 32], "10.1.0.0/16", &k),
         // Signed, but for another gateway.
@@ -104,7 +110,11 @@ fn only_signed_routes_of_that_gateway_stay_in_its_allowed_ips() {
 
 #[test]
 fn the_trusted_set_moves_only_along_signed_links_and_never_back() {
-    let (k1, k2, evil) = (signing_key([1; 32]), signing_key([2; 32]), signing_key([9; 32]));
+    let (k1, k2, evil) = (
+        signing_key([1; 32]),
+        signing_key([2; 32]),
+        signing_key([9; 32]),
+    );
     let s1 = sign(Kind::KeySet, &set(&[&k1], 1, vec![]), &k1);
     let s2 = sign(Kind::KeySet, &set(&[&k2], 2, vec![]), &k1);
     let chain = LockChain {
@@ -138,7 +148,10 @@ fn a_refused_upsert_becomes_a_removal() {
     let k = signing_key([1; 32]);
     let t = Trust::new(set(&[&k], 1, vec![]));
     let mut d = NetworkDelta {
-        upserted: vec![remote(&member("a", 1), Some(&k)), remote(&member("b", 2), None)],
+        upserted: vec![
+            remote(&member("a", 1), Some(&k)),
+            remote(&member("b", 2), None),
+        ],
         ..Default::default()
     };
     let counts: Vec<(String, u32)> = t

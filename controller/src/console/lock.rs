@@ -1,0 +1,578 @@
+//! `canopy network lock …`, `canopy peer sign`, `canopy route sign`: the tenant's side of the
+//! network lock. The signing key is made and kept here (a file, mode 0600, by default
+//! `~/.config/canopy/lock/NETWORK_ID.key`); the controller gets only public keys and
+//! signatures.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use canopy_proto::lock::{self, Kind, SigningKey};
+use canopy_proto::v1::*;
+use clap::Subcommand;
+
+use super::{Client, ConnOpts, client, output, reply};
+
+const KEY_PREFIX: &str = "clk_";
+
+#[derive(Subcommand, Debug)]
+pub enum LockCmd {
+    /// Lock a network: make a signing key here (or use --key's), sign every peer and route in
+    /// force now, then make the key the network's only trusted key. From then on agents take
+    /// only what a trusted key signed.
+    Init {
+        network: String,
+        /// The signing key file (made if absent, mode 0600).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// The trusted keys, what waits for a signature, and what agents refused.
+    Status { network: String },
+    /// Trust one more signing key (its public key, base64), signed with --key.
+    AddKey {
+        network: String,
+        public_key: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Stop trusting a key; what it signed is signed again with --key first.
+    RemoveKey {
+        network: String,
+        public_key: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Sign every pending peer (and peers whose tags changed since signed) and every approved
+    /// route without a signature.
+    SignPending {
+        network: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+/// Where the signing key of `network_id` is: `explicit`, or the default path.
+fn key_path(explicit: Option<PathBuf>, network_id: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let dir = super::config::default_path()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or_else(|| anyhow!("no HOME or XDG_CONFIG_HOME: pass --key FILE"))?;
+    Ok(dir.join("lock").join(format!("{network_id}.key")))
+}
+
+/// Reads a signing key file; refuses one that others may read.
+fn load_key(path: &Path) -> anyhow::Result<SigningKey> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("the lock key {} (pass --key FILE)", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{}: the lock key must be readable by its owner only (chmod 600)",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let seed = text
+        .trim()
+        .strip_prefix(KEY_PREFIX)
+        .and_then(|b| URL_SAFE_NO_PAD.decode(b).ok())
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| anyhow!("{}: not a canopy lock key ({KEY_PREFIX}…)", path.display()))?;
+    Ok(lock::signing_key(seed))
+}
+
+/// Makes a new signing key file (mode 0600; never overwrites one).
+fn create_key(path: &Path) -> anyhow::Result<SigningKey> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let seed: [u8; 32] = rand::random();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(seed))?;
+    f.sync_all()?;
+    Ok(lock::signing_key(seed))
+}
+
+fn public(k: &SigningKey) -> Vec<u8> {
+    k.verifying_key().to_bytes().to_vec()
+}
+
+fn b64(k: &[u8]) -> String {
+    STANDARD.encode(k)
+}
+
+fn parse_public(s: &str) -> anyhow::Result<Vec<u8>> {
+    STANDARD
+        .decode(s.trim())
+        .ok()
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| anyhow!("{s:?} is not a public key (32 bytes, base64)"))
+}
+
+pub(super) fn peer_statement(p: &Peer, expires_at_unix: i64) -> LockedPeer {
+    LockedPeer {
+        network_id: p.network_id.clone(),
+        public_key: p.public_key.clone(),
+        addresses: p.addresses.clone(),
+        tags: p.tags.clone(),
+        expires_at_unix,
+        peer_id: p.id.clone(),
+    }
+}
+
+fn route_signature(r: &Route, gateway_key: &[u8], k: &SigningKey) -> RouteSignature {
+    let s = LockedRoute {
+        network_id: r.network_id.clone(),
+        gateway_public_key: gateway_key.to_vec(),
+        prefix: r.prefix.clone(),
+    };
+    RouteSignature {
+        route_id: r.id.clone(),
+        signed: Some(lock::sign(Kind::Route, &s, k)),
+    }
+}
+
+fn peer_signature(p: &Peer, k: &SigningKey, expires: i64) -> PeerSignature {
+    PeerSignature {
+        peer_id: p.id.clone(),
+        signed: Some(lock::sign(Kind::Peer, &peer_statement(p, expires), k)),
+    }
+}
+
+/// Sends signatures in calls of at most 100.
+async fn submit(
+    cl: &mut Client,
+    network: &str,
+    peers: Vec<PeerSignature>,
+    routes: Vec<RouteSignature>,
+) -> anyhow::Result<()> {
+    for chunk in peers.chunks(100) {
+        let req = SignLockRequest {
+            network: network.to_string(),
+            peers: chunk.to_vec(),
+            routes: Vec::new(),
+        };
+        reply(cl.sign_lock(req).await)?;
+    }
+    for chunk in routes.chunks(100) {
+        let req = SignLockRequest {
+            network: network.to_string(),
+            peers: Vec::new(),
+            routes: chunk.to_vec(),
+        };
+        reply(cl.sign_lock(req).await)?;
+    }
+    Ok(())
+}
+
+struct Net {
+    id: String,
+    lock: NetworkLock,
+    peers: Vec<Peer>,
+    routes: Vec<Route>,
+}
+
+async fn read(cl: &mut Client, network: &str) -> anyhow::Result<Net> {
+    let n = reply(
+        cl.get_network(GetNetworkRequest {
+            network: network.to_string(),
+        })
+        .await,
+    )?;
+    let lock = reply(
+        cl.get_network_lock(GetNetworkLockRequest {
+            network: n.id.clone(),
+        })
+        .await,
+    )?;
+    let peers = reply(
+        cl.list_peers(ListPeersRequest {
+            network: n.id.clone(),
+            paths: false,
+        })
+        .await,
+    )?
+    .peers;
+    let routes = reply(
+        cl.list_routes(ListRoutesRequest {
+            network: n.id.clone(),
+        })
+        .await,
+    )?
+    .routes;
+    Ok(Net {
+        id: n.id,
+        lock,
+        peers,
+        routes,
+    })
+}
+
+fn gateway_key<'a>(net: &'a Net, r: &Route) -> Option<&'a [u8]> {
+    let gw = net.peers.iter().find(|p| p.id == r.peer_id)?;
+    Some(&gw.public_key)
+}
+
+/// The next key set: the current one changed by `change`, serial one more, signed with `k`.
+async fn next_set(
+    cl: &mut Client,
+    net: &Net,
+    k: &SigningKey,
+    change: impl FnOnce(&mut LockKeySet),
+) -> anyhow::Result<NetworkLock> {
+    if net.lock.serial == 0 {
+        bail!("network {} is not locked: canopy network lock init", net.id);
+    }
+    if !net.lock.keys.contains(&public(k)) {
+        bail!("this signing key is not one the network trusts");
+    }
+    let mut set = LockKeySet {
+        network_id: net.id.clone(),
+        keys: net.lock.keys.clone(),
+        serial: net.lock.serial + 1,
+        revoked: net.lock.revoked.clone(),
+    };
+    change(&mut set);
+    let req = SetLockKeysRequest {
+        network: net.id.clone(),
+        key_set: Some(lock::sign(Kind::KeySet, &set, k)),
+    };
+    reply(cl.set_lock_keys(req).await)
+}
+
+pub async fn run(conn: &ConnOpts, json: bool, c: LockCmd) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    match c {
+        LockCmd::Init { network, key } => init(&mut cl, json, &network, key).await,
+        LockCmd::Status { network } => {
+            let net = read(&mut cl, &network).await?;
+            lock_status(json, &net.lock, &net.peers)
+        }
+        LockCmd::AddKey {
+            network,
+            public_key,
+            key,
+        } => {
+            let new = parse_public(&public_key)?;
+            let net = read(&mut cl, &network).await?;
+            let k = load_key(&key_path(key, &net.id)?)?;
+            if net.lock.keys.contains(&new) {
+                bail!("the network already trusts {public_key}");
+            }
+            let l = next_set(&mut cl, &net, &k, |s| s.keys.push(new)).await?;
+            lock_status(json, &l, &net.peers)
+        }
+        LockCmd::RemoveKey {
+            network,
+            public_key,
+            key,
+        } => remove_key(&mut cl, json, &network, &public_key, key).await,
+        LockCmd::SignPending { network, key } => sign_pending(&mut cl, json, &network, key).await,
+    }
+}
+
+async fn init(
+    cl: &mut Client,
+    json: bool,
+    network: &str,
+    key: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let net = read(cl, network).await?;
+    if net.lock.serial != 0 {
+        bail!(
+            "network {} is locked already (key set {}): use add-key",
+            net.id,
+            net.lock.serial
+        );
+    }
+    let path = key_path(key, &net.id)?;
+    let k = match path.exists() {
+        true => load_key(&path)?,
+        false => create_key(&path)?,
+    };
+    let peers: Vec<PeerSignature> = net.peers.iter().map(|p| peer_signature(p, &k, 0)).collect();
+    let in_force = net.routes.iter().filter(|r| r.state != "pending");
+    let routes: Vec<RouteSignature> = in_force
+        .filter_map(|r| Some(route_signature(r, gateway_key(&net, r)?, &k)))
+        .collect();
+    let (np, nr) = (peers.len(), routes.len());
+    submit(cl, &net.id, peers, routes).await?;
+    let set = LockKeySet {
+        network_id: net.id.clone(),
+        keys: vec![public(&k)],
+        serial: 1,
+        revoked: Vec::new(),
+    };
+    let req = SetLockKeysRequest {
+        network: net.id.clone(),
+        key_set: Some(lock::sign(Kind::KeySet, &set, &k)),
+    };
+    reply(cl.set_lock_keys(req).await)?;
+    output::done(
+        json,
+        &format!(
+            "locked network {} with key {} (kept in {}; keep a copy offline)\nsigned {np} peers and {nr} routes; new peers wait for `canopy peer sign`.\nJoin strings made from now on pin this key set: make new ones.",
+            net.id,
+            b64(&public(&k)),
+            path.display()
+        ),
+        serde_json::json!({"network_id": net.id, "key": b64(&public(&k)), "key_file": path,
+            "signed_peers": np, "signed_routes": nr}),
+    )
+}
+
+async fn remove_key(
+    cl: &mut Client,
+    json: bool,
+    network: &str,
+    public_key: &str,
+    key: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let gone = parse_public(public_key)?;
+    let net = read(cl, network).await?;
+    let k = load_key(&key_path(key, &net.id)?)?;
+    if public(&k) == gone {
+        bail!("sign the removal of a key with another key of the network");
+    }
+    if !net.lock.keys.contains(&gone) {
+        bail!("the network does not trust {public_key}");
+    }
+    // What the key signed, signed again with ours (only statements it really signed).
+    let by_gone = |s: &Option<Signed>| s.as_ref().filter(|s| s.key == gone).cloned();
+    let mut peers = Vec::new();
+    for p in &net.peers {
+        if let Some(s) = by_gone(&p.lock) {
+            let st: LockedPeer = lock::verify(Kind::Peer, &s, std::slice::from_ref(&gone))?;
+            let signed = Some(lock::sign(Kind::Peer, &st, &k));
+            peers.push(PeerSignature {
+                peer_id: p.id.clone(),
+                signed,
+            });
+        }
+    }
+    let mut routes = Vec::new();
+    for r in &net.routes {
+        if let Some(s) = by_gone(&r.lock) {
+            let st: LockedRoute = lock::verify(Kind::Route, &s, std::slice::from_ref(&gone))?;
+            let signed = Some(lock::sign(Kind::Route, &st, &k));
+            routes.push(RouteSignature {
+                route_id: r.id.clone(),
+                signed,
+            });
+        }
+    }
+    submit(cl, &net.id, peers, routes).await?;
+    let l = next_set(cl, &net, &k, |s| s.keys.retain(|x| x != &gone)).await?;
+    lock_status(json, &l, &net.peers)
+}
+
+async fn sign_pending(
+    cl: &mut Client,
+    json: bool,
+    network: &str,
+    key: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let net = read(cl, network).await?;
+    let k = load_key(&key_path(key, &net.id)?)?;
+    let pending = net
+        .peers
+        .iter()
+        .filter(|p| matches!(p.lock_state.as_str(), "pending" | "stale"));
+    let mut lines = Vec::new();
+    let mut peers = Vec::new();
+    for p in pending {
+        lines.push(format!(
+            "signed peer {} ({}, key {}, {}, tags {})",
+            p.id,
+            canopy_proto::text::escape(&p.hostname),
+            b64(&p.public_key),
+            p.addresses.join(","),
+            p.tags.join(",")
+        ));
+        peers.push(peer_signature(p, &k, 0));
+    }
+    let unsigned = net
+        .routes
+        .iter()
+        .filter(|r| r.lock.is_none() && r.state == "approved");
+    let mut routes = Vec::new();
+    for r in unsigned {
+        if let Some(gw) = gateway_key(&net, r) {
+            lines.push(format!(
+                "signed route {} ({} via {})",
+                r.id, r.prefix, r.peer_id
+            ));
+            routes.push(route_signature(r, gw, &k));
+        }
+    }
+    let (np, nr) = (peers.len(), routes.len());
+    submit(cl, &net.id, peers, routes).await?;
+    lines.push(format!("{np} peers and {nr} routes signed"));
+    output::done(
+        json,
+        &lines.join("\n"),
+        serde_json::json!({"signed_peers": np, "signed_routes": nr}),
+    )
+}
+
+/// `canopy peer sign PEER`: signs one peer as it is now (its key checked against
+/// `expect_key` if given), valid until `expires_at_unix` (0: until removed).
+pub async fn sign_peer(
+    conn: &ConnOpts,
+    json: bool,
+    peer_id: String,
+    key: Option<PathBuf>,
+    expect_key: Option<String>,
+    expires_at_unix: i64,
+) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;
+    if p.lock_state.is_empty() {
+        bail!(
+            "network {} is not locked: canopy network lock init",
+            p.network_id
+        );
+    }
+    if let Some(want) = expect_key
+        && parse_public(&want)? != p.public_key
+    {
+        bail!(
+            "peer {} has key {}, not {want}: not signed",
+            p.id,
+            b64(&p.public_key)
+        );
+    }
+    let k = load_key(&key_path(key, &p.network_id)?)?;
+    let sig = peer_signature(&p, &k, expires_at_unix);
+    submit(&mut cl, &p.network_id, vec![sig], Vec::new()).await?;
+    output::done(
+        json,
+        &format!(
+            "signed peer {} (key {}, {}, tags {})",
+            p.id,
+            b64(&p.public_key),
+            p.addresses.join(","),
+            p.tags.join(",")
+        ),
+        serde_json::json!({"signed": p.id}),
+    )
+}
+
+/// `canopy route sign ROUTE --network NET`: signs (and so approves) one route.
+pub async fn sign_route(
+    conn: &ConnOpts,
+    json: bool,
+    network: &str,
+    route_id: &str,
+    key: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut cl = client(conn).await?;
+    let net = read(&mut cl, network).await?;
+    let r = net
+        .routes
+        .iter()
+        .find(|r| r.id == route_id)
+        .ok_or_else(|| anyhow!("route {route_id} not found in network {network}"))?;
+    let gw = gateway_key(&net, r).ok_or_else(|| anyhow!("route {route_id}'s gateway is gone"))?;
+    let k = load_key(&key_path(key, &net.id)?)?;
+    let sig = route_signature(r, gw, &k);
+    submit(&mut cl, &net.id, Vec::new(), vec![sig]).await?;
+    output::done(
+        json,
+        &format!("signed route {} ({} via {})", r.id, r.prefix, r.peer_id),
+        serde_json::json!({"signed": r.id}),
+    )
+}
+
+/// Before `canopy peer remove` in a locked network: revokes the peer's key in a new key set
+/// (so its old signature can never bring it back), if the signing key is at hand. Returns
+/// whether it did.
+pub async fn revoke_peer(
+    cl: &mut Client,
+    peer_id: &str,
+    key: Option<PathBuf>,
+) -> anyhow::Result<bool> {
+    let p = reply(
+        cl.get_peer(GetPeerRequest {
+            peer_id: peer_id.to_string(),
+        })
+        .await,
+    )?;
+    if p.lock_state.is_empty() {
+        return Ok(false);
+    }
+    let path = key_path(key.clone(), &p.network_id)?;
+    if key.is_none() && !path.exists() {
+        eprintln!(
+            "warning: no lock key at {}: {peer_id} is removed but not revoked (pass --key to revoke it)",
+            path.display()
+        );
+        return Ok(false);
+    }
+    let k = load_key(&path)?;
+    let net = read(cl, &p.network_id).await?;
+    if net.lock.revoked.len() >= lock::MAX_REVOKED {
+        bail!(
+            "the network lock revokes {} keys already, the most it can",
+            lock::MAX_REVOKED
+        );
+    }
+    next_set(cl, &net, &k, |s| s.revoked.push(p.public_key.clone())).await?;
+    Ok(true)
+}
+
+/// `canopy network lock status`.
+fn lock_status(json: bool, l: &NetworkLock, peers: &[Peer]) -> anyhow::Result<()> {
+    let keys: Vec<String> = l.keys.iter().map(|k| b64(k)).collect();
+    let pending: Vec<&Peer> = peers.iter().filter(|p| p.lock_state == "pending").collect();
+    if json {
+        let v = serde_json::json!({"network_id": l.network_id, "locked": l.serial != 0,
+            "serial": l.serial, "keys": keys, "revoked": l.revoked.len(),
+            "pending_peers": l.pending_peers, "unsigned_routes": l.unsigned_routes,
+            "refused": l.refused, "refusing_agents": l.refusing_agents,
+            "pending": pending.iter().map(|p| &p.id).collect::<Vec<_>>()});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if l.serial == 0 {
+        println!("network {} is not locked", l.network_id);
+        return Ok(());
+    }
+    println!("network:   {} (locked, key set {})", l.network_id, l.serial);
+    for k in &keys {
+        println!("key:       {k}");
+    }
+    println!("revoked:   {} peer keys", l.revoked.len());
+    println!(
+        "pending:   {} peers, {} routes without a signature",
+        l.pending_peers, l.unsigned_routes
+    );
+    for p in pending {
+        println!(
+            "  {} {} key {} (canopy peer sign {})",
+            p.id,
+            canopy_proto::text::escape(&p.hostname),
+            b64(&p.public_key),
+            p.id
+        );
+    }
+    println!(
+        "refused:   {} unsigned peers/routes, by {} agents (on this replica)",
+        l.refused, l.refusing_agents
+    );
+    Ok(())
+}
