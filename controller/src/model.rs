@@ -119,11 +119,7 @@ pub fn validate_tags(tags: &[String]) -> Result<(), ModelError> {
         return Err(ModelError::TagCount);
     }
     for t in tags {
-        let ok = !t.is_empty()
-            && t.len() <= 63
-            && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b));
-        if !ok {
+        if !canopy_policy::valid_tag(t) {
             return Err(ModelError::Tag(canopy_proto::text::quoted(t)));
         }
     }

@@ -321,7 +321,7 @@ proptest! {
 
 #[test]
 fn the_readme_policy_example_parses_and_its_test_output_is_true() {
-    let readme = include_str!("../../../README.md");
+    let readme = include_str!("../../README.md");
     let start = readme.find("# prod.policy.toml").unwrap();
     let end = start + readme[start..].find("```").unwrap();
     let p = parse(&readme[start..end]).unwrap();
