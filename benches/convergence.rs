@@ -64,7 +64,9 @@ async fn policy_changes(
     for k in 0..count {
         let t0 = Instant::now();
         let text = bench_policy(rules, k + 1);
-        let (p, _) = ctl.set_policy(caller, "bench", Some(&text), None).await?;
+        let (p, _) = ctl
+            .set_policy(caller, "bench", Some(&text), None, None)
+            .await?;
         let what = format!("policy revision {}", p.revision);
         let pred = move |m: &canopy_proto::v1::NetworkMap| m.revision >= p.revision;
         lat.extend(all_apply(agents, t0, limit, &what, cache_at.clone(), pred).await?);
@@ -387,7 +389,8 @@ async fn prepare(
         .await?;
     if rules > 0 {
         let text = bench_policy(rules, 0);
-        ctl.set_policy(&caller, "bench", Some(&text), None).await?;
+        ctl.set_policy(&caller, "bench", Some(&text), None, None)
+            .await?;
     }
     let tags = ["web".to_string(), "db".to_string()];
     let (_, join) = ctl

@@ -254,9 +254,16 @@ impl ControlClient {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Statements the lock refused in the map held now.
-    fn lock_refused(&self) -> u32 {
-        self.guard().refused()
+    /// The acknowledgement of `revision`, with what the lock refused of it.
+    fn ack(&self, revision: i64) -> SyncRequest {
+        let lock_refused = self.guard().refused();
+        let ack = Ack {
+            revision,
+            lock_refused,
+        };
+        SyncRequest {
+            msg: Some(sync_request::Msg::Ack(ack)),
+        }
     }
 
     /// Relay tickets as they come from the controller.
@@ -487,13 +494,7 @@ impl ControlClient {
             };
             let revision = self.apply(update, sink)?;
             self.connected.send_replace(true);
-            let ack = SyncRequest {
-                msg: Some(sync_request::Msg::Ack(Ack {
-                    revision,
-                    lock_refused: self.lock_refused(),
-                })),
-            };
-            if tx.send(ack).await.is_err() {
+            if tx.send(self.ack(revision)).await.is_err() {
                 return Ok(SessionEnd::Lost("outbound stream closed".into()));
             }
         }

@@ -6,7 +6,8 @@
 //! map.pb         the last applied NetworkMap (protobuf), so the node keeps its network while
 //!                the controller is away and resumes from its revision
 //! lock.pb        a locked network's key set this node trusts (LockKeySet), moved forward only
-//!                by sets signed by a key of it; lock.json what it refused (for `status`)
+//!                by sets signed by a key of it; lock.json what it refused (for `status`);
+//!                lock-policy.pb the signed policy it follows (PolicyLock)
 //! credential.pending  the Sync credential made for an enrollment in progress, with the hash of
 //!                the join string it is for (mode 0600): kept before asking, so a retry after a
 //!                lost answer gets the same enrollment; another join string gets a new one
@@ -144,7 +145,13 @@ impl StateDir {
 
     /// Forgets the enrollment and the map (the node was removed); keeps the key.
     pub fn clear_enrollment(&self) -> Result<(), StateError> {
-        for name in ["enrollment", "map.pb", "lock.pb", "lock.json"] {
+        for name in [
+            "enrollment",
+            "map.pb",
+            "lock.pb",
+            "lock.json",
+            "lock-policy.pb",
+        ] {
             let path = self.dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -227,6 +234,17 @@ impl StateDir {
 
     pub fn save_lock_trust(&self, set: &canopy_proto::v1::LockKeySet) -> Result<(), StateError> {
         write_atomic(&self.dir.join("lock.pb"), &set.encode_to_vec(), 0o600)
+    }
+
+    /// A locked network's signed policy this node follows (the newest it verified).
+    pub fn lock_policy(&self) -> Result<Option<canopy_proto::v1::PolicyLock>, StateError> {
+        self.read_optional("lock-policy.pb", |b| {
+            canopy_proto::v1::PolicyLock::decode(b)
+        })
+    }
+
+    pub fn save_lock_policy(&self, p: &canopy_proto::v1::PolicyLock) -> Result<(), StateError> {
+        write_atomic(&self.dir.join("lock-policy.pb"), &p.encode_to_vec(), 0o600)
     }
 
     /// What the lock refused in the map held now (JSON), for `canopy-agent status`.

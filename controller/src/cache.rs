@@ -121,17 +121,15 @@ impl Cache {
             return deny_all();
         };
         crate::policy::parse(&rec.text).unwrap_or_else(|e| {
-            self.inner
-                .undecodable
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let undecodable = &self.inner.undecodable;
+            undecodable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(network = %rec.network_id, error = %e, "a stored policy does not parse; it allows nothing");
             deny_all()
         })
     }
 
     /// Loads the networks, peers, policies, routes, live gateways and peer-deletion markers at
-    /// one revision (nothing
-    /// else: the audit log, credentials and tokens stay in the store); returns that revision.
+    /// one revision (not the audit log, credentials or tokens); returns that revision.
     async fn relist(&self, store: &dyn Store) -> Result<Revision, StoreError> {
         let prefixes = [
             format!("{}networks/", keys::ROOT).into_bytes(),
@@ -176,6 +174,7 @@ impl Cache {
                 && let Some(s) = fresh.get_mut(net)
             {
                 s.set_policy(Some(self.policy(&kv.key, &kv.value)), kv.mod_revision);
+                s.set_policy_lock(crate::netmap::policy_lock(&kv.value));
             }
             if let Some((net, _)) = keys::parse_route(&kv.key)
                 && let Some(s) = fresh.get_mut(net)
@@ -311,6 +310,7 @@ impl Cache {
                         EventKind::Delete => None,
                     };
                     s.set_policy(policy, rev);
+                    s.set_policy_lock(crate::netmap::policy_lock(&e.kv.value));
                 }
                 touched.push(net.to_string());
             }

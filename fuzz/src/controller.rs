@@ -96,7 +96,7 @@ async fn call_first(
     }
 }
 
-/// Requests 6-13: API tokens, audit, policy, tags, revocation, routes.
+/// Requests 6-16: API tokens, audit, policy, tags, revocation, routes, the network lock.
 async fn call_second(
     ctl: &canopy_controller::service::Controller,
     c: &canopy_controller::service::Caller,
@@ -114,7 +114,10 @@ async fn call_second(
         9 => {
             if let Ok(r) = SetPolicyRequest::decode(body) {
                 let text = (!r.remove).then_some(r.text.as_str());
-                let _ = ctl.set_policy(c, &r.network, text, r.if_revision).await;
+                let lock = r.lock.as_ref();
+                let _ = ctl
+                    .set_policy(c, &r.network, text, r.if_revision, lock)
+                    .await;
             }
         }
         11 => {
@@ -149,6 +152,23 @@ async fn call_second(
                 let _ = ctl.revoke_join_token(c, &r.token_id).await;
             }
         }
+        14 => {
+            if let Ok(r) = SetLockKeysRequest::decode(body) {
+                let signed = r.key_set.unwrap_or_default();
+                let _ = ctl.set_lock_keys(c, &r.network, &signed).await;
+            }
+        }
+        15 => {
+            if let Ok(r) = SignLockRequest::decode(body) {
+                let p = r.policy.as_ref();
+                let _ = ctl.sign_lock(c, &r.network, &r.peers, &r.routes, p).await;
+            }
+        }
+        16 => {
+            if let Ok(r) = GetNetworkLockRequest::decode(body) {
+                let _ = ctl.get_network_lock(c, &r.network).await;
+            }
+        }
         _ => {}
     }
 }
@@ -166,7 +186,7 @@ pub(crate) fn controller(data: &[u8]) {
         let ctl = &h.ctl;
         let c = caller();
         h.rt.block_on(async {
-            let op = op % 14;
+            let op = op % 17;
             if op < 6 {
                 call_first(ctl, &c, op, body).await;
             } else {

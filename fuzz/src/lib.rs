@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 mod controller;
+mod lock;
 mod mutation;
 
 use canopy_agent::engine::{Engine, Outbox, PeerConfig};
@@ -147,6 +148,12 @@ pub const TARGETS: &[Target] = &[
             "group:",
             "100.64.0.0/24",
         ],
+    },
+    Target {
+        name: "lock",
+        run: lock::lock,
+        seeds: lock::lock_seeds,
+        dictionary: &["100.64.0.0/24", "0.0.0.0/0", "net_fuzz", "peer_a"],
     },
     Target {
         name: "controller",

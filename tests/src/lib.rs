@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod etcd;
 pub mod hosted;
+pub mod lock;
 pub mod nat;
 pub mod netns;
 pub mod overlay;

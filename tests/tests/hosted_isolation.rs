@@ -142,6 +142,13 @@ fn cases(
             route.to_string(),
             "route_0000000000000000",
         ),
+        (
+            Call::GetNetworkLock,
+            net.to_string(),
+            "net_0000000000000000",
+        ),
+        (Call::SetLockKeys, net.to_string(), "net_0000000000000000"),
+        (Call::SignLock, net.to_string(), "net_0000000000000000"),
     ]
 }
 
@@ -167,6 +174,9 @@ enum Call {
     ListRoutes,
     ApproveRoute,
     RemoveRoute,
+    GetNetworkLock,
+    SetLockKeys,
+    SignLock,
 }
 
 /// The error message `call` gets for object `id` (which must not exist for this caller).
@@ -245,8 +255,7 @@ async fn call_more(a: &mut Client, call: Call, id: String) -> String {
             let req = SetPolicyRequest {
                 network: id,
                 text: "[[rule]]\nfrom = [\"*\"]\nto = [\"*\"]\n".into(),
-                remove: false,
-                if_revision: None,
+                ..Default::default()
             };
             missing(&what, a.set_policy(req).await)
         }
@@ -279,6 +288,46 @@ async fn call_more(a: &mut Client, call: Call, id: String) -> String {
             &what,
             a.remove_route(RemoveRouteRequest { route_id: id }).await,
         ),
+        _ => call_lock(a, call, id).await,
+    }
+}
+
+/// The network lock's calls.
+async fn call_lock(a: &mut Client, call: Call, id: String) -> String {
+    let what = format!("{call:?}");
+    match call {
+        Call::GetNetworkLock => missing(
+            &what,
+            a.get_network_lock(GetNetworkLockRequest { network: id })
+                .await,
+        ),
+        Call::SetLockKeys => {
+            // A first key set for their network, signed by a key of its own.
+            let k = canopy_proto::lock::signing_key([7; 32]);
+            let set = LockKeySet {
+                network_id: id.clone(),
+                keys: vec![k.verifying_key().to_bytes().to_vec()],
+                serial: 1,
+                revoked: vec![],
+            };
+            let key_set = Some(canopy_proto::lock::sign(
+                canopy_proto::lock::Kind::KeySet,
+                &set,
+                &k,
+            ));
+            let req = SetLockKeysRequest {
+                network: id,
+                key_set,
+            };
+            missing(&what, a.set_lock_keys(req).await)
+        }
+        Call::SignLock => {
+            let req = SignLockRequest {
+                network: id,
+                ..Default::default()
+            };
+            missing(&what, a.sign_lock(req).await)
+        }
         other => unreachable!("{other:?} is handled by call"),
     }
 }

@@ -10,122 +10,31 @@ use std::time::{Duration, Instant};
 
 use canopy_controller::console::Client;
 use canopy_controller::keys;
-use canopy_controller::server::{self, Running, ServeConfig, StoreSpec};
-use canopy_controller::store::{Op, Store, Txn};
+use canopy_controller::server::Running;
+use canopy_controller::store::Store;
 use canopy_proto::join::JoinString;
 use canopy_proto::lock::{self, Kind, SigningKey};
-use canopy_proto::transport::Trust;
 use canopy_proto::v1::*;
 use canopy_tests::TestAgent;
 use canopy_tests::etcd::Etcd;
+use canopy_tests::lock::*;
 use prost::Message as _;
 
-const SECOND: Duration = Duration::from_secs(1);
-
-async fn console(r: &Running) -> Client {
-    let trust = Trust::CaPem(r.ca_pem.clone().into_bytes());
-    canopy_controller::console::connect(&r.url, &trust, &r.admin_token)
-        .await
-        .unwrap()
+/// A locked network: the tenant's console and key, its network, two signed agents and a
+/// third one signed after it waited.
+struct Locked {
+    store: Arc<dyn Store>,
+    c: Client,
+    net: String,
+    k: SigningKey,
+    a: TestAgent,
+    b: TestAgent,
+    newcomer: TestAgent,
 }
 
-fn statement(p: &Peer) -> LockedPeer {
-    LockedPeer {
-        network_id: p.network_id.clone(),
-        public_key: p.public_key.clone(),
-        addresses: p.addresses.clone(),
-        tags: p.tags.clone(),
-        expires_at_unix: 0,
-        peer_id: p.id.clone(),
-    }
-}
-
-fn key_set(net: &str, keys: &[&SigningKey], serial: u64, revoked: Vec<Vec<u8>>) -> LockKeySet {
-    LockKeySet {
-        network_id: net.into(),
-        keys: keys
-            .iter()
-            .map(|k| k.verifying_key().to_bytes().to_vec())
-            .collect(),
-        serial,
-        revoked,
-    }
-}
-
-/// What the tenant's console does: sign peers `ids` as they are now.
-async fn sign_peers(c: &mut Client, net: &str, ids: &[&str], k: &SigningKey) {
-    let mut peers = Vec::new();
-    for id in ids {
-        let p = c
-            .get_peer(GetPeerRequest {
-                peer_id: (*id).into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        peers.push(PeerSignature {
-            peer_id: p.id.clone(),
-            signed: Some(lock::sign(Kind::Peer, &statement(&p), k)),
-        });
-    }
-    let req = SignLockRequest {
-        network: net.into(),
-        peers,
-        routes: vec![],
-    };
-    c.sign_lock(req).await.unwrap();
-}
-
-async fn set_keys(c: &mut Client, net: &str, set: &LockKeySet, k: &SigningKey) {
-    let req = SetLockKeysRequest {
-        network: net.into(),
-        key_set: Some(lock::sign(Kind::KeySet, set, k)),
-    };
-    c.set_lock_keys(req).await.unwrap();
-}
-
-async fn token(c: &mut Client, net: &str) -> String {
-    let req = CreateJoinTokenRequest {
-        network: net.into(),
-        max_uses: 0,
-        ttl_seconds: 600,
-        tags: vec!["web".into()],
-    };
-    c.create_join_token(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .join_string
-}
-
-/// Writes `(key, record)`s straight into the store, as an operator with database access.
-async fn tamper(store: &Arc<dyn Store>, writes: Vec<(String, Vec<u8>)>) {
-    let mut txn = Txn::new();
-    for (k, v) in writes {
-        txn = txn.then(Op::put(k, v));
-    }
-    assert!(store.txn(txn).await.unwrap().succeeded);
-}
-
-/// Waits until agent `a` has refused at least `n` statements in the map it holds: the
-/// tampered map reached it (so what it does not show, it refused).
-async fn wait_refused(a: &TestAgent, n: u64) {
-    let stats = a.client.lock_stats();
-    let t = Instant::now();
-    while stats.refused_now.load(Relaxed) < n {
-        assert!(t.elapsed() < 5 * SECOND, "the agent never refused {n}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn record<M: prost::Message + Default>(store: &Arc<dyn Store>, key: &str) -> M {
-    let kv = store.get(key.as_bytes()).await.unwrap().unwrap();
-    M::decode(kv.value.as_slice()).unwrap()
-}
-
-#[allow(clippy::too_many_lines)]
-async fn a_compromised_store_cannot_change_a_locked_network(r: &Running) {
-    let store = r.controller.store.clone();
+/// Two agents join, the tenant locks the network; a third, with a join string made then, is
+/// in no map until signed, and in a's within a second of its signature.
+async fn lock_a_network(r: &Running) -> Locked {
     let mut c = console(r).await;
     let net = c
         .create_network(CreateNetworkRequest {
@@ -134,241 +43,220 @@ async fn a_compromised_store_cannot_change_a_locked_network(r: &Running) {
         })
         .await
         .unwrap()
-        .into_inner();
-    let (k, evil) = (lock::signing_key([1; 32]), lock::signing_key([66; 32]));
-    let join = token(&mut c, &net.id).await;
+        .into_inner()
+        .id;
+    let k = lock::signing_key([1; 32]);
+    let join = token(&mut c, &net).await;
     let mut a = TestAgent::join(&join, "a").await.unwrap();
     let b = TestAgent::join(&join, "b").await.unwrap();
     assert!(a.wait_map(5 * SECOND, |m| m.peers.len() == 1).await);
-
-    // The tenant locks the network: its peers signed, then its key set.
-    sign_peers(&mut c, &net.id, &[&a.peer_id, &b.peer_id], &k).await;
-    set_keys(&mut c, &net.id, &key_set(&net.id, &[&k], 1, vec![]), &k).await;
+    // The peers signed first, then the key set.
+    sign_peers(&mut c, &net, &[&a.peer_id, &b.peer_id], &k).await;
+    set_keys(&mut c, &net, &key_set(&net, &[&k], 1, vec![]), &k).await;
     assert!(
         a.wait_map(5 * SECOND, |m| m.lock.is_some() && m.peers.len() == 1)
             .await
     );
     assert_eq!(a.client.lock_stats().serial.load(Relaxed), 1);
-
-    // A join string made now pins the key set; a newcomer waits for its signature.
-    let pinned = token(&mut c, &net.id).await;
+    let pinned = token(&mut c, &net).await;
+    let first = lock::sign(Kind::KeySet, &key_set(&net, &[&k], 1, vec![]), &k);
     let pin = JoinString::parse(&pinned).unwrap().lock_sha256;
     assert_eq!(
         pin,
-        Some(lock::body_sha256(&lock::sign(
-            Kind::KeySet,
-            &key_set(&net.id, &[&k], 1, vec![]),
-            &k
-        )))
+        Some(lock::body_sha256(&first)),
+        "the join string pins it"
     );
     let newcomer = TestAgent::join(&pinned, "c").await.unwrap();
-    let pending = c
-        .get_peer(GetPeerRequest {
-            peer_id: newcomer.peer_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let req = GetPeerRequest {
+        peer_id: newcomer.peer_id.clone(),
+    };
+    let pending = c.get_peer(req).await.unwrap().into_inner();
     assert_eq!(pending.lock_state, "pending");
-    assert!(
-        !a.wait_map(SECOND, |m| m.peers.len() == 2).await,
-        "a pending peer is in no map"
-    );
+    let shown = a.wait_map(SECOND, |m| m.peers.len() == 2).await;
+    assert!(!shown, "a pending peer is in no map");
     let t = Instant::now();
-    sign_peers(&mut c, &net.id, &[&newcomer.peer_id], &k).await;
-    assert!(
-        a.wait_map(SECOND, |m| m.peers.len() == 2).await,
-        "signed: in maps within 1 s"
-    );
-    eprintln!("signed peer reached another agent in {:?}", t.elapsed());
+    sign_peers(&mut c, &net, &[&newcomer.peer_id], &k).await;
+    let shown = a.wait_map(SECOND, |m| m.peers.len() == 2).await;
+    assert!(shown, "signed: in maps within 1 s");
+    eprintln!("a signed peer reached another agent in {:?}", t.elapsed());
     assert_eq!(a.client.lock_stats().refused_now.load(Relaxed), 0);
+    Locked {
+        store: r.controller.store.clone(),
+        c,
+        net,
+        k,
+        a,
+        b,
+        newcomer,
+    }
+}
 
-    let mut a_rec: PeerRecord = record(&store, &keys::peer(&net.id, &a.peer_id)).await;
-    // The operator adds a peer of its own (signed with its own key, so the controller passes
-    // it on), routes 10.99.0.0/16 and the internet through member b, and sends a through b.
-    let evil_peer = PeerRecord {
-        id: "peer_evil".into(),
-        tenant_id: a_rec.tenant_id.clone(),
-        network_id: net.id.clone(),
+/// A record signed with `evil`'s key: the operator's own peer.
+fn operator_peer(l: &Locked, tenant: &str, evil: &SigningKey) -> PeerRecord {
+    let member = LockedPeer {
+        network_id: l.net.clone(),
         public_key: vec![99; 32],
         addresses: vec!["100.64.0.99/32".into()],
-        hostname: "evil".into(),
         tags: vec!["web".into()],
+        expires_at_unix: 0,
+        peer_id: "peer_evil".into(),
+    };
+    PeerRecord {
+        id: "peer_evil".into(),
+        tenant_id: tenant.into(),
+        network_id: l.net.clone(),
+        public_key: member.public_key.clone(),
+        addresses: member.addresses.clone(),
+        hostname: "evil".into(),
+        tags: member.tags.clone(),
         endpoints: vec!["192.0.2.99:51820".into()],
-        lock: Some(lock::sign(
-            Kind::Peer,
-            &LockedPeer {
-                network_id: net.id.clone(),
-                public_key: vec![99; 32],
-                addresses: vec!["100.64.0.99/32".into()],
-                tags: vec!["web".into()],
-                expires_at_unix: 0,
-                peer_id: "peer_evil".into(),
-            },
-            &evil,
-        )),
+        lock: Some(lock::sign(Kind::Peer, &member, evil)),
         ..Default::default()
-    };
-    let b_key = c
-        .get_peer(GetPeerRequest {
-            peer_id: b.peer_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .public_key;
-    let route = |id: &str, prefix: &str| RouteRecord {
-        id: id.into(),
-        network_id: net.id.clone(),
-        peer_id: b.peer_id.clone(),
+    }
+}
+
+/// A route of `prefix` through b, signed with `evil`'s key.
+fn operator_route(l: &Locked, b_key: &[u8], id: &str, prefix: &str, evil: &SigningKey) -> Vec<u8> {
+    let signed = LockedRoute {
+        network_id: l.net.clone(),
+        gateway_public_key: b_key.to_vec(),
         prefix: prefix.into(),
-        lock: Some(lock::sign(
-            Kind::Route,
-            &LockedRoute {
-                network_id: net.id.clone(),
-                gateway_public_key: b_key.clone(),
-                prefix: prefix.into(),
-            },
-            &evil,
-        )),
-        ..Default::default()
     };
-    a_rec.exit_node.clone_from(&b.peer_id);
-    tamper(
-        &store,
-        vec![
-            (keys::peer(&net.id, "peer_evil"), evil_peer.encode_to_vec()),
-            (
-                keys::route(&net.id, "route_site"),
-                route("route_site", "10.99.0.0/16").encode_to_vec(),
-            ),
-            (
-                keys::route(&net.id, "route_exit"),
-                route("route_exit", "0.0.0.0/0").encode_to_vec(),
-            ),
-            (keys::peer(&net.id, &a.peer_id), a_rec.encode_to_vec()),
-        ],
-    )
-    .await;
+    RouteRecord {
+        id: id.into(),
+        network_id: l.net.clone(),
+        peer_id: l.b.peer_id.clone(),
+        prefix: prefix.into(),
+        lock: Some(lock::sign(Kind::Route, &signed, evil)),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// The operator adds a peer of its own (signed with its own key, so the controller passes it
+/// on), routes 10.99.0.0/16 and the internet through member b, and sends a through b: a takes
+/// none of it, and the controller shows what agents refused.
+async fn operator_adds_a_peer_and_routes(l: &mut Locked) {
+    let evil = lock::signing_key([66; 32]);
+    let mut a_rec: PeerRecord = record(&l.store, &keys::peer(&l.net, &l.a.peer_id)).await;
+    let b_rec: PeerRecord = record(&l.store, &keys::peer(&l.net, &l.b.peer_id)).await;
+    a_rec.exit_node.clone_from(&l.b.peer_id);
+    let peer = operator_peer(l, &a_rec.tenant_id, &evil);
+    let writes = vec![
+        (keys::peer(&l.net, "peer_evil"), peer.encode_to_vec()),
+        (
+            keys::route(&l.net, "route_site"),
+            operator_route(l, &b_rec.public_key, "route_site", "10.99.0.0/16", &evil),
+        ),
+        (
+            keys::route(&l.net, "route_exit"),
+            operator_route(l, &b_rec.public_key, "route_exit", "0.0.0.0/0", &evil),
+        ),
+        (keys::peer(&l.net, &l.a.peer_id), a_rec.encode_to_vec()),
+    ];
+    tamper(&l.store, writes).await;
     // The peer and both routes reached a, and were refused.
-    wait_refused(&a, 3).await;
-    let m = a.map();
+    wait_refused(&l.a, 3).await;
+    let m = l.a.map();
     assert_eq!(
         m.peers.len(),
         2,
         "no peer of the operator's: {:?}",
-        a.peer_ids()
+        l.a.peer_ids()
     );
-    let b_now = m.peers.iter().find(|p| p.peer_id == b.peer_id).unwrap();
-    assert_eq!(
-        b_now.allowed_ips.len(),
-        1,
-        "no route through b: {:?}",
-        b_now.allowed_ips
-    );
-    // The controller shows what the agents refused.
+    let b_now = m.peers.iter().find(|p| p.peer_id == l.b.peer_id).unwrap();
+    assert_eq!(b_now.allowed_ips, b_rec.addresses, "no route through b");
     let t = Instant::now();
     loop {
-        let l = c
-            .get_network_lock(GetNetworkLockRequest {
-                network: net.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if l.refused >= 3 {
+        let req = GetNetworkLockRequest {
+            network: l.net.clone(),
+        };
+        let lock = l.c.get_network_lock(req).await.unwrap().into_inner();
+        if lock.refused >= 3 {
             break;
         }
-        assert!(t.elapsed() < 5 * SECOND, "no refusal reported: {l:?}");
+        assert!(t.elapsed() < 5 * SECOND, "no refusal reported: {lock:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
 
-    // Revocation: the tenant removes c with a signed revocation; the operator then puts c's
-    // record back with its old (valid) signature.
-    let c_rec: PeerRecord = record(&store, &keys::peer(&net.id, &newcomer.peer_id)).await;
+/// The tenant removes c with a signed revocation; the operator puts c's record back with its
+/// old (valid) signature: a does not take it.
+async fn a_revoked_peer_does_not_come_back(l: &mut Locked) -> PeerRecord {
+    let c_rec: PeerRecord = record(&l.store, &keys::peer(&l.net, &l.newcomer.peer_id)).await;
     let revoked = vec![c_rec.public_key.clone()];
-    set_keys(&mut c, &net.id, &key_set(&net.id, &[&k], 2, revoked), &k).await;
-    c.remove_peer(RemovePeerRequest {
-        peer_id: newcomer.peer_id.clone(),
-    })
-    .await
-    .unwrap();
-    assert!(
-        a.wait_map(SECOND, |m| m.peers.len() == 1).await,
-        "removed at once"
-    );
-    let before = a.client.lock_stats().refused_now.load(Relaxed);
-    tamper(
-        &store,
-        vec![(keys::peer(&net.id, &c_rec.id), c_rec.encode_to_vec())],
+    set_keys(
+        &mut l.c,
+        &l.net,
+        &key_set(&l.net, &[&l.k], 2, revoked),
+        &l.k,
     )
     .await;
-    wait_refused(&a, before + 1).await;
-    assert_eq!(
-        a.peer_ids(),
-        vec![b.peer_id.clone()],
-        "a revoked peer does not come back"
+    let req = RemovePeerRequest {
+        peer_id: l.newcomer.peer_id.clone(),
+    };
+    l.c.remove_peer(req).await.unwrap();
+    assert!(
+        l.a.wait_map(SECOND, |m| m.peers.len() == 1).await,
+        "removed at once"
     );
+    // Refused now: the operator's peer and routes (c, revoked, then removed, is not counted).
+    let stats = l.a.client.lock_stats();
+    let t = Instant::now();
+    while stats.refused_now.load(Relaxed) != 3 {
+        assert!(t.elapsed() < 5 * SECOND, "c's removal never reached a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = 3;
+    let replay = (keys::peer(&l.net, &c_rec.id), c_rec.encode_to_vec());
+    tamper(&l.store, vec![replay]).await;
+    wait_refused(&l.a, before + 1).await;
+    assert_eq!(l.a.peer_ids(), vec![l.b.peer_id.clone()]);
+    c_rec
+}
 
-    // The operator replaces the tenant's key set with one of its own (a first set, then one
-    // that claims to follow the tenant's).
-    let mut n: NetworkRecord = record(&store, &keys::network(&c_rec.tenant_id, &net.id)).await;
-    let own = lock::sign(Kind::KeySet, &key_set(&net.id, &[&evil], 1, vec![]), &evil);
+/// The operator replaces the tenant's key set with one of its own (a first set, then one that
+/// claims to follow the tenant's): a keeps trusting the tenant's, and the operator's peer
+/// (which its key signed) stays out.
+async fn operator_replaces_the_keys(l: &mut Locked, tenant: &str) {
+    let evil = lock::signing_key([66; 32]);
+    let key = keys::network(tenant, &l.net);
+    let mut n: NetworkRecord = record(&l.store, &key).await;
+    let own = lock::sign(Kind::KeySet, &key_set(&l.net, &[&evil], 1, vec![]), &evil);
     n.lock = Some(LockChain {
         key_sets: vec![own],
     });
-    tamper(
-        &store,
-        vec![(keys::network(&n.tenant_id, &n.id), n.encode_to_vec())],
-    )
-    .await;
-    assert!(
-        a.wait_map(5 * SECOND, |m| m
-            .lock
-            .as_ref()
-            .is_some_and(|l| l.key_sets.len() == 1))
-            .await
-    );
-    let mut chain: NetworkRecord = record(&store, &keys::network(&n.tenant_id, &n.id)).await;
-    chain.lock = Some(LockChain {
+    tamper(&l.store, vec![(key.clone(), n.encode_to_vec())]).await;
+    let chain_of =
+        |len: usize| move |m: &NetworkMap| m.lock.as_ref().is_some_and(|l| l.key_sets.len() == len);
+    assert!(l.a.wait_map(5 * SECOND, chain_of(1)).await);
+    n.lock = Some(LockChain {
         key_sets: vec![
-            lock::sign(Kind::KeySet, &key_set(&net.id, &[&k], 1, vec![]), &k),
-            lock::sign(Kind::KeySet, &key_set(&net.id, &[&evil], 3, vec![]), &evil),
+            lock::sign(Kind::KeySet, &key_set(&l.net, &[&l.k], 1, vec![]), &l.k),
+            lock::sign(Kind::KeySet, &key_set(&l.net, &[&evil], 3, vec![]), &evil),
         ],
     });
-    tamper(
-        &store,
-        vec![(keys::network(&n.tenant_id, &n.id), chain.encode_to_vec())],
-    )
-    .await;
-    assert!(
-        a.wait_map(5 * SECOND, |m| m
-            .lock
-            .as_ref()
-            .is_some_and(|l| l.key_sets.len() == 2))
-            .await
-    );
-    assert_eq!(
-        a.client.lock_stats().serial.load(Relaxed),
-        2,
-        "still the tenant's key set"
-    );
-    // With the evil key trusted, the operator's peer would be in; it is not.
-    assert_eq!(a.peer_ids(), vec![b.peer_id.clone()]);
-    a.stop().await;
-    b.stop().await;
-    newcomer.stop().await;
+    tamper(&l.store, vec![(key, n.encode_to_vec())]).await;
+    assert!(l.a.wait_map(5 * SECOND, chain_of(2)).await);
+    let serial = l.a.client.lock_stats().serial.load(Relaxed);
+    assert_eq!(serial, 2, "still the tenant's key set");
+    assert_eq!(l.a.peer_ids(), vec![l.b.peer_id.clone()]);
+}
+
+async fn a_compromised_store_cannot_change_a_locked_network(r: &Running) {
+    let mut l = lock_a_network(r).await;
+    operator_adds_a_peer_and_routes(&mut l).await;
+    let c_rec = a_revoked_peer_does_not_come_back(&mut l).await;
+    operator_replaces_the_keys(&mut l, &c_rec.tenant_id).await;
+    for agent in [l.a, l.b, l.newcomer] {
+        agent.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_embedded_store_agents_refuse_what_the_tenant_did_not_sign() {
     let dir = tempfile::tempdir().unwrap();
-    let r = server::spawn(&ServeConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-    ))
-    .await
-    .unwrap();
+    let r = controller_on(dir.path(), None).await;
     a_compromised_store_cannot_change_a_locked_network(&r).await;
 }
 
@@ -376,11 +264,6 @@ async fn on_the_embedded_store_agents_refuse_what_the_tenant_did_not_sign() {
 async fn on_etcd_agents_refuse_what_the_tenant_did_not_sign() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
-    let r = server::spawn(&ServeConfig {
-        store: Some(StoreSpec::Etcd(vec![etcd.endpoint.clone()])),
-        ..ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
-    })
-    .await
-    .unwrap();
+    let r = controller_on(dir.path(), Some(&etcd)).await;
     a_compromised_store_cannot_change_a_locked_network(&r).await;
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
 use std::time::Duration;
 
 use canopy_controller::keys;
@@ -33,7 +34,7 @@ fn lock_of(lab: &Lab, n: &Node) -> Value {
 
 /// Writes a peer and a route of the operator's own into the stopped controller's store, each
 /// signed with the operator's key (so the controller passes them on to agents).
-fn tamper(data: &std::path::Path, net: &str, gateway: &PeerRecord) {
+fn tamper(data: &Path, net: &str, gateway: &PeerRecord) {
     let evil = lock::signing_key([66; 32]);
     let store = EmbeddedStore::open(&data.join("store.redb")).unwrap();
     let peer = PeerRecord {
@@ -83,7 +84,7 @@ fn tamper(data: &std::path::Path, net: &str, gateway: &PeerRecord) {
 }
 
 /// The peer record of `id` in the stopped controller's store.
-fn peer_record(data: &std::path::Path, net: &str, id: &str) -> PeerRecord {
+fn peer_record(data: &Path, net: &str, id: &str) -> PeerRecord {
     let store = EmbeddedStore::open(&data.join("store.redb")).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -91,6 +92,36 @@ fn peer_record(data: &std::path::Path, net: &str, id: &str) -> PeerRecord {
     let key = keys::peer(net, id);
     let kv = rt.block_on(store.get(key.as_bytes())).unwrap().unwrap();
     PeerRecord::decode(kv.value.as_slice()).unwrap()
+}
+
+/// The admin locks the network from the CLI (the key made here, 0600); a newcomer with a join
+/// string made then is on no node until `sign-pending`. Returns c's status.
+fn lock_and_sign_a_newcomer(lab: &Lab, dir: &Path, con: &Console, a: &Node) -> Value {
+    let key = dir.join("lock.key");
+    let key = key.to_str().unwrap();
+    let out = con.ok(&["network", "lock", "init", "prod", "--key", key]);
+    assert!(out.contains("locked network"), "{out}");
+    assert!(out.contains("signed 2 peers"), "{out}");
+    let mode = std::fs::metadata(key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    wait_until("a to trust the key set", || lock_of(lab, a)["serial"] == 1);
+    let pinned = con.ok(&["token", "create", "--network", "prod", "--uses", "1"]);
+    let c = start_agent(lab, dir, pinned.trim(), "c", 3);
+    wait_until("c to enroll", || {
+        status(lab, &c.host.ns, &c.state).is_some()
+    });
+    let list = con.ok(&["peer", "list", "--network", "prod"]);
+    assert!(list.contains("PENDING SIGNATURE"), "{list}");
+    let st = con.ok(&["network", "lock", "status", "prod"]);
+    assert!(st.contains("1 peers"), "{st}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(wg_peers(lab, a).len(), 1, "a pending peer is on no node");
+    let signed = con.ok(&["network", "lock", "sign-pending", "prod", "--key", key]);
+    assert!(signed.contains("1 peers and 0 routes signed"), "{signed}");
+    wait_until("a to take c", || wg_peers(lab, a).len() == 2);
+    let c_status = status(lab, &c.host.ns, &c.state).unwrap();
+    assert!(lab.ping(&a.host.ns, &addr(&c_status, 0), Duration::from_secs(5)));
+    c_status
 }
 
 #[test]
@@ -105,62 +136,17 @@ fn a_locked_network_applies_only_what_the_tenant_signed_with_wg_show_as_witness(
     wait_until("a and b to see each other", || {
         wg_peers(&lab, &a).len() == 1
     });
-
-    // The admin locks the network: the key is made here, 0600.
-    let key = dir.path().join("lock.key");
-    let out = con.ok(&[
-        "network",
-        "lock",
-        "init",
-        "prod",
-        "--key",
-        key.to_str().unwrap(),
-    ]);
-    assert!(out.contains("locked network"), "{out}");
-    assert!(out.contains("signed 2 peers"), "{out}");
-    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600);
-    wait_until("a to trust the key set", || {
-        lock_of(&lab, &a)["serial"] == 1
-    });
-    let b_addr = addr(&status(&lab, &b.host.ns, &b.state).unwrap(), 0);
-    assert!(lab.ping(&a.host.ns, &b_addr, Duration::from_secs(5)));
-
-    // A newcomer with a join string made now is pending until signed.
-    let pinned = con.ok(&["token", "create", "--network", "prod", "--uses", "1"]);
-    let c = start_agent(&lab, dir.path(), pinned.trim(), "c", 3);
-    wait_until("c to enroll", || {
-        status(&lab, &c.host.ns, &c.state).is_some()
-    });
-    let list = con.ok(&["peer", "list", "--network", "prod"]);
-    assert!(list.contains("PENDING SIGNATURE"), "{list}");
-    let st = con.ok(&["network", "lock", "status", "prod"]);
-    assert!(st.contains("1 peers"), "{st}");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(wg_peers(&lab, &a).len(), 1, "a pending peer is on no node");
-    let signed = con.ok(&[
-        "network",
-        "lock",
-        "sign-pending",
-        "prod",
-        "--key",
-        key.to_str().unwrap(),
-    ]);
-    assert!(signed.contains("1 peers and 0 routes signed"), "{signed}");
-    wait_until("a to take c", || wg_peers(&lab, &a).len() == 2);
-    let c_status = status(&lab, &c.host.ns, &c.state).unwrap();
-    assert!(lab.ping(&a.host.ns, &addr(&c_status, 0), Duration::from_secs(5)));
+    let b_status = status(&lab, &b.host.ns, &b.state).unwrap();
+    let b_addr = addr(&b_status, 0);
+    let c_status = lock_and_sign_a_newcomer(&lab, dir.path(), &con, &a);
     let before = wg_peers(&lab, &a);
     let allowed_before = lab.wg(&a.host.ns, &a.iface, "allowed-ips");
 
     // The operator stops the controller, writes into its store, starts it again.
     lab.stop(con.pid);
-    let net = c_status["network_id"].as_str().unwrap().to_string();
-    let b_id = status(&lab, &b.host.ns, &b.state).unwrap()["peer_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    tamper(&data, &net, &peer_record(&data, &net, &b_id));
+    let net = c_status["network_id"].as_str().unwrap();
+    let b_id = b_status["peer_id"].as_str().unwrap();
+    tamper(&data, net, &peer_record(&data, net, b_id));
     let con = controller(&lab, dir.path(), &data);
     wait_until("a to refuse the peer and the route", || {
         lock_of(&lab, &a)["refused"]
@@ -168,11 +154,8 @@ fn a_locked_network_applies_only_what_the_tenant_signed_with_wg_show_as_witness(
             .is_some_and(|r| r.len() == 2)
     });
     assert_eq!(wg_peers(&lab, &a), before, "wg show: no new peer");
-    assert_eq!(
-        lab.wg(&a.host.ns, &a.iface, "allowed-ips"),
-        allowed_before,
-        "wg show: no route through b"
-    );
+    let allowed = lab.wg(&a.host.ns, &a.iface, "allowed-ips");
+    assert_eq!(allowed, allowed_before, "wg show: no route through b");
     assert!(lab.ping(&a.host.ns, &b_addr, Duration::from_secs(5)));
     wait_until("the controller to show the refusals", || {
         let st = con.ok(&["network", "lock", "status", "prod", "--json"]);
@@ -180,6 +163,7 @@ fn a_locked_network_applies_only_what_the_tenant_signed_with_wg_show_as_witness(
     });
 
     // Removing c with the key revokes it.
+    let key = dir.path().join("lock.key");
     let c_id = c_status["peer_id"].as_str().unwrap();
     let out = con.ok(&["peer", "remove", c_id, "--key", key.to_str().unwrap()]);
     assert!(out.contains("revoked"), "{out}");

@@ -30,6 +30,7 @@ fn set(network: &str, text: &str, if_revision: Option<i64>) -> SetPolicyRequest 
         text: text.into(),
         remove: false,
         if_revision,
+        lock: None,
     }
 }
 

@@ -88,8 +88,7 @@ async fn no_punch_without_an_outside_address_or_between_peers_the_policy_keeps_a
     con.set_policy(canopy_proto::v1::SetPolicyRequest {
         network: "n".into(),
         text: canopy_tests::WEB_DB_POLICY.into(),
-        remove: false,
-        if_revision: None,
+        ..Default::default()
     })
     .await
     .unwrap();

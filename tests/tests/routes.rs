@@ -161,8 +161,7 @@ async fn the_policy_auto_approves_routes_advertised_by_the_peers_it_names() {
     con.set_policy(SetPolicyRequest {
         network: "sites".into(),
         text: policy.into(),
-        remove: false,
-        if_revision: None,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -153,30 +153,66 @@ fn peer_signature(p: &Peer, k: &SigningKey, expires: i64) -> PeerSignature {
     }
 }
 
-/// Sends signatures in calls of at most 100.
+/// Sends signatures in calls of at most 100 (the policy's with the first).
 async fn submit(
     cl: &mut Client,
     network: &str,
     peers: Vec<PeerSignature>,
     routes: Vec<RouteSignature>,
+    mut policy: Option<Signed>,
 ) -> anyhow::Result<()> {
+    let mut calls: Vec<SignLockRequest> = Vec::new();
     for chunk in peers.chunks(100) {
-        let req = SignLockRequest {
-            network: network.to_string(),
+        calls.push(SignLockRequest {
             peers: chunk.to_vec(),
-            routes: Vec::new(),
-        };
-        reply(cl.sign_lock(req).await)?;
+            ..Default::default()
+        });
     }
     for chunk in routes.chunks(100) {
-        let req = SignLockRequest {
-            network: network.to_string(),
-            peers: Vec::new(),
+        calls.push(SignLockRequest {
             routes: chunk.to_vec(),
-        };
+            ..Default::default()
+        });
+    }
+    if calls.is_empty() && policy.is_some() {
+        calls.push(SignLockRequest::default());
+    }
+    for mut req in calls {
+        req.network = network.to_string();
+        req.policy = policy.take();
         reply(cl.sign_lock(req).await)?;
     }
     Ok(())
+}
+
+fn policy_signature(network_id: &str, text: &str, serial: u64, k: &SigningKey) -> Signed {
+    let s = LockedPolicy {
+        network_id: network_id.to_string(),
+        text_sha256: canopy_proto::sha256(text.as_bytes()).to_vec(),
+        serial,
+    };
+    lock::sign(Kind::Policy, &s, k)
+}
+
+/// `canopy policy set` in a locked network: the document's signature, its serial one above
+/// the current policy's (`None` when the network is not locked).
+pub(super) async fn sign_policy(
+    cl: &mut Client,
+    network: &str,
+    text: &str,
+    key: Option<PathBuf>,
+) -> anyhow::Result<Option<Signed>> {
+    let net = read(cl, network).await?;
+    if net.lock.serial == 0 {
+        return Ok(None);
+    }
+    let k = load_key(&key_path(key, &net.id)?)?;
+    let serial = net
+        .policy
+        .lock
+        .and_then(|s| prost::Message::decode(s.body.as_slice()).ok())
+        .map_or(0, |p: LockedPolicy| p.serial);
+    Ok(Some(policy_signature(&net.id, text, serial + 1, &k)))
 }
 
 struct Net {
@@ -184,6 +220,7 @@ struct Net {
     lock: NetworkLock,
     peers: Vec<Peer>,
     routes: Vec<Route>,
+    policy: Policy,
 }
 
 async fn read(cl: &mut Client, network: &str) -> anyhow::Result<Net> {
@@ -214,11 +251,18 @@ async fn read(cl: &mut Client, network: &str) -> anyhow::Result<Net> {
         .await,
     )?
     .routes;
+    let policy = reply(
+        cl.get_policy(GetPolicyRequest {
+            network: n.id.clone(),
+        })
+        .await,
+    )?;
     Ok(Net {
         id: n.id,
         lock,
         peers,
         routes,
+        policy,
     })
 }
 
@@ -310,7 +354,9 @@ async fn init(
         .filter_map(|r| Some(route_signature(r, gateway_key(&net, r)?, &k)))
         .collect();
     let (np, nr) = (peers.len(), routes.len());
-    submit(cl, &net.id, peers, routes).await?;
+    let p = &net.policy;
+    let policy = (p.revision != 0).then(|| policy_signature(&net.id, &p.text, 1, &k));
+    submit(cl, &net.id, peers, routes, policy).await?;
     let set = LockKeySet {
         network_id: net.id.clone(),
         keys: vec![public(&k)],
@@ -375,7 +421,15 @@ async fn remove_key(
             });
         }
     }
-    submit(cl, &net.id, peers, routes).await?;
+    let policy = match by_gone(&net.policy.lock) {
+        Some(s) => {
+            let mut st: LockedPolicy = lock::verify(Kind::Policy, &s, std::slice::from_ref(&gone))?;
+            st.serial += 1;
+            Some(lock::sign(Kind::Policy, &st, &k))
+        }
+        None => None,
+    };
+    submit(cl, &net.id, peers, routes, policy).await?;
     let l = next_set(cl, &net, &k, |s| s.keys.retain(|x| x != &gone)).await?;
     lock_status(json, &l, &net.peers)
 }
@@ -420,7 +474,7 @@ async fn sign_pending(
         }
     }
     let (np, nr) = (peers.len(), routes.len());
-    submit(cl, &net.id, peers, routes).await?;
+    submit(cl, &net.id, peers, routes, None).await?;
     lines.push(format!("{np} peers and {nr} routes signed"));
     output::done(
         json,
@@ -430,15 +484,22 @@ async fn sign_pending(
 }
 
 /// `canopy peer sign PEER`: signs one peer as it is now (its key checked against
-/// `expect_key` if given), valid until `expires_at_unix` (0: until removed).
+/// `expect_key` if given), valid for `expires` (`None`: until removed).
 pub async fn sign_peer(
     conn: &ConnOpts,
     json: bool,
     peer_id: String,
     key: Option<PathBuf>,
     expect_key: Option<String>,
-    expires_at_unix: i64,
+    expires: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
+    let expires_at_unix = match expires {
+        None => 0,
+        Some(d) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            i64::try_from((now + d).as_secs())?
+        }
+    };
     let mut cl = client(conn).await?;
     let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;
     if p.lock_state.is_empty() {
@@ -458,7 +519,7 @@ pub async fn sign_peer(
     }
     let k = load_key(&key_path(key, &p.network_id)?)?;
     let sig = peer_signature(&p, &k, expires_at_unix);
-    submit(&mut cl, &p.network_id, vec![sig], Vec::new()).await?;
+    submit(&mut cl, &p.network_id, vec![sig], Vec::new(), None).await?;
     output::done(
         json,
         &format!(
@@ -490,7 +551,7 @@ pub async fn sign_route(
     let gw = gateway_key(&net, r).ok_or_else(|| anyhow!("route {route_id}'s gateway is gone"))?;
     let k = load_key(&key_path(key, &net.id)?)?;
     let sig = route_signature(r, gw, &k);
-    submit(&mut cl, &net.id, Vec::new(), vec![sig]).await?;
+    submit(&mut cl, &net.id, Vec::new(), vec![sig], None).await?;
     output::done(
         json,
         &format!("signed route {} ({} via {})", r.id, r.prefix, r.peer_id),

@@ -450,14 +450,8 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
         expires,
     } = c
     {
-        let expires_at = match expires {
-            None => 0,
-            Some(d) => {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-                i64::try_from((now + parse_duration(&d)?).as_secs())?
-            }
-        };
-        return lock::sign_peer(conn, json, peer_id, key, public_key, expires_at).await;
+        let expires = expires.as_deref().map(parse_duration).transpose()?;
+        return lock::sign_peer(conn, json, peer_id, key, public_key, expires).await;
     }
     let mut cl = client(conn).await?;
     match c {
@@ -488,14 +482,7 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
             output::peer_detail(json, &p, &names)
         }
         PeerCmd::Tag { peer_id, changes } => {
-            let (mut add, mut remove) = (Vec::new(), Vec::new());
-            for c in changes {
-                match (c.strip_prefix('+'), c.strip_prefix('-')) {
-                    (Some(t), _) => add.push(t.to_string()),
-                    (_, Some(t)) => remove.push(t.to_string()),
-                    _ => bail!("tag change {c:?}: write +TAG to add or -TAG to remove"),
-                }
-            }
+            let (add, remove) = tag_changes(changes)?;
             let req = TagPeerRequest {
                 peer_id,
                 add,
@@ -531,6 +518,19 @@ async fn peer(conn: &ConnOpts, json: bool, c: PeerCmd) -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// `+TAG -TAG …` as the tags to add and those to remove.
+fn tag_changes(changes: Vec<String>) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    for c in changes {
+        match (c.strip_prefix('+'), c.strip_prefix('-')) {
+            (Some(t), _) => add.push(t.to_string()),
+            (_, Some(t)) => remove.push(t.to_string()),
+            _ => bail!("tag change {c:?}: write +TAG to add or -TAG to remove"),
+        }
+    }
+    Ok((add, remove))
 }
 
 /// Parses a duration: a number of seconds (`90`), or humantime's units (`90s`, `30m`, `24h`,

@@ -24,6 +24,10 @@ pub enum PolicyCmd {
         /// only if the network has none yet.
         #[arg(long)]
         if_revision: Option<i64>,
+        /// In a locked network: the lock key that signs the document (default:
+        /// ~/.config/canopy/lock/NETWORK_ID.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Remove a network's policy: every peer reaches every other again.
     Remove {
@@ -87,13 +91,16 @@ pub async fn policy(conn: &ConnOpts, json: bool, c: PolicyCmd) -> anyhow::Result
             network,
             file,
             if_revision,
+            key,
         } => {
             let text = read_document(&file)?;
+            let lock = super::lock::sign_policy(&mut cl, &network, &text, key).await?;
             let req = SetPolicyRequest {
                 network,
                 text,
-                remove: false,
                 if_revision,
+                lock,
+                ..Default::default()
             };
             let p = reply(cl.set_policy(req).await)?;
             let msg = format!("policy of {} set (revision {})", p.network_id, p.revision);
@@ -131,21 +138,26 @@ pub async fn policy(conn: &ConnOpts, json: bool, c: PolicyCmd) -> anyhow::Result
                 port,
             };
             let r = reply(cl.test_policy(req).await)?;
-            if json {
-                let v = json!({"allowed": r.allowed, "rule": r.rule, "line": r.line, "explanation": r.explanation});
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{}", if r.allowed { "allowed" } else { "denied" });
-                for line in &r.explanation {
-                    println!("  {}", canopy_proto::text::escape(line));
-                }
-            }
-            if !r.allowed {
-                bail!("not allowed");
-            }
-            Ok(())
+            print_test(json, &r)
         }
     }
+}
+
+/// `canopy policy test`'s answer; an error (exit 1) when not allowed.
+fn print_test(json: bool, r: &TestPolicyResponse) -> anyhow::Result<()> {
+    if json {
+        let v = json!({"allowed": r.allowed, "rule": r.rule, "line": r.line, "explanation": r.explanation});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", if r.allowed { "allowed" } else { "denied" });
+        for line in &r.explanation {
+            println!("  {}", canopy_proto::text::escape(line));
+        }
+    }
+    if !r.allowed {
+        bail!("not allowed");
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]

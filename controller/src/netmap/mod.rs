@@ -16,7 +16,10 @@ use crate::policy::compile::{self, Directory, Visible};
 use crate::policy::eval::PeerView;
 use wire::{policy_part, remote};
 
+mod lock;
 mod wire;
+
+pub use lock::policy_lock;
 
 /// Removed peers remembered per network, so agents resuming from an older revision can get a delta.
 const TOMBSTONES: usize = 1024;
@@ -80,12 +83,14 @@ pub struct NetState {
     live: HashMap<String, i64>,
     /// The routes in force: prefix → (gateway, route id); see [`NetState::pick_primaries`].
     primaries: BTreeMap<String, (String, String)>,
+    /// A locked network's policy as the tenant signed it.
+    policy_lock: Option<canopy_proto::v1::PolicyLock>,
 }
 
 /// What an agent holding `base` needs next.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Update {
-    Full(NetworkMap),
+    Full(Box<NetworkMap>),
     Delta(NetworkDelta),
 }
 
@@ -138,16 +143,6 @@ impl NetState {
             }
             self.refresh_primaries(rev);
         }
-    }
-
-    /// Whether the network's membership is tenant-signed.
-    pub fn locked(&self) -> bool {
-        self.network.lock.is_some()
-    }
-
-    /// Whether `e` is in other peers' maps: in a locked network, only once signed.
-    fn admitted(&self, e: &Entry) -> bool {
-        !self.locked() || e.record.lock.is_some()
     }
 
     pub fn peer(&self, id: &str) -> Option<&PeerRecord> {
@@ -429,13 +424,7 @@ impl NetState {
         }
         if self.locked() {
             r.lock.clone_from(&p.record.lock);
-            // The tenant's signature of each route it carries.
-            let of = |prefix: &String| {
-                let mine = self.routes.values().filter(|x| x.peer_id == p.record.id);
-                mine.filter(|x| &x.prefix == prefix)
-                    .find_map(|x| x.lock.clone())
-            };
-            r.route_locks = carried.iter().filter_map(of).collect();
+            r.route_locks = self.route_locks(&p.record.id, &carried);
         }
         r.allowed_ips.extend(carried);
         r
@@ -517,7 +506,7 @@ impl NetState {
             routes: me.routes.iter().map(ToString::to_string).collect(),
             dns_domain: crate::names::zone(&self.network),
             dns_name: crate::names::peer_name(&me.record),
-            lock: self.network.lock.clone(),
+            ..self.lock_fields(me)
         })
     }
 
@@ -538,10 +527,14 @@ impl NetState {
             || me.routes_rev > base
             // Its exit node changed: which peer carries 0.0.0.0/0 for it.
             || me.exit_rev > base
-            // The network's zone changed.
-            || self.network_rev > base;
+            // The network's zone or lock changed.
+            || self.network_rev > base
+            // A locked network's policy: the agent compiles its part from the signed text.
+            || (policy_changed && self.locked());
         if full {
-            return self.full_map(self_id, at).map(Update::Full);
+            return self
+                .full_map(self_id, at)
+                .map(|m| Update::Full(Box::new(m)));
         }
         let current = pol.current.as_deref();
         let sees = |q: &Entry| {

@@ -197,7 +197,7 @@ proptest! {
             }
             Update::Full(m) => {
                 prop_assert!(policy_changes > 1 || own_tags || own_routes, "a full map for {after:?}");
-                prop_assert_eq!(m, now);
+                prop_assert_eq!(*m, now);
             }
         }
     }

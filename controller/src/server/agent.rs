@@ -346,7 +346,7 @@ impl Live<'_> {
                 }
                 Some(Update::Full(map)) => {
                     self.sent = map.revision;
-                    Some(sync_response::Msg::Full(map))
+                    Some(sync_response::Msg::Full(*map))
                 }
                 Some(Update::Delta(d))
                     if first

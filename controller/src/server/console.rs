@@ -277,7 +277,7 @@ impl ConsoleService for ConsoleApi {
         let text = (!r.remove).then_some(r.text.as_str());
         let (p, diff) = self
             .ctl
-            .set_policy(&c, &r.network, text, r.if_revision)
+            .set_policy(&c, &r.network, text, r.if_revision, r.lock.as_ref())
             .await?;
         let action = if r.remove {
             "policy.remove"
@@ -322,7 +322,7 @@ impl ConsoleService for ConsoleApi {
         let r = req.into_inner();
         let out = self
             .ctl
-            .sign_lock(&c, &r.network, &r.peers, &r.routes)
+            .sign_lock(&c, &r.network, &r.peers, &r.routes, r.policy.as_ref())
             .await?;
         let signed: Vec<&str> = r
             .peers

@@ -5,8 +5,8 @@
 
 use canopy_proto::lock::{self, Kind, LockError};
 use canopy_proto::v1::{
-    LockChain, LockKeySet, LockedPeer, LockedRoute, NetworkLock, NetworkRecord, PeerRecord,
-    PeerSignature, RouteRecord, RouteSignature, SignLockResponse, Signed,
+    LockChain, LockKeySet, LockedPeer, LockedPolicy, LockedRoute, NetworkLock, NetworkRecord,
+    PeerRecord, PeerSignature, PolicyRecord, RouteRecord, RouteSignature, SignLockResponse, Signed,
 };
 use prost::Message as _;
 
@@ -83,6 +83,66 @@ fn check_route_signature(
         )));
     }
     Ok(())
+}
+
+/// The serial of a stored policy's signature (0: none).
+fn policy_serial(p: Option<&PolicyRecord>) -> u64 {
+    p.and_then(|p| p.lock.as_ref())
+        .and_then(|s| LockedPolicy::decode(s.body.as_slice()).ok())
+        .map_or(0, |s| s.serial)
+}
+
+/// A policy signature checked against the network's keys (or, not locked yet, the key it
+/// names), the text and the serial of the one before.
+fn check_policy_signature(
+    net: &NetworkRecord,
+    trusted: Option<&LockKeySet>,
+    old: Option<&PolicyRecord>,
+    text: &str,
+    signed: &Signed,
+) -> Result<()> {
+    let keys = trusted.map_or_else(|| vec![signed.key.clone()], |t| t.keys.clone());
+    let s: LockedPolicy =
+        lock::verify(Kind::Policy, signed, &keys).map_err(|e| invalid("the policy", e))?;
+    if s.network_id != net.id || s.text_sha256 != canopy_proto::sha256(text.as_bytes()) {
+        return Err(Error::InvalidArgument(
+            "the policy's signature does not sign this document".into(),
+        ));
+    }
+    if trusted.is_some() && s.serial <= policy_serial(old) {
+        return Err(Error::InvalidArgument(format!(
+            "the policy's signature has serial {}, not above the current {}",
+            s.serial,
+            policy_serial(old)
+        )));
+    }
+    Ok(())
+}
+
+/// What a policy write in `net` stores as its signature: none unless locked; in a locked
+/// network a signature is required and checked, and the policy cannot be removed (agents would
+/// keep the last one they verified).
+pub(super) fn check_policy(
+    net: &NetworkRecord,
+    old: Option<&PolicyRecord>,
+    text: Option<&str>,
+    lock: Option<&Signed>,
+) -> Result<Option<Signed>> {
+    let Some(trusted) = current_set(net)? else {
+        return Ok(None);
+    };
+    let Some(text) = text else {
+        return Err(Error::FailedPrecondition(
+            "a locked network's policy can be replaced, not removed (set one that allows everything)".into(),
+        ));
+    };
+    let signed = lock.ok_or_else(|| {
+        Error::FailedPrecondition(
+            "the network is locked: its policy must be signed with its lock key (canopy policy set … --key FILE)".into(),
+        )
+    })?;
+    check_policy_signature(net, Some(&trusted), old, text, signed)?;
+    Ok(Some(signed.clone()))
 }
 
 impl Controller {
@@ -182,6 +242,7 @@ impl Controller {
         network: &str,
         peers: &[PeerSignature],
         routes: &[RouteSignature],
+        policy: Option<&Signed>,
     ) -> Result<SignLockResponse> {
         c.require_admin()?;
         if peers.len() + routes.len() > MAX_SIGNATURES {
@@ -233,6 +294,18 @@ impl Controller {
                 txn = txn
                     .when(Compare::unchanged(key.clone(), kv.mod_revision))
                     .then(Op::put(key, r.encode_to_vec()));
+            }
+            if let Some(signed) = policy {
+                let key = keys::policy(&net.id);
+                let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
+                    Error::FailedPrecondition("the network has no policy to sign".into())
+                })?;
+                let mut p: PolicyRecord = decode(&kv)?;
+                check_policy_signature(&net, trusted.as_ref(), Some(&p), &p.text, signed)?;
+                p.lock = Some(signed.clone());
+                txn = txn
+                    .when(Compare::unchanged(key.clone(), kv.mod_revision))
+                    .then(Op::put(key, p.encode_to_vec()));
             }
             Ok(self.store.txn(txn).await?.succeeded.then_some(()))
         })

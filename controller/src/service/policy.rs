@@ -61,6 +61,7 @@ fn view(network_id: &str, rec: Option<(PolicyRecord, i64)>) -> PolicyView {
             revision: rev,
             updated_at_unix: r.updated_at_unix,
             updated_by: r.updated_by,
+            lock: r.lock,
         },
         None => PolicyView {
             network_id: network_id.to_string(),
@@ -89,6 +90,7 @@ impl Controller {
         network: &str,
         text: Option<&str>,
         if_revision: Option<i64>,
+        lock: Option<&canopy_proto::v1::Signed>,
     ) -> Result<(PolicyView, String)> {
         c.require_admin()?;
         let checked = text
@@ -111,6 +113,7 @@ impl Controller {
                     "the policy is at revision {old_rev}, not {want}: someone changed it; get it again"
                 )));
             }
+            let signed = super::lock::check_policy(&net, old.as_ref().map(|o| &o.0), text, lock)?;
             let key = keys::policy(&net.id);
             let mut txn = Txn::new()
                 .when(tenant.compare)
@@ -121,6 +124,7 @@ impl Controller {
                 text: t.to_string(),
                 updated_at_unix: self.now_unix(),
                 updated_by: c.token_id.clone(),
+                lock: signed.clone(),
             });
             txn = match &rec {
                 Some(r) => txn.then(Op::put(key, r.encode_to_vec())),

@@ -114,7 +114,12 @@ pub(super) async fn set_policy(
     let text = text.as_str();
     let revision = field(&f, "revision").parse::<i64>().ok();
     let doc = (!remove && !text.trim().is_empty()).then_some(text);
-    match web.ctl.set_policy(&s.caller, &net, doc, revision).await {
+    // A locked network's policy is signed by the tenant's key, which the browser does not hold.
+    match web
+        .ctl
+        .set_policy(&s.caller, &net, doc, revision, None)
+        .await
+    {
         Ok((p, diff)) => {
             let action = if doc.is_none() {
                 "policy.remove"

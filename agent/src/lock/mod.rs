@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use canopy_proto::lock::Trust;
-use canopy_proto::v1::{NetworkDelta, NetworkMap};
+use canopy_proto::v1::{NetworkDelta, NetworkMap, PolicyLock};
 
 use crate::state::StateDir;
+
+mod policy;
 
 /// Gauges for metrics: statements refused in the map held now, refusals since start, and the
 /// serial of the trusted key set (0: none).
@@ -30,6 +32,8 @@ pub struct Guard {
     refused: BTreeMap<String, (u32, String)>,
     /// Why the last key set change shown was not taken, if it was not.
     chain_error: Option<String>,
+    /// The signed policy in force here (the newest verified), and its serial.
+    policy: Option<(PolicyLock, u64)>,
     state: Option<StateDir>,
     pub stats: std::sync::Arc<LockStats>,
 }
@@ -41,15 +45,29 @@ impl Guard {
             .as_ref()
             .and_then(|s| s.lock_trust().ok().flatten())
             .map(Trust::new);
-        let g = Self {
+        let mut g = Self {
             network_id: network_id.to_string(),
             pin,
             trust,
             state,
             ..Default::default()
         };
+        let held = g
+            .state
+            .as_ref()
+            .and_then(|s| s.lock_policy().ok().flatten());
+        if let (Some(t), Some(pl)) = (&g.trust, held)
+            && let Ok(st) = policy::verify(t, network_id, &pl)
+        {
+            g.policy = Some((pl, st.serial));
+        }
         g.publish();
         g
+    }
+
+    /// The key set this node trusts, if any.
+    pub fn trusted(&self) -> Option<&canopy_proto::v1::LockKeySet> {
+        self.trust.as_ref().map(Trust::key_set)
     }
 
     /// Whether this node trusts a key set (and so verifies everything).
@@ -72,13 +90,52 @@ impl Guard {
                 self.refused.insert(id, (a.refused(), reason(&a)));
             }
         }
+        self.follow_policy(map, now);
         self.after();
+    }
+
+    /// Takes the map's signed policy if it verifies and is not older than the one held, then
+    /// puts this node's part of the held one in the map. Without a signed policy held, the
+    /// controller's part stays (it can allow at most what no policy allows).
+    fn follow_policy(&mut self, map: &mut NetworkMap, now: i64) {
+        let Some(t) = &self.trust else {
+            return;
+        };
+        if let Some(pl) = &map.policy_lock {
+            let held = self.policy.as_ref().map_or(0, |(_, s)| *s);
+            match policy::verify(t, &self.network_id, pl) {
+                Ok(st) if st.serial >= held => {
+                    if st.serial > held
+                        && let Some(s) = &self.state
+                        && let Err(e) = s.save_lock_policy(pl)
+                    {
+                        tracing::error!(error = %e, "could not keep the signed policy");
+                    }
+                    self.policy = Some((pl.clone(), st.serial));
+                }
+                Ok(st) => {
+                    let why = format!("policy serial {} is older than {held}", st.serial);
+                    self.refused.insert("policy".into(), (1, why));
+                }
+                Err(why) => {
+                    self.refused.insert("policy".into(), (1, why));
+                }
+            }
+        }
+        if let Some((pl, _)) = &self.policy {
+            map.policy = Some(policy::own_part(t, &pl.text, map, now));
+        }
     }
 
     /// Takes what the key set allows of a delta: a refused upsert becomes a removal.
     pub fn delta(&mut self, delta: &mut NetworkDelta, now: i64) {
         for id in &delta.removed {
             self.refused.remove(id);
+        }
+        if self.trust.is_some() && self.policy.is_some() {
+            // This node's part comes from the signed policy only (a policy change is a full map).
+            delta.policy_changed = false;
+            delta.policy = None;
         }
         if let Some(t) = &self.trust {
             for (id, a) in t.admit_delta(&self.network_id, delta, now) {
@@ -173,6 +230,7 @@ impl Guard {
             "keys": self.trust.as_ref().map(|t| t.key_set().keys.iter().map(hex::encode).collect::<Vec<_>>()),
             "refused": self.refused.iter().map(|(id, (n, why))| serde_json::json!({"peer_id": id, "count": n, "reason": why})).collect::<Vec<_>>(),
             "chain_error": self.chain_error,
+            "policy_serial": self.policy.as_ref().map(|(_, s)| s),
         });
         if let Err(e) = s.save_lock_status(&v) {
             tracing::debug!(error = %e, "could not write lock.json");
