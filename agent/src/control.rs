@@ -119,6 +119,8 @@ pub async fn enroll_with(
             ))
         })?;
     }
+    let presigned = crate::lock::presign(join, &resp.network_id, &resp.peer_id, public_key, &map)
+        .map_err(ControlError::Protocol)?;
     Ok((
         Enrollment {
             controller_url: join.controller_url.clone(),
@@ -127,6 +129,8 @@ pub async fn enroll_with(
             network_id: resp.network_id,
             credential: resp.credential,
             lock_sha256: join.lock_sha256.map(hex::encode),
+            lock_self: presigned.as_ref().map(|(s, _)| s.clone()),
+            lock_delegation: presigned.map(|(_, d)| d),
         },
         map,
     ))
@@ -388,6 +392,10 @@ impl ControlClient {
                 advertised_routes: self.advertised_routes.clone(),
                 exit_node: self.exit_node.clone(),
                 capabilities: vec!["relay".into(), "punch".into()],
+                self_lock: crate::lock::decode_signed(self.enrollment.lock_self.as_deref()),
+                self_delegation: crate::lock::decode_signed(
+                    self.enrollment.lock_delegation.as_deref(),
+                ),
             })),
         }
     }

@@ -48,6 +48,12 @@ pub struct Enrollment {
     /// The join string's pin of its network's lock key set (SHA-256, hex), if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_sha256: Option<String>,
+    /// A presigned enrollment: this node's membership as the join string's delegate key
+    /// signed it, and the tenant's delegation (each a `Signed`, base64), told in every Hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_self: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_delegation: Option<String>,
 }
 
 impl std::fmt::Debug for Enrollment {

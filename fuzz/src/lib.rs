@@ -195,6 +195,7 @@ fn join_seeds() -> Vec<Vec<u8>> {
         token: "cjt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
         ca_sha256: [7; 32],
         lock_sha256: Some([9; 32]),
+        lock_delegate: Some((canopy_proto::v1::Signed::default(), [3; 32])),
     };
     vec![j.encode().into_bytes(), b"canopy1:".to_vec()]
 }

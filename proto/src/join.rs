@@ -21,6 +21,8 @@ pub struct JoinString {
     pub ca_sha256: [u8; 32],
     /// The network lock's key set (SHA-256 of its body) when the token was made.
     pub lock_sha256: Option<[u8; 32]>,
+    /// A presigned join string: the tenant's delegation and the delegate key's seed.
+    pub lock_delegate: Option<(crate::v1::Signed, [u8; 32])>,
 }
 
 impl std::fmt::Debug for JoinString {
@@ -30,6 +32,7 @@ impl std::fmt::Debug for JoinString {
             .field("token", &"<redacted>")
             .field("ca_sha256", &hex::encode(self.ca_sha256))
             .field("lock_sha256", &self.lock_sha256.map(hex::encode))
+            .field("presigned", &self.lock_delegate.is_some())
             .finish()
     }
 }
@@ -60,6 +63,12 @@ impl JoinString {
             token: self.token.clone(),
             ca_sha256: self.ca_sha256.to_vec(),
             lock_sha256: self.lock_sha256.map(|h| h.to_vec()).unwrap_or_default(),
+            lock_delegation: self.lock_delegate.as_ref().map(|(d, _)| d.clone()),
+            lock_delegate_seed: self
+                .lock_delegate
+                .as_ref()
+                .map(|(_, s)| s.to_vec())
+                .unwrap_or_default(),
         };
         format!(
             "{PREFIX}{}",
@@ -95,11 +104,22 @@ impl JoinString {
             32 => p.lock_sha256.as_slice().try_into().ok(),
             n => return Err(JoinStringError::LockHashLength(n)),
         };
+        let lock_delegate = match (p.lock_delegation, p.lock_delegate_seed.len()) {
+            (None, 0) => None,
+            (Some(d), 32) => p
+                .lock_delegate_seed
+                .as_slice()
+                .try_into()
+                .ok()
+                .map(|s| (d, s)),
+            _ => return Err(JoinStringError::Missing("whole delegation")),
+        };
         Ok(Self {
             controller_url: p.controller_url,
             token: p.token,
             ca_sha256,
             lock_sha256,
+            lock_delegate,
         })
     }
 }
@@ -114,6 +134,7 @@ mod tests {
             token: "cjt_secret".into(),
             ca_sha256: [7; 32],
             lock_sha256: None,
+            lock_delegate: None,
         }
     }
 
@@ -124,6 +145,7 @@ mod tests {
         assert_eq!(JoinString::parse(&s).unwrap(), sample());
         let locked = JoinString {
             lock_sha256: Some([9; 32]),
+            lock_delegate: Some((crate::v1::Signed::default(), [3; 32])),
             ..sample()
         };
         assert_eq!(JoinString::parse(&locked.encode()).unwrap(), locked);
@@ -150,7 +172,7 @@ mod tests {
             controller_url: "http://x".into(),
             token: "t".into(),
             ca_sha256: vec![0; 32],
-            lock_sha256: Vec::new(),
+            ..Default::default()
         };
         let s = format!("canopy1:{}", URL_SAFE_NO_PAD.encode(plain.encode_to_vec()));
         assert!(matches!(

@@ -172,4 +172,30 @@ fn a_locked_network_applies_only_what_the_tenant_signed_with_wg_show_as_witness(
     let st: Value = serde_json::from_str(&st).unwrap();
     assert_eq!(st["serial"], 2);
     assert_eq!(st["revoked"], 1);
+    a_presigned_join_string_needs_no_signing(&lab, dir.path(), &con, &a);
+}
+
+/// Unattended: a presigned join string (a delegation signed with the lock key) enrolls a node
+/// that every agent takes at once, with the token's tags.
+fn a_presigned_join_string_needs_no_signing(lab: &Lab, dir: &Path, con: &Console, a: &Node) {
+    let key = dir.join("lock.key");
+    let args = ["token", "create", "--network", "prod", "--tag", "ci"];
+    let more = [
+        "--presigned",
+        "--key",
+        key.to_str().unwrap(),
+        "--signed-for",
+        "7d",
+    ];
+    let join = con.ok(&[&args[..], &more[..]].concat());
+    let d = start_agent(lab, dir, join.trim(), "d", 4);
+    wait_until("a to take d, signed by its join string", || {
+        wg_peers(lab, a).len() == 2
+    });
+    let d_status = status(lab, &d.host.ns, &d.state).unwrap();
+    assert!(lab.ping(&a.host.ns, &addr(&d_status, 0), Duration::from_secs(5)));
+    let list = con.ok(&["peer", "list", "--network", "prod"]);
+    assert!(!list.contains("PENDING"), "{list}");
+    let refused = lock_of(lab, a)["refused"].as_array().unwrap().len();
+    assert_eq!(refused, 2, "only the operator's peer and route");
 }

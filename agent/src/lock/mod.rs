@@ -238,6 +238,57 @@ impl Guard {
     }
 }
 
+/// A `Signed` kept in the enrollment (base64 of its encoding).
+pub fn decode_signed(b64: Option<&str>) -> Option<canopy_proto::v1::Signed> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64?)
+        .ok()?;
+    prost::Message::decode(bytes.as_slice()).ok()
+}
+
+fn encode_signed(s: &canopy_proto::v1::Signed) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(prost::Message::encode_to_vec(s))
+}
+
+/// A presigned join string: this node's membership signed with its delegate key (which is
+/// then forgotten), and the delegation, both encoded for the enrollment; `None` without one.
+/// The delegation must be the pinned key set's for this network.
+pub fn presign(
+    join: &canopy_proto::join::JoinString,
+    network_id: &str,
+    peer_id: &str,
+    public_key: [u8; 32],
+    map: &NetworkMap,
+) -> Result<Option<(String, String)>, String> {
+    use canopy_proto::lock::{self, Kind};
+    let Some((delegation, seed)) = &join.lock_delegate else {
+        return Ok(None);
+    };
+    let (Some(pin), Some(chain)) = (&join.lock_sha256, &map.lock) else {
+        return Err("a presigned join string for a network that is not locked".into());
+    };
+    let trust = Trust::pinned(network_id, chain, pin).map_err(|e| e.to_string())?;
+    let d: canopy_proto::v1::LockDelegation =
+        lock::verify(Kind::Delegation, delegation, &trust.key_set().keys)
+            .map_err(|e| format!("the join string's delegation: {e}"))?;
+    let key = lock::signing_key(*seed);
+    if d.key != key.verifying_key().to_bytes() || d.network_id != network_id {
+        return Err("the join string's delegation is not for its key and network".into());
+    }
+    let me = canopy_proto::v1::LockedPeer {
+        network_id: network_id.to_string(),
+        public_key: public_key.to_vec(),
+        addresses: map.addresses.clone(),
+        tags: d.tags.clone(),
+        expires_at_unix: d.expires_at_unix,
+        peer_id: peer_id.to_string(),
+    };
+    let signed = lock::sign(Kind::Peer, &me, &key);
+    Ok(Some((encode_signed(&signed), encode_signed(delegation))))
+}
+
 fn reason(a: &canopy_proto::lock::Admit) -> String {
     match a {
         canopy_proto::lock::Admit::Refused(e) => e.to_string(),

@@ -5,7 +5,7 @@
 use canopy_policy::compile::{self, Peers};
 use canopy_policy::eval::PeerView;
 use canopy_proto::lock::{self, Kind, Trust};
-use canopy_proto::v1::{LockedPeer, LockedPolicy, LockedRoute, NetworkMap, PolicyLock, PolicyPart};
+use canopy_proto::v1::{LockedPolicy, LockedRoute, NetworkMap, PolicyLock, PolicyPart};
 use ipnetwork::IpNetwork;
 
 /// The policy statement of `pl`, if a trusted key signed it for this document and network.
@@ -33,12 +33,12 @@ fn split(ips: &[String]) -> (Vec<IpNetwork>, Vec<IpNetwork>) {
 /// it: fails closed) and the map's addresses.
 fn me(trust: &Trust, map: &NetworkMap, now: i64) -> (Vec<String>, Vec<IpNetwork>, Vec<IpNetwork>) {
     let keys = &trust.key_set().keys;
+    let delegation = map.self_delegation.as_ref();
     let signed = map
         .self_lock
         .as_ref()
-        .and_then(|s| lock::verify::<LockedPeer>(Kind::Peer, s, keys).ok())
-        .filter(|m| m.peer_id == map.peer_id && m.network_id == map.network_id)
-        .filter(|m| m.expires_at_unix == 0 || m.expires_at_unix > now);
+        .and_then(|s| trust.membership(&map.network_id, s, delegation, now).ok())
+        .filter(|m| m.peer_id == map.peer_id);
     let Some(m) = signed else {
         return (Vec::new(), split(&map.addresses).0, Vec::new());
     };

@@ -533,6 +533,41 @@ pub async fn sign_peer(
     )
 }
 
+/// `canopy token create --presigned`: the join string of token `t` with a delegation of a
+/// fresh key (its seed in the join string only), signed with the lock key: the token's tags
+/// and uses, lasting `signed_for`.
+pub async fn presign_join(
+    cl: &mut Client,
+    t: &JoinToken,
+    join: &str,
+    key: Option<PathBuf>,
+    signed_for: std::time::Duration,
+) -> anyhow::Result<String> {
+    let req = GetNetworkLockRequest {
+        network: t.network_id.clone(),
+    };
+    let l = reply(cl.get_network_lock(req).await)?;
+    if l.serial == 0 {
+        bail!(
+            "network {} is not locked: a join string needs no presigning",
+            t.network_id
+        );
+    }
+    let k = load_key(&key_path(key, &t.network_id)?)?;
+    let seed: [u8; 32] = rand::random();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let d = LockDelegation {
+        network_id: t.network_id.clone(),
+        key: public(&lock::signing_key(seed)),
+        tags: t.tags.clone(),
+        max_uses: t.max_uses,
+        expires_at_unix: i64::try_from((now + signed_for).as_secs())?,
+    };
+    let mut j = canopy_proto::join::JoinString::parse(join)?;
+    j.lock_delegate = Some((lock::sign(Kind::Delegation, &d, &k), seed));
+    Ok(j.encode())
+}
+
 /// `canopy route sign ROUTE --network NET`: signs (and so approves) one route.
 pub async fn sign_route(
     conn: &ConnOpts,

@@ -151,6 +151,16 @@ pub enum TokenCmd {
         /// Tags given to peers that join with it.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Locked network: the join string carries a delegation signed with the lock key, so a
+        /// node joining with it is signed at once (with these tags only), for --signed-for.
+        #[arg(long)]
+        presigned: bool,
+        /// The lock key (default: ~/.config/canopy/lock/NETWORK_ID.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// How long a presigned membership lasts (then it needs `canopy peer sign`).
+        #[arg(long, default_value = "365d")]
+        signed_for: String,
     },
     List {
         #[arg(long, default_value = "")]
@@ -415,8 +425,12 @@ async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
             uses,
             ttl,
             tags,
+            presigned,
+            key,
+            signed_for,
         } => {
             let ttl_seconds = parse_duration(&ttl)?.as_secs();
+            let signed_for = parse_duration(&signed_for)?;
             let r = reply(
                 cl.create_join_token(CreateJoinTokenRequest {
                     network,
@@ -426,7 +440,13 @@ async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
                 })
                 .await,
             )?;
-            output::join_string(json, r.token.as_ref(), &r.join_string)
+            let join = match (presigned, &r.token) {
+                (true, Some(t)) => {
+                    lock::presign_join(&mut cl, t, &r.join_string, key, signed_for).await?
+                }
+                _ => r.join_string,
+            };
+            output::join_string(json, r.token.as_ref(), &join)
         }
         TokenCmd::List { network } => {
             let r = reply(cl.list_join_tokens(ListJoinTokensRequest { network }).await)?;

@@ -53,6 +53,7 @@ impl NetState {
             lock: self.network.lock.clone(),
             policy_lock: self.policy_lock.clone(),
             self_lock: me.record.lock.clone(),
+            self_delegation: me.record.lock_delegation.clone(),
             self_route_locks: self.route_locks(&me.record.id, &routes),
             ..Default::default()
         }

@@ -424,6 +424,7 @@ impl NetState {
         }
         if self.locked() {
             r.lock.clone_from(&p.record.lock);
+            r.lock_delegation.clone_from(&p.record.lock_delegation);
             r.route_locks = self.route_locks(&p.record.id, &carried);
         }
         r.allowed_ips.extend(carried);

@@ -17,5 +17,6 @@ pub(super) fn remote(p: &PeerRecord) -> RemotePeer {
         // Set by NetState for a locked network.
         lock: None,
         route_locks: Vec::new(),
+        lock_delegation: None,
     }
 }

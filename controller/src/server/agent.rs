@@ -150,6 +150,12 @@ async fn take_hello(ctl: &Controller, id: &AgentIdentity, hello: &Hello) -> Resu
     if !hello.exit_node.is_empty() {
         ctl.take_exit_node(id, &hello.exit_node).await;
     }
+    if let Some(signed) = &hello.self_lock {
+        let delegation = hello.self_delegation.as_ref();
+        if let Err(e) = ctl.take_self_lock(id, signed, delegation).await {
+            tracing::warn!(peer = %id.peer_id, error = %e, "a presigned membership was not taken");
+        }
+    }
     Ok(())
 }
 

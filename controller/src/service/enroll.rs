@@ -208,6 +208,7 @@ impl Controller {
                 dns_name: crate::names::pick(hostname, &names),
                 // In a locked network: pending until the tenant signs it.
                 lock: None,
+                lock_delegation: None,
             };
             let txn = enroll_writes(txn, &reads.token, &peer, &ips, req);
             if !self.store.txn(txn).await?.succeeded {

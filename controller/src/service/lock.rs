@@ -317,6 +317,48 @@ impl Controller {
         })
     }
 
+    /// A presigned enrollment: agent `id`'s membership as its join string's delegate key
+    /// signed it (Hello.self_lock), checked as agents check it and against its record, then
+    /// stored, so the peer is in maps without waiting for the tenant.
+    pub async fn take_self_lock(
+        &self,
+        id: &super::AgentIdentity,
+        signed: &Signed,
+        delegation: Option<&Signed>,
+    ) -> Result<()> {
+        let Some(net) = self.cache.network(&id.network_id) else {
+            return Ok(());
+        };
+        let Some(set) = current_set(&net)? else {
+            return Ok(());
+        };
+        let trust = lock::Trust::new(set);
+        let now = self.now_unix();
+        crate::txn::retry("take a presigned membership", |_| async {
+            let (key, mut p, rev) = self.peer_in(&net.id, &id.peer_id).await?;
+            if p.lock.as_ref() == Some(signed) {
+                return Ok(Some(()));
+            }
+            let m = trust
+                .membership(&net.id, signed, delegation, now)
+                .map_err(|e| invalid("the presigned membership", e))?;
+            if !signs_peer(&m, &p) {
+                return Err(Error::InvalidArgument(
+                    "the presigned membership does not sign this peer as it is".into(),
+                ));
+            }
+            p.lock = Some(signed.clone());
+            p.lock_delegation = delegation.cloned();
+            let txn = Txn::new()
+                .when(Compare::unchanged(key.clone(), rev))
+                .then(Op::put(key, p.encode_to_vec()));
+            Ok(self.store.txn(txn).await?.succeeded.then_some(()))
+        })
+        .await?;
+        tracing::info!(peer = %id.peer_id, "presigned membership taken");
+        Ok(())
+    }
+
     /// Peer `id` of network `net`: its key, record and revision.
     async fn peer_in(&self, net: &str, id: &str) -> Result<(String, PeerRecord, i64)> {
         let key = keys::peer(net, id);

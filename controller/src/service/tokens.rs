@@ -75,6 +75,8 @@ impl Controller {
             token: secret.expose().to_string(),
             ca_sha256: self.ca_sha256,
             lock_sha256: net.lock.as_ref().and_then(canopy_proto::lock::pin),
+            // Made by the tenant's console (`token create --presigned`), never here.
+            lock_delegate: None,
         };
         tracing::info!(token = %rec.id, network = %net.id, max_uses, "join token created");
         Ok((token_view(&rec), join.encode()))

@@ -131,18 +131,63 @@ impl Trust {
             .lock
             .as_ref()
             .ok_or_else(|| LockError::Malformed("not signed".into()))?;
-        let m: v1::LockedPeer = verify(Kind::Peer, signed, &self.set.keys)?;
-        if m.network_id != network_id
-            || m.public_key != peer.public_key
-            || m.peer_id != peer.peer_id
-        {
+        let m = self.membership(network_id, signed, peer.lock_delegation.as_ref(), now)?;
+        if m.public_key != peer.public_key || m.peer_id != peer.peer_id {
             return Err(LockError::Malformed("signed for another peer".into()));
+        }
+        Ok(m)
+    }
+
+    /// A membership statement of `network_id` at `now`: signed by a trusted key, or by a
+    /// delegate key the tenant authorised (`delegation`) within its tags and lifetime; not
+    /// revoked (neither its WireGuard key nor its delegate key), not expired.
+    pub fn membership(
+        &self,
+        network_id: &str,
+        signed: &v1::Signed,
+        delegation: Option<&v1::Signed>,
+        now: i64,
+    ) -> Result<v1::LockedPeer, LockError> {
+        let m: v1::LockedPeer = if self.set.keys.contains(&signed.key) {
+            verify(Kind::Peer, signed, &self.set.keys)?
+        } else {
+            self.delegated(network_id, signed, delegation)?
+        };
+        if m.network_id != network_id {
+            return Err(LockError::Malformed("signed for another network".into()));
         }
         if self.revoked.contains(&m.public_key) {
             return Err(LockError::Malformed("revoked".into()));
         }
         if m.expires_at_unix != 0 && m.expires_at_unix <= now {
             return Err(LockError::Malformed("its signature expired".into()));
+        }
+        Ok(m)
+    }
+
+    /// A membership a delegate key signed: the delegation signed by a trusted key for this
+    /// network and key, not revoked; the member's tags among the delegation's, and expiring
+    /// no later than it.
+    fn delegated(
+        &self,
+        network_id: &str,
+        signed: &v1::Signed,
+        delegation: Option<&v1::Signed>,
+    ) -> Result<v1::LockedPeer, LockError> {
+        let delegation = delegation.ok_or(LockError::UntrustedKey)?;
+        let d: v1::LockDelegation = verify(Kind::Delegation, delegation, &self.set.keys)?;
+        if d.network_id != network_id || d.key != signed.key {
+            return Err(LockError::Malformed("a delegation of another key".into()));
+        }
+        if self.revoked.contains(&d.key) {
+            return Err(LockError::Malformed("its delegate key was revoked".into()));
+        }
+        let m: v1::LockedPeer = verify(Kind::Peer, signed, std::slice::from_ref(&d.key))?;
+        if !m.tags.iter().all(|t| d.tags.contains(t)) {
+            return Err(LockError::Malformed("tags beyond its delegation".into()));
+        }
+        if m.expires_at_unix == 0 || m.expires_at_unix > d.expires_at_unix {
+            return Err(LockError::Malformed("it outlives its delegation".into()));
         }
         Ok(m)
     }

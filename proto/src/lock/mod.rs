@@ -26,6 +26,7 @@ pub enum Kind {
     Peer,
     Route,
     Policy,
+    Delegation,
 }
 
 impl Kind {
@@ -35,6 +36,7 @@ impl Kind {
             Kind::Peer => b"canopy lock v1 peer\0",
             Kind::Route => b"canopy lock v1 route\0",
             Kind::Policy => b"canopy lock v1 policy\0",
+            Kind::Delegation => b"canopy lock v1 delegation\0",
         }
     }
 }

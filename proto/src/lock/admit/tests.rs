@@ -163,3 +163,56 @@ fn a_refused_upsert_becomes_a_removal() {
     assert_eq!(d.upserted.len(), 1);
     assert_eq!(d.removed, vec!["b".to_string()]);
 }
+
+fn delegation(k: &SigningKey, d: &SigningKey, tags: &[&str], expires: i64) -> v1::Signed {
+    let del = v1::LockDelegation {
+        network_id: NET.into(),
+        key: d.verifying_key().to_bytes().to_vec(),
+        tags: tags.iter().map(ToString::to_string).collect(),
+        max_uses: 10,
+        expires_at_unix: expires,
+    };
+    sign(Kind::Delegation, &del, k)
+}
+
+#[test]
+fn a_delegate_signs_members_within_its_tags_and_lifetime_only() {
+    let (k, d, evil) = (
+        signing_key([1; 32]),
+        signing_key([4; 32]),
+        signing_key([9; 32]),
+    );
+    let t = Trust::new(set(&[&k], 1, vec![]));
+    let mut m = member("p1", 1);
+    m.expires_at_unix = 500;
+    let by = |m: &v1::LockedPeer, del: v1::Signed| RemotePeer {
+        lock_delegation: Some(del),
+        ..remote(m, Some(&d))
+    };
+    let mut ok = by(&m, delegation(&k, &d, &["web", "ci"], 1_000));
+    assert_eq!(t.admit(NET, &mut ok, 0), Admit::Taken { stripped: 0 });
+    // No delegation, or one the tenant did not sign.
+    let mut bare = remote(&m, Some(&d));
+    assert_eq!(
+        t.admit(NET, &mut bare, 0),
+        Admit::Refused(LockError::UntrustedKey)
+    );
+    let mut forged = by(&m, delegation(&evil, &d, &["web"], 1_000));
+    assert_eq!(
+        t.admit(NET, &mut forged, 0),
+        Admit::Refused(LockError::UntrustedKey)
+    );
+    // Tags beyond it; a membership without an end, or outliving it.
+    let mut wide = by(&m, delegation(&k, &d, &["ci"], 1_000));
+    assert!(matches!(t.admit(NET, &mut wide, 0), Admit::Refused(_)));
+    let mut forever = member("p1", 1);
+    forever.expires_at_unix = 0;
+    let mut f = by(&forever, delegation(&k, &d, &["web"], 1_000));
+    assert!(matches!(t.admit(NET, &mut f, 0), Admit::Refused(_)));
+    let mut long = by(&m, delegation(&k, &d, &["web"], 400));
+    assert!(matches!(t.admit(NET, &mut long, 0), Admit::Refused(_)));
+    // The delegate key revoked: what it signed is void.
+    let revoked = Trust::new(set(&[&k], 2, vec![d.verifying_key().to_bytes().to_vec()]));
+    let mut p = by(&m, delegation(&k, &d, &["web"], 1_000));
+    assert!(matches!(revoked.admit(NET, &mut p, 0), Admit::Refused(_)));
+}
