@@ -267,3 +267,58 @@ async fn on_etcd_agents_refuse_what_the_tenant_did_not_sign() {
     let r = controller_on(dir.path(), Some(&etcd)).await;
     a_compromised_store_cannot_change_a_locked_network(&r).await;
 }
+
+/// An agent that presents a membership signed by a delegation the tenant never made, or one
+/// beyond the tenant's delegation (a tag it does not grant), stays pending: in nobody's map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_presigned_membership_leaves_the_peer_pending() {
+    use canopy_agent::control::{self, ControlClient, NoDataPlane};
+    use canopy_agent::lock::encode_signed;
+    let dir = tempfile::tempdir().unwrap();
+    let r = controller_on(dir.path(), None).await;
+    let mut l = lock_a_network(&r).await;
+    let (evil, d) = (lock::signing_key([66; 32]), lock::signing_key([5; 32]));
+    let join = JoinString::parse(&tagged_token(&mut l.c, &l.net, "ci").await).unwrap();
+    let cases = [("the operator", &evil, "ci"), ("the tenant", &l.k, "web")];
+    for (who, signer, granted) in cases {
+        let claimed = "ci";
+        let (mut e, map) = control::enroll(&join, [77; 32], "forger").await.unwrap();
+        let delegation = LockDelegation {
+            network_id: l.net.clone(),
+            key: d.verifying_key().to_bytes().to_vec(),
+            tags: vec![granted.into()],
+            max_uses: 1,
+            expires_at_unix: i64::MAX,
+        };
+        let me = LockedPeer {
+            network_id: l.net.clone(),
+            public_key: vec![77; 32],
+            addresses: map.addresses.clone(),
+            tags: vec![claimed.into()],
+            expires_at_unix: i64::MAX - 1,
+            peer_id: e.peer_id.clone(),
+        };
+        e.lock_self = Some(encode_signed(&lock::sign(Kind::Peer, &me, &d)));
+        let del = lock::sign(Kind::Delegation, &delegation, signer);
+        e.lock_delegation = Some(encode_signed(&del));
+        let client = ControlClient::new(e.clone(), Some(map), None);
+        let mut maps = client.maps();
+        let run = tokio::spawn(async move {
+            let stop = tokio::time::sleep(SECOND);
+            client.run(&mut NoDataPlane, stop).await
+        });
+        // Its session opened (its Hello was read) and it got a map.
+        tokio::time::timeout(SECOND, maps.changed()).await.ok();
+        let req = GetPeerRequest {
+            peer_id: e.peer_id.clone(),
+        };
+        let p = l.c.get_peer(req).await.unwrap().into_inner();
+        assert_eq!(p.lock_state, "pending", "{who} granting {granted}");
+        assert!(!l.a.peer_ids().contains(&e.peer_id));
+        run.await.unwrap().unwrap();
+        let req = RemovePeerRequest {
+            peer_id: e.peer_id.clone(),
+        };
+        l.c.remove_peer(req).await.unwrap();
+    }
+}

@@ -247,7 +247,7 @@ pub fn decode_signed(b64: Option<&str>) -> Option<canopy_proto::v1::Signed> {
     prost::Message::decode(bytes.as_slice()).ok()
 }
 
-fn encode_signed(s: &canopy_proto::v1::Signed) -> String {
+pub fn encode_signed(s: &canopy_proto::v1::Signed) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(prost::Message::encode_to_vec(s))
 }
