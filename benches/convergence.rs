@@ -17,6 +17,9 @@ use canopy_controller::server::{self, ServeConfig};
 use canopy_proto::join::JoinString;
 use clap::Parser;
 
+#[path = "convergence_lock.rs"]
+mod lock;
+
 #[derive(Parser)]
 struct Args {
     /// Agents following the network.
@@ -36,6 +39,10 @@ struct Args {
     /// changes too.
     #[arg(long, default_value_t = 0)]
     policy_rules: usize,
+    /// Lock the network first (tenant-signed membership): every agent joins with a presigned
+    /// join string, every peer in every map is verified.
+    #[arg(long)]
+    lock: bool,
 }
 
 /// A policy of `rules` rules: web → db on one port each (shifted by `shift`), then `*` → `*`.
@@ -196,6 +203,8 @@ async fn enroll_agents(
         for b in batch {
             let (enrollment, map) = b.await??;
             let mut c = ControlClient::new(enrollment, Some(map), None);
+            // Sessions are needed anyway; under the lock, Hello carries the presigned
+            // membership (see `lock::follow`).
             c.backoff = Backoff::equal(Duration::from_millis(100), Duration::from_secs(2));
             let client = Arc::new(c);
             let (c2, mut stop) = (client.clone(), stop.clone());
@@ -219,12 +228,13 @@ struct Changes {
     cpu: f64,
 }
 
-/// `count` times: a new peer enrolls (every agent must see it), then it is removed (every
-/// agent must see that). Latencies sorted.
+/// `count` times: a new peer enrolls (every agent must see it; under the lock its own session
+/// presents its presigned membership first), then it is removed (every agent must see that).
+/// Latencies sorted.
 async fn timed_changes(
     ctl: &canopy_controller::service::Controller,
     caller: &canopy_controller::service::Caller,
-    join: &JoinString,
+    (join, lock): (&JoinString, Option<&tokio::sync::watch::Receiver<bool>>),
     agents: &[Agent],
     count: usize,
     limit: Duration,
@@ -234,15 +244,14 @@ async fn timed_changes(
     let (mut add, mut del) = (Vec::new(), Vec::new());
     for k in 0..count {
         let t0 = Instant::now();
-        let key = PrivateKey::generate().public_key();
-        let (e, _) = control::enroll(join, key, &format!("x{k}")).await?;
-        let id = e.peer_id.clone();
+        let peer_id = lock::enroll_one(join, &format!("x{k}"), lock).await?;
+        let id = peer_id.clone();
         let what = format!("peer {id} to be added");
         let pred = move |m: &canopy_proto::v1::NetworkMap| m.peers.iter().any(|p| p.peer_id == id);
         add.extend(all_apply(agents, t0, limit, &what, cache_at.clone(), pred).await?);
         let t0 = Instant::now();
-        ctl.remove_peer(caller, &e.peer_id).await?;
-        let id = e.peer_id.clone();
+        ctl.remove_peer(caller, &peer_id).await?;
+        let id = peer_id;
         let what = format!("peer {id} to be removed");
         let pred = move |m: &canopy_proto::v1::NetworkMap| m.peers.iter().all(|p| p.peer_id != id);
         del.extend(all_apply(agents, t0, limit, &what, cache_at.clone(), pred).await?);
@@ -300,6 +309,8 @@ struct Report {
     full_maps_resent: u64,
     /// Policy change → all applied, when run under a policy.
     policy: Vec<Duration>,
+    /// Under the lock: what an agent spends verifying one full map, and its peers.
+    verify: Option<(Duration, usize)>,
 }
 
 fn print_report(args: &Args, r: &Report) {
@@ -314,9 +325,10 @@ fn print_report(args: &Args, r: &Report) {
         );
     };
     println!(
-        "convergence: {n} agents, {} changes, {} store",
+        "convergence: {n} agents, {} changes, {} store{}",
         args.changes * 2,
-        args.store
+        args.store,
+        if args.lock { ", network locked" } else { "" }
     );
     println!("  initial enroll + converge     {}", ms(r.initial));
     line("peer added   ", &c.add);
@@ -342,6 +354,13 @@ fn print_report(args: &Args, r: &Report) {
         "  CPU during the changes        {:.0} % of one core (controller + all agents)",
         c.cpu * 100.0
     );
+    if let Some((cost, peers)) = r.verify {
+        println!(
+            "  lock: one full map verified   {} ({peers} peers, {:.0} µs each)",
+            ms(cost),
+            cost.as_secs_f64() * 1e6 / peers.max(1) as f64
+        );
+    }
 }
 
 /// The controller's configuration for store `store` in `dir`; for etcd, the etcd process too
@@ -378,6 +397,7 @@ fn init_logging() {
 async fn prepare(
     srv: &server::Running,
     rules: usize,
+    locked: bool,
 ) -> anyhow::Result<(
     canopy_controller::service::Controller,
     canopy_controller::service::Caller,
@@ -393,6 +413,10 @@ async fn prepare(
             .await?;
     }
     let tags = ["web".to_string(), "db".to_string()];
+    if locked {
+        let join = lock::presigned_join(&ctl, &caller, &tags).await?;
+        return Ok((ctl, caller, join));
+    }
     let (_, join) = ctl
         .create_join_token(&caller, "bench", 0, 3600, &tags)
         .await?;
@@ -428,7 +452,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (cfg, _etcd) = serve_config(&args.store, dir.path())?;
     let srv = server::spawn(&cfg).await?;
-    let (ctl, caller, join) = prepare(&srv, args.policy_rules).await?;
+    let (ctl, caller, join) = prepare(&srv, args.policy_rules, args.lock).await?;
 
     let t_enroll = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -452,7 +476,7 @@ async fn main() -> anyhow::Result<()> {
     let changes = timed_changes(
         &ctl,
         &caller,
-        &join,
+        (&join, args.lock.then_some(&stop_rx)),
         &agents,
         args.changes,
         limit,
@@ -478,12 +502,11 @@ async fn main() -> anyhow::Result<()> {
     drop(ctl); // our handle on the controller would keep its store open
     let (srv, reconnect) = restart(srv, cfg, &agents, limit).await?;
 
-    let full_map_bytes = agents[0]
-        .client
-        .maps()
-        .borrow()
-        .as_ref()
-        .map_or(0, prost::Message::encoded_len);
+    let held = agents[0].client.maps().borrow().clone().unwrap_or_default();
+    let full_map_bytes = prost::Message::encoded_len(&held);
+    let verify = args
+        .lock
+        .then(|| (lock::verify_cost(&held), held.peers.len()));
     print_report(
         &args,
         &Report {
@@ -494,6 +517,7 @@ async fn main() -> anyhow::Result<()> {
             full_maps_resent: total(&agents, |s| s.full_maps.load(Relaxed)) - full_before,
             changes,
             policy,
+            verify,
         },
     );
     let _ = stop_tx.send(true);
