@@ -2,7 +2,8 @@
 //! forward only by sets signed by a key it already trusts, and each peer and route only as
 //! the tenant signed them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use prost::Message as _;
 
@@ -10,10 +11,28 @@ use super::{Kind, LockError, first_key_set, next_key_set, verify};
 use crate::v1::{self, LockChain, LockKeySet, NetworkDelta, NetworkMap, RemotePeer};
 
 /// The key set an agent trusts.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Trust {
     set: LockKeySet,
     revoked: HashSet<Vec<u8>>,
+    /// Delegations already verified under this set, by their signature: the peers one
+    /// presigned join string enrolled share one, checked once.
+    delegations: Mutex<HashMap<Vec<u8>, (v1::Signed, v1::LockDelegation)>>,
+}
+
+/// Verified delegations remembered, at most.
+const DELEGATIONS: usize = 1024;
+
+impl Clone for Trust {
+    fn clone(&self) -> Self {
+        Self::new(self.set.clone())
+    }
+}
+
+impl PartialEq for Trust {
+    fn eq(&self, other: &Self) -> bool {
+        self.set == other.set
+    }
 }
 
 /// What became of one peer of a map.
@@ -67,7 +86,11 @@ impl Trust {
 
     pub fn new(set: LockKeySet) -> Self {
         let revoked = set.revoked.iter().cloned().collect();
-        Self { set, revoked }
+        Self {
+            set,
+            revoked,
+            delegations: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn key_set(&self) -> &LockKeySet {
@@ -175,7 +198,7 @@ impl Trust {
         delegation: Option<&v1::Signed>,
     ) -> Result<v1::LockedPeer, LockError> {
         let delegation = delegation.ok_or(LockError::UntrustedKey)?;
-        let d: v1::LockDelegation = verify(Kind::Delegation, delegation, &self.set.keys)?;
+        let d = self.delegation(delegation)?;
         if d.network_id != network_id || d.key != signed.key {
             return Err(LockError::Malformed("a delegation of another key".into()));
         }
@@ -190,6 +213,25 @@ impl Trust {
             return Err(LockError::Malformed("it outlives its delegation".into()));
         }
         Ok(m)
+    }
+
+    /// A delegation signed by a trusted key, verified once per signature.
+    fn delegation(&self, signed: &v1::Signed) -> Result<v1::LockDelegation, LockError> {
+        let mut seen = self
+            .delegations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((s, d)) = seen.get(&signed.signature)
+            && s == signed
+        {
+            return Ok(d.clone());
+        }
+        let d: v1::LockDelegation = verify(Kind::Delegation, signed, &self.set.keys)?;
+        if seen.len() >= DELEGATIONS {
+            seen.clear();
+        }
+        seen.insert(signed.signature.clone(), (signed.clone(), d.clone()));
+        Ok(d)
     }
 
     /// Takes from a full map only what verifies; returns the peers refused or cut, and how.
