@@ -105,7 +105,25 @@ fn lock_and_sign_a_newcomer(lab: &Lab, dir: &Path, con: &Console, a: &Node) -> V
     let mode = std::fs::metadata(key).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     wait_until("a to trust the key set", || lock_of(lab, a)["serial"] == 1);
-    let pinned = con.ok(&["token", "create", "--network", "prod", "--uses", "1"]);
+    // The console keeps the key set it made (lock.pin) and checks join strings against it.
+    let pin_file = dir.join("lock.pin");
+    let kept = std::fs::read_to_string(&pin_file).unwrap();
+    std::fs::write(&pin_file, format!("{}\n", "00".repeat(32))).unwrap();
+    let token = [
+        "token",
+        "create",
+        "--network",
+        "prod",
+        "--uses",
+        "1",
+        "--key",
+        key,
+    ];
+    let o = con.run(&token);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("does not pin"), "{err}");
+    std::fs::write(&pin_file, kept).unwrap();
+    let pinned = con.ok(&token);
     let c = start_agent(lab, dir, pinned.trim(), "c", 3);
     wait_until("c to enroll", || {
         status(lab, &c.host.ns, &c.state).is_some()

@@ -89,6 +89,13 @@ impl Guard {
             for (id, a) in t.admit_map(map, now) {
                 self.refused.insert(id, (a.refused(), reason(&a)));
             }
+        } else if self.pin.is_some() {
+            // Pinned, but the pinned key set never showed: nothing can be checked, so nothing
+            // is taken (fails closed).
+            for p in map.peers.drain(..) {
+                self.refused
+                    .insert(p.peer_id, (1, "no trusted key set".into()));
+            }
         }
         self.follow_policy(map, now);
         self.after();
@@ -143,6 +150,12 @@ impl Guard {
                     0 => self.refused.remove(&id),
                     n => self.refused.insert(id, (n, reason(&a))),
                 };
+            }
+        } else if self.pin.is_some() {
+            for p in delta.upserted.drain(..) {
+                self.refused
+                    .insert(p.peer_id.clone(), (1, "no trusted key set".into()));
+                delta.removed.push(p.peer_id);
             }
         }
         self.after();
@@ -295,5 +308,69 @@ fn reason(a: &canopy_proto::lock::Admit) -> String {
         canopy_proto::lock::Admit::Taken { stripped } => {
             format!("{stripped} route(s) not signed")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canopy_proto::lock::{Kind, sign, signing_key};
+    use canopy_proto::v1::{LockChain, LockKeySet, LockedPeer, RemotePeer};
+
+    fn map(k: &canopy_proto::lock::SigningKey) -> NetworkMap {
+        let set = LockKeySet {
+            network_id: "net_1".into(),
+            keys: vec![k.verifying_key().to_bytes().to_vec()],
+            serial: 1,
+            revoked: vec![],
+        };
+        let m = LockedPeer {
+            network_id: "net_1".into(),
+            public_key: vec![2; 32],
+            addresses: vec!["100.64.0.2/32".into()],
+            peer_id: "p2".into(),
+            ..Default::default()
+        };
+        NetworkMap {
+            network_id: "net_1".into(),
+            peers: vec![RemotePeer {
+                peer_id: "p2".into(),
+                public_key: vec![2; 32],
+                allowed_ips: m.addresses.clone(),
+                lock: Some(sign(Kind::Peer, &m, k)),
+                ..Default::default()
+            }],
+            lock: Some(LockChain {
+                key_sets: vec![sign(Kind::KeySet, &set, k)],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pinned_node_takes_nothing_until_its_pinned_key_set_shows() {
+        // The controller shows a key set of its own: not the pinned one.
+        let evil = signing_key([9; 32]);
+        let mut g = Guard::new("net_1", Some([7; 32]), None);
+        let mut m = map(&evil);
+        g.full(&mut m, 0);
+        assert!(m.peers.is_empty(), "nothing taken");
+        assert_eq!(g.refused(), 1);
+        let mut d = NetworkDelta {
+            upserted: map(&evil).peers,
+            ..Default::default()
+        };
+        g.delta(&mut d, 0);
+        assert!(d.upserted.is_empty());
+        assert_eq!(d.removed, vec!["p2".to_string()]);
+        // The pinned set.
+        let k = signing_key([1; 32]);
+        let good = map(&k);
+        let pin = canopy_proto::lock::pin(good.lock.as_ref().unwrap()).unwrap();
+        let mut g = Guard::new("net_1", Some(pin), None);
+        let mut m = good.clone();
+        g.full(&mut m, 0);
+        assert_eq!(m.peers.len(), 1);
+        assert_eq!(g.refused(), 0);
     }
 }

@@ -440,6 +440,9 @@ async fn token(conn: &ConnOpts, json: bool, c: TokenCmd) -> anyhow::Result<()> {
                 })
                 .await,
             )?;
+            if let Some(t) = &r.token {
+                lock::check_pin(&t.network_id, &r.join_string, key.clone())?;
+            }
             let join = match (presigned, &r.token) {
                 (true, Some(t)) => {
                     lock::presign_join(&mut cl, t, &r.join_string, key, signed_for).await?

@@ -3,20 +3,21 @@
 //! `~/.config/canopy/lock/NETWORK_ID.key`); the controller gets only public keys and
 //! signatures.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, anyhow, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use anyhow::bail;
 use canopy_proto::lock::{self, Kind, SigningKey};
 use canopy_proto::v1::*;
 use clap::Subcommand;
 
 use super::{Client, ConnOpts, client, output, reply};
 
-const KEY_PREFIX: &str = "clk_";
+mod keys;
+mod sign;
+
+pub use keys::check_pin;
+use keys::{b64, create_key, key_path, load_key, parse_public, public, save_pin};
+pub use sign::{presign_join, revoke_peer, sign_peer, sign_route};
 
 #[derive(Subcommand, Debug)]
 pub enum LockCmd {
@@ -52,75 +53,6 @@ pub enum LockCmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-}
-
-/// Where the signing key of `network_id` is: `explicit`, or the default path.
-fn key_path(explicit: Option<PathBuf>, network_id: &str) -> anyhow::Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p);
-    }
-    let dir = super::config::default_path()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .ok_or_else(|| anyhow!("no HOME or XDG_CONFIG_HOME: pass --key FILE"))?;
-    Ok(dir.join("lock").join(format!("{network_id}.key")))
-}
-
-/// Reads a signing key file; refuses one that others may read.
-fn load_key(path: &Path) -> anyhow::Result<SigningKey> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("the lock key {} (pass --key FILE)", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!(
-            "{}: the lock key must be readable by its owner only (chmod 600)",
-            path.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let seed = text
-        .trim()
-        .strip_prefix(KEY_PREFIX)
-        .and_then(|b| URL_SAFE_NO_PAD.decode(b).ok())
-        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-        .ok_or_else(|| anyhow!("{}: not a canopy lock key ({KEY_PREFIX}…)", path.display()))?;
-    Ok(lock::signing_key(seed))
-}
-
-/// Makes a new signing key file (mode 0600; never overwrites one).
-fn create_key(path: &Path) -> anyhow::Result<SigningKey> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let seed: [u8; 32] = rand::random();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(f, "{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(seed))?;
-    f.sync_all()?;
-    Ok(lock::signing_key(seed))
-}
-
-fn public(k: &SigningKey) -> Vec<u8> {
-    k.verifying_key().to_bytes().to_vec()
-}
-
-fn b64(k: &[u8]) -> String {
-    STANDARD.encode(k)
-}
-
-fn parse_public(s: &str) -> anyhow::Result<Vec<u8>> {
-    STANDARD
-        .decode(s.trim())
-        .ok()
-        .filter(|b| b.len() == 32)
-        .ok_or_else(|| anyhow!("{s:?} is not a public key (32 bytes, base64)"))
 }
 
 pub(super) fn peer_statement(p: &Peer, expires_at_unix: i64) -> LockedPeer {
@@ -275,7 +207,7 @@ fn gateway_key<'a>(net: &'a Net, r: &Route) -> Option<&'a [u8]> {
 async fn next_set(
     cl: &mut Client,
     net: &Net,
-    k: &SigningKey,
+    (k, path): (&SigningKey, &Path),
     change: impl FnOnce(&mut LockKeySet),
 ) -> anyhow::Result<NetworkLock> {
     if net.lock.serial == 0 {
@@ -295,7 +227,9 @@ async fn next_set(
         network: net.id.clone(),
         key_set: Some(lock::sign(Kind::KeySet, &set, k)),
     };
-    reply(cl.set_lock_keys(req).await)
+    let l = reply(cl.set_lock_keys(req).await)?;
+    save_pin(path, &l)?;
+    Ok(l)
 }
 
 pub async fn run(conn: &ConnOpts, json: bool, c: LockCmd) -> anyhow::Result<()> {
@@ -313,11 +247,12 @@ pub async fn run(conn: &ConnOpts, json: bool, c: LockCmd) -> anyhow::Result<()> 
         } => {
             let new = parse_public(&public_key)?;
             let net = read(&mut cl, &network).await?;
-            let k = load_key(&key_path(key, &net.id)?)?;
+            let path = key_path(key, &net.id)?;
+            let k = load_key(&path)?;
             if net.lock.keys.contains(&new) {
                 bail!("the network already trusts {public_key}");
             }
-            let l = next_set(&mut cl, &net, &k, |s| s.keys.push(new)).await?;
+            let l = next_set(&mut cl, &net, (&k, &path), |s| s.keys.push(new)).await?;
             lock_status(json, &l, &net.peers)
         }
         LockCmd::RemoveKey {
@@ -367,7 +302,8 @@ async fn init(
         network: net.id.clone(),
         key_set: Some(lock::sign(Kind::KeySet, &set, &k)),
     };
-    reply(cl.set_lock_keys(req).await)?;
+    let l = reply(cl.set_lock_keys(req).await)?;
+    save_pin(&path, &l)?;
     output::done(
         json,
         &format!(
@@ -390,7 +326,8 @@ async fn remove_key(
 ) -> anyhow::Result<()> {
     let gone = parse_public(public_key)?;
     let net = read(cl, network).await?;
-    let k = load_key(&key_path(key, &net.id)?)?;
+    let path = key_path(key, &net.id)?;
+    let k = load_key(&path)?;
     if public(&k) == gone {
         bail!("sign the removal of a key with another key of the network");
     }
@@ -430,7 +367,7 @@ async fn remove_key(
         None => None,
     };
     submit(cl, &net.id, peers, routes, policy).await?;
-    let l = next_set(cl, &net, &k, |s| s.keys.retain(|x| x != &gone)).await?;
+    let l = next_set(cl, &net, (&k, &path), |s| s.keys.retain(|x| x != &gone)).await?;
     lock_status(json, &l, &net.peers)
 }
 
@@ -481,154 +418,6 @@ async fn sign_pending(
         &lines.join("\n"),
         serde_json::json!({"signed_peers": np, "signed_routes": nr}),
     )
-}
-
-/// `canopy peer sign PEER`: signs one peer as it is now (its key checked against
-/// `expect_key` if given), valid for `expires` (`None`: until removed).
-pub async fn sign_peer(
-    conn: &ConnOpts,
-    json: bool,
-    peer_id: String,
-    key: Option<PathBuf>,
-    expect_key: Option<String>,
-    expires: Option<std::time::Duration>,
-) -> anyhow::Result<()> {
-    let expires_at_unix = match expires {
-        None => 0,
-        Some(d) => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-            i64::try_from((now + d).as_secs())?
-        }
-    };
-    let mut cl = client(conn).await?;
-    let p = reply(cl.get_peer(GetPeerRequest { peer_id }).await)?;
-    if p.lock_state.is_empty() {
-        bail!(
-            "network {} is not locked: canopy network lock init",
-            p.network_id
-        );
-    }
-    if let Some(want) = expect_key
-        && parse_public(&want)? != p.public_key
-    {
-        bail!(
-            "peer {} has key {}, not {want}: not signed",
-            p.id,
-            b64(&p.public_key)
-        );
-    }
-    let k = load_key(&key_path(key, &p.network_id)?)?;
-    let sig = peer_signature(&p, &k, expires_at_unix);
-    submit(&mut cl, &p.network_id, vec![sig], Vec::new(), None).await?;
-    output::done(
-        json,
-        &format!(
-            "signed peer {} (key {}, {}, tags {})",
-            p.id,
-            b64(&p.public_key),
-            p.addresses.join(","),
-            p.tags.join(",")
-        ),
-        serde_json::json!({"signed": p.id}),
-    )
-}
-
-/// `canopy token create --presigned`: the join string of token `t` with a delegation of a
-/// fresh key (its seed in the join string only), signed with the lock key: the token's tags
-/// and uses, lasting `signed_for`.
-pub async fn presign_join(
-    cl: &mut Client,
-    t: &JoinToken,
-    join: &str,
-    key: Option<PathBuf>,
-    signed_for: std::time::Duration,
-) -> anyhow::Result<String> {
-    let req = GetNetworkLockRequest {
-        network: t.network_id.clone(),
-    };
-    let l = reply(cl.get_network_lock(req).await)?;
-    if l.serial == 0 {
-        bail!(
-            "network {} is not locked: a join string needs no presigning",
-            t.network_id
-        );
-    }
-    let k = load_key(&key_path(key, &t.network_id)?)?;
-    let seed: [u8; 32] = rand::random();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-    let d = LockDelegation {
-        network_id: t.network_id.clone(),
-        key: public(&lock::signing_key(seed)),
-        tags: t.tags.clone(),
-        max_uses: t.max_uses,
-        expires_at_unix: i64::try_from((now + signed_for).as_secs())?,
-    };
-    let mut j = canopy_proto::join::JoinString::parse(join)?;
-    j.lock_delegate = Some((lock::sign(Kind::Delegation, &d, &k), seed));
-    Ok(j.encode())
-}
-
-/// `canopy route sign ROUTE --network NET`: signs (and so approves) one route.
-pub async fn sign_route(
-    conn: &ConnOpts,
-    json: bool,
-    network: &str,
-    route_id: &str,
-    key: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let mut cl = client(conn).await?;
-    let net = read(&mut cl, network).await?;
-    let r = net
-        .routes
-        .iter()
-        .find(|r| r.id == route_id)
-        .ok_or_else(|| anyhow!("route {route_id} not found in network {network}"))?;
-    let gw = gateway_key(&net, r).ok_or_else(|| anyhow!("route {route_id}'s gateway is gone"))?;
-    let k = load_key(&key_path(key, &net.id)?)?;
-    let sig = route_signature(r, gw, &k);
-    submit(&mut cl, &net.id, Vec::new(), vec![sig], None).await?;
-    output::done(
-        json,
-        &format!("signed route {} ({} via {})", r.id, r.prefix, r.peer_id),
-        serde_json::json!({"signed": r.id}),
-    )
-}
-
-/// Before `canopy peer remove` in a locked network: revokes the peer's key in a new key set
-/// (so its old signature can never bring it back), if the signing key is at hand. Returns
-/// whether it did.
-pub async fn revoke_peer(
-    cl: &mut Client,
-    peer_id: &str,
-    key: Option<PathBuf>,
-) -> anyhow::Result<bool> {
-    let p = reply(
-        cl.get_peer(GetPeerRequest {
-            peer_id: peer_id.to_string(),
-        })
-        .await,
-    )?;
-    if p.lock_state.is_empty() {
-        return Ok(false);
-    }
-    let path = key_path(key.clone(), &p.network_id)?;
-    if key.is_none() && !path.exists() {
-        eprintln!(
-            "warning: no lock key at {}: {peer_id} is removed but not revoked (pass --key to revoke it)",
-            path.display()
-        );
-        return Ok(false);
-    }
-    let k = load_key(&path)?;
-    let net = read(cl, &p.network_id).await?;
-    if net.lock.revoked.len() >= lock::MAX_REVOKED {
-        bail!(
-            "the network lock revokes {} keys already, the most it can",
-            lock::MAX_REVOKED
-        );
-    }
-    next_set(cl, &net, &k, |s| s.revoked.push(p.public_key.clone())).await?;
-    Ok(true)
 }
 
 /// `canopy network lock status`.
