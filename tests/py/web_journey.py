@@ -21,7 +21,11 @@ import tempfile
 import time
 
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -80,6 +84,11 @@ def wait_for(d, what, pred, within):
                 return time.monotonic() - t
         except (NoSuchElementException, StaleElementReferenceException):
             pass
+        except WebDriverException as e:
+            # The live table replaced a row while it was read: Chrome says so in its own
+            # words rather than as a stale element.
+            if "does not belong to the document" not in str(e):
+                raise
         time.sleep(0.05)
     raise SystemExit(f"FAILED: {what} within {within} s\n{d.page_source[:3000]}")
 

@@ -190,13 +190,59 @@ fn a_locked_network_applies_only_what_the_tenant_signed_with_wg_show_as_witness(
     let st: Value = serde_json::from_str(&st).unwrap();
     assert_eq!(st["serial"], 2);
     assert_eq!(st["revoked"], 1);
+    rotate_keys(&lab, dir.path(), &con, &a);
     a_presigned_join_string_needs_no_signing(&lab, dir.path(), &con, &a);
+}
+
+/// A second key is made offline and trusted; the first is removed, signed with the second, which
+/// signs again what the first signed: no agent drops anyone.
+fn rotate_keys(lab: &Lab, dir: &Path, con: &Console, a: &Node) {
+    let (first, second) = (dir.join("lock.key"), dir.join("second.key"));
+    let (first, second) = (first.to_str().unwrap(), second.to_str().unwrap());
+    let made = con.ok(&["network", "lock", "new-key", second, "--json"]);
+    let new: Value = serde_json::from_str(&made).unwrap();
+    let new = new["public_key"].as_str().unwrap();
+    let st = con.ok(&["network", "lock", "status", "prod", "--json"]);
+    let old: Value = serde_json::from_str(&st).unwrap();
+    let old = old["keys"][0].as_str().unwrap().to_string();
+    con.ok(&["network", "lock", "add-key", "prod", new, "--key", first]);
+    let o = con.run(&[
+        "network",
+        "lock",
+        "remove-key",
+        "prod",
+        &old,
+        "--key",
+        first,
+    ]);
+    assert!(!o.status.success(), "a key does not sign its own removal");
+    con.ok(&[
+        "network",
+        "lock",
+        "remove-key",
+        "prod",
+        &old,
+        "--key",
+        second,
+    ]);
+    wait_until("a to follow the key sets", || {
+        lock_of(lab, a)["serial"] == 4
+    });
+    let st = con.ok(&["network", "lock", "status", "prod", "--json"]);
+    let st: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["keys"], serde_json::json!([new]));
+    assert_eq!(st["pending_peers"], 0);
+    assert_eq!(
+        wg_peers(lab, a).len(),
+        1,
+        "b, signed again with the second key"
+    );
 }
 
 /// Unattended: a presigned join string (a delegation signed with the lock key) enrolls a node
 /// that every agent takes at once, with the token's tags.
 fn a_presigned_join_string_needs_no_signing(lab: &Lab, dir: &Path, con: &Console, a: &Node) {
-    let key = dir.join("lock.key");
+    let key = dir.join("second.key");
     let args = ["token", "create", "--network", "prod", "--tag", "ci"];
     let more = [
         "--presigned",

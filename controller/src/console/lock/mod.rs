@@ -32,6 +32,9 @@ pub enum LockCmd {
     },
     /// The trusted keys, what waits for a signature, and what agents refused.
     Status { network: String },
+    /// Make a signing key in FILE (mode 0600) and print its public key, for add-key (on
+    /// another machine: a second admin, or a key kept offline).
+    NewKey { file: PathBuf },
     /// Trust one more signing key (its public key, base64), signed with --key.
     AddKey {
         network: String,
@@ -233,8 +236,20 @@ async fn next_set(
 }
 
 pub async fn run(conn: &ConnOpts, json: bool, c: LockCmd) -> anyhow::Result<()> {
+    // Offline: no controller involved.
+    if let LockCmd::NewKey { file } = c {
+        let k = create_key(&file)?;
+        let key = b64(&public(&k));
+        let text = format!(
+            "{key}\n(key kept in {}; add it with `canopy network lock add-key NETWORK {key}`)",
+            file.display()
+        );
+        let v = serde_json::json!({"public_key": key, "file": file});
+        return output::done(json, &text, v);
+    }
     let mut cl = client(conn).await?;
     match c {
+        LockCmd::NewKey { .. } => unreachable!("handled above"),
         LockCmd::Init { network, key } => init(&mut cl, json, &network, key).await,
         LockCmd::Status { network } => {
             let net = read(&mut cl, &network).await?;
@@ -336,39 +351,49 @@ async fn remove_key(
     }
     // What the key signed, signed again with ours (only statements it really signed).
     let by_gone = |s: &Option<Signed>| s.as_ref().filter(|s| s.key == gone).cloned();
+    let again = |kind, s: &Signed| resign(kind, s, &gone, &k, |_: &mut LockedPeer| {});
     let mut peers = Vec::new();
     for p in &net.peers {
         if let Some(s) = by_gone(&p.lock) {
-            let st: LockedPeer = lock::verify(Kind::Peer, &s, std::slice::from_ref(&gone))?;
-            let signed = Some(lock::sign(Kind::Peer, &st, &k));
-            peers.push(PeerSignature {
-                peer_id: p.id.clone(),
-                signed,
-            });
+            let signed = Some(again(Kind::Peer, &s)?);
+            let peer_id = p.id.clone();
+            peers.push(PeerSignature { peer_id, signed });
         }
     }
     let mut routes = Vec::new();
     for r in &net.routes {
         if let Some(s) = by_gone(&r.lock) {
-            let st: LockedRoute = lock::verify(Kind::Route, &s, std::slice::from_ref(&gone))?;
-            let signed = Some(lock::sign(Kind::Route, &st, &k));
-            routes.push(RouteSignature {
-                route_id: r.id.clone(),
-                signed,
-            });
+            let signed = Some(resign(
+                Kind::Route,
+                &s,
+                &gone,
+                &k,
+                |_: &mut LockedRoute| {},
+            )?);
+            let route_id = r.id.clone();
+            routes.push(RouteSignature { route_id, signed });
         }
     }
-    let policy = match by_gone(&net.policy.lock) {
-        Some(s) => {
-            let mut st: LockedPolicy = lock::verify(Kind::Policy, &s, std::slice::from_ref(&gone))?;
-            st.serial += 1;
-            Some(lock::sign(Kind::Policy, &st, &k))
-        }
-        None => None,
-    };
+    let next_serial = |p: &mut LockedPolicy| p.serial += 1;
+    let policy = by_gone(&net.policy.lock)
+        .map(|s| resign(Kind::Policy, &s, &gone, &k, next_serial))
+        .transpose()?;
     submit(cl, &net.id, peers, routes, policy).await?;
     let l = next_set(cl, &net, (&k, &path), |s| s.keys.retain(|x| x != &gone)).await?;
     lock_status(json, &l, &net.peers)
+}
+
+/// A statement `gone` really signed (checked), changed by `change`, signed again with `k`.
+fn resign<M: prost::Message + Default>(
+    kind: Kind,
+    s: &Signed,
+    gone: &[u8],
+    k: &SigningKey,
+    change: impl FnOnce(&mut M),
+) -> anyhow::Result<Signed> {
+    let mut st: M = lock::verify(kind, s, &[gone.to_vec()])?;
+    change(&mut st);
+    Ok(lock::sign(kind, &st, k))
 }
 
 async fn sign_pending(
