@@ -69,7 +69,13 @@ def shot(d, shots, name):
 
 
 def sign_in(d, url, token, shots, name):
-    d.get(url + "/signin")
+    # The web listener may be a moment behind the gRPC one the test waited for: until the page
+    # is there, load it again (a browser's error page has no such label).
+    def loaded():
+        d.get(url + "/signin")
+        return d.find_elements(By.XPATH, "//label[normalize-space()='API token']")
+
+    wait_for(d, "the sign-in page", loaded, 10)
     field(d, "API token").send_keys(token)
     shot(d, shots, name)
     field(d, "API token").send_keys(Keys.ENTER)
