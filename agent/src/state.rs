@@ -151,13 +151,17 @@ impl StateDir {
 
     /// Forgets the enrollment and the map (the node was removed); keeps the key.
     pub fn clear_enrollment(&self) -> Result<(), StateError> {
-        for name in [
-            "enrollment",
-            "map.pb",
-            "lock.pb",
-            "lock.json",
-            "lock-policy.pb",
-        ] {
+        self.remove(&["enrollment", "map.pb"])?;
+        self.forget_lock()
+    }
+
+    /// Forgets what the network lock trusted (a new enrollment pins anew).
+    fn forget_lock(&self) -> Result<(), StateError> {
+        self.remove(&["lock.pb", "lock.json", "lock-policy.pb"])
+    }
+
+    fn remove(&self, names: &[&str]) -> Result<(), StateError> {
+        for name in names {
             let path = self.dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -193,6 +197,8 @@ impl StateDir {
 
     /// Saves the enrollment and its first map, then forgets the pending credential.
     pub fn complete_enrollment(&self, e: &Enrollment, map: &NetworkMap) -> Result<(), StateError> {
+        // Another network's lock, or one from before, must not outlive the enrollment it was for.
+        self.forget_lock()?;
         self.save_enrollment(e)?;
         self.save_map(map)?;
         let path = self.dir.join("credential.pending");
@@ -313,6 +319,31 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_new_enrollment_forgets_the_lock_it_trusted_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let set = canopy_proto::v1::LockKeySet {
+            network_id: "net_old".into(),
+            serial: 3,
+            ..Default::default()
+        };
+        s.save_lock_trust(&set).unwrap();
+        assert_eq!(s.lock_trust().unwrap(), Some(set));
+        let e = Enrollment {
+            controller_url: "https://c".into(),
+            ca_sha256: String::new(),
+            peer_id: "p".into(),
+            network_id: "net_new".into(),
+            credential: "cpc_x".into(),
+            lock_sha256: None,
+            lock_self: None,
+            lock_delegation: None,
+        };
+        s.complete_enrollment(&e, &NetworkMap::default()).unwrap();
+        assert_eq!(s.lock_trust().unwrap(), None);
     }
 
     #[test]
