@@ -35,6 +35,8 @@ pub struct Guard {
     /// The signed policy in force here (the newest verified), and its serial.
     policy: Option<(PolicyLock, u64)>,
     state: Option<StateDir>,
+    /// What lock.json says now: written again only when it changes (not on every delta).
+    published: Option<serde_json::Value>,
     pub stats: std::sync::Arc<LockStats>,
 }
 
@@ -231,7 +233,7 @@ impl Guard {
         self.publish();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let serial = self.trust.as_ref().map_or(0, |t| t.key_set().serial);
         self.stats.serial.store(serial, Ordering::Relaxed);
         let Some(s) = &self.state else {
@@ -245,9 +247,13 @@ impl Guard {
             "chain_error": self.chain_error,
             "policy_serial": self.policy.as_ref().map(|(_, s)| s),
         });
+        if self.published.as_ref() == Some(&v) {
+            return;
+        }
         if let Err(e) = s.save_lock_status(&v) {
             tracing::debug!(error = %e, "could not write lock.json");
         }
+        self.published = Some(v);
     }
 }
 
@@ -345,6 +351,22 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn lock_json_is_written_when_what_it_says_changes_not_on_every_delta() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let file = dir.path().join("lock.json");
+        let k = signing_key([1; 32]);
+        let mut g = Guard::new("net_1", None, Some(state));
+        assert!(file.exists());
+        std::fs::remove_file(&file).unwrap();
+        g.delta(&mut NetworkDelta::default(), 0);
+        g.full(&mut NetworkMap::default(), 0);
+        assert!(!file.exists(), "nothing changed: not written again");
+        g.full(&mut map(&k), 0);
+        assert!(file.exists(), "now locked: written");
     }
 
     #[test]
