@@ -326,6 +326,12 @@ impl Controller {
         signed: &Signed,
         delegation: Option<&Signed>,
     ) -> Result<()> {
+        // Every Hello of a presigned agent carries it: once taken, the cache says so, and a
+        // reconnect costs no store read.
+        let held = self.cache.peer(&id.network_id, &id.peer_id);
+        if held.is_some_and(|p| p.lock.as_ref() == Some(signed)) {
+            return Ok(());
+        }
         let Some(net) = self.cache.network(&id.network_id) else {
             return Ok(());
         };

@@ -30,6 +30,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The largest statement of this kind taken: a key set with all its keys and revocations;
+    /// anything else is a few addresses, tags and ids. A padded statement (unknown fields
+    /// decode away, but would ride along in every map) is refused.
+    pub fn max_body(self) -> usize {
+        match self {
+            Kind::KeySet => 160 * 1024,
+            _ => 4 * 1024,
+        }
+    }
+
     fn domain(self) -> &'static [u8] {
         match self {
             Kind::KeySet => b"canopy lock v1 key set\0",
@@ -75,6 +85,13 @@ pub fn verify<M: Message + Default>(
     signed: &v1::Signed,
     trusted: &[Vec<u8>],
 ) -> Result<M, LockError> {
+    if signed.body.len() > kind.max_body() {
+        return Err(LockError::Malformed(format!(
+            "a statement of {} bytes (at most {})",
+            signed.body.len(),
+            kind.max_body()
+        )));
+    }
     if !trusted.iter().any(|k| k == &signed.key) {
         return Err(LockError::UntrustedKey);
     }
@@ -189,6 +206,15 @@ mod tests {
         }
     }
 
+    fn sign_bytes(kind: Kind, body: Vec<u8>, k: &SigningKey) -> v1::Signed {
+        let signature = k.sign(&message(kind, &body)).to_bytes().to_vec();
+        v1::Signed {
+            body,
+            key: k.verifying_key().to_bytes().to_vec(),
+            signature,
+        }
+    }
+
     fn trusted(k: &SigningKey) -> Vec<Vec<u8>> {
         vec![k.verifying_key().to_bytes().to_vec()]
     }
@@ -220,6 +246,13 @@ mod tests {
         s.body = widened.encode_to_vec();
         let r = verify::<v1::LockedPeer>(Kind::Peer, &s, &trusted(&k));
         assert_eq!(r, Err(LockError::BadSignature));
+        // Padded with an unknown field: it would still decode, and ride along in every map.
+        let mut padded = peer().encode_to_vec();
+        padded.extend([0xfa, 0x01, 0x80, 0x28]); // field 31, length-delimited, 5120 bytes
+        padded.extend(vec![0u8; 5 * 1024]);
+        let p = sign_bytes(Kind::Peer, padded, &k);
+        let r = verify::<v1::LockedPeer>(Kind::Peer, &p, &trusted(&k));
+        assert!(matches!(r, Err(LockError::Malformed(_))), "{r:?}");
         // Garbage signatures.
         let mut g = sign(Kind::Peer, &peer(), &k);
         g.signature.truncate(10);
